@@ -1,0 +1,78 @@
+"""The `slmforge` command: verbs that mirror the pipeline, each a few lines calling one function.
+
+Each area of the package owns its verbs in a `commands.py` with `register(subparsers)`; this file only
+assembles them and turns a `SlmforgeError` into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from slmforge.errors import SlmforgeError
+
+# Modules that contribute verbs, in the order `--help` lists them (pipeline order).
+COMMAND_MODULES = [
+    "slmforge.quickstart",
+    "slmforge.tokenizer.commands",
+    "slmforge.data.commands",
+    "slmforge.train.commands",
+    "slmforge.eval.commands",
+    "slmforge.generate",
+    "slmforge.interop.commands",
+]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The two config arguments every config-driven verb shares."""
+    parser.add_argument("--config", "-c", help="TOML config file (sections as in `--show-fields`)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override any config field, e.g. train.max_steps=200 model.preset=tiny")
+    parser.add_argument("--show-fields", action="store_true",
+                        help="list every config field with its type, default and meaning, then exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slmforge",
+        description="slmforge: raw text in any language -> tokenizer -> token shards -> "
+                    "trained small language model -> eval, generate, export.",
+        epilog="Run `slmforge VERB --help` for a verb's arguments. Start with `slmforge quickstart`.",
+        formatter_class=HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # an area not built yet; optional extras are handled inside
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except SlmforgeError as e:
+        print(f"slmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slmforge: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Token shards on disk: flat little-endian uint16/uint32 files plus a JSON manifest.
+
+Layout of a prepared data folder:
+
+    data/
+      manifest.json          # format, dtype, vocab size, tokenizer hash, per-split files and counts
+      train-00000.bin ...    # documents back to back, each `[bos] tokens eos`
+      val-00000.bin ...
+
+Readers memory-map the files, so a corpus larger than RAM trains without loading it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmforge.errors import SlmforgeError
+
+FORMAT = "slmforge-shards/1"
+MANIFEST = "manifest.json"
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 holds ids < 65536; larger vocabularies (e.g. Gemma's 262k) need uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SlmforgeError(f"{path}: no manifest; run `slmforge data prepare` to make token shards")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlmforgeError(f"{path}: corrupt manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise SlmforgeError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    tokens: int
+    documents: int
+    bytes: int  # UTF-8 bytes of the text these tokens encode (for bits per byte)
+
+
+class ShardWriter:
+    """Appends documents' tokens to numbered shard files of about `shard_tokens` tokens each."""
+
+    def __init__(self, folder: str | Path, split: str, dtype: np.dtype, shard_tokens: int = 2**26,
+                 first_index: int = 0):
+        self.folder = Path(folder)
+        self.split = split
+        self.dtype = np.dtype(dtype)
+        self.shard_tokens = shard_tokens
+        self.index = first_index
+        self.shards: list[ShardInfo] = []
+        self._file = None
+        self._current: ShardInfo | None = None
+
+    def add(self, tokens: np.ndarray, text_bytes: int) -> None:
+        if self._current is None or self._current.tokens >= self.shard_tokens:
+            self._roll()
+        assert self._file is not None and self._current is not None
+        self._file.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        self._current.tokens += len(tokens)
+        self._current.documents += 1
+        self._current.bytes += text_bytes
+
+    def _roll(self) -> None:
+        self._finish()
+        name = f"{self.split}-{self.index:05d}.bin"
+        self.index += 1
+        self._file = open(self.folder / name, "wb")
+        self._current = ShardInfo(name, 0, 0, 0)
+
+    def _finish(self) -> None:
+        if self._file is not None and self._current is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.shards.append(self._current)
+        self._file, self._current = None, None
+
+    def close(self) -> list[ShardInfo]:
+        self._finish()
+        return self.shards
+
+
+class ShardSet:
+    """All shards of one split as one long, memory-mapped token sequence."""
+
+    def __init__(self, folder: str | Path, split: str):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise SlmforgeError(f"{self.folder / MANIFEST}: no split {split!r} (have {', '.join(splits)})")
+        self.split = split
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.vocab_size = int(self.manifest["vocab_size"])
+        info = splits[split]
+        self.arrays: list[np.ndarray] = []
+        for shard in info["shards"]:
+            path = self.folder / shard["name"]
+            expected = int(shard["tokens"]) * self.dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                size = path.stat().st_size if path.is_file() else "missing"
+                raise SlmforgeError(f"{path}: expected {expected} bytes, found {size}; shard is corrupt")
+            if expected:
+                self.arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.num_tokens = int(self.offsets[-1])
+        self.num_bytes = int(sum(int(s.get("bytes", 0)) for s in info["shards"]))
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.num_bytes / max(self.num_tokens, 1)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) as int64, crossing shard boundaries as needed."""
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"read({start}, {length}) outside {self.num_tokens} tokens")
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pos = start - int(self.offsets[shard])
+        while filled < length:
+            array = self.arrays[shard]
+            take = min(length - filled, len(array) - pos)
+            out[filled:filled + take] = array[pos:pos + take]
+            filled += take
+            shard, pos = shard + 1, 0
+        return out
