@@ -1,0 +1,148 @@
+"""The decoder-only transformer. Plain PyTorch; knows nothing of devices, ranks, files or losses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmforge.models.config import ModelConfig
+from slmforge.models.layers import (Attention, GatedMLP, KVCache, RMSNorm, attention_mask,
+                                    rope_cos_sin, rope_inverse_frequencies)
+
+
+class Block(nn.Module):
+    """Pre-norm block; with `sandwich_norm` the branch outputs are normalised too (Gemma 3)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.sliding = cfg.is_sliding(layer)
+        self.attn_norm = norm()
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = norm()
+        self.mlp = GatedMLP(cfg)
+        self.attn_out_norm = norm() if cfg.sandwich_norm else None
+        self.mlp_out_norm = norm() if cfg.sandwich_norm else None
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+
+    def forward(self, x, cos, sin, mask, cache):
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        if self.attn_out_norm is not None:
+            h = self.attn_out_norm(h)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.mlp_out_norm is not None:
+            h = self.mlp_out_norm(h)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return x + h
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_unit_offset)
+        # Tied weights are used through self.embed.weight rather than a shared Parameter: sharing breaks
+        # under to_empty()/FSDP and safetensors refuses aliased tensors.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq_global", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq_local", torch.empty(cfg.head_dim // 2), persistent=False)
+
+    # ------------------------------------------------------------ initialisation
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute RoPE frequencies (needed after building on the meta device)."""
+        cfg = self.cfg
+        self.inv_freq_global.copy_(rope_inverse_frequencies(cfg, cfg.rope_theta, scaled=True))
+        local_theta = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+        # Gemma 3 applies rope scaling to global layers only; local layers keep plain RoPE.
+        self.inv_freq_local.copy_(rope_inverse_frequencies(cfg, local_theta, scaled=cfg.family != "gemma3"))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Seeded N(0, std) init; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, s, generator=generator)
+            param.copy_(values)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.reset_buffers()
+
+    # ------------------------------------------------------------ forward
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, hidden) for token ids (B, T)."""
+        cfg = self.cfg
+        B, T = input_ids.shape
+        start = cache.position if cache is not None else 0
+        if start + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {cfg.max_seq_len}")
+        x = self.embed(input_ids)
+        if cfg.embed_scale:
+            # Gemma multiplies by sqrt(d) rounded to the activation dtype (transformers' normalizer).
+            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        tables = {
+            False: rope_cos_sin(self.inv_freq_global, positions, x.dtype),
+            True: rope_cos_sin(self.inv_freq_local, positions, x.dtype),
+        }
+        masks = {
+            False: attention_mask(T, start, None, input_ids.device),
+            True: attention_mask(T, start, cfg.sliding_window, input_ids.device),
+        }
+        for block in self.layers:
+            cos, sin = tables[block.sliding]
+            x = block(x, cos, sin, masks[block.sliding], cache)
+        if cache is not None:
+            cache.position += T
+        return self.norm(x)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.output_weight)
+        cap = self.cfg.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T)."""
+        return self.logits(self.hidden_states(input_ids, cache))
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        param = self.embed.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, param.device, param.dtype)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Decoder:
+    """Build on the meta device, materialise on `device`, then initialise (seeded) or leave for loading.
+
+    With seed=None the weights are left uninitialised for a checkpoint to fill; buffers are set either way.
+    """
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.to_empty(device=device)
+    if seed is None:
+        model.reset_buffers()
+    else:
+        model.init_weights(seed)
+    return model
