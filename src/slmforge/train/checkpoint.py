@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -140,7 +140,7 @@ def load_weights(model: nn.Module, step_dir: Path) -> None:
     path = step_dir / WEIGHTS
     try:
         tensors = load_file(path)
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise SlmforgeError(f"{path}: cannot read weights ({e})") from None
     model = unwrap(model)
     expected = model.state_dict()
