@@ -44,6 +44,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from a nested dict, checking names, types and values."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
+    expand = getattr(cls, "expand_config", None)
+    if expand is not None:  # e.g. ModelConfig turns `preset = "x"` into the preset's fields
+        data = expand(data)
     hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,42 @@ class ShardWriter:
     def close(self) -> list[ShardInfo]:
         self._finish()
         return self.shards
+
+    # -- resume: a writer's state is small JSON; the open shard is truncated back to it on resume
+
+    def sync(self) -> None:
+        """Make the open shard's bytes durable, so a state() taken now survives a crash."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def state(self) -> dict[str, Any]:
+        """Finished shards, the open one and the next index; call sync() first for durability."""
+        return {
+            "index": self.index,
+            "shards": [asdict(s) for s in self.shards],
+            "current": asdict(self._current) if self._current is not None else None,
+        }
+
+    @classmethod
+    def resume(cls, folder: str | Path, split: str, dtype: np.dtype, shard_tokens: int,
+               state: dict[str, Any]) -> "ShardWriter":
+        """Reopen a writer at `state`: finished shards are kept, the open shard is cut back to the
+        length recorded (a crash may have appended more), later shard files get overwritten."""
+        writer = cls(folder, split, dtype, shard_tokens, first_index=int(state["index"]))
+        writer.shards = [ShardInfo(**s) for s in state["shards"]]
+        current = state["current"]
+        if current is not None:
+            path = writer.folder / current["name"]
+            length = int(current["tokens"]) * writer.dtype.itemsize
+            if not path.is_file() or path.stat().st_size < length:
+                found = path.stat().st_size if path.is_file() else "missing"
+                raise SlmforgeError(f"{path}: expected at least {length} bytes to resume, found {found}")
+            writer._file = open(path, "r+b")
+            writer._file.truncate(length)
+            writer._file.seek(length)
+            writer._current = ShardInfo(**current)
+        return writer
 
 
 class ShardSet:

@@ -1,8 +1,8 @@
 """Model configs, presets and the decoder."""
 
-from slmforge.models.config import ModelConfig, resolve_model_section
+from slmforge.models.config import ModelConfig
 from slmforge.models.decoder import Decoder, build_model
 from slmforge.models.layers import KVCache
 from slmforge.models.presets import PRESETS
 
-__all__ = ["ModelConfig", "resolve_model_section", "Decoder", "build_model", "KVCache", "PRESETS"]
+__all__ = ["ModelConfig", "Decoder", "build_model", "KVCache", "PRESETS"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from slmforge.config import require
+from slmforge.config import from_dict, require
 from slmforge.errors import ConfigError
 
 
@@ -129,22 +129,19 @@ class ModelConfig:
         return 6 * n + attn
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def expand_config(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Config-loading hook: `preset = "x"` becomes the preset's fields; fields given beside it win."""
         from slmforge.models.presets import PRESETS
 
+        name = data.get("preset")
+        if name is None:
+            return data
         if name not in PRESETS:
-            raise ConfigError(f"model.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-        fields = {**PRESETS[name], **overrides, "preset": name}
-        return cls(**fields)
+            raise ConfigError(f"preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return {**PRESETS[name], **data}
 
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A preset with some fields changed, validated like a config file."""
+        return from_dict(cls, {"preset": name, **overrides}, "model")
 
-def resolve_model_section(section: dict[str, Any]) -> dict[str, Any]:
-    """Expand `preset = "x"` into the preset's fields, letting fields given beside it win."""
-    from slmforge.models.presets import PRESETS
-
-    name = section.get("preset")
-    if name is None:
-        return section
-    if name not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    return {**PRESETS[name], **section}

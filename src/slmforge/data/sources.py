@@ -1,0 +1,473 @@
+"""Where documents come from, streamed one at a time with bounded memory.
+
+A source is a file, a folder (recursive, sorted), a glob or a Hugging Face dataset (`hf:NAME`). Files
+are plain text, JSONL or Parquet; `.gz` and `.zst` files are decompressed on the fly.
+
+Nothing is dropped silently: every skipped unit (invalid UTF-8, empty, broken JSON line, missing or
+non-text field) is counted in `ReadStats`, per reason and per file, with the first line it happened on.
+A `SourceReader` also knows its position (file, byte offset, line), so a run can resume where it was.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from slmforge.config import require
+from slmforge.errors import SlmforgeError
+
+SKIP_REASONS = ("invalid_utf8", "empty", "bad_json", "missing_field", "not_text")
+_GLOB_CHARS = "*?["
+_READ_BUFFER = 1 << 20
+
+
+@dataclass
+class SourceConfig:
+    """One input of a data mixture."""
+
+    path: str
+    """A file, a folder (read recursively, in sorted order), a glob such as `corpus/**/*.jsonl`, or
+    `hf:NAME` for a Hugging Face dataset (hub id or local folder; needs `pip install datasets`)."""
+    lang: str = "und"
+    """Language code, e.g. `as`, `hi`, `en` (`und` when unknown); recorded in the manifest."""
+    weight: float | None = None
+    """Share of the mixture when sampling = "ratio" (normalized over sources). Set it on every source
+    or on none; with none, sources mix in proportion to their number of documents."""
+    text_field: str = "text"
+    """Field holding the text in JSONL records, Parquet columns and dataset rows."""
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = "auto"
+    """How to read files. `auto`: .jsonl/.json/.ndjson are JSONL, .parquet is Parquet, anything else is
+    text (after removing .gz/.zst); a path starting with `hf:` is a Hugging Face dataset."""
+    text_unit: Literal["line", "paragraph", "file"] = "line"
+    """Text files only: a document is one line, one blank-line-separated paragraph, or one whole file."""
+    hf_subset: str | None = None
+    """Hugging Face dataset configuration (subset) name, e.g. a language code."""
+    hf_split: str = "train"
+    """Hugging Face dataset split to read."""
+
+    def validate(self) -> None:
+        require(bool(self.path.strip()), "path", "must not be empty")
+        require(self.weight is None or self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+        require(bool(self.text_field), "text_field", "must not be empty")
+
+    @property
+    def is_hf(self) -> bool:
+        return self.format == "hf" or self.path.startswith("hf:")
+
+
+@dataclass
+class ReadStats:
+    """What reading one source yielded and skipped: totals per reason and, per file, documents and
+    skips as `{reason: {"count": n, "first_line": line}}` (for Parquet and datasets, the row number)."""
+
+    documents: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def file(self, name: str) -> dict[str, Any]:
+        return self.files.setdefault(name, {"documents": 0, "skipped": {}})
+
+    def skip(self, entry: dict[str, Any], reason: str, line: int, count: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
+        seen = entry["skipped"].setdefault(reason, {"count": 0, "first_line": line})
+        seen["count"] += count
+
+    def copy(self) -> "ReadStats":
+        return ReadStats.from_dict(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "documents": self.documents,
+            "skipped": dict(self.skipped),
+            "files": {name: {"documents": f["documents"],
+                             "skipped": {r: dict(s) for r, s in f["skipped"].items()}}
+                      for name, f in self.files.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReadStats":
+        out = cls(int(data["documents"]), dict(data["skipped"]))
+        out.files = {name: {"documents": f["documents"],
+                            "skipped": {r: dict(s) for r, s in f["skipped"].items()}}
+                     for name, f in data["files"].items()}
+        return out
+
+    def describe_skips(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "nothing"
+
+
+# ---------------------------------------------------------------- files
+
+
+def resolve_files(source: SourceConfig) -> list[Path]:
+    """The files of a file/folder/glob source, sorted so every run reads them in the same order."""
+    path = source.path
+    if any(c in path for c in _GLOB_CHARS) and not Path(path).exists():
+        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise SlmforgeError(f"{path}: no files match this pattern")
+        return files
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [root]
+    if root.is_dir():
+        # Hidden files (.DS_Store, .git/...) are never corpus text.
+        files = sorted((p for p in root.rglob("*") if p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                       key=lambda p: p.relative_to(root).as_posix())
+        if not files:
+            raise SlmforgeError(f"{path}: folder has no files")
+        return files
+    raise SlmforgeError(f"{path}: no such file or folder")
+
+
+def file_format(path: Path, declared: str) -> tuple[str, str | None]:
+    """(format, compression) of one file: the declared format or one guessed from the extension."""
+    name = path.name.lower()
+    compression = None
+    if name.endswith(".gz"):
+        compression, name = "gz", name[:-3]
+    elif name.endswith((".zst", ".zstd")):
+        compression, name = "zst", name.rsplit(".", 1)[0]
+    if declared != "auto":
+        return declared, compression
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl", compression
+    if name.endswith(".parquet"):
+        return "parquet", compression
+    return "text", compression
+
+
+def _open_stream(raw: io.BufferedReader, compression: str | None, path: Path) -> io.BufferedIOBase:
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise SlmforgeError(f"{path}: reading .zst files needs `zstandard`: "
+                                "pip install 'slmforge[data]'") from None
+        # Files written by `zstd` may hold several frames; read them all.
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                            closefd=False)
+        return io.BufferedReader(reader, buffer_size=_READ_BUFFER)
+    return raw
+
+
+def _skip_bytes(stream: io.BufferedIOBase, count: int, raw: io.BufferedReader) -> None:
+    """Move to uncompressed offset `count`: a seek for plain files, read-and-discard otherwise."""
+    if stream is raw:
+        stream.seek(count)
+        return
+    while count > 0:
+        chunk = stream.read(min(count, _READ_BUFFER))
+        if not chunk:
+            break
+        count -= len(chunk)
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# ---------------------------------------------------------------- reading
+
+
+class SourceReader:
+    """Iterates the documents of one source and records its position after each one.
+
+    `cursor()` is `{"file": i, "offset": uncompressed byte offset, "line": lines (or rows) read}`;
+    a reader built with that cursor and a copy of `stats` taken at the same moment continues with
+    the next document and ends with the same counts as an uninterrupted read.
+    """
+
+    def __init__(self, source: SourceConfig, stats: ReadStats | None = None,
+                 cursor: dict[str, int] | None = None):
+        self.source = source
+        self.stats = stats if stats is not None else ReadStats()
+        cursor = cursor or {}
+        self._file = int(cursor.get("file", 0))
+        self._offset = int(cursor.get("offset", 0))
+        self._line = int(cursor.get("line", 0))
+        self.files: list[Path] = [] if source.is_hf else resolve_files(source)
+        self._sizes = [p.stat().st_size for p in self.files]
+        self._raw: io.BufferedReader | None = None
+
+    def cursor(self) -> dict[str, int]:
+        return {"file": self._file, "offset": self._offset, "line": self._line}
+
+    def total_bytes(self) -> int | None:
+        """Bytes on disk of all files (None for datasets): the denominator of progress."""
+        return None if self.source.is_hf else sum(self._sizes)
+
+    def consumed_bytes(self) -> int:
+        """Bytes on disk read so far (compressed bytes for compressed files)."""
+        done = sum(self._sizes[:self._file])
+        if self._raw is not None and not self._raw.closed:
+            done += self._raw.tell()
+        return done
+
+    def __iter__(self) -> Iterator[str]:
+        if self.source.is_hf:
+            yield from self._read_hf()
+        else:
+            while self._file < len(self.files):
+                path = self.files[self._file]
+                fmt, compression = file_format(path, self.source.format)
+                if fmt == "parquet":
+                    if compression:
+                        raise SlmforgeError(f"{path}: compressed Parquet is not supported "
+                                            "(Parquet compresses internally; decompress the file)")
+                    yield from self._read_parquet(path)
+                else:
+                    yield from self._read_stream(path, fmt, compression)
+                self._file, self._offset, self._line = self._file + 1, 0, 0
+        if self.stats.documents == 0:
+            where = "dataset" if self.source.is_hf else f"{len(self.files)} file(s)"
+            raise SlmforgeError(f"{self.source.path}: no documents in {where} "
+                                f"(skipped: {self.stats.describe_skips()})")
+
+    # -- text and JSONL (plain, .gz, .zst)
+
+    def _read_stream(self, path: Path, fmt: str, compression: str | None) -> Iterator[str]:
+        entry = self.stats.file(str(path))
+        with open(path, "rb", buffering=_READ_BUFFER) as raw:
+            self._raw = raw
+            try:
+                with _open_stream(raw, compression, path) as stream:
+                    _skip_bytes(stream, self._offset, raw)
+                    if fmt == "jsonl":
+                        yield from self._jsonl_units(stream, entry)
+                    elif self.source.text_unit == "line":
+                        yield from self._line_units(stream, entry)
+                    elif self.source.text_unit == "paragraph":
+                        yield from self._paragraph_units(stream, entry)
+                    else:
+                        yield from self._file_unit(stream, entry)
+            except _corrupt_errors() as e:
+                raise SlmforgeError(f"{path}: cannot read past line {self._line} "
+                                    f"({type(e).__name__}: {e})") from None
+            finally:
+                self._raw = None
+
+    def _lines(self, stream: io.BufferedIOBase) -> Iterator[bytes]:
+        """Raw lines without their line ending; advances offset/line as it goes."""
+        for raw_line in stream:
+            if self._offset == 0 and raw_line.startswith(b"\xef\xbb\xbf"):
+                raw_line = raw_line[3:]  # a UTF-8 byte order mark is not text
+                self._offset = 3
+            self._offset += len(raw_line)
+            self._line += 1
+            yield raw_line.rstrip(b"\r\n")
+
+    def _accept(self, entry: dict[str, Any], text: str) -> bool:
+        if not text.strip():
+            self.stats.skip(entry, "empty", self._line)
+            return False
+        entry["documents"] += 1
+        self.stats.documents += 1
+        return True
+
+    def _line_units(self, stream: io.BufferedIOBase, entry: dict[str, Any]) -> Iterator[str]:
+        for body in self._lines(stream):
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                self.stats.skip(entry, "invalid_utf8", self._line)
+                continue
+            if self._accept(entry, text):
+                yield text
+
+    def _paragraph_units(self, stream: io.BufferedIOBase, entry: dict[str, Any]) -> Iterator[str]:
+        lines: list[bytes] = []
+        first = 0
+        for body in self._lines(stream):
+            if body.strip():
+                if not lines:
+                    first = self._line
+                lines.append(body)
+                continue
+            if lines:
+                text = self._decode_block(lines, first, entry)
+                lines = []
+                if text is not None and self._accept(entry, text):
+                    yield text
+        if lines:
+            text = self._decode_block(lines, first, entry)
+            if text is not None and self._accept(entry, text):
+                yield text
+
+    def _file_unit(self, stream: io.BufferedIOBase, entry: dict[str, Any]) -> Iterator[str]:
+        if self._offset:  # resumed after this file was already yielded
+            return
+        data = stream.read()
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+        self._offset, self._line = len(data), data.count(b"\n") + 1
+        text = self._decode_block([data], 1, entry)
+        if text is not None and self._accept(entry, text):
+            yield text
+
+    def _decode_block(self, lines: list[bytes], first: int, entry: dict[str, Any]) -> str | None:
+        block = b"\n".join(lines)
+        try:
+            return block.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.stats.skip(entry, "invalid_utf8", first + block.count(b"\n", 0, e.start))
+            return None
+
+    def _jsonl_units(self, stream: io.BufferedIOBase, entry: dict[str, Any]) -> Iterator[str]:
+        key = self.source.text_field
+        for body in self._lines(stream):
+            if not body.strip():
+                self.stats.skip(entry, "empty", self._line)
+                continue
+            try:
+                record = json.loads(body)
+            except UnicodeDecodeError:  # a ValueError too, so caught first
+                self.stats.skip(entry, "invalid_utf8", self._line)
+                continue
+            except ValueError:
+                self.stats.skip(entry, "bad_json", self._line)
+                continue
+            if not isinstance(record, dict):
+                self.stats.skip(entry, "bad_json", self._line)
+                continue
+            text = self._field_text(record.get(key), entry, self._line)
+            # JSON escapes can encode lone surrogates ("\ud800"), which are not valid UTF-8.
+            if text is not None and b"\\u" in body and not _encodable(text):
+                self.stats.skip(entry, "invalid_utf8", self._line)
+                continue
+            if text is not None and self._accept(entry, text):
+                yield text
+
+    def _field_text(self, value: Any, entry: dict[str, Any], line: int) -> str | None:
+        if value is None:
+            self.stats.skip(entry, "missing_field", line)
+            return None
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                self.stats.skip(entry, "invalid_utf8", line)
+                return None
+        if not isinstance(value, str):
+            self.stats.skip(entry, "not_text", line)
+            return None
+        return value
+
+    # -- Parquet
+
+    def _read_parquet(self, path: Path) -> Iterator[str]:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SlmforgeError(f"{path}: reading Parquet needs `pyarrow`: "
+                                "pip install 'slmforge[data]'") from None
+        entry = self.stats.file(str(path))
+        key = self.source.text_field
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise SlmforgeError(f"{path}: not a readable Parquet file ({e})") from None
+        total = parquet.metadata.num_rows
+        if key not in parquet.schema_arrow.names:
+            if self._line < total:  # every row lacks the field; count them, keep going
+                self.stats.skip(entry, "missing_field", self._line + 1, total - self._line)
+                self._line = total
+            return
+        # Skip whole row groups already read on a resumed run, then rows inside the next one.
+        groups, start = [], 0
+        for g in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(g).num_rows
+            if start + rows > self._line:
+                groups.append(g)
+            else:
+                start += rows
+        skip = self._line - start
+        batches = parquet.iter_batches(batch_size=1024, row_groups=groups, columns=[key])
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # a damaged row group: say where, keep the traceback out
+                raise SlmforgeError(f"{path}: cannot read past row {self._line} ({e})") from None
+            if batch is None:
+                break
+            values = batch.column(0).to_pylist()
+            if skip:
+                values, skip = values[skip:], max(0, skip - len(values))
+            for value in values:
+                self._line += 1
+                text = self._field_text(value, entry, self._line)
+                if text is not None and self._accept(entry, text):
+                    yield text
+
+    # -- Hugging Face datasets
+
+    def _read_hf(self) -> Iterator[str]:
+        rows = _open_hf(self.source)
+        entry = self.stats.file(self.source.path)
+        key = self.source.text_field
+        if self._line:
+            rows = rows.skip(self._line)
+        for row in rows:
+            self._line += 1
+            text = self._field_text(row.get(key), entry, self._line)
+            if text is not None and self._accept(entry, text):
+                yield text
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _open_hf(source: SourceConfig) -> Any:
+    """An iterable dataset of rows: a `save_to_disk` folder, or `load_dataset(..., streaming=True)`."""
+    try:
+        import datasets
+    except ImportError:
+        raise SlmforgeError(f"{source.path}: reading Hugging Face datasets needs `datasets`: "
+                            "pip install 'slmforge[data]'") from None
+    name = source.path[3:] if source.path.startswith("hf:") else source.path
+    local = Path(name).expanduser()
+    try:
+        if local.is_dir() and any((local / f).is_file()
+                                  for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            data = datasets.load_from_disk(str(local))  # memory-mapped Arrow: bounded memory
+            if isinstance(data, datasets.DatasetDict):
+                if source.hf_split not in data:
+                    raise SlmforgeError(f"{source.path}: no split {source.hf_split!r} "
+                                        f"(have {', '.join(data)})")
+                data = data[source.hf_split]
+            return data.to_iterable_dataset()
+        return datasets.load_dataset(name, source.hf_subset, split=source.hf_split, streaming=True)
+    except SlmforgeError:
+        raise
+    except Exception as e:  # datasets raises many types (missing repo, offline, bad config)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SlmforgeError(f"{source.path}: cannot open dataset ({type(e).__name__}: {message})") from None
+
+
+def iter_documents(source: SourceConfig, stats: ReadStats | None = None) -> Iterator[str]:
+    """Stream the documents of `source`, counting skipped units in `stats`.
+
+    Raises SlmforgeError (one line, naming the path) if the source holds no document at all.
+    """
+    return iter(SourceReader(source, stats))
+

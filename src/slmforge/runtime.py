@@ -1,0 +1,32 @@
+"""Where and in what precision to run: the only place that inspects the hardware."""
+
+from __future__ import annotations
+
+import torch
+
+from slmforge.errors import ConfigError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto -> bf16 autocast where the GPU supports it, else fp32."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "bf16" and device.type == "cpu":
+        return "bf16"  # CPU autocast supports bf16; slower than fp32 on most CPUs, but honoured
+    return name

@@ -1,0 +1,134 @@
+"""Config sections of a training run (`slmforge pretrain`); one dataclass per concern."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from slmforge.config import require
+from slmforge.models import ModelConfig
+
+
+@dataclass
+class TrainDataConfig:
+    path: str = ""
+    """Folder made by `slmforge data prepare` (holds manifest.json and token shards)."""
+    seq_len: int = 256
+    """Tokens per training sequence (context length used in training)."""
+    batch_size: int = 8
+    """Sequences per micro-batch on each device."""
+    train_split: str = "train"
+    """Split of the prepared data to train on."""
+    val_split: str = "val"
+    """Split used for periodic evaluation."""
+
+    def validate(self) -> None:
+        require(self.seq_len > 0, "seq_len", f"must be positive, got {self.seq_len}")
+        require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (reached at the end of warmup)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW epsilon (seed 003 used 1e-9)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms, not biases)."""
+    fused: Literal["auto", "on", "off"] = "auto"
+    """Fused AdamW kernel: auto = on CUDA when available."""
+
+    def validate(self) -> None:
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        require(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        require(self.eps > 0, "eps", f"must be positive, got {self.eps}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to optim.lr."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay from optim.lr to min_lr_ratio * optim.lr over the remaining steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+
+    def validate(self) -> None:
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainLoopConfig:
+    out_dir: str = "runs/pretrain"
+    """Run folder: config, metrics, plots, checkpoints and tokenizer go here."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_every: int = 200
+    """Steps between validation passes (0 disables; a final one always runs)."""
+    eval_batches: int = 20
+    """Validation batches per pass (the same ones each time)."""
+    save_every: int = 500
+    """Steps between checkpoints (a final one is always written)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk (older step folders are deleted); 0 keeps all."""
+    log_every: int = 10
+    """Steps between progress lines and metrics.jsonl records."""
+    seed: int = 1337
+    """Seeds weights, data order and dropout; each rank adds its rank to it."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 autocast on a GPU that supports it, fp32 on CPU."""
+    compile: bool = False
+    """Wrap the model in torch.compile (GPU runs; minutes of warm-up)."""
+    resume: Literal["auto", "never", "required"] = "auto"
+    """auto: continue from out_dir's latest checkpoint if there is one."""
+    init_from: str = ""
+    """Start from the weights of this run/checkpoint folder (e.g. one made by import-hf)."""
+
+    def validate(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_every", "eval_batches"):
+            require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "keep_last"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(self.clip_grad >= 0, "clip_grad", f"must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class TrackingConfig:
+    backends: list[str] = field(default_factory=list)
+    """Extra experiment trackers besides metrics.jsonl: any of wandb, mlflow, tensorboard."""
+    project: str = "slmforge"
+    """Project / experiment name for the trackers."""
+    run_name: str = ""
+    """Run name for the trackers (default: the run folder's name)."""
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.backends):
+            require(name in ("wandb", "mlflow", "tensorboard"), f"backends[{i}]",
+                    f"must be one of wandb, mlflow, tensorboard, got {name!r}")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")

@@ -1,0 +1,136 @@
+"""`slmforge pretrain`: wire data, model, objective and run folder into the Trainer."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from slmforge import config as config_io
+from slmforge.data.loader import WindowLoader
+from slmforge.data.shards import ShardSet
+from slmforge.errors import SlmforgeError
+from slmforge.models import build_model
+from slmforge.objectives.clm import CausalLM
+from slmforge.runtime import resolve_device, resolve_precision
+from slmforge.train.checkpoint import load_model, resolve_checkpoint
+from slmforge.train.config import PretrainConfig
+from slmforge.train.metrics import MetricsLog, make_trackers
+from slmforge.train.trainer import Trainer
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints" / "latest").is_file()
+
+
+def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
+    """Copy the tokenizer the shards were made with into run/tokenizer/; returns its sha256."""
+    info = manifest.get("tokenizer") or {}
+    source = info.get("path")
+    if not source:
+        log(f"warning: {data_dir}/manifest.json names no tokenizer; the run folder will have none")
+        return info.get("sha256")
+    source = Path(source)
+    if not source.is_absolute() and not source.exists():
+        source = data_dir / source
+    if source.is_file():
+        source = source.parent
+    if not (source / "tokenizer.json").is_file():
+        raise SlmforgeError(f"{data_dir}/manifest.json: tokenizer folder {source} has no tokenizer.json")
+    target = run_dir / "tokenizer"
+    if source.resolve() != target.resolve():
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    return info.get("sha256")
+
+
+def pretrain(cfg: PretrainConfig, objective=None) -> Path:
+    """Train per `cfg` (resuming from its run folder when possible); returns the run folder."""
+    loop = cfg.train
+    run_dir = Path(loop.out_dir)
+    resume = loop.resume != "never" and has_checkpoint(run_dir)
+    if loop.resume == "required" and not resume:
+        raise SlmforgeError(f"train.resume: 'required' but {run_dir} has no checkpoint")
+    if loop.resume == "never" and has_checkpoint(run_dir):
+        raise SlmforgeError(f"train.out_dir: {run_dir} already holds checkpoints; choose another folder "
+                            f"or resume with train.resume=auto")
+    if not cfg.data.path:
+        raise SlmforgeError("data.path: required; point it at a folder made by `slmforge data prepare`")
+    device = resolve_device(loop.device)
+    precision = resolve_precision(loop.precision, device)
+    torch.manual_seed(loop.seed)
+
+    train_shards = ShardSet(cfg.data.path, cfg.data.train_split)
+    if cfg.model.vocab_size != train_shards.vocab_size:
+        log(f"model.vocab_size set to {train_shards.vocab_size} from {cfg.data.path}/manifest.json")
+        cfg.model.vocab_size = train_shards.vocab_size
+    val_shards = None
+    if cfg.data.val_split in train_shards.manifest["splits"]:
+        val_shards = ShardSet(cfg.data.path, cfg.data.val_split)
+        if val_shards.num_tokens <= cfg.data.seq_len:
+            log(f"warning: validation split has only {val_shards.num_tokens} tokens; skipping validation")
+            val_shards = None
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _check_same_model(run_dir, cfg)
+    config_io.save(cfg, run_dir / "config.toml")
+    tokenizer_sha = copy_tokenizer(train_shards.manifest, Path(cfg.data.path), run_dir)
+
+    model = build_model(cfg.model, device=device, seed=loop.seed)
+    if loop.init_from and not resume:
+        source, step_dir, _ = load_model(loop.init_from, device=device)
+        if source.cfg != cfg.model:
+            raise SlmforgeError(f"train.init_from: {step_dir} holds a different model config than [model]; "
+                                f"copy its config.toml [model] section")
+        model.load_state_dict(source.state_dict())
+        log(f"initialised weights from {step_dir}")
+    if loop.compile:
+        for block in model.layers:
+            block.compile()  # in place: state_dict names stay free of `_orig_mod.`
+
+    train_loader = WindowLoader(train_shards, cfg.data.seq_len, cfg.data.batch_size, seed=loop.seed)
+    val_batches = None
+    if val_shards is not None:
+        val_loader = WindowLoader(val_shards, cfg.data.seq_len, cfg.data.batch_size, shuffle=False,
+                                  training=False)
+        val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
+
+    trackers = make_trackers(cfg.tracking.backends, cfg.tracking.project, cfg.tracking.run_name or run_dir.name,
+                             config_io.to_dict(cfg), run_dir)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
+    trainer = Trainer(
+        model=model, objective=objective or CausalLM(), train_loader=train_loader, loop=loop, optim=cfg.optim,
+        schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device, precision=precision,
+        val_batches=val_batches, val_bytes_per_token=val_shards.bytes_per_token if val_shards else None,
+        checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": str(cfg.data.path),
+                         "seq_len": cfg.data.seq_len},
+        flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"run folder {run_dir} | {n_params / 1e6:.2f}M parameters | {train_shards.num_tokens:,} training tokens | "
+        f"device {device} ({precision})")
+    if resume:
+        trainer.resume_from(run_dir)
+    else:
+        metrics.truncate_after(0)  # records of an earlier attempt that crashed before its first checkpoint
+    try:
+        trainer.fit()
+    finally:
+        metrics.close()
+    return run_dir
+
+
+def _check_same_model(run_dir: Path, cfg: PretrainConfig) -> None:
+    from slmforge.train.checkpoint import model_config_from_meta, read_meta
+
+    step_dir = resolve_checkpoint(run_dir)
+    saved = model_config_from_meta(read_meta(step_dir), step_dir)
+    if saved != cfg.model:
+        raise SlmforgeError(f"{run_dir}: its checkpoint was trained with a different [model] config; "
+                            f"use another train.out_dir or train.resume=never")

@@ -1,0 +1,170 @@
+"""The one training loop. Pretraining, distillation and fine-tuning differ only by the objective
+(batch -> loss) and by which parameters have requires_grad; everything else lives here once."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from slmforge.eval.loss import mean_loss, summarize
+from slmforge.train.checkpoint import load_state, resolve_checkpoint, save_checkpoint, load_weights
+from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
+from slmforge.train.metrics import MetricsLog, plot_losses
+from slmforge.train.optim import build_optimizer, learning_rate
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    # running sums since the last log line, kept in the checkpoint so a resumed run logs the same
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+
+
+class Trainer:
+    def __init__(self, *, model: nn.Module, objective, train_loader, loop: TrainLoopConfig, optim: OptimConfig,
+                 schedule: ScheduleConfig, run_dir: str | Path, metrics: MetricsLog, device: torch.device,
+                 precision: str = "fp32", val_batches: Callable[[], Iterable[dict]] | None = None,
+                 val_bytes_per_token: float | None = None, checkpoint_meta: dict[str, Any] | None = None,
+                 flops_per_token: float | None = None, log=None):
+        self.model = model
+        self.objective = objective
+        self.loader = train_loader
+        self.loop, self.optim_cfg, self.schedule = loop, optim, schedule
+        self.run_dir = Path(run_dir)
+        self.metrics = metrics
+        self.device = device
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                         else nullcontext())
+        self.val_batches = val_batches
+        self.val_bytes_per_token = val_bytes_per_token
+        self.checkpoint_meta = checkpoint_meta or {}
+        self.flops_per_token = flops_per_token
+        self.optimizer = build_optimizer(model, optim, device.type)
+        self.state = TrainState()
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    # ------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"trainer": vars(self.state).copy(), "optimizer": self.optimizer.state_dict(),
+                "loader": self.loader.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = TrainState(**state["trainer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def resume_from(self, checkpoint: str | Path) -> None:
+        step_dir = resolve_checkpoint(checkpoint)
+        load_weights(self.model, step_dir)
+        self.load_state_dict(load_state(step_dir))
+        self.metrics.truncate_after(self.state.step)
+        self.log(f"resumed from {step_dir} at step {self.state.step}")
+
+    def save(self) -> Path:
+        meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens}
+        return save_checkpoint(self.run_dir, self.state.step, self.model, state=self.state_dict(),
+                               extra_meta=meta, keep_last=self.loop.keep_last or None)
+
+    # ------------------------------------------------------------ the loop
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        lr = learning_rate(self.state.step, self.loop.max_steps, self.optim_cfg, self.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(self.loop.grad_accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next_batch().items()}
+            with self.autocast:
+                loss, _ = self.objective.loss(self.model, batch)
+            (loss / self.loop.grad_accum).backward()
+            total += float(loss.detach())
+            self.state.tokens += batch["input_ids"].numel()
+        if self.loop.clip_grad > 0:
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), self.loop.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self._lr = lr
+        return total / self.loop.grad_accum
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def evaluate(self) -> dict[str, float] | None:
+        if self.val_batches is None:
+            return None
+        loss, tokens = mean_loss(self.model, self.objective, self.val_batches(), self.device, self.autocast)
+        result = summarize(loss, self.val_bytes_per_token)
+        self.metrics.write({"step": self.state.step, "split": "val", **result, "tokens": tokens})
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in result.items())
+        self.log(f"step {self.state.step:>6} | validation | {shown}")
+        return result
+
+    def fit(self) -> dict[str, float] | None:
+        loop = self.loop
+        self.model.train()
+        self._grad_norm = 0.0
+        window_start, window_tokens = time.perf_counter(), self.state.tokens
+        run_start, start_step = time.perf_counter(), self.state.step
+        while self.state.step < loop.max_steps:
+            loss = self.train_step()
+            self.state.loss_sum += loss
+            self.state.loss_steps += 1
+            step = self.state.step
+            if step % loop.log_every == 0 or step == loop.max_steps:
+                now = time.perf_counter()
+                tok_s = (self.state.tokens - window_tokens) / max(now - window_start, 1e-9)
+                done = step - start_step
+                eta = (now - run_start) / max(done, 1) * (loop.max_steps - step)
+                record = {"step": step, "split": "train",
+                          "loss": self.state.loss_sum / self.state.loss_steps, "lr": self._lr,
+                          "grad_norm": self._grad_norm, "tokens": self.state.tokens, "tokens_per_s": tok_s}
+                if self.flops_per_token:
+                    record["tflops"] = tok_s * self.flops_per_token / 1e12
+                self.metrics.write(record)
+                self.log(f"step {step:>6}/{loop.max_steps} | loss {record['loss']:.4f} | lr {self._lr:.2e} | "
+                         f"{_si(tok_s)} tok/s | ETA {_duration(eta)}")
+                self.state.loss_sum, self.state.loss_steps = 0.0, 0
+                window_start, window_tokens = time.perf_counter(), self.state.tokens
+            if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
+                self.evaluate()
+            if loop.save_every and step % loop.save_every == 0 and step != loop.max_steps:
+                self.save()
+        result = self.evaluate()
+        folder = self.save()
+        plot_losses(self.metrics.path, self.run_dir / "plots" / "loss.png", title=self.run_dir.name)
+        self.log(f"saved {folder}")
+        return result
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

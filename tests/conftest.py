@@ -1,0 +1,65 @@
+"""Shared test helpers: synthetic token sources and shard folders written without a tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slmforge.data.shards import FORMAT, ShardWriter, dtype_for_vocab, write_json_atomic
+
+
+def write_shards(folder: Path, splits: dict[str, list[np.ndarray]], vocab_size: int) -> Path:
+    """A prepared-data folder holding the given documents (token arrays) per split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = dtype_for_vocab(vocab_size)
+    manifest = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab_size, "splits": {}}
+    for split, documents in splits.items():
+        writer = ShardWriter(folder, split, dtype, shard_tokens=4096)
+        for doc in documents:
+            writer.add(doc, text_bytes=len(doc))  # pretend one byte per token
+        shards = writer.close()
+        manifest["splits"][split] = {
+            "shards": [vars(s) for s in shards],
+            "tokens": sum(s.tokens for s in shards),
+            "documents": sum(s.documents for s in shards),
+            "bytes": sum(s.bytes for s in shards),
+        }
+    write_json_atomic(folder / "manifest.json", manifest)
+    return folder
+
+
+class MarkovSource:
+    """A random first-order Markov chain over `vocab` tokens with a known entropy rate (nats/token)."""
+
+    def __init__(self, vocab: int, seed: int = 0, concentration: float = 0.3):
+        rng = np.random.default_rng(seed)
+        self.vocab = vocab
+        self.transition = rng.dirichlet(np.full(vocab, concentration), size=vocab)  # (V, V) rows sum to 1
+        eigvals, eigvecs = np.linalg.eig(self.transition.T)
+        stationary = np.real(eigvecs[:, np.argmin(np.abs(eigvals - 1))])
+        self.stationary = stationary / stationary.sum()
+        row_entropy = -(self.transition * np.log(self.transition + 1e-300)).sum(axis=1)
+        self.entropy_rate = float((self.stationary * row_entropy).sum())
+
+    def sample(self, length: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = np.empty(length, dtype=np.int64)
+        state = rng.choice(self.vocab, p=self.stationary)
+        cumulative = np.cumsum(self.transition, axis=1)
+        draws = rng.random(length)
+        for i in range(length):
+            out[i] = state
+            state = min(int(np.searchsorted(cumulative[state], draws[i])), self.vocab - 1)
+        return out
+
+
+@pytest.fixture
+def markov_shards(tmp_path):
+    source = MarkovSource(vocab=16, seed=0)
+    folder = write_shards(tmp_path / "data", {
+        "train": [source.sample(60_000, seed=1)],
+        "val": [source.sample(8_000, seed=2)],
+    }, vocab_size=16)
+    return source, folder
