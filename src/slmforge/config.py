@@ -46,7 +46,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
     expand = getattr(cls, "expand_config", None)
     if expand is not None:  # e.g. ModelConfig turns `preset = "x"` into the preset's fields
-        data = expand(data)
+        try:
+            data = expand(data)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{e}" if where else str(e)) from None
     hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]

@@ -77,13 +77,32 @@ class ShardWriter:
         self._current: ShardInfo | None = None
 
     def add(self, tokens: np.ndarray, text_bytes: int) -> None:
-        if self._current is None or self._current.tokens >= self.shard_tokens:
-            self._roll()
-        assert self._file is not None and self._current is not None
-        self._file.write(np.asarray(tokens, dtype=self.dtype).tobytes())
-        self._current.tokens += len(tokens)
-        self._current.documents += 1
-        self._current.bytes += text_bytes
+        self.add_many(tokens, [len(tokens)], [text_bytes])
+
+    def add_many(self, tokens: np.ndarray, lengths: Any, text_bytes: Any) -> None:
+        """Append documents stored back to back in `tokens` (`lengths[i]` tokens each).
+
+        Same files as one `add` per document: a shard is closed before the first document that
+        finds it holding `shard_tokens` or more, so documents never straddle shards."""
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        text_bytes = np.asarray(text_bytes, dtype=np.int64)
+        ends = np.cumsum(lengths)
+        first, start = 0, 0
+        while first < len(lengths):
+            if self._current is None or self._current.tokens >= self.shard_tokens:
+                self._roll()
+            assert self._file is not None and self._current is not None
+            # Documents first..last-1 fit: each starts while the shard is below shard_tokens.
+            room = self.shard_tokens - self._current.tokens + start
+            last = max(first + 1, int(np.searchsorted(ends[first:], room, side="left")) + first + 1)
+            last = min(last, len(lengths))
+            end = int(ends[last - 1])
+            self._file.write(tokens[start:end].tobytes())
+            self._current.tokens += end - start
+            self._current.documents += last - first
+            self._current.bytes += int(text_bytes[first:last].sum())
+            first, start = last, end
 
     def _roll(self) -> None:
         self._finish()

@@ -33,10 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_dim=32, intermediate_size=384, max_seq_len=256, sliding_window=64,
         query_pre_attn_scalar=32.0,
     ),
-    # Seed 002: ~150M Llama-style decoder (GQA 12:4, SwiGLU, RoPE, pre-norm), 32k vocabulary.
+    # Seed 002: ~150M Llama-style decoder (GQA 12:4, SwiGLU, RoPE, pre-norm), 32k vocabulary, untied.
     "llama-150m": dict(
-        family="llama", vocab_size=32_000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
-        intermediate_size=2048, max_seq_len=1024, rope_theta=10_000.0, tie_embeddings=True,
+        family="llama", vocab_size=32_000, hidden_size=768, num_layers=16, num_heads=12, num_kv_heads=4,
+        intermediate_size=2048, max_seq_len=1024, rope_theta=10_000.0, tie_embeddings=False,
     ),
     "llama-50m": dict(
         family="llama", vocab_size=32_000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,

@@ -32,8 +32,12 @@ def cap_length(line: str, max_chars: int) -> tuple[str, bool]:
     if space >= max_chars // 2:
         return cut[:space + 1], True
     end = max_chars
-    while end > 1 and unicodedata.category(line[end])[0] == "M":
-        end -= 1  # a matra or virama right after the cut belongs to the letter before it
+    # Cut before a whole cluster: not before a matra/nukta (it belongs to the letter before it),
+    # nor after a virama or ZWJ/ZWNJ (they join that letter to the next one, as in क्ष).
+    while end > 1 and (unicodedata.category(line[end])[0] == "M"
+                       or unicodedata.combining(line[end - 1]) == 9  # 9: the virama class
+                       or line[end - 1] in "\u200c\u200d"):
+        end -= 1
     return line[:end], True
 
 
@@ -70,8 +74,8 @@ def iter_lines(path: Path, text_field: str = "text") -> Iterator[str]:
                     if line.strip():
                         yield line
     except UnicodeDecodeError as e:
-        raise SlmforgeError(f"{path}:{number + 1}: not UTF-8 ({e.reason} at byte {e.start} of the "
-                            f"chunk); convert the file, e.g. `iconv -f LATIN1 -t UTF-8`") from None
+        raise SlmforgeError(f"{path}: not UTF-8 near line {number + 1} ({e.reason}); convert it, "
+                            f"e.g. `iconv -f LATIN1 -t UTF-8`") from None
     except (OSError, EOFError) as e:
         raise SlmforgeError(f"{path}: cannot read ({e})") from None
 

@@ -1,0 +1,207 @@
+"""Tokenizing documents on all cores, in order.
+
+Worker processes each load the tokenizer once and turn a batch of documents into one flat token array
+(`[bos] ids eos` per document) plus per-document lengths, UTF-8 sizes and validation flags. Results
+come back in submission order, so the output never depends on how many workers ran. At most a few
+batches are in flight, which bounds memory whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from slmforge.errors import SlmforgeError
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the shards need to know about a tokenizer."""
+
+    path: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    sha256: str
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The project tokenizer at `path` (`.backend`, `vocab_size`, `bos_id`, `eos_id`, `sha256`).
+
+    The one place data/ touches tokenizers: `slmforge.tokenizer.load_tokenizer` when that package is
+    installed, else a plain `tokenizer.json` + `tokenizer_config.json` folder.
+    """
+    try:
+        from slmforge.tokenizer import load_tokenizer as load
+    except ImportError:
+        return _PlainTokenizer(Path(path))
+    return load(path)
+
+
+class _PlainTokenizer:
+    """A `tokenizers` tokenizer.json with bos/eos named in tokenizer_config.json (HF layout)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise SlmforgeError(f"{path}: no tokenizer.json; train one with `slmforge tokenizer train`")
+        raw = file.read_bytes()
+        try:
+            self.backend = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+            raise SlmforgeError(f"{file}: not a tokenizers JSON file ({e})") from None
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        settings = file.with_name("tokenizer_config.json")
+        special = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
+        self.bos_id = self._token_id(special.get("bos_token"))
+        self.eos_id = self._token_id(special.get("eos_token"))
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _token_id(self, token: Any) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        return self.backend.token_to_id(token) if isinstance(token, str) else None
+
+
+def tokenizer_info(path: str | Path) -> TokenizerInfo:
+    """Load the tokenizer once in this process to read its ids and hash; the shards need an eos."""
+    tokenizer = load_tokenizer(path)
+    if tokenizer.eos_id is None:
+        raise SlmforgeError(f"{path}: tokenizer has no eos token; documents need one as separator "
+                            "(set eos_token in tokenizer_config.json)")
+    largest = max(i for i in (tokenizer.vocab_size - 1, tokenizer.bos_id, tokenizer.eos_id)
+                  if i is not None)
+    return TokenizerInfo(str(path), largest + 1, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sha256)
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of documents as shard-ready tokens."""
+
+    tokens: np.ndarray      # (sum of lengths,) every document's `[bos] ids eos`, back to back
+    lengths: np.ndarray     # (documents,) int64 tokens per document, specials included
+    text_bytes: np.ndarray  # (documents,) int64 UTF-8 bytes per document
+    held_out: np.ndarray    # (documents,) bool: goes to the validation split by its text hash
+
+
+class DocumentEncoder:
+    """Documents -> EncodedBatch. One per process; picklable settings, tokenizer loaded lazily."""
+
+    def __init__(self, tokenizer_path: str, bos_id: int | None, eos_id: int, dtype: str,
+                 val_fraction: float, seed: int):
+        self.tokenizer_path = tokenizer_path
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.dtype = np.dtype(dtype)
+        # A document is held out when a keyed hash of its text falls below this threshold: the split
+        # is seeded, independent of order and workers, and exact duplicates land on the same side.
+        self.threshold = int(val_fraction * 2**64)
+        self.hash_key = str(seed).encode()
+        self._backend: Any = None
+
+    def __call__(self, texts: list[str]) -> EncodedBatch:
+        if self._backend is None:
+            self._backend = load_tokenizer(self.tokenizer_path).backend
+        # encode_batch_fast skips character offsets we never use (tokenizers >= 0.20).
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        encodings = encode(texts, add_special_tokens=False)
+        flat: list[int] = []
+        lengths = np.empty(len(texts), dtype=np.int64)
+        head = [] if self.bos_id is None else [self.bos_id]
+        for i, encoding in enumerate(encodings):
+            ids = encoding.ids
+            flat.extend(head)
+            flat.extend(ids)
+            flat.append(self.eos_id)
+            lengths[i] = len(ids) + len(head) + 1
+        encoded = [t.encode("utf-8") for t in texts]
+        text_bytes = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(texts))
+        if self.threshold:
+            held_out = np.fromiter(
+                (int.from_bytes(hashlib.blake2b(b, digest_size=8, key=self.hash_key).digest(),
+                                "little") < self.threshold for b in encoded),
+                dtype=bool, count=len(texts))
+        else:
+            held_out = np.zeros(len(texts), dtype=bool)
+        return EncodedBatch(np.array(flat, dtype=self.dtype), lengths, text_bytes, held_out)
+
+
+_worker_encoder: DocumentEncoder | None = None
+
+
+def _worker_init(encoder: DocumentEncoder) -> None:
+    global _worker_encoder
+    # Ctrl-C is the parent's to handle: it stops the pool and keeps the last checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One thread per worker: the processes already use every core, more threads would thrash.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = encoder
+
+
+def _worker_encode(texts: list[str]) -> EncodedBatch:
+    assert _worker_encoder is not None
+    return _worker_encoder(texts)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class EncoderPool:
+    """Runs a DocumentEncoder over batches on `workers` processes; `workers = 1` runs in-process
+    (where the tokenizers library may still use its own threads)."""
+
+    def __init__(self, encoder: DocumentEncoder, workers: int):
+        self.encoder = encoder
+        self.workers = workers
+        self._pool = None
+        if workers > 1:
+            # spawn, not fork: the parent may hold threads (tokenizers, torch) that fork would copy
+            # mid-state; spawned workers start clean on every platform.
+            context = multiprocessing.get_context("spawn")
+            self._pool = context.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+
+    def map(self, jobs: Iterable[tuple[Any, list[str]]]) -> Iterator[tuple[Any, EncodedBatch]]:
+        """(tag, texts) -> (tag, EncodedBatch), in order, with a bounded number in flight."""
+        if self._pool is None:
+            for tag, texts in jobs:
+                yield tag, self.encoder(texts)
+            return
+        pending: collections.deque = collections.deque()
+        for tag, texts in jobs:
+            pending.append((tag, self._pool.apply_async(_worker_encode, (texts,))))
+            if len(pending) >= 2 * self.workers:
+                tag0, result = pending.popleft()
+                yield tag0, result.get()
+        while pending:
+            tag0, result = pending.popleft()
+            yield tag0, result.get()
+
+    def close(self, failed: bool = False) -> None:
+        if self._pool is not None:
+            if failed:
+                self._pool.terminate()
+            else:
+                self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "EncoderPool":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.close(failed=exc_type is not None)

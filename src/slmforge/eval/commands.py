@@ -1,0 +1,47 @@
+"""`slmforge eval`: loss, perplexity and bits per byte of a trained model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data or text files",
+                       description="Evaluate a run (or checkpoint) on prepared shards (--data) and/or raw "
+                                   "UTF-8 text files (--text [name=]FILE, e.g. --text hi=hindi.txt for a "
+                                   "per-language table). Writes eval.json into the checkpoint folder.")
+    p.add_argument("model", help="run folder or checkpoint folder")
+    p.add_argument("--data", help="prepared data folder (default: the one the run trained on)")
+    p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
+    p.add_argument("--text", action="append", default=[], metavar="[NAME=]FILE",
+                   help="raw text file to evaluate exactly (repeatable)")
+    p.add_argument("--seq-len", type=int, help="context per window (default: the training seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, help="limit the number of batches from --data")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from slmforge.eval.evaluate import evaluate_shards, evaluate_text, print_table, read_text_file, write_report
+    from slmforge.runtime import resolve_device
+    from slmforge.train.checkpoint import find_tokenizer_dir, load_model
+
+    model, step_dir, meta = load_model(args.model, device=resolve_device(args.device))
+    seq_len = args.seq_len or meta.get("seq_len") or model.cfg.max_seq_len
+    rows = {}
+    data = args.data or (meta.get("data") if not args.text else None)
+    if data:
+        rows[f"{Path(data).name}:{args.split}"] = evaluate_shards(model, data, args.split, seq_len,
+                                                                  args.batch_size, args.max_batches)
+    if args.text:
+        from slmforge.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(find_tokenizer_dir(args.model))
+        for item in args.text:
+            name, _, path = item.rpartition("=")
+            rows[name or Path(path).name] = evaluate_text(model, tokenizer, read_text_file(path), seq_len, path)
+    print_table(rows)
+    write_report(rows, step_dir / "eval.json")
+    return 0

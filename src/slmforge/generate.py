@@ -1,0 +1,177 @@
+"""Text generation: KV-cached decoding with temperature, top-k, top-p, repetition penalty, seed, streaming."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from slmforge.config import require
+from slmforge.models import Decoder
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 100
+    """Tokens to generate at most."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 = greedy (always the most likely token)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of tokens whose probability reaches p (1 = off)."""
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens already in the context (CTRL-style: divide positive logits, multiply negative)."""
+    stop_at_eos: bool = True
+    """Stop a sequence when it produces the end-of-sequence token."""
+    seed: int | None = None
+    """Seed for sampling; the same seed, model and prompt give the same text."""
+
+    def validate(self) -> None:
+        require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        require(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.repetition_penalty > 0, "repetition_penalty",
+                f"must be positive, got {self.repetition_penalty}")
+
+
+# ---------------------------------------------------------------- logit processing (B, V) -> (B, V)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalise every token id that occurs in `context` (B, T): positive logits / p, negative * p."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.gather(logits, 1, context)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, context, seen)
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest prefix of tokens, by descending probability, whose mass reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= p  # the first token always stays (its mass_before is 0)
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """Choose the next token (B,) from last-position logits (B, V)."""
+    logits = apply_repetition_penalty(logits.float(), context, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_top_p(apply_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ---------------------------------------------------------------- decoding loop
+
+
+@torch.no_grad()
+def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
+                 on_token: Callable[[int], None] | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Continue `prompt` (B, T) and return (B, T + new). `on_token` sees batch row 0's tokens as they come."""
+    model.eval()
+    device = prompt.device
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    room = model.cfg.max_seq_len - prompt.shape[1]
+    if room <= 0:
+        raise ValueError(f"prompt of {prompt.shape[1]} tokens leaves no room in max_seq_len {model.cfg.max_seq_len}")
+    steps = min(cfg.max_new_tokens, room)
+    tokens = prompt
+    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps) if use_cache else None
+    step_input = prompt
+    for _ in range(steps):
+        logits = model(step_input if use_cache else tokens, cache)[:, -1]
+        chosen = next_token(logits, tokens, cfg, generator)
+        if eos_id is not None and cfg.stop_at_eos:
+            chosen = torch.where(finished, torch.full_like(chosen, eos_id), chosen)
+            finished |= chosen == eos_id
+        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+        step_input = chosen[:, None]
+        if on_token is not None and not (eos_id is not None and int(chosen[0]) == eos_id):
+            on_token(int(chosen[0]))
+        if bool(finished.all()):
+            break
+    return tokens
+
+
+def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, stream: bool = False,
+                  out=sys.stdout) -> str:
+    """Continue a text prompt; with `stream`, characters are written to `out` as they are decoded."""
+    device = model.embed.weight.device
+    ids = tokenizer.encode(prompt)
+    if tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids
+    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    on_token = None
+    if stream:
+        decoder = tokenizer.decode_stream()
+
+        def on_token(token_id: int) -> None:
+            piece = decoder.step(token_id)
+            if piece:
+                out.write(piece)
+                out.flush()
+
+    tokens = generate_ids(model, prompt_ids, cfg, eos_id=tokenizer.eos_id, on_token=on_token)
+    new = tokens[0, len(ids):].tolist()
+    if tokenizer.eos_id is not None and tokenizer.eos_id in new:
+        new = new[:new.index(tokenizer.eos_id)]
+    return tokenizer.decode(new)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache, streaming)",
+                       description="Generate text from a run or checkpoint folder. Sampling fields: "
+                                   "max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed.")
+    p.add_argument("model", help="run folder or checkpoint folder")
+    p.add_argument("--prompt", "-p", action="append", help="prompt text (repeatable); default: read stdin")
+    p.add_argument("--num-samples", "-n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="sampling fields, e.g. temperature=0.7 top_k=50 top_p=0.9 seed=1")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from slmforge import config
+    from slmforge.runtime import resolve_device
+    from slmforge.tokenizer import load_tokenizer
+    from slmforge.train.checkpoint import find_tokenizer_dir, load_model
+
+    sampling = config.load(SamplingConfig, overrides=args.overrides)
+    model, step_dir, _ = load_model(args.model, device=resolve_device(args.device))
+    tokenizer = load_tokenizer(find_tokenizer_dir(args.model))
+    prompts = args.prompt or [sys.stdin.read()]
+    for prompt in prompts:
+        for i in range(args.num_samples):
+            if sampling.seed is not None and i:
+                sampling.seed += 1
+            sys.stdout.write(prompt)
+            generate_text(model, tokenizer, prompt, sampling, stream=True)
+            sys.stdout.write("\n\n")
+    return 0

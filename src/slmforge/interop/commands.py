@@ -1,0 +1,42 @@
+"""Verbs `export` and `import-hf`: thin wrappers over `slmforge.interop`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a run's model as a Hugging Face folder (config.json, safetensors, tokenizer)",
+        description="Write the latest (or given) checkpoint of a run so that transformers' "
+                    "AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT) load it.")
+    p.add_argument("run", help="run folder or checkpoint folder (run/checkpoints/step-000500)")
+    p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the saved weights (default: float32)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser(
+        "import-hf", help="read a local Hugging Face checkpoint (Gemma 3 text, Llama) into a run folder",
+        description="Convert a local Hugging Face model folder (e.g. a downloaded google/gemma-3-270m) into "
+                    "an slmforge run folder to continue pretraining or fine-tune (train.init_from=OUT).")
+    p.add_argument("hf_dir", metavar="DIR", help="folder with config.json, *.safetensors and tokenizer files")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.set_defaults(func=_import_hf)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from slmforge.interop import export_hf
+
+    out = export_hf(args.run, args.out, dtype=args.dtype, force=args.force)
+    print(f"exported {args.run} -> {out} (Hugging Face format, {args.dtype})")
+
+
+def _import_hf(args: argparse.Namespace) -> None:
+    from slmforge.interop import import_hf
+
+    out = import_hf(args.hf_dir, args.out, force=args.force)
+    print(f"imported {args.hf_dir} -> {out} (continue with train.init_from={out})")

@@ -1,0 +1,136 @@
+"""`slmforge export --format hf`: a run's model as a folder `transformers` loads as-is.
+
+    out/
+        config.json              # Gemma3ForCausalLM or LlamaForCausalLM, readable by transformers 4.5x and 5.x
+        generation_config.json   # bos / eos / pad ids of the run's tokenizer
+        model.safetensors        # transformers' tensor names; tied models store embed_tokens only
+        tokenizer.json, tokenizer_config.json, special_tokens_map.json, ...
+
+No `transformers` import: names and config fields come from `slmforge.models.hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from slmforge.errors import SlmforgeError
+from slmforge.models.hf import check_exportable, config_to_hf, generation_config, state_dict_to_hf
+from slmforge.train.checkpoint import find_tokenizer_dir, load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Tokenizer files a Hugging Face folder may hold; copied in both directions when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
+    """Write the model of a run (or checkpoint) folder to `out` in Hugging Face format. Returns `out`."""
+    if dtype not in DTYPES:
+        raise SlmforgeError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model, step_dir, meta = load_model(run)
+    cfg = model.cfg
+    check_exportable(cfg)
+    tokenizer_dir = find_tokenizer_dir(run)
+    ids = special_token_ids(tokenizer_dir)
+    out = Path(out)
+    tmp = start_output_dir(out, force)
+    tensors = state_dict_to_hf(cfg, model.state_dict(), DTYPES[dtype])
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # transformers requires "pt"
+    write_json(tmp / "config.json", config_to_hf(cfg, dtype=dtype, **ids))
+    write_json(tmp / "generation_config.json", generation_config(**ids))
+    copy_tokenizer_files(tokenizer_dir, tmp, model_max_length=cfg.max_seq_len)
+    finish_output_dir(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------- tokenizer files
+
+
+def special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
+    """{"bos_token_id", "eos_token_id", "pad_token_id"} from a Hugging Face tokenizer folder."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    declared = {**read_json_if_present(tokenizer_dir / "special_tokens_map.json"),
+                **read_json_if_present(tokenizer_dir / "tokenizer_config.json")}
+    ids: dict[str, int | None] = {}
+    for role in ("bos", "eos", "pad"):
+        token = declared.get(f"{role}_token")
+        if isinstance(token, dict):  # {"content": "<eos>", "lstrip": false, ...}
+            token = token.get("content")
+        token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
+        if isinstance(token, str) and token_id is None:
+            raise SlmforgeError(f"{tokenizer_dir}: {role}_token {token!r} is not in tokenizer.json's vocabulary")
+        ids[f"{role}_token_id"] = token_id
+    return ids
+
+
+def copy_tokenizer_files(src: Path, dst: Path, model_max_length: int | None = None) -> list[str]:
+    """Copy the tokenizer files present in `src`; make tokenizer_config.json loadable by AutoTokenizer."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    config = read_json_if_present(dst / "tokenizer_config.json")
+    # Without a tokenizer_class, AutoTokenizer picks the model family's own class, which may rebuild the
+    # pipeline (normaliser, pre-tokenizer) its way; the generic class uses tokenizer.json exactly as saved.
+    changed = {"tokenizer_class": "PreTrainedTokenizerFast"} if "tokenizer_class" not in config else {}
+    if model_max_length is not None and "model_max_length" not in config:
+        changed["model_max_length"] = model_max_length
+    if changed and (dst / "tokenizer.json").is_file():
+        write_json(dst / "tokenizer_config.json", {**config, **changed})
+        if "tokenizer_config.json" not in copied:
+            copied.append("tokenizer_config.json")
+    return copied
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_json_if_present(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SlmforgeError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlmforgeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SlmforgeError(f"{path}: expected a JSON object")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def start_output_dir(out: Path, force: bool) -> Path:
+    """A fresh `out.partial` folder to write into; refuses to replace a non-empty `out` unless forced."""
+    if out.exists() and not out.is_dir():
+        raise SlmforgeError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise SlmforgeError(f"{out}: exists and is not empty; choose another folder or pass --force")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_output_dir(tmp: Path, out: Path) -> None:
+    """Move the completed folder into place, so a crash never leaves a half-written `out`."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

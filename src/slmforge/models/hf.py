@@ -1,0 +1,421 @@
+"""Hugging Face names: the one place that knows transformers' config fields and weight names.
+
+Two families map onto `ModelConfig`:
+
+    family   transformers class                      config.json model_type
+    gemma3   Gemma3ForCausalLM                       gemma3_text
+             Gemma3ForConditionalGeneration (text)   gemma3 (the text_config part; vision weights skipped)
+    llama    LlamaForCausalLM                        llama
+
+Everything here works on plain dicts and tensors (config.json, safetensors), so export and import
+need no `transformers`. Config files are written so that transformers 4.5x (rope_theta / rope_scaling /
+rope_local_base_freq / sliding_window_pattern) and 5.x (rope_parameters / layer_types) both read them
+the same way, and both forms are read back.
+
+Weight names (ours -> transformers):
+
+    embed.weight                        model.embed_tokens.weight
+    layers.{i}.attn_norm.weight         model.layers.{i}.input_layernorm.weight
+    layers.{i}.attn_out_norm.weight     model.layers.{i}.post_attention_layernorm.weight    (gemma3)
+    layers.{i}.mlp_norm.weight          model.layers.{i}.pre_feedforward_layernorm.weight   (gemma3)
+                                        model.layers.{i}.post_attention_layernorm.weight    (llama)
+    layers.{i}.mlp_out_norm.weight      model.layers.{i}.post_feedforward_layernorm.weight  (gemma3)
+    layers.{i}.attn.{q,k,v,o}_proj      model.layers.{i}.self_attn.{q,k,v,o}_proj
+    layers.{i}.attn.{q,k}_norm          model.layers.{i}.self_attn.{q,k}_norm               (gemma3)
+    layers.{i}.mlp.{gate,up,down}_proj  model.layers.{i}.mlp.{gate,up,down}_proj
+    norm.weight                         model.norm.weight
+    lm_head.weight                      lm_head.weight                                      (untied only)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slmforge.config import validate as validate_config
+from slmforge.errors import ConfigError, SlmforgeError
+from slmforge.models.config import ModelConfig
+
+ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}
+MODEL_TYPES = {"gemma3": "gemma3_text", "llama": "llama"}
+MULTIMODAL_GEMMA3 = "Gemma3ForConditionalGeneration"
+SUPPORTED = "Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its text part) and LlamaForCausalLM"
+
+# transformers' own defaults for fields a config.json may leave out (Gemma3TextConfig / LlamaConfig).
+# They matter: multimodal Gemma 3 checkpoints store only the text_config fields that differ from these.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma3": dict(
+        vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=131_072, initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6, rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0,
+    ),
+    "llama": dict(
+        vocab_size=32_000, hidden_size=4096, intermediate_size=11_008, num_hidden_layers=32,
+        num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10_000.0,
+    ),
+}
+
+# Activation names transformers uses for the tanh-approximated GELU (numerically the same function).
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+_SILU = ("silu", "swish")
+
+# Our per-layer module names -> transformers' names, by family.
+_LAYER_MODULES = {
+    "llama": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+              "attn": "self_attn", "mlp": "mlp"},
+    "gemma3": {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+               "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm",
+               "attn": "self_attn", "mlp": "mlp"},
+}
+
+# The Gemma 3 switches, all on for family "gemma3" and all off for "llama" (field -> gemma3 value).
+_GEMMA3_SWITCHES = dict(qk_norm=True, sandwich_norm=True, norm_unit_offset=True, embed_scale=True,
+                        activation="gelu_tanh")
+
+
+# ---------------------------------------------------------------- ModelConfig -> config.json
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise a SlmforgeError naming the first field transformers' class for this family cannot express."""
+    if cfg.family not in ARCHITECTURES:
+        raise SlmforgeError(f"model.family: {cfg.family!r} has no Hugging Face mapping; supported: gemma3, llama")
+    arch = ARCHITECTURES[cfg.family]
+    for name, gemma_value in _GEMMA3_SWITCHES.items():
+        value = getattr(cfg, name)
+        if name == "activation":
+            wanted = gemma_value if cfg.family == "gemma3" else "silu"
+        else:
+            wanted = gemma_value if cfg.family == "gemma3" else False
+        if value != wanted:
+            raise SlmforgeError(f"model.{name}: {arch} requires {wanted!r}, this model has {value!r}")
+    if cfg.family == "llama":
+        sliding = [i for i in range(cfg.num_layers) if cfg.is_sliding(i)]
+        if sliding:
+            raise SlmforgeError(f"model.sliding_window: {arch} has no sliding-window attention "
+                                f"(layers {sliding[:3]}... are sliding)")
+        if cfg.query_pre_attn_scalar not in (None, float(cfg.head_dim)):
+            raise SlmforgeError(f"model.query_pre_attn_scalar: {arch} scales attention by head_dim ** -0.5; "
+                                f"this model uses {cfg.query_pre_attn_scalar}")
+        if cfg.final_logit_softcap is not None:
+            raise SlmforgeError(f"model.final_logit_softcap: {arch} has no logit soft-capping")
+
+
+def _rope_scaling_dict(cfg: ModelConfig) -> dict[str, Any] | None:
+    """transformers' rope_scaling dict for our scaling settings (None = plain RoPE)."""
+    if cfg.rope_scaling == "none":
+        return None
+    scaling: dict[str, Any] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_scaling_factor}
+    if cfg.rope_scaling == "llama3":
+        scaling.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                       original_max_position_embeddings=cfg.rope_original_max_seq_len)
+    return scaling
+
+
+def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> dict[str, Any]:
+    """config.json contents for `cfg`, readable by transformers 4.5x and 5.x alike."""
+    check_exportable(cfg)
+    scaling = _rope_scaling_dict(cfg)
+    full_rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})}
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[cfg.family]],
+        "model_type": MODEL_TYPES[cfg.family],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "use_cache": True,
+        # 4.x reads torch_dtype, 5.x reads dtype (and accepts torch_dtype silently).
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        # 4.x: RoPE settings as top-level fields. 5.x prefers rope_parameters; when both are present
+        # it merges rope_scaling into them, so the two forms must (and do) say the same thing.
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling,
+    }
+    if cfg.family == "llama":
+        hf.update(hidden_act="silu", mlp_bias=False, pretraining_tp=1, rope_parameters=full_rope)
+        return hf
+    local_theta = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+    layer_types = ["sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_layers)]
+    has_sliding = "sliding_attention" in layer_types
+    hf.update(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        # transformers builds a sliding mask even when no layer uses it, so the field must hold a number;
+        # a window as long as the context is the same as none.
+        sliding_window=cfg.sliding_window if has_sliding else cfg.max_seq_len,
+        layer_types=layer_types,
+        # 4.50-4.52 know only the integer pattern: layer i is global iff (i + 1) % pattern == 0.
+        sliding_window_pattern=cfg.global_every if has_sliding else 1,
+        rope_local_base_freq=local_theta,
+        # Gemma 3 scales RoPE on global layers only; local layers keep plain RoPE with their own base.
+        rope_parameters={"full_attention": full_rope,
+                         "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+        final_logit_softcapping=cfg.final_logit_softcap,
+        attn_logit_softcapping=None,
+        use_bidirectional_attention=False,
+    )
+    return hf
+
+
+def generation_config(bos_token_id: int | None, eos_token_id: int | None, pad_token_id: int | None
+                      ) -> dict[str, Any]:
+    return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+
+
+# ---------------------------------------------------------------- config.json -> ModelConfig
+
+
+def text_config(hf: dict[str, Any], where: str = "config.json") -> tuple[str, dict[str, Any], bool]:
+    """(family, the text model's config dict, is_multimodal_wrapper) for a config.json dict.
+
+    Raises a SlmforgeError naming the architecture when it is not one we map.
+    """
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else None
+    model_type = hf.get("model_type")
+    if arch == MULTIMODAL_GEMMA3 or (arch is None and model_type == "gemma3"):
+        text = dict(hf.get("text_config") or {})
+        # Multimodal configs store only the text fields that differ from Gemma3TextConfig's defaults.
+        text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+        return "gemma3", text, True
+    for family, name in ARCHITECTURES.items():
+        if arch == name or (arch is None and model_type == MODEL_TYPES[family]):
+            return family, hf, False
+    shown = arch or "(none)"
+    raise SlmforgeError(f"{where}: architecture {shown} (model_type {model_type!r}) is not supported; "
+                        f"slmforge imports {SUPPORTED}")
+
+
+def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """The `ModelConfig` equivalent to a transformers config.json dict (4.5x or 5.x form)."""
+    family, text, _ = text_config(hf, where)
+    if family == "gemma3":
+        where = f"{where} text_config" if text is not hf else where
+    get = _Reader(text, HF_DEFAULTS[family], where)
+    get.reject_truthy("attention_bias", "attention biases are not supported")
+    get.reject_truthy("mlp_bias", "MLP biases are not supported")
+    get.reject_truthy("attn_logit_softcapping", "attention logit soft-capping is not supported")
+    get.reject_truthy("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma) is not supported")
+    partial = get.optional("partial_rotary_factor")
+    if partial not in (None, 1, 1.0):
+        raise SlmforgeError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE on the full head only)")
+    num_heads = get("num_attention_heads")
+    fields: dict[str, Any] = dict(
+        family=family,
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        num_layers=get("num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=get.optional("num_key_value_heads") or num_heads,
+        head_dim=get.optional("head_dim") or get("hidden_size") // num_heads,
+        max_seq_len=get("max_position_embeddings"),
+        norm_eps=get("rms_norm_eps"),
+        init_std=get("initializer_range"),
+        tie_embeddings=bool(get("tie_word_embeddings")),
+    )
+    if family == "llama":
+        act = get("hidden_act")
+        if act not in _SILU:
+            raise SlmforgeError(f"{where}: hidden_act={act!r} is not supported; LlamaForCausalLM in slmforge is SwiGLU (silu)")
+        # transformers 5: rope_scaling, when present, replaces rope_parameters; rope_theta fills the gaps.
+        rope = dict(get.optional("rope_scaling") or get.optional("rope_parameters") or {})
+        if rope.get("rope_theta") is None:
+            rope["rope_theta"] = get("rope_theta")
+        rope.setdefault("original_max_position_embeddings", fields["max_seq_len"])
+        fields.update(rope_theta=float(rope["rope_theta"]), **_rope_scaling_fields(rope, f"{where}: rope_parameters"))
+    else:
+        act = get.optional("hidden_activation") or get.optional("hidden_act") or "gelu_pytorch_tanh"
+        if act not in _GELU_TANH:
+            raise SlmforgeError(f"{where}: hidden_activation={act!r} is not supported; Gemma 3 uses gelu_pytorch_tanh")
+        fields.update(_GEMMA3_SWITCHES)
+        fields.update(query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+                      final_logit_softcap=get.optional("final_logit_softcapping"))
+        fields.update(_gemma3_layers(get, fields["num_layers"], where))
+        fields.update(_gemma3_rope(get, fields["max_seq_len"], where))
+    cfg = ModelConfig(**fields)
+    try:
+        validate_config(cfg, "model")
+    except ConfigError as e:
+        raise SlmforgeError(f"{where}: gives an invalid model: {e}") from None
+    return cfg
+
+
+class _Reader:
+    """Reads config.json fields with transformers' defaults, naming the file in errors."""
+
+    def __init__(self, data: dict[str, Any], defaults: dict[str, Any], where: str):
+        self.data, self.defaults, self.where = data, defaults, where
+
+    def __call__(self, key: str) -> Any:
+        value = self.optional(key)
+        if value is None:
+            raise SlmforgeError(f"{self.where}: field {key} is {'null' if key in self.data else 'missing'}")
+        return value
+
+    def optional(self, key: str) -> Any:
+        """The field, transformers' default when absent, None when absent without a default or null."""
+        return self.data[key] if key in self.data else self.defaults.get(key)
+
+    def reject_truthy(self, key: str, why: str) -> None:
+        if self.data.get(key):
+            raise SlmforgeError(f"{self.where}: {key}={self.data[key]!r}: {why}")
+
+
+def _gemma3_layers(get: _Reader, num_layers: int, where: str) -> dict[str, Any]:
+    """sliding_window / global_every from layer_types (5.x, 4.53+) or sliding_window_pattern (4.50+)."""
+    layer_types = get.optional("layer_types")
+    if layer_types is None:
+        pattern = get.data.get("sliding_window_pattern") or get.data.get("_sliding_window_pattern") \
+            or get.defaults["sliding_window_pattern"]
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    if len(layer_types) != num_layers:
+        raise SlmforgeError(f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers")
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise SlmforgeError(f"{where}: layer_types: {unknown[0]!r} is not supported")
+    full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    if len(full) == num_layers:
+        return dict(sliding_window=None, global_every=1)
+    # Our pattern: layer i is global iff (i + 1) % global_every == 0; no global layer = a period past the end.
+    every = full[0] + 1 if full else num_layers + 1
+    expected = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
+    if layer_types != expected:
+        raise SlmforgeError(f"{where}: layer_types: only 'every n-th layer is global' patterns are supported; "
+                            f"global layers here are {full}")
+    return dict(sliding_window=int(get("sliding_window")), global_every=every)
+
+
+def _gemma3_rope(get: _Reader, max_seq_len: int, where: str) -> dict[str, Any]:
+    """Per-layer-type RoPE, resolved as transformers 5 does (rope_scaling merges into full_attention)."""
+    params = get.optional("rope_parameters") or {}
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+    full.update(get.optional("rope_scaling") or {})
+    if full.get("rope_theta") is None:
+        full["rope_theta"] = get("rope_theta")
+    full.setdefault("original_max_position_embeddings", max_seq_len)
+    if local.get("rope_theta") is None:
+        local["rope_theta"] = get("rope_local_base_freq")
+    if _rope_type(local, f"{where}: rope_parameters.sliding_attention") != "default":
+        raise SlmforgeError(f"{where}: rope_parameters.sliding_attention: scaled RoPE on local layers "
+                            f"is not supported (Gemma 3 scales global layers only)")
+    return dict(rope_theta=float(full["rope_theta"]), rope_local_theta=float(local["rope_theta"]),
+                **_rope_scaling_fields(full, f"{where}: rope_parameters.full_attention"))
+
+
+def _rope_type(rope: dict[str, Any], where: str) -> str:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise SlmforgeError(f"{where}: rope_type {kind!r} is not supported; slmforge has default, linear, llama3")
+    return kind
+
+
+def _rope_scaling_fields(rope: dict[str, Any], where: str) -> dict[str, Any]:
+    kind = _rope_type(rope, where)
+    if kind == "default":
+        return dict(rope_scaling="none")
+    fields: dict[str, Any] = dict(rope_scaling=kind, rope_scaling_factor=float(rope["factor"]))
+    if kind == "llama3":
+        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]),
+                      rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+    return fields
+
+
+# ---------------------------------------------------------------- weight names
+
+
+def hf_name(cfg: ModelConfig, name: str) -> str:
+    """transformers' name for one of our state-dict keys (see the table at the top of this file)."""
+    if name == "embed.weight":
+        return "model.embed_tokens.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    if name == "lm_head.weight":
+        return "lm_head.weight"
+    parts = name.split(".")  # layers, i, module, ...
+    if parts[0] != "layers" or len(parts) < 4 or parts[2] not in _LAYER_MODULES[cfg.family]:
+        raise KeyError(f"no Hugging Face name for {name!r} in family {cfg.family}")
+    return ".".join(["model", "layers", parts[1], _LAYER_MODULES[cfg.family][parts[2]], *parts[3:]])
+
+
+def state_dict_to_hf(cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict under transformers' names (tied models: embed_tokens only), contiguous on CPU."""
+    out = {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
+        out[hf_name(cfg, name)] = tensor
+    return out
+
+
+# Checkpoint names that carry no weights of the text model: RoPE buffers some old checkpoints saved,
+# and the vision tower / projector of the multimodal Gemma 3.
+_SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
+_MULTIMODAL_PREFIXES = {  # transformers 4.x layout, then 5.x layout
+    "language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+    "model.language_model.": "model.",
+}
+_MULTIMODAL_SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                       "model.multi_modal_projector.")
+
+
+def text_weight_name(name: str, multimodal: bool) -> str | None:
+    """A checkpoint tensor name as the causal-LM name (None = not part of the text model)."""
+    if name.endswith(_SKIPPED_SUFFIXES):
+        return None
+    if multimodal:
+        for old, new in _MULTIMODAL_PREFIXES.items():
+            if name.startswith(old):
+                return new + name[len(old):]
+        if name.startswith(_MULTIMODAL_SKIPPED):
+            return None
+    return name
+
+
+def plan_import(cfg: ModelConfig, expected: dict[str, torch.Size], available: dict[str, tuple[int, ...]],
+                multimodal: bool = False, where: str = "checkpoint") -> dict[str, str]:
+    """Match checkpoint tensors to our parameters: {our name: checkpoint name}.
+
+    `expected` holds our names and shapes, `available` the checkpoint's names and shapes. Raises one
+    SlmforgeError naming the first tensor that is missing, unexpected or of the wrong shape.
+    """
+    by_hf_name = {text_weight_name(name, multimodal): name for name in available}
+    by_hf_name.pop(None, None)
+    plan: dict[str, str] = {}
+    for ours, shape in expected.items():
+        wanted = hf_name(cfg, ours)
+        if wanted not in by_hf_name:
+            raise SlmforgeError(f"{where}: missing tensor {wanted}")
+        stored = by_hf_name.pop(wanted)
+        if tuple(available[stored]) != tuple(shape):
+            raise SlmforgeError(f"{where}: tensor {stored} has shape {tuple(available[stored])}, "
+                                f"config.json implies {tuple(shape)}")
+        plan[ours] = stored
+    if cfg.tie_embeddings:
+        by_hf_name.pop("lm_head.weight", None)  # some tied checkpoints store a copy of embed_tokens
+    if by_hf_name:
+        extra = sorted(by_hf_name.values())[0]
+        raise SlmforgeError(f"{where}: unexpected tensor {extra} (not part of a {ARCHITECTURES[cfg.family]} "
+                            f"as config.json describes it)")
+    return plan

@@ -1,0 +1,41 @@
+"""`slmforge pretrain`: causal-LM pretraining from a TOML config plus overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+from slmforge.cli import add_config_arguments
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain", help="train a decoder LM (causal LM) on prepared token shards",
+        description="Pretrain from a TOML config (sections model, data, optim, schedule, train, tracking) "
+                    "with key.sub=value overrides. Re-running the same command resumes from the run "
+                    "folder's latest checkpoint.\n\nexample:\n  slmforge pretrain -c recipes/gemma3-tiny.toml "
+                    "data.path=runs/data train.max_steps=500")
+    add_config_arguments(p)
+    p.add_argument("--list-presets", action="store_true", help="list model presets and exit")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from slmforge import config
+    from slmforge.models import PRESETS, ModelConfig
+    from slmforge.train.config import PretrainConfig
+    from slmforge.train.pretrain import pretrain
+
+    if args.show_fields:
+        print("\n".join(config.describe(PretrainConfig)))
+        return 0
+    if args.list_presets:
+        for name in sorted(PRESETS):
+            cfg = ModelConfig.from_name(name)
+            print(f"{name:<20} {cfg.family:<7} {cfg.num_parameters() / 1e6:8.1f}M params  "
+                  f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
+                  f"vocab {cfg.vocab_size}")
+        return 0
+    cfg = config.load(PretrainConfig, args.config, args.overrides)
+    run_dir = pretrain(cfg)
+    print(run_dir)
+    return 0
