@@ -21,16 +21,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, softcap, chunk_rows):
         # hidden (N, d), weight (V, d), targets (N,) with IGNORE_INDEX for positions without a loss
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32 for softmax and sums
         valid = targets != IGNORE_INDEX
         count = valid.sum()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight_grad else None
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]
             t = targets[start:start + chunk_rows]
             ok = valid[start:start + chunk_rows]
-            logits = (h @ weight.t()).float()  # (n, V)
+            logits = (h @ weight.t()).to(acc)  # (n, V)
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
             log_norm = torch.logsumexp(logits, dim=-1)
@@ -47,8 +48,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_hidden_grad:
                     grad_hidden[start:start + chunk_rows] = grad @ weight.to(h.dtype)
                 if need_weight_grad:
-                    grad_weight += (grad.t() @ h).float()
-        denominator = count.clamp(min=1).float()
+                    grad_weight += (grad.t() @ h).to(acc)
+        denominator = count.clamp(min=1).to(acc)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None), denominator)
         ctx.has = (need_hidden_grad, need_weight_grad)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype

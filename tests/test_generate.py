@@ -1,0 +1,84 @@
+"""Sampling respects its filters exactly; generation is seeded and cache-independent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmforge.generate import (SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
+                               generate_ids, next_token)
+from slmforge.models import ModelConfig, build_model
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0, 2.5]])
+    kept = torch.isfinite(apply_top_k(logits, 2))
+    assert kept.tolist() == [[False, True, False, False, True]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    assert torch.isfinite(apply_top_p(logits, 0.8)).tolist() == [[True, False, True, False]]
+    assert torch.isfinite(apply_top_p(logits, 0.81)).tolist() == [[True, False, True, True]]
+    assert torch.isfinite(apply_top_p(logits, 0.1)).tolist() == [[True, False, False, False]]
+
+
+def test_sampling_never_draws_outside_top_k_and_top_p():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 3
+    probs = torch.softmax(logits, -1)[0]
+    order = torch.argsort(probs, descending=True)
+    top_k_set = set(order[:10].tolist())
+    cumulative = torch.cumsum(probs[order], 0)
+    nucleus = set(order[: int((cumulative < 0.7).sum()) + 1].tolist())
+    generator = torch.Generator().manual_seed(1)
+    context = torch.zeros(1, 1, dtype=torch.long)
+    k_draws = {int(next_token(logits, context, SamplingConfig(temperature=1.0, top_k=10), generator))
+               for _ in range(2000)}
+    p_draws = {int(next_token(logits, context, SamplingConfig(temperature=1.0, top_p=0.7), generator))
+               for _ in range(2000)}
+    assert k_draws <= top_k_set and len(k_draws) > 5
+    assert p_draws <= nucleus and len(p_draws) == len(nucleus)
+
+
+def test_repetition_penalty_ctrl_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig.from_name("gemma3-tiny", vocab_size=60, sliding_window=5, global_every=2, max_seq_len=64)
+    return build_model(cfg, seed=0).eval()
+
+
+def test_seeded_generation_is_deterministic(model):
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=20, seed=7)
+    a, b = generate_ids(model, prompt, cfg), generate_ids(model, prompt, cfg)
+    assert torch.equal(a, b)
+    c = generate_ids(model, prompt, SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=20, seed=8))
+    assert not torch.equal(a, c)
+
+
+def test_cached_and_uncached_generation_agree(model):
+    prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    cfg = SamplingConfig(max_new_tokens=25, temperature=0.9, top_p=0.9, seed=3, stop_at_eos=False)
+    assert torch.equal(generate_ids(model, prompt, cfg, use_cache=True),
+                       generate_ids(model, prompt, cfg, use_cache=False))
+
+
+def test_generation_stops_at_eos(model):
+    greedy = generate_ids(model, torch.tensor([[1, 2]]), SamplingConfig(max_new_tokens=10, temperature=0))
+    eos = int(greedy[0, 4])  # pretend the 3rd generated token is EOS
+    out = generate_ids(model, torch.tensor([[1, 2]]), SamplingConfig(max_new_tokens=10, temperature=0), eos_id=eos)
+    assert out.shape[1] <= 5 and int(out[0, -1]) == eos
+
+
+def test_streaming_callback_sees_every_new_token(model):
+    seen = []
+    out = generate_ids(model, torch.tensor([[3, 4]]), SamplingConfig(max_new_tokens=8, temperature=0,
+                                                                      stop_at_eos=False), on_token=seen.append)
+    assert seen == out[0, 2:].tolist()
