@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared data folder (default: the one the run trained on)")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
     p.add_argument("--text", action="append", default=[], metavar="[NAME=]FILE",
-                   help="raw text file to evaluate exactly (repeatable)")
+                   help="UTF-8 text file, one document per line, evaluated exactly (repeatable)")
     p.add_argument("--seq-len", type=int, help="context per window (default: the training seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, help="limit the number of batches from --data")
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from slmforge.eval.evaluate import evaluate_shards, evaluate_text, print_table, read_text_file, write_report
+    from slmforge.eval.evaluate import evaluate_documents, evaluate_shards, print_table, read_documents, write_report
     from slmforge.runtime import resolve_device
     from slmforge.train.checkpoint import find_tokenizer_dir, load_model
 
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(find_tokenizer_dir(args.model))
         for item in args.text:
             name, _, path = item.rpartition("=")
-            rows[name or Path(path).name] = evaluate_text(model, tokenizer, read_text_file(path), seq_len, path)
+            rows[name or Path(path).name] = evaluate_documents(model, tokenizer, read_documents(path), seq_len, path)
     print_table(rows)
     write_report(rows, step_dir / "eval.json")
     return 0

@@ -26,28 +26,52 @@ def evaluate_shards(model, folder: str | Path, split: str = "val", seq_len: int 
     return {**summarize(loss, shards.bytes_per_token), "tokens": tokens}
 
 
-def text_windows(ids: list[int], seq_len: int) -> list[torch.Tensor]:
+def document_stream(tokenizer, documents: list[str]) -> tuple[list[int], list[bool]]:
+    """Documents laid out as in training shards, `[bos] tokens eos` each, and which positions to score.
+
+    A bos token is never scored (it carries no text and is trivially predictable after eos).
+    """
+    ids: list[int] = []
+    scored: list[bool] = []
+    for doc in documents:
+        body = tokenizer.encode(doc) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        if tokenizer.bos_id is not None:
+            ids.append(tokenizer.bos_id)
+            scored.append(False)
+        ids.extend(body)
+        scored.extend([True] * len(body))
+    return ids, scored
+
+
+def text_windows(ids: list[int], scored: list[bool], seq_len: int) -> list[dict[str, torch.Tensor]]:
     """Windows of seq_len + 1 tokens overlapping by one, so every token after the first is predicted once."""
     windows = []
     for start in range(0, max(len(ids) - 1, 0), seq_len):
-        windows.append(torch.tensor(ids[start:start + seq_len + 1]))
+        chunk = torch.tensor(ids[start:start + seq_len + 1])
+        keep = torch.tensor(scored[start + 1:start + seq_len + 1])
+        targets = torch.where(keep, chunk[1:], torch.full_like(chunk[1:], -100))
+        windows.append({"input_ids": chunk[None, :-1], "targets": targets[None]})
     return windows
 
 
-def evaluate_text(model, tokenizer, text: str, seq_len: int | None = None, name: str = "text") -> dict[str, float]:
-    """Exact bits per byte of `text`: total nats over every token / ln 2 / UTF-8 bytes of the text."""
-    if not text.strip():
-        raise SlmforgeError(f"{name}: empty text")
+def evaluate_documents(model, tokenizer, documents: list[str], seq_len: int | None = None,
+                       name: str = "text") -> dict[str, float]:
+    """Exact bits per byte of `documents`: nats over every scored token / ln 2 / their UTF-8 bytes."""
+    documents = [d for d in documents if d.strip()]
+    if not documents:
+        raise SlmforgeError(f"{name}: no text to evaluate")
     seq_len = min(seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    ids = tokenizer.encode(text)
-    if tokenizer.bos_id is not None:
-        ids = [tokenizer.bos_id] + ids  # so the first real token is predicted too
+    ids, scored = document_stream(tokenizer, documents)
     device = model.embed.weight.device
-    batches = ({"input_ids": w[None, :-1].to(device), "targets": w[None, 1:].to(device)}
-               for w in text_windows(ids, seq_len))
-    loss, tokens = mean_loss(model, CausalLM(), batches, device)
-    num_bytes = len(text.encode("utf-8"))
-    return {**summarize(loss, num_bytes / tokens), "tokens": tokens, "bytes": num_bytes}
+    loss, tokens = mean_loss(model, CausalLM(), text_windows(ids, scored, seq_len), device)
+    num_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    return {**summarize(loss, num_bytes / tokens), "tokens": tokens, "bytes": num_bytes,
+            "documents": len(documents)}
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """A UTF-8 text file as documents, one per non-empty line."""
+    return [line for line in read_text_file(path).splitlines() if line.strip()]
 
 
 def read_text_file(path: str | Path) -> str:

