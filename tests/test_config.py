@@ -25,7 +25,7 @@ def load(*overrides: str, path=None) -> PretrainConfig:
     ("model.preset=gpt5", "model.preset: unknown preset 'gpt5'"),
     ("schedule.min_lr_ratio=2", "schedule.min_lr_ratio: must be in [0, 1]"),
     ("optim.lr=-1", "optim.lr: must be positive"),
-    ("data.seq_len=4096", "data.seq_len: must be <= model.max_seq_len (1024)"),
+    ("train.seq_len=4096", "train.seq_len: must be <= model.max_seq_len (1024)"),
     ("tracking.backends=['neptune']", "tracking.backends[0]: must be one of wandb"),
     ("nosuch.x=1", "nosuch: unknown field"),
 ])

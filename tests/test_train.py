@@ -20,7 +20,7 @@ from slmforge.train.trainer import Trainer
 
 def run_config(data, out, *extra) -> PretrainConfig:
     return config.load(PretrainConfig, overrides=[
-        "model.preset=test-tiny", f"data.path={data}", "data.seq_len=64", "data.batch_size=16",
+        "model.preset=test-tiny", f"train.data={data}", "train.seq_len=64", "train.batch_size=16",
         "optim.lr=3e-3", "optim.weight_decay=0.0", "schedule.warmup_steps=20", f"train.out_dir={out}",
         "train.log_every=10", *extra])
 
@@ -90,7 +90,7 @@ def test_missing_or_tiny_data_is_one_clear_error(tmp_path, markov_shards):
         pretrain(run_config(tmp_path / "nothing", tmp_path / "run"))
     _, data = markov_shards
     with pytest.raises(SlmforgeError, match="fewer than"):
-        pretrain(run_config(data, tmp_path / "run2", "data.batch_size=5000"))
+        pretrain(run_config(data, tmp_path / "run2", "train.batch_size=5000"))
 
 
 def test_schedule_warmup_then_cosine_to_floor():

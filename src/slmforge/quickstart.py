@@ -85,10 +85,10 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 700, pr
     log(f"4/5 pretrain: {preset}, {max_steps} steps of {batch_size} x {seq_len} tokens")
     pre_cfg = config.from_dict(PretrainConfig, {
         "model": {"preset": preset, "vocab_size": vocab_size, "max_seq_len": seq_len},
-        "data": {"path": str(run / "data"), "seq_len": seq_len, "batch_size": batch_size},
         "optim": {"lr": 3e-3, "weight_decay": 0.1},
         "schedule": {"warmup_steps": max(1, max_steps // 20), "min_lr_ratio": 0.1},
-        "train": {"out_dir": str(run), "max_steps": max_steps, "eval_every": max(1, max_steps // 4),
+        "train": {"out_dir": str(run), "data": str(run / "data"), "seq_len": seq_len, "batch_size": batch_size,
+                  "max_steps": max_steps, "eval_every": max(1, max_steps // 4),
                   "save_every": max(1, max_steps // 2), "log_every": max(1, max_steps // 20), "device": "cpu"},
     })
     pretrain(pre_cfg)

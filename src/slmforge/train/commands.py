@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pretrain from a TOML config (sections model, data, optim, schedule, train, tracking) "
                     "with key.sub=value overrides. Re-running the same command resumes from the run "
                     "folder's latest checkpoint.\n\nexample:\n  slmforge pretrain -c recipes/gemma3-tiny.toml "
-                    "data.path=runs/data train.max_steps=500")
+                    "train.data=runs/data train.max_steps=500")
     add_config_arguments(p)
     p.add_argument("--list-presets", action="store_true", help="list model presets and exit")
     p.set_defaults(func=_run)

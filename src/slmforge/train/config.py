@@ -1,4 +1,8 @@
-"""Config sections of a training run (`slmforge pretrain`); one dataclass per concern."""
+"""Config sections of a training run (`slmforge pretrain`); one dataclass per concern.
+
+A recipe file may hold every verb's sections: [tokenizer] (tokenizer train), [data] (data prepare),
+and [model] [optim] [schedule] [train] [tracking] (pretrain). Each verb reads its own and skips the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,6 @@ from typing import Literal
 
 from slmforge.config import require
 from slmforge.models import ModelConfig
-
-
-@dataclass
-class TrainDataConfig:
-    path: str = ""
-    """Folder made by `slmforge data prepare` (holds manifest.json and token shards)."""
-    seq_len: int = 256
-    """Tokens per training sequence (context length used in training)."""
-    batch_size: int = 8
-    """Sequences per micro-batch on each device."""
-    train_split: str = "train"
-    """Split of the prepared data to train on."""
-    val_split: str = "val"
-    """Split used for periodic evaluation."""
-
-    def validate(self) -> None:
-        require(self.seq_len > 0, "seq_len", f"must be positive, got {self.seq_len}")
-        require(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
 
 
 @dataclass
@@ -68,6 +54,16 @@ class ScheduleConfig:
 class TrainLoopConfig:
     out_dir: str = "runs/pretrain"
     """Run folder: config, metrics, plots, checkpoints and tokenizer go here."""
+    data: str = ""
+    """Folder made by `slmforge data prepare` (manifest.json + shards); default: the recipe's data.out."""
+    seq_len: int = 256
+    """Tokens per training sequence (the context length trained on)."""
+    batch_size: int = 8
+    """Sequences per micro-batch on each device (tokens per step = batch_size x seq_len x grad_accum)."""
+    train_split: str = "train"
+    """Split of the prepared data to train on."""
+    val_split: str = "val"
+    """Split used for periodic evaluation (skipped if the data has none)."""
     max_steps: int = 1000
     """Optimizer steps to train for."""
     grad_accum: int = 1
@@ -98,7 +94,7 @@ class TrainLoopConfig:
     """Start from the weights of this run/checkpoint folder (e.g. one made by import-hf)."""
 
     def validate(self) -> None:
-        for name in ("max_steps", "grad_accum", "log_every", "eval_batches"):
+        for name in ("max_steps", "grad_accum", "log_every", "eval_batches", "seq_len", "batch_size"):
             require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "keep_last"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
@@ -122,13 +118,27 @@ class TrackingConfig:
 
 @dataclass
 class PretrainConfig:
+    """Sections read by `slmforge pretrain`."""
+
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
-                f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}")
+        require(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",
+                f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.train.seq_len}")
+
+    @classmethod
+    def expand_config(cls, data: dict) -> dict:
+        """Config-loading hook: skip other verbs' sections; default train.data to the recipe's data.out."""
+        data = dict(data)
+        prepared = data.pop("data", None)
+        data.pop("tokenizer", None)
+        train = dict(data.get("train", {}))
+        if not train.get("data") and isinstance(prepared, dict) and prepared.get("out"):
+            train["data"] = prepared["out"]
+            data["train"] = train
+        return data

@@ -59,20 +59,20 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     if loop.resume == "never" and has_checkpoint(run_dir):
         raise SlmforgeError(f"train.out_dir: {run_dir} already holds checkpoints; choose another folder "
                             f"or resume with train.resume=auto")
-    if not cfg.data.path:
-        raise SlmforgeError("data.path: required; point it at a folder made by `slmforge data prepare`")
+    if not loop.data:
+        raise SlmforgeError("train.data: required; point it at a folder made by `slmforge data prepare`")
     device = resolve_device(loop.device)
     precision = resolve_precision(loop.precision, device)
     torch.manual_seed(loop.seed)
 
-    train_shards = ShardSet(cfg.data.path, cfg.data.train_split)
+    train_shards = ShardSet(loop.data, loop.train_split)
     if cfg.model.vocab_size != train_shards.vocab_size:
-        log(f"model.vocab_size set to {train_shards.vocab_size} from {cfg.data.path}/manifest.json")
+        log(f"model.vocab_size set to {train_shards.vocab_size} from {loop.data}/manifest.json")
         cfg.model.vocab_size = train_shards.vocab_size
     val_shards = None
-    if cfg.data.val_split in train_shards.manifest["splits"]:
-        val_shards = ShardSet(cfg.data.path, cfg.data.val_split)
-        if val_shards.num_tokens <= cfg.data.seq_len:
+    if loop.val_split in train_shards.manifest["splits"]:
+        val_shards = ShardSet(loop.data, loop.val_split)
+        if val_shards.num_tokens <= loop.seq_len:
             log(f"warning: validation split has only {val_shards.num_tokens} tokens; skipping validation")
             val_shards = None
 
@@ -80,7 +80,7 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     if resume:
         _check_same_model(run_dir, cfg)
     config_io.save(cfg, run_dir / "config.toml")
-    tokenizer_sha = copy_tokenizer(train_shards.manifest, Path(cfg.data.path), run_dir)
+    tokenizer_sha = copy_tokenizer(train_shards.manifest, Path(loop.data), run_dir)
 
     model = build_model(cfg.model, device=device, seed=loop.seed)
     if loop.init_from and not resume:
@@ -94,10 +94,10 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
         for block in model.layers:
             block.compile()  # in place: state_dict names stay free of `_orig_mod.`
 
-    train_loader = WindowLoader(train_shards, cfg.data.seq_len, cfg.data.batch_size, seed=loop.seed)
+    train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed)
     val_batches = None
     if val_shards is not None:
-        val_loader = WindowLoader(val_shards, cfg.data.seq_len, cfg.data.batch_size, shuffle=False,
+        val_loader = WindowLoader(val_shards, loop.seq_len, loop.batch_size, shuffle=False,
                                   training=False)
         val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
 
@@ -108,9 +108,9 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
         model=model, objective=objective or CausalLM(), train_loader=train_loader, loop=loop, optim=cfg.optim,
         schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device, precision=precision,
         val_batches=val_batches, val_bytes_per_token=val_shards.bytes_per_token if val_shards else None,
-        checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": str(cfg.data.path),
-                         "seq_len": cfg.data.seq_len},
-        flops_per_token=cfg.model.flops_per_token(cfg.data.seq_len),
+        checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": str(loop.data),
+                         "seq_len": loop.seq_len},
+        flops_per_token=cfg.model.flops_per_token(loop.seq_len),
     )
     n_params = sum(p.numel() for p in model.parameters())
     log(f"run folder {run_dir} | {n_params / 1e6:.2f}M parameters | {train_shards.num_tokens:,} training tokens | "
