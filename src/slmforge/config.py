@@ -104,6 +104,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        real = [o for o in options if o is not type(None)]
+        if len(real) == 1:  # `X | None`: X's own error names the inner field
+            return _coerce(real[0], value, where)
         for option in options:
             if option is type(None):
                 continue
@@ -234,7 +237,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
         elif isinstance(value, Path):
             out[f.name] = str(value)
         elif isinstance(value, (list, tuple)):
-            out[f.name] = [str(v) if isinstance(v, Path) else v for v in value]
+            out[f.name] = [to_dict(v) if dataclasses.is_dataclass(v) else str(v) if isinstance(v, Path) else v
+                           for v in value]
         else:
             out[f.name] = value
     return out

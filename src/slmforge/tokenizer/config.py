@@ -33,10 +33,12 @@ class TokenizerConfig:
     """Lowercase the text. Never strips combining marks (matras, virama, nukta, umlauts)."""
     split_digits: bool = True
     """Split numbers into single digits (as Llama and Gemma do), in every script's digits."""
-    character_coverage: float = 0.9995
+    character_coverage: float = 0.9999
     """Keep the most frequent characters covering this share of the sample as tokens; rarer
-    characters become byte tokens (bpe) or the unknown token (wordpiece). Not used by unigram,
-    which keeps every character it sees, nor by bytelevel, which starts from all 256 bytes."""
+    characters become byte tokens (bpe) or the unknown token (wordpiece). 1.0 keeps every
+    character (SentencePiece's advice for small alphabets and small corpora); lower values stop
+    stray symbols of web text from taking ids. Not used by unigram, which keeps every character
+    it sees, nor by bytelevel, which starts from all 256 bytes."""
     max_token_chars: int = 16
     """Longest token in characters (keeps runs like '=====' from eating the vocabulary)."""
     bos: str = "<bos>"
@@ -52,10 +54,10 @@ class TokenizerConfig:
     num_sentinels: int = 0
     """Number of sentinel tokens <extra_id_0>, <extra_id_1>, ... for T5-style span corruption."""
     inputs: list[str] = field(default_factory=list)
-    """Training text: .txt / .jsonl files (optionally .gz) or folders of them. Leave empty when
-    `mixture` is set."""
+    """Training text: files or folders (text one sentence per line, .jsonl, .parquet; .gz/.zst
+    compressed too). Leave empty when `mixture` is set."""
     text_field: str = "text"
-    """Field holding the text in .jsonl inputs."""
+    """Field holding the text in .jsonl/.parquet inputs."""
     mixture: MixtureConfig | None = None
     """Language mixture to sample the training sentences from, instead of `inputs`."""
     max_sentences: int = 300_000

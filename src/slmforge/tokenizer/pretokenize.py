@@ -4,7 +4,8 @@ The GPT-2/GPT-4 split regexes match words with `\\p{L}+`. Indic vowel signs (mat
 nukta and anusvara are combining marks (`\\p{M}`), not letters, so `\\p{L}+` cuts `हिन्दी` into
 `ह`, `ि`, `न`, ... and every sign becomes a piece of its own. Our word class is letters *and* marks,
 plus ZWJ/ZWNJ (U+200D/U+200C), which Bengali-Assamese and Devanagari use inside words for
-conjunct shapes (`র‍্য`). BERT's `strip_accents` would delete the matras outright; we never use it.
+conjunct shapes (`র‍্য`). BERT's `strip_accents` would delete the virama, nukta and several matras
+outright (`हिन्दी` -> `हिनदी`); we never use it.
 """
 
 from __future__ import annotations

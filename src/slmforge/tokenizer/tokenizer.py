@@ -12,6 +12,7 @@ A tokenizer folder loads with `transformers.AutoTokenizer.from_pretrained` and w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -118,6 +119,9 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(int(token_id))
 
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
     # ------------------------------------------------------------ identity
 
     @property
@@ -125,9 +129,10 @@ class Tokenizer:
         """tokenizer.json exactly as `save` writes it."""
         return self.backend.to_str(pretty=True)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
-        """sha256 of the canonical tokenizer.json: equal ids for equal hashes."""
+        """sha256 of the canonical tokenizer.json: equal ids for equal hashes. (Computed once:
+        change a pipeline through a new `Tokenizer`, not by mutating `.backend` in place.)"""
         return hashlib.sha256(self.canonical_json.encode("utf-8")).hexdigest()
 
     @property
@@ -148,12 +153,13 @@ class Tokenizer:
         if self.sentinels:
             special_map["additional_special_tokens"] = list(self.sentinels)
         hf_config = {
+            **self.meta.get("hf_settings", {}),  # e.g. chat_template, cls_token of an imported one
             "tokenizer_class": "PreTrainedTokenizerFast",
             **special_map,
             # HF's default cleanup rewrites " ." to "." and breaks exact round trips.
             "clean_up_tokenization_spaces": False,
-            "model_max_length": int(self.meta.get("model_max_length", 1_000_000_000)),
         }
+        hf_config.setdefault("model_max_length", 1_000_000_000)
         meta = {
             "format": FORMAT,
             **self.meta,

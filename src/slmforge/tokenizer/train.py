@@ -9,10 +9,11 @@ Id layout of a trained tokenizer (all kinds):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from slmforge.data.mixture import sample_sentences
 from slmforge.errors import SlmforgeError
 from slmforge.tokenizer import pretokenize
 from slmforge.tokenizer.config import TokenizerConfig
-from slmforge.tokenizer.sample import reservoir_sample, sample_inputs
+from slmforge.tokenizer.sample import cap_length, check_mixture_record, reservoir_sample, sample_inputs
 from slmforge.tokenizer.tokenizer import Tokenizer, bos_post_processor
 
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -38,32 +39,39 @@ def train_tokenizer(cfg: TokenizerConfig, out_dir: str | Path, texts: Iterable[s
     Returns the output folder, loadable by `load_tokenizer` and `AutoTokenizer.from_pretrained`.
     """
     config_io.validate(cfg)
-    sentences, record = sample_sentences_for(cfg, texts)
+    sentences, record = sample_sentences_for(cfg, texts, say=_say if progress else None)
     if not sentences:
         where = "texts" if texts is not None else ", ".join(cfg.inputs) or "the mixture"
         raise SlmforgeError(f"tokenizer: training input has no text ({where})")
     if progress:
         _say(f"training a {cfg.kind} tokenizer (vocab {cfg.vocab_size}) on {len(sentences):,} sentences")
-    tok = train_on_sentences(cfg, sentences, show_progress=progress)
-    tok.meta.update({"config": config_io.to_dict(cfg), "sample": record})
+    # The trainer's progress bar is for terminals; in logs it only leaves blank lines.
+    tok = train_on_sentences(cfg, sentences, show_progress=progress and sys.stderr.isatty())
+    # asdict, not config.to_dict: the latter does not descend into lists of sections (mixture sources).
+    tok.meta.update({"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "sample": record})
     out = tok.save(out_dir)
     if progress:
         _say(f"wrote {out} ({tok.kind}, {tok.vocab_size} ids, sha256 {tok.sha256[:12]})")
     return out
 
 
-def sample_sentences_for(cfg: TokenizerConfig, texts: Iterable[str] | None = None
-                         ) -> tuple[list[str], dict[str, Any]]:
+def sample_sentences_for(cfg: TokenizerConfig, texts: Iterable[str] | None = None,
+                         say: Callable[[str], None] | None = None) -> tuple[list[str], dict[str, Any]]:
     """The bounded training sample and its record (what was drawn from where, with which seed)."""
     if texts is not None:
-        return reservoir_sample([("texts", texts)], cfg.max_sentences, cfg.max_chars, cfg.seed)
+        return reservoir_sample([("texts", texts)], cfg.max_sentences, cfg.max_chars, cfg.seed, say)
     if cfg.mixture is not None:
-        sentences, record = sample_sentences(cfg.mixture, cfg.max_sentences, cfg.max_chars)
-        return sentences, {"method": "mixture", **record}
+        if say is not None:
+            say(f"sampling {cfg.max_sentences:,} sentences from {len(cfg.mixture.sources)} mixture sources")
+        # The sampler cuts at max_chars exactly; draw a little more and cut at a cluster boundary.
+        drawn, record = sample_sentences(cfg.mixture, cfg.max_sentences, cfg.max_chars + 16)
+        check_mixture_record(record)
+        sentences = [cap_length(s, cfg.max_chars)[0] for s in drawn]
+        return sentences, {"method": "mixture", **record, "max_chars": cfg.max_chars}
     if not cfg.inputs:
         raise SlmforgeError("tokenizer.inputs: no training text; set tokenizer.inputs (files or "
                             "folders of .txt/.jsonl), tokenizer.mixture, or pass --input")
-    return sample_inputs(cfg.inputs, cfg.text_field, cfg.max_sentences, cfg.max_chars, cfg.seed)
+    return sample_inputs(cfg.inputs, cfg.text_field, cfg.max_sentences, cfg.max_chars, cfg.seed, say)
 
 
 def train_on_sentences(cfg: TokenizerConfig, sentences: list[str], show_progress: bool = False) -> Tokenizer:
@@ -83,16 +91,17 @@ def train_on_sentences(cfg: TokenizerConfig, sentences: list[str], show_progress
         model = models.WordPiece(unk_token=roles["unk"])
         trainer = trainers.WordPieceTrainer(
             vocab_size=learned, min_frequency=cfg.min_frequency, special_tokens=specials,
-            limit_alphabet=_alphabet_size(sentences, norm, cfg), continuing_subword_prefix="##",
-            show_progress=show_progress)
+            continuing_subword_prefix="##", show_progress=show_progress,
+            **_alphabet(sentences, norm, cfg))
     else:  # bpe, bytelevel
         model = models.BPE(unk_token=roles["unk"] if cfg.kind == "bpe" else None)
-        bytelevel = cfg.kind == "bytelevel"
+        if cfg.kind == "bytelevel":  # all 256 byte symbols from the start: nothing is ever unknown
+            alphabet = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()}
+        else:
+            alphabet = _alphabet(sentences, norm, cfg)
         trainer = trainers.BpeTrainer(
             vocab_size=learned, min_frequency=cfg.min_frequency, special_tokens=specials,
-            limit_alphabet=None if bytelevel else _alphabet_size(sentences, norm, cfg),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if bytelevel else ["\n"],
-            max_token_length=cfg.max_token_chars, show_progress=show_progress)
+            max_token_length=cfg.max_token_chars, show_progress=show_progress, **alphabet)
 
     backend = BackendTokenizer(model)
     if norm is not None:
@@ -109,21 +118,28 @@ def train_on_sentences(cfg: TokenizerConfig, sentences: list[str], show_progress
     return Tokenizer(backend, roles, cfg.sentinels(), {"kind": cfg.kind})
 
 
-def _alphabet_size(sentences: list[str], norm, cfg: TokenizerConfig) -> int:
-    """How many characters cover `character_coverage` of the sample (SentencePiece's rule);
-    the trainer keeps that many most frequent characters, the rest fall back to bytes/unk."""
+def _alphabet(sentences: list[str], norm, cfg: TokenizerConfig) -> dict[str, Any]:
+    """Trainer arguments that fix the character alphabet: the most frequent characters covering
+    `character_coverage` of the sample (SentencePiece's rule), plus '\n'. Rarer characters fall
+    back to bytes (bpe) or <unk> (wordpiece).
+
+    We choose the characters ourselves, ties broken by code point, and hand them over as the
+    initial alphabet with a limit of exactly that many: the trainer's own `limit_alphabet` cut
+    breaks count ties in hash-map order, which made two identical runs differ.
+    """
     counts: Counter[str] = Counter()
     for s in sentences:
         counts.update(norm.normalize_str(s) if norm is not None else s)
-    total = sum(counts.values())
-    covered, size = 0, 0
-    for _, n in counts.most_common():
-        if covered >= cfg.character_coverage * total:
+    room = cfg.vocab_size - len(cfg.special_tokens()) - (256 if cfg.kind == "bpe" else 0)
+    chars = ["\n"]
+    covered, total = 0, sum(counts.values())
+    for char, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if covered >= cfg.character_coverage * total or len(chars) >= room:
             break
         covered += n
-        size += 1
-    room = cfg.vocab_size - len(cfg.special_tokens()) - (256 if cfg.kind == "bpe" else 0)
-    return max(1, min(size + 1, room))  # +1: the "\n" of initial_alphabet
+        if char != "\n":
+            chars.append(char)
+    return {"initial_alphabet": chars, "limit_alphabet": len(chars)}
 
 
 def add_byte_fallback(backend: BackendTokenizer, num_special: int) -> BackendTokenizer:
