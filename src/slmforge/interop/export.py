@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -27,26 +28,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Tokenizer files a Hugging Face folder may hold; copied in both directions when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "slmforge_tokenizer.json")
 
 
 def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: bool = False) -> Path:
     """Write the model of a run (or checkpoint) folder to `out` in Hugging Face format. Returns `out`."""
     if dtype not in DTYPES:
         raise SlmforgeError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, step_dir, meta = load_model(run)
+    model, _, _ = load_model(run)
     cfg = model.cfg
     check_exportable(cfg)
     tokenizer_dir = find_tokenizer_dir(run)
     ids = special_token_ids(tokenizer_dir)
     out = Path(out)
-    tmp = start_output_dir(out, force)
-    tensors = state_dict_to_hf(cfg, model.state_dict(), DTYPES[dtype])
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # transformers requires "pt"
-    write_json(tmp / "config.json", config_to_hf(cfg, dtype=dtype, **ids))
-    write_json(tmp / "generation_config.json", generation_config(**ids))
-    copy_tokenizer_files(tokenizer_dir, tmp, model_max_length=cfg.max_seq_len)
-    finish_output_dir(tmp, out)
+    with output_dir(out, force) as tmp:
+        tensors = state_dict_to_hf(cfg, model.state_dict(), DTYPES[dtype])
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # transformers requires "pt"
+        write_json(tmp / "config.json", config_to_hf(cfg, dtype=dtype, **ids))
+        write_json(tmp / "generation_config.json", generation_config(**ids))
+        copy_tokenizer_files(tokenizer_dir, tmp, model_max_length=cfg.max_seq_len)
     return out
 
 
@@ -54,22 +54,11 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: b
 
 
 def special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
-    """{"bos_token_id", "eos_token_id", "pad_token_id"} from a Hugging Face tokenizer folder."""
-    from tokenizers import Tokenizer
+    """{"bos_token_id", "eos_token_id", "pad_token_id"} of a run's tokenizer folder."""
+    from slmforge.tokenizer import load_tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    declared = {**read_json_if_present(tokenizer_dir / "special_tokens_map.json"),
-                **read_json_if_present(tokenizer_dir / "tokenizer_config.json")}
-    ids: dict[str, int | None] = {}
-    for role in ("bos", "eos", "pad"):
-        token = declared.get(f"{role}_token")
-        if isinstance(token, dict):  # {"content": "<eos>", "lstrip": false, ...}
-            token = token.get("content")
-        token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
-        if isinstance(token, str) and token_id is None:
-            raise SlmforgeError(f"{tokenizer_dir}: {role}_token {token!r} is not in tokenizer.json's vocabulary")
-        ids[f"{role}_token_id"] = token_id
-    return ids
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
 
 def copy_tokenizer_files(src: Path, dst: Path, model_max_length: int | None = None) -> list[str]:
@@ -83,7 +72,8 @@ def copy_tokenizer_files(src: Path, dst: Path, model_max_length: int | None = No
     # Without a tokenizer_class, AutoTokenizer picks the model family's own class, which may rebuild the
     # pipeline (normaliser, pre-tokenizer) its way; the generic class uses tokenizer.json exactly as saved.
     changed = {"tokenizer_class": "PreTrainedTokenizerFast"} if "tokenizer_class" not in config else {}
-    if model_max_length is not None and "model_max_length" not in config:
+    # A tokenizer trained on its own says "no limit" (1e9 or more); the exported model has a context length.
+    if model_max_length is not None and config.get("model_max_length", 1e9) >= 1e9:
         changed["model_max_length"] = model_max_length
     if changed and (dst / "tokenizer.json").is_file():
         write_json(dst / "tokenizer_config.json", {**config, **changed})
@@ -117,8 +107,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def start_output_dir(out: Path, force: bool) -> Path:
-    """A fresh `out.partial` folder to write into; refuses to replace a non-empty `out` unless forced."""
+@contextmanager
+def output_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a fresh `out.partial` folder; move it to `out` when the block succeeds, delete it if not.
+
+    A crash or an error never leaves a half-written `out`, and a non-empty `out` is replaced only if forced.
+    """
     if out.exists() and not out.is_dir():
         raise SlmforgeError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -126,11 +120,11 @@ def start_output_dir(out: Path, force: bool) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def finish_output_dir(tmp: Path, out: Path) -> None:
-    """Move the completed folder into place, so a crash never leaves a half-written `out`."""
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

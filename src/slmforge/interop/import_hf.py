@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from slmforge import config as config_io
 from slmforge.errors import SlmforgeError
-from slmforge.interop.export import (copy_tokenizer_files, finish_output_dir, read_json, start_output_dir)
+from slmforge.interop.export import copy_tokenizer_files, output_dir, read_json
 from slmforge.models import Decoder, ModelConfig, build_model
 from slmforge.models.hf import config_from_hf, plan_import, text_config
 from slmforge.train.checkpoint import save_checkpoint
@@ -38,19 +38,21 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     if not (hf_dir / "tokenizer.json").is_file():
         raise SlmforgeError(f"{hf_dir}: no tokenizer.json (a slow-only tokenizer?); write one with "
                             f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) and import again")
-    model = load_hf_weights(hf_dir, cfg, multimodal)
-    tmp = start_output_dir(out, force)
-    imported_from = {"path": str(hf_dir.resolve()), "architecture": (hf_config.get("architectures") or [None])[0],
-                     "name_or_path": hf_config.get("_name_or_path"),
-                     "transformers_version": hf_config.get("transformers_version")}
-    save_checkpoint(tmp, 0, model, extra_meta={"imported_from": imported_from})
-    (tmp / "tokenizer").mkdir()
-    copy_tokenizer_files(hf_dir, tmp / "tokenizer", model_max_length=None)
-    header = (f"# Made by `slmforge import-hf {hf_dir}`: the model section of a run config.\n"
-              f"# Continue pretraining from these weights with\n"
-              f"#   slmforge pretrain -c {out}/config.toml train.init_from={out} data.path=DATA train.out_dir=NEW_RUN\n")
-    (tmp / "config.toml").write_text(header + tomli_w.dumps({"model": config_io.to_dict(cfg)}), encoding="utf-8")
-    finish_output_dir(tmp, out)
+    with output_dir(out, force) as tmp:
+        model = load_hf_weights(hf_dir, cfg, multimodal)
+        imported_from = {"path": str(hf_dir.resolve()),
+                         "architecture": (hf_config.get("architectures") or [None])[0],
+                         "name_or_path": hf_config.get("_name_or_path"),
+                         "transformers_version": hf_config.get("transformers_version")}
+        save_checkpoint(tmp, 0, model, extra_meta={"imported_from": imported_from})
+        (tmp / "tokenizer").mkdir()
+        copy_tokenizer_files(hf_dir, tmp / "tokenizer")
+        header = (f"# Made by `slmforge import-hf {hf_dir}`: the model section of a run config.\n"
+                  f"# Continue pretraining from these weights with\n"
+                  f"#   slmforge pretrain -c {out}/config.toml train.init_from={out} \\\n"
+                  f"#       train.data=DATA train.out_dir=NEW_RUN\n")
+        toml = header + tomli_w.dumps({"model": config_io.to_dict(cfg)})
+        (tmp / "config.toml").write_text(toml, encoding="utf-8")
     return out
 
 

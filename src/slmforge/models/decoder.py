@@ -67,6 +67,20 @@ class Decoder(nn.Module):
         # Gemma 3 applies rope scaling to global layers only; local layers keep plain RoPE.
         self.inv_freq_local.copy_(rope_inverse_frequencies(cfg, local_theta, scaled=cfg.family != "gemma3"))
 
+    def _apply(self, fn, recurse=True):
+        # Keep RoPE frequencies float32 under .to(torch.bfloat16) / .half(), as transformers does:
+        # rounded to bf16 they rotate position 100 ~0.1 rad off and move logits by ~0.1.
+        super()._apply(fn, recurse)
+        rounded = False
+        for name in ("inv_freq_global", "inv_freq_local"):
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                setattr(self, name, torch.empty(buffer.shape, dtype=torch.float32, device=buffer.device))
+                rounded = True
+        if rounded:
+            self.reset_buffers()
+        return self
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Seeded N(0, std) init; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""

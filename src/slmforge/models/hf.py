@@ -72,9 +72,13 @@ _LAYER_MODULES = {
                "attn": "self_attn", "mlp": "mlp"},
 }
 
-# The Gemma 3 switches, all on for family "gemma3" and all off for "llama" (field -> gemma3 value).
-_GEMMA3_SWITCHES = dict(qk_norm=True, sandwich_norm=True, norm_unit_offset=True, embed_scale=True,
-                        activation="gelu_tanh")
+# The block switches each transformers class hard-codes.
+_FAMILY_SWITCHES = {
+    "gemma3": dict(qk_norm=True, sandwich_norm=True, norm_unit_offset=True, embed_scale=True,
+                   activation="gelu_tanh"),
+    "llama": dict(qk_norm=False, sandwich_norm=False, norm_unit_offset=False, embed_scale=False,
+                  activation="silu"),
+}
 
 
 # ---------------------------------------------------------------- ModelConfig -> config.json
@@ -85,14 +89,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     if cfg.family not in ARCHITECTURES:
         raise SlmforgeError(f"model.family: {cfg.family!r} has no Hugging Face mapping; supported: gemma3, llama")
     arch = ARCHITECTURES[cfg.family]
-    for name, gemma_value in _GEMMA3_SWITCHES.items():
-        value = getattr(cfg, name)
-        if name == "activation":
-            wanted = gemma_value if cfg.family == "gemma3" else "silu"
-        else:
-            wanted = gemma_value if cfg.family == "gemma3" else False
-        if value != wanted:
-            raise SlmforgeError(f"model.{name}: {arch} requires {wanted!r}, this model has {value!r}")
+    for name, wanted in _FAMILY_SWITCHES[cfg.family].items():
+        if getattr(cfg, name) != wanted:
+            raise SlmforgeError(f"model.{name}: {arch} requires {wanted!r}, this model has {getattr(cfg, name)!r}")
     if cfg.family == "llama":
         sliding = [i for i in range(cfg.num_layers) if cfg.is_sliding(i)]
         if sliding:
@@ -158,7 +157,7 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id: int 
     has_sliding = "sliding_attention" in layer_types
     hf.update(
         hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        query_pre_attn_scalar=_whole(cfg.query_pre_attn_scalar or cfg.head_dim, "query_pre_attn_scalar"),
         # transformers builds a sliding mask even when no layer uses it, so the field must hold a number;
         # a window as long as the context is the same as none.
         sliding_window=cfg.sliding_window if has_sliding else cfg.max_seq_len,
@@ -174,6 +173,13 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id: int 
         use_bidirectional_attention=False,
     )
     return hf
+
+
+def _whole(value: float, name: str) -> int:
+    """transformers 5 types some fields as int and rejects 256.0."""
+    if float(value) != int(value):
+        raise SlmforgeError(f"model.{name}: transformers needs a whole number, this model has {value}")
+    return int(value)
 
 
 def generation_config(bos_token_id: int | None, eos_token_id: int | None, pad_token_id: int | None
@@ -217,7 +223,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     get.reject_truthy("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma) is not supported")
     partial = get.optional("partial_rotary_factor")
     if partial not in (None, 1, 1.0):
-        raise SlmforgeError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE on the full head only)")
+        raise SlmforgeError(f"{where}: partial_rotary_factor={partial} is not supported "
+                            f"(slmforge rotates the whole head)")
     num_heads = get("num_attention_heads")
     fields: dict[str, Any] = dict(
         family=family,
@@ -236,18 +243,20 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     if family == "llama":
         act = get("hidden_act")
         if act not in _SILU:
-            raise SlmforgeError(f"{where}: hidden_act={act!r} is not supported; LlamaForCausalLM in slmforge is SwiGLU (silu)")
+            raise SlmforgeError(f"{where}: hidden_act={act!r} is not supported; Llama in slmforge is SwiGLU (silu)")
         # transformers 5: rope_scaling, when present, replaces rope_parameters; rope_theta fills the gaps.
         rope = dict(get.optional("rope_scaling") or get.optional("rope_parameters") or {})
         if rope.get("rope_theta") is None:
             rope["rope_theta"] = get("rope_theta")
         rope.setdefault("original_max_position_embeddings", fields["max_seq_len"])
-        fields.update(rope_theta=float(rope["rope_theta"]), **_rope_scaling_fields(rope, f"{where}: rope_parameters"))
+        fields.update(rope_theta=float(rope["rope_theta"]),
+                      **_rope_scaling_fields(rope, f"{where}: rope_parameters"))
     else:
         act = get.optional("hidden_activation") or get.optional("hidden_act") or "gelu_pytorch_tanh"
         if act not in _GELU_TANH:
-            raise SlmforgeError(f"{where}: hidden_activation={act!r} is not supported; Gemma 3 uses gelu_pytorch_tanh")
-        fields.update(_GEMMA3_SWITCHES)
+            raise SlmforgeError(f"{where}: hidden_activation={act!r} is not supported; "
+                                f"Gemma 3 uses gelu_pytorch_tanh")
+        fields.update(_FAMILY_SWITCHES["gemma3"])
         fields.update(query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
                       final_logit_softcap=get.optional("final_logit_softcapping"))
         fields.update(_gemma3_layers(get, fields["num_layers"], where))
@@ -256,8 +265,17 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     try:
         validate_config(cfg, "model")
     except ConfigError as e:
-        raise SlmforgeError(f"{where}: gives an invalid model: {e}") from None
+        ours, _, why = str(e).partition(": ")
+        theirs = _HF_FIELD_NAMES.get(ours.removeprefix("model."), "")
+        raise SlmforgeError(f"{where}: {theirs + ' ' if theirs else ''}({ours}): {why}") from None
     return cfg
+
+
+# For error messages: our field -> the config.json field it came from.
+_HF_FIELD_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_layers="num_hidden_layers",
+                       num_heads="num_attention_heads", num_kv_heads="num_key_value_heads", head_dim="head_dim",
+                       intermediate_size="intermediate_size", max_seq_len="max_position_embeddings",
+                       sliding_window="sliding_window", rope_scaling_factor="rope_scaling.factor")
 
 
 class _Reader:

@@ -66,7 +66,13 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     torch.manual_seed(loop.seed)
 
     train_shards = ShardSet(loop.data, loop.train_split)
-    if cfg.model.vocab_size != train_shards.vocab_size:
+    if loop.init_from:
+        # Pretrained embeddings keep their rows: HF checkpoints often pad the vocabulary beyond the
+        # tokenizer (Gemma 3: 262,144 rows), which is fine as long as every token id has a row.
+        if cfg.model.vocab_size < train_shards.vocab_size:
+            raise SlmforgeError(f"train.init_from: the model has {cfg.model.vocab_size} embedding rows but "
+                                f"{loop.data} was tokenized with {train_shards.vocab_size} ids")
+    elif cfg.model.vocab_size != train_shards.vocab_size:
         log(f"model.vocab_size set to {train_shards.vocab_size} from {loop.data}/manifest.json")
         cfg.model.vocab_size = train_shards.vocab_size
     val_shards = None
