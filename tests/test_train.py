@@ -102,3 +102,16 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert learning_rate(110, 110, optim, schedule) == pytest.approx(0.1)
     linear = ScheduleConfig(warmup_steps=0, decay="linear", min_lr_ratio=0.0)
     assert learning_rate(50, 100, optim, linear) == pytest.approx(0.5)
+
+
+def test_init_from_starts_from_the_given_weights(markov_shards, tmp_path):
+    _, data = markov_shards
+    pretrain(run_config(data, tmp_path / "a", "train.max_steps=5"))
+    # A learning rate of ~0 keeps the weights where init_from put them.
+    pretrain(run_config(data, tmp_path / "b", "train.max_steps=1", f"train.init_from={tmp_path / 'a'}",
+                        "optim.lr=1e-30", "model.preset=llama-tiny"))  # [model] is ignored with init_from
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-000005" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-000001" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)

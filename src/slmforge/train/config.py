@@ -91,7 +91,8 @@ class TrainLoopConfig:
     resume: Literal["auto", "never", "required"] = "auto"
     """auto: continue from out_dir's latest checkpoint if there is one."""
     init_from: str = ""
-    """Start from the weights of this run/checkpoint folder (e.g. one made by import-hf)."""
+    """Start from this run/checkpoint folder (e.g. one made by import-hf): its architecture and weights
+    replace [model]; the optimizer and schedule start fresh."""
 
     def validate(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "eval_batches", "seq_len", "batch_size"):

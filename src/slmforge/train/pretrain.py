@@ -15,7 +15,8 @@ from slmforge.errors import SlmforgeError
 from slmforge.models import build_model
 from slmforge.objectives.clm import CausalLM
 from slmforge.runtime import resolve_device, resolve_precision
-from slmforge.train.checkpoint import load_model, resolve_checkpoint
+from slmforge.train.checkpoint import (load_weights, model_config_from_meta, read_meta,
+                                      resolve_checkpoint)
 from slmforge.train.config import PretrainConfig
 from slmforge.train.metrics import MetricsLog, make_trackers
 from slmforge.train.trainer import Trainer
@@ -67,6 +68,10 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
 
     train_shards = ShardSet(loop.data, loop.train_split)
     if loop.init_from:
+        # The architecture is the checkpoint's (e.g. one made by import-hf); [model] is not consulted.
+        init_dir = resolve_checkpoint(loop.init_from)
+        cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
+        log(f"model config taken from {init_dir}")
         # Pretrained embeddings keep their rows: HF checkpoints often pad the vocabulary beyond the
         # tokenizer (Gemma 3: 262,144 rows), which is fine as long as every token id has a row.
         if cfg.model.vocab_size < train_shards.vocab_size:
@@ -90,12 +95,8 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
 
     model = build_model(cfg.model, device=device, seed=loop.seed)
     if loop.init_from and not resume:
-        source, step_dir, _ = load_model(loop.init_from, device=device)
-        if source.cfg != cfg.model:
-            raise SlmforgeError(f"train.init_from: {step_dir} holds a different model config than [model]; "
-                                f"copy its config.toml [model] section")
-        model.load_state_dict(source.state_dict())
-        log(f"initialised weights from {step_dir}")
+        load_weights(model, init_dir)
+        log(f"initialised weights from {init_dir}")
     if loop.compile:
         for block in model.layers:
             block.compile()  # in place: state_dict names stay free of `_orig_mod.`
@@ -133,8 +134,6 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
 
 
 def _check_same_model(run_dir: Path, cfg: PretrainConfig) -> None:
-    from slmforge.train.checkpoint import model_config_from_meta, read_meta
-
     step_dir = resolve_checkpoint(run_dir)
     saved = model_config_from_meta(read_meta(step_dir), step_dir)
     if saved != cfg.model:
