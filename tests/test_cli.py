@@ -1,0 +1,46 @@
+"""The command line: every verb explains itself, and bad input is one line with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from slmforge.cli import build_parser, main
+
+VERBS = ["quickstart", "tokenizer", "data", "pretrain", "eval", "generate", "export", "import-hf"]
+
+
+def test_every_pipeline_verb_is_registered():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "verb")
+    assert set(VERBS) <= set(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [[v, "--help"] for v in VERBS] + [["tokenizer", "train", "--help"],
+                                                                   ["data", "prepare", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    assert len(capsys.readouterr().out) > 100
+
+
+def test_show_fields_lists_documented_fields(capsys):
+    assert main(["pretrain", "--show-fields"]) == 0
+    out = capsys.readouterr().out
+    assert "train.seq_len (int, default 256): Tokens per training sequence" in out
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["pretrain", "model.num_kv_heads=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "slmforge: error: model.num_kv_heads: must divide num_heads (8), got 3"
+    assert main(["generate", str(tmp_path / "missing-run"), "-p", "x"]) == 2
+    assert "no such run or checkpoint folder" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "slmforge", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "quickstart" in out.stdout
