@@ -218,6 +218,25 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
+def load_section(cls: type[T], section: str, path: str | Path | None = None,
+                 overrides: list[str] | None = None, flags: dict[str, Any] | None = None) -> T:
+    """One section of a recipe file (e.g. `[tokenizer]`), then `flags`, then `section.field=value`
+    overrides. Other sections of the file belong to other verbs and are ignored; an override for
+    another section is an error, since it would have no effect."""
+    tree = read_toml(path) if path is not None else {}
+    data = {**tree.get(section, {}), **(flags or {})}
+    for text in overrides or []:
+        key = text.split("=", 1)[0].strip()
+        if not key.startswith(section + "."):
+            raise ConfigError(f"override {text!r}: only {section}.* fields apply here "
+                              f"(e.g. {section}.{next(iter(field_docs(cls)), 'field')}=...)")
+    data = apply_overrides({section: data}, overrides or [])[section]
+    try:
+        return from_dict(cls, data, section)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = _deep_copy(a)
     for k, v in b.items():

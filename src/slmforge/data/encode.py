@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import multiprocessing
 import os
 import signal
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from slmforge.errors import SlmforgeError
+from slmforge.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -30,48 +32,8 @@ class TokenizerInfo:
     path: str
     vocab_size: int
     bos_id: int | None
-    eos_id: int | None
+    eos_id: int  # documents need a separator; tokenizer_info refuses a tokenizer without one
     sha256: str
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The project tokenizer at `path` (`.backend`, `vocab_size`, `bos_id`, `eos_id`, `sha256`).
-
-    The one place data/ touches tokenizers: `slmforge.tokenizer.load_tokenizer` when that package is
-    installed, else a plain `tokenizer.json` + `tokenizer_config.json` folder.
-    """
-    try:
-        from slmforge.tokenizer import load_tokenizer as load
-    except ImportError:
-        return _PlainTokenizer(Path(path))
-    return load(path)
-
-
-class _PlainTokenizer:
-    """A `tokenizers` tokenizer.json with bos/eos named in tokenizer_config.json (HF layout)."""
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
-            raise SlmforgeError(f"{path}: no tokenizer.json; train one with `slmforge tokenizer train`")
-        raw = file.read_bytes()
-        try:
-            self.backend = Tokenizer.from_str(raw.decode("utf-8"))
-        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
-            raise SlmforgeError(f"{file}: not a tokenizers JSON file ({e})") from None
-        self.sha256 = hashlib.sha256(raw).hexdigest()
-        settings = file.with_name("tokenizer_config.json")
-        special = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
-        self.bos_id = self._token_id(special.get("bos_token"))
-        self.eos_id = self._token_id(special.get("eos_token"))
-        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
-
-    def _token_id(self, token: Any) -> int | None:
-        if isinstance(token, dict):
-            token = token.get("content")
-        return self.backend.token_to_id(token) if isinstance(token, str) else None
 
 
 def tokenizer_info(path: str | Path) -> TokenizerInfo:
@@ -79,10 +41,9 @@ def tokenizer_info(path: str | Path) -> TokenizerInfo:
     tokenizer = load_tokenizer(path)
     if tokenizer.eos_id is None:
         raise SlmforgeError(f"{path}: tokenizer has no eos token; documents need one as separator "
-                            "(set eos_token in tokenizer_config.json)")
-    largest = max(i for i in (tokenizer.vocab_size - 1, tokenizer.bos_id, tokenizer.eos_id)
-                  if i is not None)
-    return TokenizerInfo(str(path), largest + 1, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sha256)
+                            "(name eos_token in tokenizer_config.json)")
+    return TokenizerInfo(str(path), tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
+                         tokenizer.sha256)
 
 
 @dataclass
@@ -108,19 +69,15 @@ class DocumentEncoder:
         # is seeded, independent of order and workers, and exact duplicates land on the same side.
         self.threshold = int(val_fraction * 2**64)
         self.hash_key = str(seed).encode()
-        self._backend: Any = None
+        self._tokenizer: Any = None
 
     def __call__(self, texts: list[str]) -> EncodedBatch:
-        if self._backend is None:
-            self._backend = load_tokenizer(self.tokenizer_path).backend
-        # encode_batch_fast skips character offsets we never use (tokenizers >= 0.20).
-        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-        encodings = encode(texts, add_special_tokens=False)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
         flat: list[int] = []
         lengths = np.empty(len(texts), dtype=np.int64)
         head = [] if self.bos_id is None else [self.bos_id]
-        for i, encoding in enumerate(encodings):
-            ids = encoding.ids
+        for i, ids in enumerate(self._tokenizer.encode_batch(texts)):  # no specials: added here
             flat.extend(head)
             flat.extend(ids)
             flat.append(self.eos_id)
@@ -170,10 +127,20 @@ class EncoderPool:
         self.workers = workers
         self._pool = None
         if workers > 1:
-            # spawn, not fork: the parent may hold threads (tokenizers, torch) that fork would copy
-            # mid-state; spawned workers start clean on every platform.
-            context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+            # fork on Linux: fast to start and no `if __name__ == "__main__"` needed in user scripts
+            # (spawn re-imports the main module). Workers touch only tokenizers and numpy, never
+            # locks a parent thread could hold. macOS and Windows fork unsafely or not at all.
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            # Children inherit this, which also silences tokenizers' "forked after parallelism" note.
+            previous = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                self._pool = context.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+            finally:
+                if previous is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = previous
 
     def map(self, jobs: Iterable[tuple[Any, list[str]]]) -> Iterator[tuple[Any, EncodedBatch]]:
         """(tag, texts) -> (tag, EncodedBatch), in order, with a bounded number in flight."""
@@ -200,7 +167,7 @@ class EncoderPool:
             self._pool.join()
             self._pool = None
 
-    def __enter__(self) -> "EncoderPool":
+    def __enter__(self) -> EncoderPool:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:

@@ -63,6 +63,12 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def note(self, message: str) -> None:
+        """A line of its own (a warning, a phase change)."""
+        if self.enabled:
+            self.stream.write(("\r\x1b[K" if self.tty else "") + f"{self.label}: {message}\n")
+            self.stream.flush()
+
     def finish(self, message: str) -> None:
         if not self.enabled:
             return

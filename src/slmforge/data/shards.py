@@ -93,10 +93,10 @@ class ShardWriter:
             if self._current is None or self._current.tokens >= self.shard_tokens:
                 self._roll()
             assert self._file is not None and self._current is not None
-            # Documents first..last-1 fit: each starts while the shard is below shard_tokens.
+            # A document goes in while the shard holds < shard_tokens when it starts: the first one
+            # always, then each whose start (the previous document's end) is below `room`.
             room = self.shard_tokens - self._current.tokens + start
-            last = max(first + 1, int(np.searchsorted(ends[first:], room, side="left")) + first + 1)
-            last = min(last, len(lengths))
+            last = min(len(lengths), first + 1 + int(np.searchsorted(ends[first:], room, side="left")))
             end = int(ends[last - 1])
             self._file.write(tokens[start:end].tobytes())
             self._current.tokens += end - start
@@ -141,7 +141,7 @@ class ShardWriter:
 
     @classmethod
     def resume(cls, folder: str | Path, split: str, dtype: np.dtype, shard_tokens: int,
-               state: dict[str, Any]) -> "ShardWriter":
+               state: dict[str, Any]) -> ShardWriter:
         """Reopen a writer at `state`: finished shards are kept, the open shard is cut back to the
         length recorded (a crash may have appended more), later shard files get overwritten."""
         writer = cls(folder, split, dtype, shard_tokens, first_index=int(state["index"]))

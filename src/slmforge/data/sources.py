@@ -15,9 +15,10 @@ import gzip
 import io
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
@@ -78,7 +79,7 @@ class ReadStats:
         seen = entry["skipped"].setdefault(reason, {"count": 0, "first_line": line})
         seen["count"] += count
 
-    def copy(self) -> "ReadStats":
+    def copy(self) -> ReadStats:
         return ReadStats.from_dict(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,7 +92,7 @@ class ReadStats:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ReadStats":
+    def from_dict(cls, data: dict[str, Any]) -> ReadStats:
         out = cls(int(data["documents"]), dict(data["skipped"]))
         out.files = {name: {"documents": f["documents"],
                             "skipped": {r: dict(s) for r, s in f["skipped"].items()}}
@@ -202,7 +203,7 @@ class SourceReader:
         self._offset = int(cursor.get("offset", 0))
         self._line = int(cursor.get("line", 0))
         self.files: list[Path] = [] if source.is_hf else resolve_files(source)
-        self._sizes = [p.stat().st_size for p in self.files]
+        self.file_sizes = [p.stat().st_size for p in self.files]
         self._raw: io.BufferedReader | None = None
 
     def cursor(self) -> dict[str, int]:
@@ -210,11 +211,11 @@ class SourceReader:
 
     def total_bytes(self) -> int | None:
         """Bytes on disk of all files (None for datasets): the denominator of progress."""
-        return None if self.source.is_hf else sum(self._sizes)
+        return None if self.source.is_hf else sum(self.file_sizes)
 
     def consumed_bytes(self) -> int:
         """Bytes on disk read so far (compressed bytes for compressed files)."""
-        done = sum(self._sizes[:self._file])
+        done = sum(self.file_sizes[:self._file])
         if self._raw is not None and not self._raw.closed:
             done += self._raw.tell()
         return done
@@ -243,7 +244,11 @@ class SourceReader:
 
     def _read_stream(self, path: Path, fmt: str, compression: str | None) -> Iterator[str]:
         entry = self.stats.file(str(path))
-        with open(path, "rb", buffering=_READ_BUFFER) as raw:
+        try:
+            raw = open(path, "rb", buffering=_READ_BUFFER)
+        except OSError as e:
+            raise SlmforgeError(f"{path}: cannot open ({e.strerror or e})") from None
+        with raw:
             self._raw = raw
             try:
                 with _open_stream(raw, compression, path) as stream:
@@ -392,7 +397,7 @@ class SourceReader:
         groups, start = [], 0
         for g in range(parquet.metadata.num_row_groups):
             rows = parquet.metadata.row_group(g).num_rows
-            if start + rows > self._line:
+            if groups or start + rows > self._line:
                 groups.append(g)
             else:
                 start += rows

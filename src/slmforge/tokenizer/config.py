@@ -9,7 +9,6 @@ from typing import Literal
 
 from slmforge import config
 from slmforge.data.mixture import MixtureConfig
-from slmforge.errors import ConfigError
 
 SECTION = "tokenizer"
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -108,17 +107,5 @@ class TokenizerConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TokenizerConfig:
-    """Read the `[tokenizer]` section of a TOML file (other sections are ignored) plus
-    `tokenizer.field=value` overrides."""
-    data = config.read_toml(path) if path is not None else {}
-    section = data.get(SECTION, {})
-    for text in overrides or []:
-        key = text.split("=", 1)[0].strip()
-        if not key.startswith(SECTION + "."):
-            raise ConfigError(f"override {text!r}: only {SECTION}.* fields apply here "
-                              f"(e.g. {SECTION}.vocab_size=8000)")
-    merged = config.apply_overrides({SECTION: section}, overrides or [])
-    try:
-        return config.from_dict(TokenizerConfig, merged[SECTION], SECTION)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    """The `[tokenizer]` section of a recipe plus `tokenizer.field=value` overrides."""
+    return config.load_section(TokenizerConfig, SECTION, path, overrides)

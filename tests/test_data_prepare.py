@@ -1,0 +1,439 @@
+"""`data prepare` end to end: documents survive the round trip, the output does not depend on the
+number of workers, an interrupted run (exception or SIGKILL) resumes to the same bytes, and a folder
+made with other settings is refused."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+
+from slmforge import config
+from slmforge.data import prepare, shards
+from slmforge.data.encode import DocumentEncoder, EncoderPool
+from slmforge.data.mixture import Interleaver
+from slmforge.data.prepare import DataConfig, load_config, prepare_data
+from slmforge.data.progress import Progress
+from slmforge.data.resume import PROGRESS
+from slmforge.data.shards import ShardSet
+from slmforge.data.sources import SourceReader
+from slmforge.errors import ConfigError, SlmforgeError
+
+WORDS = {
+    "as": ["অসম", "ভাষা", "মানুহ", "গছ", "নদী", "কিতাপ", "ঘৰ"],
+    "hi": ["भारत", "भाषा", "लोग", "पेड़", "नदी", "किताब", "घर"],
+    "en": ["river", "tree", "people", "language", "the", "book", "house"],
+}
+BAD = {"empty": 3, "invalid_utf8": 2}  # injected into the Assamese file
+
+
+def write_corpus(root: Path, docs_per_lang: int = 400, seed: int = 0) -> dict[str, list[str]]:
+    """One file per language; every document starts with `lang-i` so it is unique and traceable."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    docs = {}
+    for lang, words in WORDS.items():
+        docs[lang] = [f"{lang}-{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
+                      for i in range(docs_per_lang)]
+        body = "\n".join(docs[lang]).encode() + b"\n"
+        if lang == "as":
+            body = b"\n\n   \n" + body + b"bad \xff line\n\xc3\n"
+        (root / f"{lang}.txt").write_bytes(body)
+    return docs
+
+
+def make_tokenizer(folder: Path, texts: list[str], extra_tokens: int = 0) -> Path:
+    """A byte-level BPE (exact round trip) in the HF folder layout, eos named in tokenizer_config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eos = "<eos>"
+    if extra_tokens:  # push the vocabulary (and the eos id) past uint16
+        tok.add_tokens([f"<x{i}>" for i in range(extra_tokens)])
+        tok.add_special_tokens(["<end>"])
+        eos = "<end>"
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": eos}))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def small_batches(monkeypatch):
+    """Many small batches, so a small corpus still gives many checkpoints to crash between."""
+    monkeypatch.setattr(prepare, "BATCH_DOCUMENTS", 64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    docs = write_corpus(root / "corpus")
+    tokenizer = make_tokenizer(root / "tok", [d for v in docs.values() for d in v])
+    return root, docs, tokenizer
+
+
+def config_for(setup, out: Path, **fields) -> DataConfig:
+    root, _, tokenizer = setup
+    data = {
+        "sources": [{"path": str(root / "corpus" / f"{lang}.txt"), "lang": lang, "weight": w}
+                    for lang, w in (("as", 0.5), ("hi", 0.3), ("en", 0.2))],
+        "tokenizer": str(tokenizer), "out": str(out), "shard_tokens": 2000, "workers": 1,
+        "val_fraction": 0.1, "seed": 3,
+    }
+    data.update(fields)
+    return load_config(overrides=[], flags=data)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def split_documents(folder: Path, split: str, tokenizer: Path) -> list[str]:
+    """Decode a split back into documents, checking the `[bos] tokens eos` layout."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = ShardSet(folder, split)
+    ids = data.read(0, data.num_tokens)
+    ends = np.flatnonzero(ids == manifest["eos_id"])
+    assert len(ends) == manifest["splits"][split]["documents"]
+    docs, start = [], 0
+    for end in ends:
+        doc = ids[start:end].tolist()
+        if manifest["bos_id"] is not None:
+            assert doc[0] == manifest["bos_id"]
+            doc = doc[1:]
+        docs.append(tok.decode(doc, skip_special_tokens=False))
+        start = end + 1
+    assert start == len(ids)
+    return docs
+
+
+def test_round_trip_mixture_order_and_manifest(setup, tmp_path):
+    root, docs, tokenizer = setup
+    cfg = config_for(setup, tmp_path / "out")
+    out = prepare_data(cfg, show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    train = split_documents(out, "train", tokenizer)
+    val = split_documents(out, "val", tokenizer)
+
+    # Every document lands in exactly one split, in the mixture's order.
+    everything = [d for v in docs.values() for d in v]
+    assert Counter(train + val) == Counter(everything)
+    order = [text for _, text in Interleaver([SourceReader(s) for s in cfg.sources],
+                                             [0.5, 0.3, 0.2], cfg.seed)]
+    held_out = set(val)
+    assert train == [d for d in order if d not in held_out]
+    assert val == [d for d in order if d in held_out]
+    n = len(everything)
+    assert abs(len(val) - 0.1 * n) <= 5 * (n * 0.1 * 0.9) ** 0.5
+
+    # The manifest accounts for every token, byte, document and skipped line.
+    assert manifest["format"] == shards.FORMAT and manifest["dtype"] == "uint16"
+    assert manifest["document_layout"] == "[bos] tokens eos"
+    for split, texts in (("train", train), ("val", val)):
+        info = manifest["splits"][split]
+        assert info["documents"] == len(texts)
+        assert info["bytes"] == sum(len(t.encode()) for t in texts)
+        assert info["tokens"] == ShardSet(out, split).num_tokens
+        assert len(info["shards"]) >= (2 if split == "train" else 1)
+    drawn = [s["drawn"] for s in manifest["sources"]]
+    assert [d["documents"] for d in drawn] == [len(docs[k]) for k in ("as", "hi", "en")]
+    assert sum(d["tokens"] for d in drawn) == sum(manifest["splits"][s]["tokens"] for s in ("train", "val"))
+    assert manifest["skipped"] == BAD
+    as_file = manifest["sources"][0]["files"][0]
+    assert as_file["skipped"] == {"empty": {"count": 3, "first_line": 1},
+                                  "invalid_utf8": {"count": 2, "first_line": 404}}
+    assert manifest["tokenizer"]["sha256"] and "workers" not in manifest["config"]
+    assert not (out / PROGRESS).exists()
+
+
+def test_uint32_shards_for_a_large_vocabulary(setup, tmp_path):
+    _, docs, _ = setup
+    texts = docs["en"][:50]
+    (tmp_path / "en.txt").write_text("\n".join(texts) + "\n")
+    tokenizer = make_tokenizer(tmp_path / "bigtok", texts, extra_tokens=66_000)
+    cfg = load_config(flags={"sources": [{"path": str(tmp_path / "en.txt")}], "tokenizer": str(tokenizer),
+                             "out": str(tmp_path / "out"), "val_fraction": 0.0, "workers": 1})
+    out = prepare_data(cfg, show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint32" and manifest["vocab_size"] > 2**16
+    assert manifest["eos_id"] >= 2**16
+    assert split_documents(out, "train", tokenizer) == texts
+    assert manifest["splits"]["val"] == {"shards": [], "tokens": 0, "documents": 0, "bytes": 0}
+
+
+def test_output_does_not_depend_on_worker_count_or_batch_size(setup, tmp_path, monkeypatch):
+    one = prepare_data(config_for(setup, tmp_path / "w1", workers=1), show_progress=False)
+    monkeypatch.setattr(prepare, "BATCH_DOCUMENTS", 100)
+    two = prepare_data(config_for(setup, tmp_path / "w2", workers=2), show_progress=False)
+    assert folder_bytes(one) == folder_bytes(two)
+
+
+def test_val_documents_and_no_bos(setup, tmp_path):
+    root, _, tokenizer = setup
+    cfg = config_for(setup, tmp_path / "out", val_documents=25, add_bos=False)
+    out = prepare_data(cfg, show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["bos_id"] is None and manifest["document_layout"] == "tokens eos"
+    order = [t for _, t in Interleaver([SourceReader(s) for s in cfg.sources], [0.5, 0.3, 0.2], cfg.seed)]
+    assert split_documents(out, "val", tokenizer) == order[:25]
+    assert split_documents(out, "train", tokenizer) == order[25:]
+
+
+def test_temperature_sampling_records_sizes(setup, tmp_path):
+    root, docs, _ = setup
+    cfg = config_for(setup, tmp_path / "out", sampling="temperature", alpha=0.5,
+                     sources=[{"path": str(root / "corpus" / "as.txt")},
+                              {"path": str(root / "corpus" / "en.txt"), "lang": "en"}])
+    manifest = json.loads((prepare_data(cfg, show_progress=False) / "manifest.json").read_text())
+    assert [s["size_documents"] for s in manifest["sources"]] == [400, 400]
+    assert [s["probability"] for s in manifest["sources"]] == [0.5, 0.5]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(monkeypatch, calls: int, error: type[BaseException] = Crash) -> None:
+    """Make the shard writers fail on their `calls`-th append, as a crash or Ctrl-C mid-run would."""
+    original = shards.ShardWriter.add_many
+    count = {"n": 0}
+
+    def add_many(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise error()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(shards.ShardWriter, "add_many", add_many)
+
+
+@pytest.mark.parametrize("calls,error,crash_workers,resume_workers", [
+    (2, Crash, 1, 1), (9, Crash, 1, 1), (17, Crash, 1, 2), (13, KeyboardInterrupt, 2, 1)])
+def test_resume_after_a_crash_gives_identical_bytes(setup, tmp_path, monkeypatch, calls, error,
+                                                    crash_workers, resume_workers):
+    reference = prepare_data(config_for(setup, tmp_path / "ref", shard_tokens=1500), show_progress=False)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        crash_after(patch, calls, error)
+        with pytest.raises(error):
+            prepare_data(config_for(setup, out, shard_tokens=1500, workers=crash_workers),
+                         show_progress=False)
+    progress = json.loads((out / PROGRESS).read_text())
+    done = progress["writers"]["train"]["shards"]
+    stamps = {s["name"]: (out / s["name"]).stat().st_mtime_ns for s in done}
+    prepare_data(config_for(setup, out, shard_tokens=1500, workers=resume_workers), show_progress=False)
+    assert folder_bytes(out) == folder_bytes(reference)
+    # Finished shards were not rewritten.
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
+    if calls > 2:
+        assert done, "the crash should come after at least one finished shard"
+
+
+def test_resume_after_sigkill_gives_identical_bytes(setup, tmp_path):
+    reference = prepare_data(config_for(setup, tmp_path / "ref", shard_tokens=1500), show_progress=False)
+    out = tmp_path / "out"
+    cfg_path = tmp_path / "data.toml"
+    cfg = config_for(setup, out, shard_tokens=1500, workers=2)
+    cfg_path.write_text(tomli_w.dumps({"data": config.to_dict(cfg)}))
+    script = textwrap.dedent(f"""
+        import os, signal
+        from slmforge.data import prepare, shards
+        from slmforge.data.prepare import load_config, prepare_data
+        prepare.BATCH_DOCUMENTS = 64
+        original = shards.ShardWriter.add_many
+        calls = [0]
+        def add_many(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 12:
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally, no flush
+            return original(self, *args, **kwargs)
+        shards.ShardWriter.add_many = add_many
+        prepare_data(load_config({str(cfg_path)!r}), show_progress=False)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+    assert (out / PROGRESS).exists() and not (out / "manifest.json").exists()
+    prepare_data(load_config(cfg_path), show_progress=False)
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
+def test_refuses_a_folder_made_with_other_settings(setup, tmp_path, monkeypatch):
+    root, docs, _ = setup
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        crash_after(patch, 5)
+        with pytest.raises(Crash):
+            prepare_data(config_for(setup, out), show_progress=False)
+    with pytest.raises(SlmforgeError, match="interrupted run with different seed; rerun"):
+        prepare_data(config_for(setup, out, seed=4), show_progress=False)
+    other_tok = make_tokenizer(tmp_path / "tok2", docs["en"])
+    with pytest.raises(SlmforgeError, match="interrupted run with different tokenizer"):
+        prepare_data(config_for(setup, out, tokenizer=str(other_tok)), show_progress=False)
+    # Different workers is the same run: it resumes and finishes.
+    prepare_data(config_for(setup, out, workers=2), show_progress=False)
+    with pytest.raises(SlmforgeError, match="already holds data prepared with different shard_tokens"):
+        prepare_data(config_for(setup, out, shard_tokens=999), show_progress=False)
+    before = folder_bytes(out)
+    prepare_data(config_for(setup, out), show_progress=False)  # done already: nothing to do
+    assert folder_bytes(out) == before
+
+
+def test_refuses_foreign_folder_and_changed_inputs(setup, tmp_path, monkeypatch):
+    root, docs, tokenizer = setup
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SlmforgeError, match="not an empty folder or a slmforge data folder"):
+        prepare_data(config_for(setup, foreign), show_progress=False)
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(docs["en"]) + "\n")
+    cfg = load_config(flags={"sources": [{"path": str(corpus)}], "tokenizer": str(tokenizer),
+                             "out": str(tmp_path / "out"), "shard_tokens": 500, "workers": 1})
+    with monkeypatch.context() as patch:
+        crash_after(patch, 3)
+        with pytest.raises(Crash):
+            prepare_data(cfg, show_progress=False)
+    with open(corpus, "a") as f:
+        f.write("one more line\n")
+    with pytest.raises(SlmforgeError, match=r"c\.txt: changed since the interrupted run"):
+        prepare_data(cfg, show_progress=False)
+
+
+def test_empty_corpus_is_one_line_error(setup, tmp_path):
+    _, _, tokenizer = setup
+    (tmp_path / "e.txt").write_bytes(b"\n\xff\n")
+    cfg = load_config(flags={"sources": [{"path": str(tmp_path / "e.txt")}], "tokenizer": str(tokenizer),
+                             "out": str(tmp_path / "out"), "workers": 1})
+    with pytest.raises(SlmforgeError,
+                       match=r"e\.txt: no documents in 1 file\(s\) \(skipped: 1 empty, 1 invalid_utf8\)"):
+        prepare_data(cfg, show_progress=False)
+
+
+def test_config_from_toml_section_flags_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(textwrap.dedent("""
+        [model]
+        preset = "tiny"
+
+        [data]
+        sources = [{path = "as.txt", lang = "as", weight = 0.5}, {path = "hi.txt", lang = "hi", weight = 0.5}]
+        tokenizer = "tok"
+        seed = 1
+    """))
+    cfg = load_config(path, ["data.seed=9", "data.val_documents=10"], {"out": "elsewhere"})
+    assert [s.lang for s in cfg.sources] == ["as", "hi"] and cfg.sources[0].weight == 0.5
+    assert (cfg.seed, cfg.val_documents, cfg.out, cfg.tokenizer) == (9, 10, "elsewhere", "tok")
+    with pytest.raises(ConfigError, match=r"run\.toml: data\.val_fraction: must be in \[0, 1\)"):
+        load_config(path, ["data.val_fraction=1.5"])
+    with pytest.raises(ConfigError, match=r"override 'train.steps=3': only data\.\* fields apply here"):
+        load_config(path, ["train.steps=3"])
+    with pytest.raises(ConfigError, match="data.tokenizer: required"):
+        load_config(None, [], {"sources": [{"path": "x"}]})
+
+
+def test_cli_verb_runs_prepare(setup, tmp_path, capsys):
+    import argparse
+
+    from slmforge.data import commands
+
+    root, _, tokenizer = setup
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["data", "prepare", "data.workers=1", "data.shard_tokens=5000",
+                              "--input", str(root / "corpus" / "as.txt"), str(root / "corpus" / "hi.txt"),
+                              "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["lang"] for s in manifest["sources"]] == ["und", "und"]
+    assert manifest["config"]["shard_tokens"] == 5000
+    err = capsys.readouterr().err
+    assert "prepare:" in err and "train documents" in err
+    args = parser.parse_args(["data", "prepare", "--show-fields"])
+    assert args.func(args) == 0
+    assert "data.sources[].text_unit" in capsys.readouterr().out
+
+
+def test_a_run_that_wrote_nothing_is_replaced(setup, tmp_path):
+    _, _, tokenizer = setup
+    (tmp_path / "e.txt").write_text("\n")
+    out = tmp_path / "out"
+    good = setup[0] / "corpus" / "en.txt"
+    bad = config_for(setup, out, sources=[{"path": str(good), "weight": 1}, {"path": str(tmp_path / "e.txt"),
+                                                                         "weight": 1}])
+    with pytest.raises(SlmforgeError, match="e.txt: no documents"):
+        prepare_data(bad, show_progress=False)
+    assert (out / PROGRESS).exists()
+    prepare_data(config_for(setup, out), show_progress=False)  # a fixed config starts over
+    assert (out / "manifest.json").exists()
+
+
+def test_tokenizing_keeps_few_batches_in_flight(setup):
+    _, _, tokenizer = setup
+    encoder = DocumentEncoder(str(tokenizer), 1, 2, "uint16", 0.0, 0)
+    pulled = []
+
+    def jobs():
+        for i in range(40):
+            pulled.append(i)
+            yield i, [f"document {i}"]
+
+    with EncoderPool(encoder, 2) as pool:
+        for done, (tag, batch) in enumerate(pool.map(jobs())):
+            assert tag == done  # in order
+            assert len(pulled) - done <= 2 * 2  # bounded read-ahead, whatever the corpus size
+            assert batch.tokens[0] == 1 and batch.tokens[-1] == 2
+
+
+def test_progress_line_has_rate_and_eta():
+    import io
+
+    stream = io.StringIO()
+    log = Progress("prepare", total_bytes=1000, stream=stream)
+    log.update(0, 0, 0, consumed=0)
+    log.update(10, 500, 2_000_000, consumed=250, new_text_bytes=2_000_000, force=True)
+    line = stream.getvalue().strip()
+    assert line.startswith("prepare: 10 docs, 500 tokens, 2.0 MB,") and "MB/s" in line
+    assert "25%, ETA" in line
+
+
+def test_cli_errors_are_one_line(setup, tmp_path, capsys):
+    from slmforge.cli import main
+
+    _, _, tokenizer = setup
+    code = main(["data", "prepare", "--input", str(tmp_path / "missing.txt"), "--tokenizer", str(tokenizer),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"slmforge: error: {tmp_path / 'missing.txt'}: no such file or folder\n"
+
+
+def test_documented_data_config_loads(tmp_path):
+    """The `[data]` example users copy from the README parses and validates."""
+    root = Path(__file__).resolve().parents[1]
+    texts = [p.read_text(encoding="utf-8") for p in (root / "docs" / "readme" / "data.md", root / "README.md")
+             if p.is_file()]
+    blocks = [b.split("```", 1)[0] for t in texts for b in t.split("```toml\n")[1:] if b.startswith("[data]")]
+    if not blocks:
+        pytest.skip("no [data] example in the README")
+    (tmp_path / "run.toml").write_text(blocks[0])
+    cfg = load_config(tmp_path / "run.toml")
+    assert [s.lang for s in cfg.sources] == ["as", "hi", "en"]
+    assert [s.weight for s in cfg.sources] == [0.5, 0.3, 0.2]
