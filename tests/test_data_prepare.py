@@ -423,17 +423,3 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"slmforge: error: {tmp_path / 'missing.txt'}: no such file or folder\n"
-
-
-def test_documented_data_config_loads(tmp_path):
-    """The `[data]` example users copy from the README parses and validates."""
-    root = Path(__file__).resolve().parents[1]
-    texts = [p.read_text(encoding="utf-8") for p in (root / "docs" / "readme" / "data.md", root / "README.md")
-             if p.is_file()]
-    blocks = [b.split("```", 1)[0] for t in texts for b in t.split("```toml\n")[1:] if b.startswith("[data]")]
-    if not blocks:
-        pytest.skip("no [data] example in the README")
-    (tmp_path / "run.toml").write_text(blocks[0])
-    cfg = load_config(tmp_path / "run.toml")
-    assert [s.lang for s in cfg.sources] == ["as", "hi", "en"]
-    assert [s.weight for s in cfg.sources] == [0.5, 0.3, 0.2]

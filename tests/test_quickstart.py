@@ -1,0 +1,30 @@
+"""The quickstart runs end to end on the built-in corpus (shortened) and leaves a readable run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slmforge.quickstart import quickstart
+from slmforge.train.metrics import read_metrics
+
+pytest.importorskip("plone.app.locales", reason="the demo corpus needs slmforge[demo]")
+
+
+def test_quickstart_end_to_end(tmp_path, capsys):
+    run = quickstart(tmp_path / "qs", max_steps=30, seq_len=64, batch_size=8, vocab_size=1024)
+    for name in ("corpus/hi.txt", "corpus/as.txt", "tokenizer/tokenizer.json", "data/manifest.json",
+                 "config.toml", "metrics.jsonl", "plots/loss.png", "eval.json", "samples.txt",
+                 "checkpoints/latest"):
+        assert (run / name).exists(), name
+    report = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+    assert {"held-out hi", "held-out en", "held-out de"} <= set(report)
+    for row in report.values():
+        assert 0 < row["bpb"] < 8 and row["tokens"] > 0
+    manifest = json.loads((run / "data" / "manifest.json").read_text(encoding="utf-8"))
+    assert {s["lang"] for s in manifest["sources"]} >= {"hi", "en", "de", "bn", "as"}
+    train = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    assert train[-1] < train[0] - 1.0  # 30 steps move a fresh model well below its starting loss
+    out = capsys.readouterr().out
+    assert "[hi] यह खाता" in out and f"run folder: {run}" in out
