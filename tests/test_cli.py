@@ -41,6 +41,16 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "no such run or checkpoint folder" in capsys.readouterr().err
 
 
+def test_overrides_may_follow_options(capsys):
+    # argparse alone would reject `temperature=0.5` after `-p x` as an unrecognized argument
+    assert main(["generate", "missing-run", "-p", "x", "temperature=0.5"]) == 2
+    assert "no such run or checkpoint folder" in capsys.readouterr().err
+    assert main(["generate", "missing-run", "-p", "x", "temperature=-1"]) == 2
+    assert "temperature: must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "missing-run", "--bogus"])
+
+
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "slmforge", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "quickstart" in out.stdout

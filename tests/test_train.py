@@ -115,3 +115,39 @@ def test_init_from_starts_from_the_given_weights(markov_shards, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_wandb_tracker_receives_every_record(markov_shards, tmp_path, monkeypatch):
+    """The tracker adapter logs what metrics.jsonl gets (a stand-in module: no network, no account)."""
+    import sys
+    import types
+
+    logged, finished = [], []
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            finished.append(True)
+
+    fake = types.SimpleNamespace(init=lambda **kw: FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    _, data = markov_shards
+    pretrain(run_config(data, tmp_path / "run", "train.max_steps=20", "train.eval_every=10",
+                        "tracking.backends=['wandb']"))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [step for step, _ in logged] == [r["step"] for r in records]
+    assert logged[-1][1]["val/loss"] == records[-1]["loss"] and finished == [True]
+
+
+def test_missing_tracker_package_is_reported_once_and_training_continues(markov_shards, tmp_path, monkeypatch,
+                                                                         capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    _, data = markov_shards
+    pretrain(run_config(data, tmp_path / "run", "train.max_steps=3", "tracking.backends=['mlflow']"))
+    err = capsys.readouterr().err
+    assert err.count("tracker 'mlflow' unavailable") == 1
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()

@@ -141,8 +141,9 @@ class Trainer:
                 if self.flops_per_token:
                     record["tflops"] = tok_s * self.flops_per_token / 1e12
                 self.metrics.write(record)
-                self.log(f"step {step:>6}/{loop.max_steps} | loss {record['loss']:.4f} | lr {self._lr:.2e} | "
-                         f"{_si(tok_s)} tok/s | ETA {_duration(eta)}")
+                self.log(f"step {step:>6}/{loop.max_steps} {100 * step / loop.max_steps:3.0f}% | "
+                         f"loss {record['loss']:.4f} | lr {self._lr:.2e} | {_si(tok_s)} tok/s | "
+                         f"ETA {_duration(eta)}")
                 self.state.loss_sum, self.state.loss_steps = 0.0, 0
                 window_start, window_tokens = time.perf_counter(), self.state.tokens
             if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
