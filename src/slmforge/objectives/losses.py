@@ -32,18 +32,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[start:start + chunk_rows]
             ok = valid[start:start + chunk_rows]
             logits = (h @ weight.t()).to(acc)  # (n, V)
+            cap_slope = None
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
-            log_norm = torch.logsumexp(logits, dim=-1)
+                if need_hidden_grad or need_weight_grad:  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
+                    cap_slope = 1.0 - (logits / softcap) ** 2
             safe_t = torch.where(ok, t, 0)
             target_logit = logits.gather(1, safe_t[:, None])[:, 0]
+            # One exp pass, in place: the buffer of logits becomes the softmax, which is the gradient
+            # (minus the one-hot target) that backward needs.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            grad = logits.sub_(row_max).exp_()
+            row_sum = grad.sum(dim=-1, keepdim=True)
+            log_norm = (row_max + row_sum.log())[:, 0]
             total += torch.where(ok, log_norm - target_logit, 0.0).sum()
             if need_hidden_grad or need_weight_grad:
-                grad = torch.exp(logits - log_norm[:, None])  # softmax, in place of the logits
+                grad.div_(row_sum)
                 grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                grad *= ok[:, None]
-                if softcap is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
-                    grad *= 1.0 - (logits / softcap) ** 2
+                grad.mul_(ok[:, None])
+                if cap_slope is not None:
+                    grad.mul_(cap_slope)
                 grad = grad.to(h.dtype)
                 if need_hidden_grad:
                     grad_hidden[start:start + chunk_rows] = grad @ weight.to(h.dtype)
