@@ -423,3 +423,19 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"slmforge: error: {tmp_path / 'missing.txt'}: no such file or folder\n"
+
+
+def test_special_token_strings_in_text_stay_text(tmp_path):
+    """A corpus line that spells out `<eos>` is text, not an end-of-document marker."""
+    from slmforge.data.shards import ShardSet
+    from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the <eos> token ends a document\n" * 50 + "plain words here\n" * 50, encoding="utf-8")
+    tok_dir = train_tokenizer(TokenizerConfig(vocab_size=300, inputs=[str(corpus)]), tmp_path / "tok")
+    out = prepare_data(load_config(flags={"sources": [{"path": str(corpus)}], "tokenizer": str(tok_dir),
+                                          "out": str(tmp_path / "data"), "val_fraction": 0.0,
+                                          "workers": 1}), show_progress=False)
+    tok = load_tokenizer(tok_dir)
+    tokens = ShardSet(out, "train").read(0, ShardSet(out, "train").num_tokens)
+    assert (tokens == tok.eos_id).sum() == 100  # one per document, none from the literal "<eos>"

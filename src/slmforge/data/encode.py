@@ -73,7 +73,7 @@ class DocumentEncoder:
 
     def __call__(self, texts: list[str]) -> EncodedBatch:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path).treat_special_strings_as_text()
         flat: list[int] = []
         lengths = np.empty(len(texts), dtype=np.int64)
         head = [] if self.bos_id is None else [self.bos_id]

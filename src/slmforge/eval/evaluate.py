@@ -33,6 +33,7 @@ def document_stream(tokenizer, documents: list[str]) -> tuple[list[int], list[bo
     """
     ids: list[int] = []
     scored: list[bool] = []
+    tokenizer.treat_special_strings_as_text()  # as `data prepare` encodes training text
     for doc in documents:
         body = tokenizer.encode(doc) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         if tokenizer.bos_id is not None:

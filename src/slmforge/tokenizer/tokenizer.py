@@ -101,6 +101,13 @@ class Tokenizer:
 
     # ------------------------------------------------------------ encode / decode
 
+    def treat_special_strings_as_text(self) -> "Tokenizer":
+        """From now on, a literal `<eos>` (or any special token's string) in the input is encoded as
+        ordinary text. Corpora are text: a web page that spells out `<eos>` must not end a document in
+        the middle. Prompts typed by a person keep the default (specials are recognised)."""
+        self.backend.encode_special_tokens = True
+        return self
+
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         """Token ids of `text`; `add_special` adds what the post-processor adds (our: bos)."""
         return self.backend.encode(text, add_special_tokens=add_special).ids
