@@ -82,3 +82,10 @@ def test_streaming_callback_sees_every_new_token(model):
     out = generate_ids(model, torch.tensor([[3, 4]]), SamplingConfig(max_new_tokens=8, temperature=0,
                                                                       stop_at_eos=False), on_token=seen.append)
     assert seen == out[0, 2:].tolist()
+
+
+def test_prompt_longer_than_the_context_is_one_clear_error(model):
+    from slmforge.errors import SlmforgeError
+
+    with pytest.raises(SlmforgeError, match="leaves no room to generate"):
+        generate_ids(model, torch.zeros(1, 64, dtype=torch.long), SamplingConfig(max_new_tokens=5))

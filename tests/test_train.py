@@ -151,3 +151,38 @@ def test_missing_tracker_package_is_reported_once_and_training_continues(markov_
     err = capsys.readouterr().err
     assert err.count("tracker 'mlflow' unavailable") == 1
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(markov_shards, tmp_path):
+    """A real `kill -9` of a training process mid-run, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, data = markov_shards
+    args = [f"train.data={data}", "model.preset=test-tiny", "train.seq_len=64", "train.batch_size=16",
+            "train.max_steps=400", "train.save_every=50", "train.log_every=10", "train.eval_every=100",
+            "optim.lr=3e-3", "schedule.warmup_steps=20"]
+    command = [sys.executable, "-m", "slmforge", "pretrain", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command + [f"train.out_dir={tmp_path / 'straight'}"], check=True, env=env,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command + [f"train.out_dir={killed}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not (latest.is_file() and latest.read_text().strip() >= "step-000100") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() < "step-000400", "the run finished before it could be killed"
+    subprocess.run(command + [f"train.out_dir={killed}"], check=True, env=env, capture_output=True)
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-000400" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "step-000400" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert _strip_timing(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
+        _strip_timing(read_metrics(killed / "metrics.jsonl"))

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from slmforge.config import require
+from slmforge.errors import SlmforgeError
 from slmforge.models import Decoder
 
 
@@ -95,7 +96,8 @@ def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     room = model.cfg.max_seq_len - prompt.shape[1]
     if room <= 0:
-        raise ValueError(f"prompt of {prompt.shape[1]} tokens leaves no room in max_seq_len {model.cfg.max_seq_len}")
+        raise SlmforgeError(f"prompt of {prompt.shape[1]} tokens leaves no room to generate: the model's "
+                            f"context (max_seq_len) is {model.cfg.max_seq_len} tokens")
     steps = min(cfg.max_new_tokens, room)
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
