@@ -186,3 +186,27 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(markov_shards, tmp_pat
         assert torch.equal(a[name], b[name]), name
     assert _strip_timing(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
         _strip_timing(read_metrics(killed / "metrics.jsonl"))
+
+
+def test_init_from_refuses_data_made_with_another_tokenizer(tmp_path):
+    import json
+
+    from slmforge.data.prepare import load_config, prepare_data
+    from slmforge.tokenizer import TokenizerConfig, train_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i} of some text to learn from\n" for i in range(400)), encoding="utf-8")
+    datasets = {}
+    for name, vocab in (("a", 300), ("b", 310)):
+        tok = train_tokenizer(TokenizerConfig(vocab_size=vocab, inputs=[str(corpus)]), tmp_path / f"tok-{name}")
+        datasets[name] = prepare_data(load_config(flags={
+            "sources": [{"path": str(corpus)}], "tokenizer": str(tok), "out": str(tmp_path / f"data-{name}"),
+            "workers": 1}), show_progress=False)
+    common = ["model.preset=test-tiny", "train.seq_len=32", "train.batch_size=4", "train.max_steps=2"]
+    pretrain(config.load(PretrainConfig, overrides=common + [f"train.data={datasets['a']}",
+                                                            f"train.out_dir={tmp_path / 'run-a'}"]))
+    assert json.loads((tmp_path / "run-a" / "checkpoints" / "step-000002" / "meta.json").read_text())["tokenizer_sha256"]
+    with pytest.raises(SlmforgeError, match="tokenized with a different tokenizer"):
+        pretrain(config.load(PretrainConfig, overrides=common + [
+            f"train.data={datasets['b']}", f"train.out_dir={tmp_path / 'run-b'}",
+            f"train.init_from={tmp_path / 'run-a'}"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ from slmforge.errors import SlmforgeError
 from slmforge.models import build_model
 from slmforge.objectives.clm import CausalLM
 from slmforge.runtime import resolve_device, resolve_precision
-from slmforge.train.checkpoint import (load_weights, model_config_from_meta, read_meta,
-                                      resolve_checkpoint)
+from slmforge.train.checkpoint import (find_tokenizer_dir, load_weights, model_config_from_meta,
+                                      read_meta, resolve_checkpoint)
 from slmforge.train.config import PretrainConfig
 from slmforge.train.metrics import MetricsLog, make_trackers
 from slmforge.train.trainer import Trainer
@@ -72,6 +73,7 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
         init_dir = resolve_checkpoint(loop.init_from)
         cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
         log(f"model config taken from {init_dir}")
+        _check_same_tokenizer(init_dir, train_shards.manifest, loop.data)
         # Pretrained embeddings keep their rows: HF checkpoints often pad the vocabulary beyond the
         # tokenizer (Gemma 3: 262,144 rows), which is fine as long as every token id has a row.
         if cfg.model.vocab_size < train_shards.vocab_size:
@@ -90,6 +92,7 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _check_same_model(run_dir, cfg)
+        _check_same_tokenizer(resolve_checkpoint(run_dir), train_shards.manifest, loop.data)
     config_io.save(cfg, run_dir / "config.toml")
     tokenizer_sha = copy_tokenizer(train_shards.manifest, Path(loop.data), run_dir)
 
@@ -139,3 +142,17 @@ def _check_same_model(run_dir: Path, cfg: PretrainConfig) -> None:
     if saved != cfg.model:
         raise SlmforgeError(f"{run_dir}: its checkpoint was trained with a different [model] config; "
                             f"use another train.out_dir or train.resume=never")
+
+
+def _check_same_tokenizer(step_dir: Path, manifest: dict, data_dir: str) -> None:
+    """The data must be tokenized with the tokenizer the checkpoint's embeddings were trained for."""
+    try:
+        tokenizer_file = find_tokenizer_dir(step_dir) / "tokenizer.json"
+    except SlmforgeError:
+        return  # a checkpoint without a tokenizer (synthetic data): nothing to compare
+    expected = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    actual = (manifest.get("tokenizer") or {}).get("sha256")
+    if actual and actual != expected:
+        raise SlmforgeError(f"{data_dir}: tokenized with a different tokenizer (sha256 {actual[:12]}) than "
+                            f"{step_dir} was trained with ({tokenizer_file}, sha256 {expected[:12]}); "
+                            f"prepare the data with that tokenizer")
