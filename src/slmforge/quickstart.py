@@ -68,7 +68,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
     log("1/5 corpus: extracting Hindi, English, German, Bengali and Assamese text from installed packages")
     files, held_out = split_held_out(build_demo_corpus(run / "corpus"), run / "corpus")
     for lang, path in files.items():
-        log(f"    {lang}: {path.stat().st_size / 1024:.0f} KB")
+        log(f"    {lang}: {path.stat().st_size / 1024:.1f} KB")
 
     log(f"2/5 tokenizer: BPE with byte fallback, vocabulary {vocab_size}")
     tok_cfg = config.from_dict(TokenizerConfig, {"kind": "bpe", "vocab_size": vocab_size,
