@@ -98,8 +98,9 @@ class Trainer:
             (loss / self.loop.grad_accum).backward()
             total += float(loss.detach())
             self.state.tokens += batch["input_ids"].numel()
-        if self.loop.clip_grad > 0:
-            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), self.loop.clip_grad))
+        # The norm is logged even without clipping (max_norm=inf measures without scaling).
+        max_norm = self.loop.clip_grad if self.loop.clip_grad > 0 else float("inf")
+        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
