@@ -89,3 +89,19 @@ def test_prompt_longer_than_the_context_is_one_clear_error(model):
 
     with pytest.raises(SlmforgeError, match="leaves no room to generate"):
         generate_ids(model, torch.zeros(1, 64, dtype=torch.long), SamplingConfig(max_new_tokens=5))
+
+
+def test_eval_layout_follows_training_bos_choice():
+    """Text is laid out for scoring as `data prepare` wrote it: with bos only if training had it."""
+    from types import SimpleNamespace
+
+    from slmforge.eval.evaluate import document_stream
+
+    backend = SimpleNamespace(encode_special_tokens=False)
+    tok = SimpleNamespace(bos_id=1, eos_id=2, backend=backend,
+                          treat_special_strings_as_text=lambda: setattr(backend, "encode_special_tokens", True),
+                          encode_batch=lambda docs: [[10 + len(d)] for d in docs])
+    assert document_stream(tok, ["ab", "c"], add_bos=True) == ([1, 12, 2, 1, 11, 2],
+                                                              [False, True, True, False, True, True])
+    assert document_stream(tok, ["ab", "c"], add_bos=False) == ([12, 2, 11, 2], [True] * 4)
+    assert backend.encode_special_tokens is False  # the caller's tokenizer is left as it was

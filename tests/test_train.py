@@ -223,3 +223,37 @@ def test_compiled_training_matches_eager_and_saves_plain_names(markov_shards, tm
     assert compiled.keys() == eager.keys() and not any("_orig_mod" in k for k in compiled)
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_accepts_a_tokenizer_folder_not_written_by_slmforge(tmp_path):
+    """A raw HF folder (compact tokenizer.json) hashes the same way in the manifest and at resume."""
+    import shutil
+
+    from slmforge.data.prepare import load_config, prepare_data
+    from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i} of some text to learn from\n" for i in range(400)), encoding="utf-8")
+    ours = train_tokenizer(TokenizerConfig(vocab_size=300, inputs=[str(corpus)]), tmp_path / "ours")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    load_tokenizer(ours).backend.save(str(raw / "tokenizer.json"), pretty=False)  # as a hub folder has it
+    shutil.copy(ours / "tokenizer_config.json", raw / "tokenizer_config.json")
+    data = prepare_data(load_config(flags={"sources": [{"path": str(corpus)}], "tokenizer": str(raw),
+                                           "out": str(tmp_path / "data"), "workers": 1}), show_progress=False)
+    common = ["model.preset=test-tiny", "train.seq_len=32", "train.batch_size=4", f"train.data={data}",
+              f"train.out_dir={tmp_path / 'run'}"]
+    pretrain(config.load(PretrainConfig, overrides=common + ["train.max_steps=2"]))
+    pretrain(config.load(PretrainConfig, overrides=common + ["train.max_steps=4"]))  # resumes
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000004"
+
+
+def test_rerunning_a_finished_run_changes_nothing(markov_shards, tmp_path):
+    _, data = markov_shards
+    run = tmp_path / "run"
+    pretrain(run_config(data, run, "train.max_steps=6"))
+    before = (run / "metrics.jsonl").read_text()
+    weights = (run / "checkpoints" / "step-000006" / "model.safetensors").read_bytes()
+    pretrain(run_config(data, run, "train.max_steps=6"))
+    assert (run / "metrics.jsonl").read_text() == before
+    assert (run / "checkpoints" / "step-000006" / "model.safetensors").read_bytes() == weights

@@ -104,7 +104,8 @@ def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps) if use_cache else None
     step_input = prompt
     for _ in range(steps):
-        logits = model(step_input if use_cache else tokens, cache)[:, -1]
+        hidden = model.hidden_states(step_input if use_cache else tokens, cache)
+        logits = model.logits(hidden[:, -1])  # project only the last position: (B, V), not (B, T, V)
         chosen = next_token(logits, tokens, cfg, generator)
         if eos_id is not None and cfg.stop_at_eos:
             chosen = torch.where(finished, torch.full_like(chosen, eos_id), chosen)
@@ -119,11 +120,13 @@ def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_
 
 
 def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, stream: bool = False,
-                  out=sys.stdout) -> str:
-    """Continue a text prompt; with `stream`, characters are written to `out` as they are decoded."""
+                  out=sys.stdout, add_bos: bool = True) -> str:
+    """Continue a text prompt; with `stream`, characters are written to `out` as they are decoded.
+
+    `add_bos` must match how the model was trained (the checkpoint's meta.json records it)."""
     device = model.embed.weight.device
     ids = tokenizer.encode(prompt)
-    if tokenizer.bos_id is not None:
+    if add_bos and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
     on_token = None
@@ -166,14 +169,15 @@ def _run(args: argparse.Namespace) -> int:
     from slmforge.train.checkpoint import find_tokenizer_dir, load_model
 
     sampling = config.load(SamplingConfig, overrides=args.overrides)
-    model, step_dir, _ = load_model(args.model, device=resolve_device(args.device))
+    model, step_dir, meta = load_model(args.model, device=resolve_device(args.device))
     tokenizer = load_tokenizer(find_tokenizer_dir(args.model))
     prompts = args.prompt or [sys.stdin.read()]
+    base_seed = sampling.seed
     for prompt in prompts:
         for i in range(args.num_samples):
-            if sampling.seed is not None and i:
-                sampling.seed += 1
+            # sample i of every prompt uses seed + i: the same prompt and seed give the same text
+            sampling.seed = None if base_seed is None else base_seed + i
             sys.stdout.write(prompt)
-            generate_text(model, tokenizer, prompt, sampling, stream=True)
+            generate_text(model, tokenizer, prompt, sampling, stream=True, add_bos=meta.get("add_bos", True))
             sys.stdout.write("\n\n")
     return 0

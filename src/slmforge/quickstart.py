@@ -13,7 +13,6 @@ Everything lands in one run folder (default runs/quickstart):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,12 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
                vocab_size: int = 4096, seq_len: int = 128, batch_size: int = 16, samples: int = 1) -> Path:
     from slmforge.data.prepare import DataConfig, prepare_data
     from slmforge.demo_corpus import build_demo_corpus
-    from slmforge.eval.evaluate import evaluate_documents, print_table, read_documents, write_report
+    from slmforge.eval.evaluate import (
+        evaluate_documents,
+        print_table,
+        read_documents,
+        write_report,
+    )
     from slmforge.generate import SamplingConfig, generate_text
     from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
     from slmforge.train.checkpoint import load_model
@@ -94,9 +98,11 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
     pretrain(pre_cfg)
 
     log("5/5 eval + generate")
-    model, step_dir, _ = load_model(run)
+    model, step_dir, meta = load_model(run)
+    add_bos = meta.get("add_bos", True)
     tokenizer = load_tokenizer(run / "tokenizer")
-    rows = {f"held-out {lang}": evaluate_documents(model, tokenizer, read_documents(path), seq_len, str(path))
+    rows = {f"held-out {lang}": evaluate_documents(model, tokenizer, read_documents(path), seq_len, str(path),
+                                                          add_bos)
             for lang, path in held_out.items()}
     print_table(rows)
     write_report(rows, run / "eval.json")
@@ -107,7 +113,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
     for lang, prompt in PROMPTS.items():
         for i in range(samples):
             sampling.seed = i
-            text = generate_text(model, tokenizer, prompt, sampling)
+            text = generate_text(model, tokenizer, prompt, sampling, add_bos=add_bos)
             lines.append(f"[{lang}] {prompt}{text}")
     (run / "samples.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\nsamples:")

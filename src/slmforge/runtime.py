@@ -20,6 +20,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device: {name!r} requested but MPS is not available")
     return device
 
 
@@ -27,6 +31,4 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """auto -> bf16 autocast where the GPU supports it, else fp32."""
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "bf16" and device.type == "cpu":
-        return "bf16"  # CPU autocast supports bf16; slower than fp32 on most CPUs, but honoured
-    return name
+    return name  # bf16 on CPU is honoured (CPU autocast supports it), though usually slower than fp32

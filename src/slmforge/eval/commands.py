@@ -24,10 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from slmforge.eval.evaluate import evaluate_documents, evaluate_shards, print_table, read_documents, write_report
+    from slmforge.errors import SlmforgeError
+    from slmforge.eval.evaluate import (
+        evaluate_documents,
+        evaluate_shards,
+        print_table,
+        read_documents,
+        write_report,
+    )
     from slmforge.runtime import resolve_device
     from slmforge.train.checkpoint import find_tokenizer_dir, load_model
 
+    if (args.seq_len is not None and args.seq_len < 1) or args.batch_size < 1:
+        raise SlmforgeError("--seq-len and --batch-size must be positive")
     model, step_dir, meta = load_model(args.model, device=resolve_device(args.device))
     seq_len = args.seq_len or meta.get("seq_len") or model.cfg.max_seq_len
     rows = {}
@@ -41,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(find_tokenizer_dir(args.model))
         for item in args.text:
             name, _, path = item.rpartition("=")
-            rows[name or Path(path).name] = evaluate_documents(model, tokenizer, read_documents(path), seq_len, path)
+            rows[name or Path(path).name] = evaluate_documents(model, tokenizer, read_documents(path), seq_len, path,
+                                                              add_bos=meta.get("add_bos", True))
     print_table(rows)
     write_report(rows, step_dir / "eval.json")
     return 0

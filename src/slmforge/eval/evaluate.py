@@ -19,25 +19,32 @@ def evaluate_shards(model, folder: str | Path, split: str = "val", seq_len: int 
                     batch_size: int = 8, max_batches: int | None = None) -> dict[str, float]:
     """Loss / perplexity / bits per byte over a split of prepared data."""
     shards = ShardSet(folder, split)
-    seq_len = seq_len or model.cfg.max_seq_len
+    seq_len = min(seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
     loader = WindowLoader(shards, seq_len, batch_size, shuffle=False, training=False)
     device = model.embed.weight.device
     loss, tokens = mean_loss(model, CausalLM(), loader.epoch_batches(max_batches), device)
     return {**summarize(loss, shards.bytes_per_token), "tokens": tokens}
 
 
-def document_stream(tokenizer, documents: list[str]) -> tuple[list[int], list[bool]]:
+def document_stream(tokenizer, documents: list[str], add_bos: bool = True) -> tuple[list[int], list[bool]]:
     """Documents laid out as in training shards, `[bos] tokens eos` each, and which positions to score.
 
-    A bos token is never scored (it carries no text and is trivially predictable after eos).
+    Text is encoded literally, as `data prepare` does. A bos token is never scored (it carries no text
+    and is trivially predictable after eos).
     """
+    bos = tokenizer.bos_id if add_bos else None
     ids: list[int] = []
     scored: list[bool] = []
-    tokenizer.treat_special_strings_as_text()  # as `data prepare` encodes training text
-    for doc in documents:
-        body = tokenizer.encode(doc) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-        if tokenizer.bos_id is not None:
-            ids.append(tokenizer.bos_id)
+    literal = tokenizer.backend.encode_special_tokens
+    tokenizer.treat_special_strings_as_text()
+    try:
+        encoded = tokenizer.encode_batch(documents)
+    finally:
+        tokenizer.backend.encode_special_tokens = literal  # leave the caller's tokenizer as it was
+    for body in encoded:
+        body = body + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        if bos is not None:
+            ids.append(bos)
             scored.append(False)
         ids.extend(body)
         scored.extend([True] * len(body))
@@ -56,13 +63,13 @@ def text_windows(ids: list[int], scored: list[bool], seq_len: int) -> list[dict[
 
 
 def evaluate_documents(model, tokenizer, documents: list[str], seq_len: int | None = None,
-                       name: str = "text") -> dict[str, float]:
+                       name: str = "text", add_bos: bool = True) -> dict[str, float]:
     """Exact bits per byte of `documents`: nats over every scored token / ln 2 / their UTF-8 bytes."""
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise SlmforgeError(f"{name}: no text to evaluate")
     seq_len = min(seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    ids, scored = document_stream(tokenizer, documents)
+    ids, scored = document_stream(tokenizer, documents, add_bos)
     device = model.embed.weight.device
     loss, tokens = mean_loss(model, CausalLM(), text_windows(ids, scored, seq_len), device)
     num_bytes = sum(len(d.encode("utf-8")) for d in documents)

@@ -21,7 +21,12 @@ import torch
 from safetensors.torch import save_file
 
 from slmforge.errors import SlmforgeError
-from slmforge.models.hf import check_exportable, config_to_hf, generation_config, state_dict_to_hf
+from slmforge.models.hf import (
+    check_exportable,
+    config_to_hf,
+    generation_config,
+    state_dict_to_hf,
+)
 from slmforge.train.checkpoint import find_tokenizer_dir, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

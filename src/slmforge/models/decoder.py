@@ -9,8 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmforge.models.config import ModelConfig
-from slmforge.models.layers import (Attention, GatedMLP, KVCache, RMSNorm, attention_mask,
-                                    rope_cos_sin, rope_inverse_frequencies)
+from slmforge.models.layers import (
+    Attention,
+    GatedMLP,
+    KVCache,
+    RMSNorm,
+    attention_mask,
+    rope_cos_sin,
+    rope_inverse_frequencies,
+)
 
 
 class Block(nn.Module):
@@ -52,6 +59,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_unit_offset)
         # Tied weights are used through self.embed.weight rather than a shared Parameter: sharing breaks
         # under to_empty()/FSDP and safetensors refuses aliased tensors.
+        self.has_local_layers = any(block.sliding for block in self.layers)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq_global", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("inv_freq_local", torch.empty(cfg.head_dim // 2), persistent=False)
@@ -112,14 +120,11 @@ class Decoder(nn.Module):
             # Gemma multiplies by sqrt(d) rounded to the activation dtype (transformers' normalizer).
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
         positions = torch.arange(start, start + T, device=input_ids.device)
-        tables = {
-            False: rope_cos_sin(self.inv_freq_global, positions, x.dtype),
-            True: rope_cos_sin(self.inv_freq_local, positions, x.dtype),
-        }
-        masks = {
-            False: attention_mask(T, start, None, input_ids.device),
-            True: attention_mask(T, start, cfg.sliding_window, input_ids.device),
-        }
+        tables = {False: rope_cos_sin(self.inv_freq_global, positions, x.dtype)}
+        masks = {False: attention_mask(T, start, None, input_ids.device)}
+        if self.has_local_layers:
+            tables[True] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
+            masks[True] = attention_mask(T, start, cfg.sliding_window, input_ids.device)
         for block in self.layers:
             cos, sin = tables[block.sliding]
             x = block(x, cos, sin, masks[block.sliding], cache)

@@ -18,9 +18,12 @@ CHUNK_ELEMENTS = 2**25  # logits per chunk: 128 MB in fp32
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_rows):
-        # hidden (N, d), weight (V, d), targets (N,) with IGNORE_INDEX for positions without a loss
-        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, softcap, chunk_rows, grad_enabled):
+        # hidden (N, d), weight (V, d), targets (N,) with IGNORE_INDEX for positions without a loss.
+        # needs_input_grad is True for a Parameter even under no_grad(), so evaluation passes
+        # grad_enabled=False to skip forming gradients nobody will read.
+        need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
+        need_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32 for softmax and sums
         valid = targets != IGNORE_INDEX
         count = valid.sum()
@@ -70,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / denominator
         grad_hidden = (saved.pop(0) * scale).to(ctx.hidden_dtype) if ctx.has[0] else None
         grad_weight = (saved.pop(0) * scale).to(ctx.weight_dtype) if ctx.has[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -84,7 +87,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     targets = targets.reshape(-1)
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_rows)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_rows, torch.is_grad_enabled())
 
 
 def reference_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,15 @@ from tokenizers import Tokenizer as BackendTokenizer
 from slmforge.errors import SlmforgeError
 from slmforge.tokenizer import pretokenize
 from slmforge.tokenizer.spm_convert import convert_sentencepiece
-from slmforge.tokenizer.tokenizer import (HF_CONFIG_FILE, META_FILE, TOKENIZER_FILE, Tokenizer,
-                                          bos_post_processor, hf_roles, load_tokenizer)
+from slmforge.tokenizer.tokenizer import (
+    HF_CONFIG_FILE,
+    META_FILE,
+    TOKENIZER_FILE,
+    Tokenizer,
+    bos_post_processor,
+    hf_roles,
+    load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken
+from tokenizers import AddedToken, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import models, pre_tokenizers, trainers
 
 from slmforge import config as config_io
 from slmforge.data.mixture import sample_sentences
 from slmforge.errors import SlmforgeError
 from slmforge.tokenizer import pretokenize
 from slmforge.tokenizer.config import TokenizerConfig
-from slmforge.tokenizer.sample import cap_length, check_mixture_record, reservoir_sample, sample_inputs
+from slmforge.tokenizer.sample import (
+    cap_length,
+    check_mixture_record,
+    reservoir_sample,
+    sample_inputs,
+)
 from slmforge.tokenizer.tokenizer import Tokenizer, bos_post_processor
 
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]

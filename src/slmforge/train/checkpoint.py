@@ -66,10 +66,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
     if state is not None:
         torch.save(state, tmp / STATE)
     _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # re-saving a step: move the old copy aside first so `latest` never dangles long
+        old = root / (final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     _write_atomic(root / "latest", final.name + "\n")
+    if old is not None:
+        shutil.rmtree(old)
     if keep_last:
         _prune(root, keep_last, protect=final.name)
     return final
@@ -91,7 +96,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep_last: int, protect: str) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".partial", ".old")))
     for old in steps[:-keep_last]:
         if old.name != protect:
             shutil.rmtree(old)

@@ -60,10 +60,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
     """Train and validation loss against step as a PNG; returns None when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure with its own Agg canvas: no pyplot state, so a notebook's backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
@@ -72,7 +71,9 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str = "") 
         return None
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1.2)
     if val:
@@ -84,7 +85,6 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str = "") 
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png)
-    plt.close(fig)
     return out_png
 
 

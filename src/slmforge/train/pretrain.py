@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -16,8 +15,13 @@ from slmforge.errors import SlmforgeError
 from slmforge.models import build_model
 from slmforge.objectives.clm import CausalLM
 from slmforge.runtime import resolve_device, resolve_precision
-from slmforge.train.checkpoint import (find_tokenizer_dir, load_weights, model_config_from_meta,
-                                      read_meta, resolve_checkpoint)
+from slmforge.train.checkpoint import (
+    find_tokenizer_dir,
+    load_weights,
+    model_config_from_meta,
+    read_meta,
+    resolve_checkpoint,
+)
 from slmforge.train.config import PretrainConfig
 from slmforge.train.metrics import MetricsLog, make_trackers
 from slmforge.train.trainer import Trainer
@@ -109,30 +113,32 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     if val_shards is not None:
         val_loader = WindowLoader(val_shards, loop.seq_len, loop.batch_size, shuffle=False,
                                   training=False)
-        val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
+        val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)
 
     trackers = make_trackers(cfg.tracking.backends, cfg.tracking.project, cfg.tracking.run_name or run_dir.name,
                              config_io.to_dict(cfg), run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
-    trainer = Trainer(
-        model=model, objective=objective or CausalLM(), train_loader=train_loader, loop=loop, optim=cfg.optim,
-        schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device, precision=precision,
-        val_batches=val_batches, val_bytes_per_token=val_shards.bytes_per_token if val_shards else None,
-        checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": str(loop.data),
-                         "seq_len": loop.seq_len},
-        flops_per_token=cfg.model.flops_per_token(loop.seq_len),
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"run folder {run_dir} | {n_params / 1e6:.2f}M parameters | {train_shards.num_tokens:,} training tokens | "
-        f"device {device} ({precision})")
-    if resume:
-        trainer.resume_from(run_dir)
-    else:
-        metrics.truncate_after(0)  # records of an earlier attempt that crashed before its first checkpoint
     try:
+        trainer = Trainer(
+            model=model, objective=objective or CausalLM(), train_loader=train_loader, loop=loop,
+            optim=cfg.optim, schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device,
+            precision=precision, val_batches=val_batches,
+            val_bytes_per_token=val_shards.bytes_per_token if val_shards else None,
+            checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": str(loop.data), "seq_len": loop.seq_len,
+                             # eval and generate lay out text as training did: with or without bos
+                             "add_bos": train_shards.manifest.get("bos_id") is not None},
+            flops_per_token=cfg.model.flops_per_token(loop.seq_len),
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"run folder {run_dir} | {n_params / 1e6:.2f}M parameters | {train_shards.num_tokens:,} training "
+            f"tokens | device {device} ({precision})")
+        if resume:
+            trainer.resume_from(run_dir)
+        else:
+            metrics.truncate_after(0)  # records of an attempt that crashed before its first checkpoint
         trainer.fit()
     finally:
-        metrics.close()
+        metrics.close()  # also when resuming fails: trackers are finished, the file closed
     return run_dir
 
 
@@ -146,13 +152,15 @@ def _check_same_model(run_dir: Path, cfg: PretrainConfig) -> None:
 
 def _check_same_tokenizer(step_dir: Path, manifest: dict, data_dir: str) -> None:
     """The data must be tokenized with the tokenizer the checkpoint's embeddings were trained for."""
+    from slmforge.tokenizer import load_tokenizer
+
     try:
-        tokenizer_file = find_tokenizer_dir(step_dir) / "tokenizer.json"
+        tokenizer_dir = find_tokenizer_dir(step_dir)
     except SlmforgeError:
         return  # a checkpoint without a tokenizer (synthetic data): nothing to compare
-    expected = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    expected = load_tokenizer(tokenizer_dir).sha256  # the hash `data prepare` records
     actual = (manifest.get("tokenizer") or {}).get("sha256")
     if actual and actual != expected:
         raise SlmforgeError(f"{data_dir}: tokenized with a different tokenizer (sha256 {actual[:12]}) than "
-                            f"{step_dir} was trained with ({tokenizer_file}, sha256 {expected[:12]}); "
+                            f"{step_dir} was trained with ({tokenizer_dir}, sha256 {expected[:12]}); "
                             f"prepare the data with that tokenizer")

@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from slmforge.eval.loss import mean_loss, summarize
-from slmforge.train.checkpoint import load_state, resolve_checkpoint, save_checkpoint, load_weights
+from slmforge.train.checkpoint import (
+    load_state,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
 from slmforge.train.metrics import MetricsLog, plot_losses
 from slmforge.train.optim import build_optimizer, learning_rate
@@ -122,6 +127,9 @@ class Trainer:
 
     def fit(self) -> dict[str, float] | None:
         loop = self.loop
+        if self.state.step >= loop.max_steps:
+            self.log(f"{self.run_dir} already finished {self.state.step} steps; raise train.max_steps to continue")
+            return None
         self.model.train()
         self._grad_norm = 0.0
         window_start, window_tokens = time.perf_counter(), self.state.tokens
