@@ -57,13 +57,17 @@ class MixtureConfig:
 
 
 def needs_sizes(mixture: MixtureConfig) -> bool:
-    """True when the probabilities depend on how many documents each source holds."""
+    """True when the probabilities depend on how many documents each source holds (never for one source)."""
+    if len(mixture.sources) == 1:
+        return False
     return mixture.sampling == "temperature" or any(s.weight is None for s in mixture.sources)
 
 
 def mixture_probabilities(mixture: MixtureConfig, sizes: Sequence[int] | None = None) -> list[float]:
     """Probability of drawing from each source: normalized weights, or n_i^α / Σ_j n_j^α."""
     weights = [s.weight for s in mixture.sources]
+    if len(weights) == 1:
+        return [1.0]  # a single source is the whole mixture, whatever its size
     if mixture.sampling == "ratio" and all(w is not None for w in weights):
         total = float(sum(weights))  # type: ignore[arg-type]
         return [float(w) / total for w in weights]  # type: ignore[arg-type]

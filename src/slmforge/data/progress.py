@@ -7,20 +7,7 @@ import sys
 import time
 from typing import TextIO
 
-
-def _human(n: float) -> str:
-    for unit in ("", "k", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}T"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+from slmforge.formatting import duration, human
 
 
 class Progress:
@@ -50,13 +37,13 @@ class Progress:
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
-        line = (f"{self.label}: {_human(documents)} docs, {_human(tokens)} tokens, "
+        line = (f"{self.label}: {human(documents)} docs, {human(tokens)} tokens, "
                 f"{text_bytes / 1e6:,.1f} MB, {self.session_text_bytes / 1e6 / elapsed:.2f} MB/s")
         if self.total_bytes and consumed is not None and self.first_consumed is not None:
             done = consumed - self.first_consumed
             if done > 0:
                 left = max(self.total_bytes - consumed, 0) * elapsed / done
-                line += f", {100 * consumed / self.total_bytes:.0f}%, ETA {_duration(left)}"
+                line += f", {100 * consumed / self.total_bytes:.0f}%, ETA {duration(left)}"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:
@@ -74,5 +61,5 @@ class Progress:
             return
         if self.tty:
             self.stream.write("\r\x1b[K")
-        self.stream.write(f"{self.label}: {message} in {_duration(time.monotonic() - self.start)}\n")
+        self.stream.write(f"{self.label}: {message} in {duration(time.monotonic() - self.start)}\n")
         self.stream.flush()

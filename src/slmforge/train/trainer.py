@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slmforge.eval.loss import mean_loss, summarize
+from slmforge.formatting import duration, human
 from slmforge.train.checkpoint import (
     load_state,
     load_weights,
@@ -56,11 +57,13 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.optimizer = build_optimizer(model, optim, device.type)
         self.state = TrainState()
+        self._pending_losses: list[torch.Tensor] = []
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     # ------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
+        self._collect_losses()
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -95,22 +98,32 @@ class Trainer:
         lr = learning_rate(self.state.step, self.loop.max_steps, self.optim_cfg, self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        # Losses and the gradient norm stay on the device until a log line needs them: reading them
+        # every step would make the host wait for the GPU instead of preparing the next batch.
+        total = torch.zeros((), device=self.device)
         for _ in range(self.loop.grad_accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next_batch().items()}
             with self.autocast:
                 loss, _ = self.objective.loss(self.model, batch)
             (loss / self.loop.grad_accum).backward()
-            total += float(loss.detach())
+            total += loss.detach().float()
             self.state.tokens += batch["input_ids"].numel()
         # The norm is logged even without clipping (max_norm=inf measures without scaling).
         max_norm = self.loop.clip_grad if self.loop.clip_grad > 0 else float("inf")
-        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm))
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self._lr = lr
         return total / self.loop.grad_accum
+
+    def _collect_losses(self) -> None:
+        """Move per-step losses from the device into the running sums, in step order (so a resumed
+        run adds the same floats in the same order as an uninterrupted one)."""
+        for loss in self._pending_losses:
+            self.state.loss_sum += float(loss)
+            self.state.loss_steps += 1
+        self._pending_losses = []
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -131,28 +144,26 @@ class Trainer:
             self.log(f"{self.run_dir} already finished {self.state.step} steps; raise train.max_steps to continue")
             return None
         self.model.train()
-        self._grad_norm = 0.0
         window_start, window_tokens = time.perf_counter(), self.state.tokens
         run_start, start_step = time.perf_counter(), self.state.step
         while self.state.step < loop.max_steps:
-            loss = self.train_step()
-            self.state.loss_sum += loss
-            self.state.loss_steps += 1
+            self._pending_losses.append(self.train_step())
             step = self.state.step
             if step % loop.log_every == 0 or step == loop.max_steps:
+                self._collect_losses()
                 now = time.perf_counter()
                 tok_s = (self.state.tokens - window_tokens) / max(now - window_start, 1e-9)
                 done = step - start_step
                 eta = (now - run_start) / max(done, 1) * (loop.max_steps - step)
                 record = {"step": step, "split": "train",
                           "loss": self.state.loss_sum / self.state.loss_steps, "lr": self._lr,
-                          "grad_norm": self._grad_norm, "tokens": self.state.tokens, "tokens_per_s": tok_s}
+                          "grad_norm": float(self._grad_norm), "tokens": self.state.tokens, "tokens_per_s": tok_s}
                 if self.flops_per_token:
                     record["tflops"] = tok_s * self.flops_per_token / 1e12
                 self.metrics.write(record)
                 self.log(f"step {step:>6}/{loop.max_steps} {100 * step / loop.max_steps:3.0f}% | "
-                         f"loss {record['loss']:.4f} | lr {self._lr:.2e} | {_si(tok_s)} tok/s | "
-                         f"ETA {_duration(eta)}")
+                         f"loss {record['loss']:.4f} | lr {self._lr:.2e} | {human(tok_s)} tok/s | "
+                         f"ETA {duration(eta)}")
                 self.state.loss_sum, self.state.loss_steps = 0.0, 0
                 window_start, window_tokens = time.perf_counter(), self.state.tokens
             if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
@@ -165,16 +176,3 @@ class Trainer:
         self.log(f"saved {folder}")
         return result
 
-
-def _si(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,20 @@
+"""Numbers and durations for progress lines, shared by every long-running verb."""
+
+from __future__ import annotations
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.2M'; small numbers stay whole."""
+    for unit in ("", "k", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m', 75 -> '1m15s'."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
