@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmforge.data.shards import FORMAT, ShardWriter, dtype_for_vocab, write_json_atomic
+from slmforge.data.shards import FORMAT, ShardWriter, dtype_for_vocab
+from slmforge.fileio import write_json_atomic
 
 
 def write_shards(folder: Path, splits: dict[str, list[np.ndarray]], vocab_size: int) -> Path:

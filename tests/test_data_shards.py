@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slmforge.data.shards import FORMAT, ShardSet, ShardWriter, dtype_for_vocab, write_json_atomic
+from slmforge.data.shards import FORMAT, ShardSet, ShardWriter, dtype_for_vocab
+from slmforge.fileio import write_json_atomic
 
 
 def documents(seed: int, n: int, high: int) -> list[np.ndarray]:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmforge.generate import (SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
-                               generate_ids, next_token)
+from slmforge.generate import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    generate_ids,
+    next_token,
+)
 from slmforge.models import ModelConfig, build_model
 
 

@@ -100,7 +100,14 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 def make_tokenizer_dir(path: Path) -> Path:
     """A 300-id byte-level BPE with <pad>=0, <eos>=1, <bos>=2, saved as training saves a run's tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     from slmforge.tokenizer import Tokenizer as SlmforgeTokenizer
 

@@ -9,8 +9,13 @@ import unicodedata
 import pytest
 
 from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.tokenizer import TokenizerConfig, load_config, load_tokenizer, train_tokenizer
-from slmforge.tokenizer import pretokenize
+from slmforge.tokenizer import (
+    TokenizerConfig,
+    load_config,
+    load_tokenizer,
+    pretokenize,
+    train_tokenizer,
+)
 from slmforge.tokenizer.sample import cap_length
 
 HINDI = [

@@ -47,9 +47,9 @@ from slmforge.data.shards import (
     MANIFEST,
     ShardWriter,
     dtype_for_vocab,
-    write_json_atomic,
 )
 from slmforge.data.sources import ReadStats, SourceReader
+from slmforge.fileio import write_json_atomic
 
 SECTION = "data"
 SPLITS = ("train", "val")

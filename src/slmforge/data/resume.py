@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from slmforge.data.shards import MANIFEST, write_json_atomic
+from slmforge.data.shards import MANIFEST
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import write_json_atomic
 
 PROGRESS = "progress.json"
 

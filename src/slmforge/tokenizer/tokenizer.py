@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +26,7 @@ from tokenizers import processors
 from tokenizers.decoders import DecodeStream
 
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -175,22 +175,15 @@ class Tokenizer:
             "tokenizer_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
             "special_tokens": {**self.roles, "sentinels": list(self.sentinels)},
         }
-        _write_atomic(out / TOKENIZER_FILE, text)
-        _write_atomic(out / HF_CONFIG_FILE, _dumps(hf_config))
-        _write_atomic(out / HF_SPECIAL_FILE, _dumps(special_map))
-        _write_atomic(out / META_FILE, _dumps(meta))
+        write_text_atomic(out / TOKENIZER_FILE, text)
+        write_text_atomic(out / HF_CONFIG_FILE, _dumps(hf_config))
+        write_text_atomic(out / HF_SPECIAL_FILE, _dumps(special_map))
+        write_text_atomic(out / META_FILE, _dumps(meta))
         return out
 
 
 def _dumps(payload: Any) -> str:
     return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def bos_post_processor(bos: str | None, bos_id: int | None) -> processors.PostProcessor | None:

@@ -26,6 +26,7 @@ from torch import nn
 
 import slmforge
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import write_text_atomic
 from slmforge.models import Decoder, ModelConfig, build_model
 
 WEIGHTS = "model.safetensors"
@@ -72,7 +73,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _write_atomic(root / "latest", final.name + "\n")
+    write_text_atomic(root / "latest", final.name + "\n")
     if old is not None:
         shutil.rmtree(old)
     if keep_last:
@@ -84,15 +85,6 @@ def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep_last: int, protect: str) -> None:

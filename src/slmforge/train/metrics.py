@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slmforge.fileio import write_text_atomic
+
 
 class MetricsLog:
     """Append-only JSONL; on resume, records after the checkpoint's step are dropped first."""
@@ -26,9 +28,7 @@ class MetricsLog:
         """Keep only records with step <= `step` (used when resuming from that step)."""
         self._file.close()
         kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
