@@ -8,6 +8,7 @@ import unicodedata
 
 import pytest
 
+from slmforge.data.sampling import cap_length
 from slmforge.errors import ConfigError, SlmforgeError
 from slmforge.tokenizer import (
     TokenizerConfig,
@@ -16,7 +17,6 @@ from slmforge.tokenizer import (
     pretokenize,
     train_tokenizer,
 )
-from slmforge.tokenizer.sample import cap_length
 
 HINDI = [
     "हिन्दी भारत की राजभाषा है और इसे देवनागरी लिपि में लिखा जाता है।",
@@ -313,7 +313,7 @@ def test_sentence_budget_reservoir_and_record(tmp_path):
 
 
 def test_reservoir_is_uniform_and_seeded():
-    from slmforge.tokenizer.sample import reservoir_sample
+    from slmforge.data.sampling import reservoir_sample
 
     def sources():
         return [("a", (f"a{i}" for i in range(60))), ("b", (f"b{i}" for i in range(40)))]

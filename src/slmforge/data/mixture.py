@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from slmforge.config import require
+from slmforge.data.sampling import reservoir_sample
 from slmforge.data.sources import SourceConfig, SourceReader
 
 
@@ -105,7 +106,8 @@ def sample_sentences(mixture: MixtureConfig, total: int, max_chars: int,
     """Draw `total` documents (lines, for text_unit = "line") across sources by the mixture.
 
     Each source gets round(total * p_i) of them, chosen uniformly from the whole source by reservoir
-    sampling (memory: the sample only), each cut to `max_chars` characters. A source with fewer
+    sampling (memory: the sample only), each cut to `max_chars` characters at a space or a letter-cluster
+    boundary. A source with fewer
     documents than its quota gives all it has; the record says so. The result is shuffled (seeded).
     """
     if sizes is None and needs_sizes(mixture):
@@ -116,22 +118,15 @@ def sample_sentences(mixture: MixtureConfig, total: int, max_chars: int,
     record: dict[str, Any] = {"requested": total, "sampling": mixture.sampling, "alpha": mixture.alpha,
                               "seed": mixture.seed, "max_chars": max_chars, "sources": []}
     for index, (source, p, k) in enumerate(zip(mixture.sources, probabilities, wanted)):
-        rng = random.Random(f"slmforge-sample:{mixture.seed}:{index}")
-        reservoir: list[str] = []
         reader = SourceReader(source)
-        seen = 0
-        for seen, text in enumerate(reader, start=1):  # Algorithm R (Vitter 1985)
-            if len(reservoir) < k:
-                reservoir.append(text[:max_chars])
-            else:
-                j = rng.randrange(seen)
-                if j < k:
-                    reservoir[j] = text[:max_chars]
-        sample.extend(reservoir)
+        drawn, kept = reservoir_sample([(source.path, reader)], k, max_chars,
+                                       seed=f"slmforge-sample:{mixture.seed}:{index}")
+        sample.extend(drawn)
         record["sources"].append({
             "path": source.path, "lang": source.lang, "probability": p, "requested": k,
-            "drawn": len(reservoir), "available": seen, "skipped": dict(reader.stats.skipped),
-            "chars": sum(len(t) for t in reservoir),
+            "drawn": len(drawn), "available": kept["sources"][0]["lines"],
+            "truncated": kept["sources"][0]["truncated"], "skipped": dict(reader.stats.skipped),
+            "chars": sum(len(t) for t in drawn),
         })
     random.Random(f"slmforge-sample:{mixture.seed}").shuffle(sample)
     record["drawn"] = len(sample)

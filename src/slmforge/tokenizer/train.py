@@ -22,15 +22,11 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from slmforge import config as config_io
 from slmforge.data.mixture import sample_sentences
+from slmforge.data.sampling import reservoir_sample
 from slmforge.errors import SlmforgeError
 from slmforge.tokenizer import pretokenize
 from slmforge.tokenizer.config import TokenizerConfig
-from slmforge.tokenizer.sample import (
-    cap_length,
-    check_mixture_record,
-    reservoir_sample,
-    sample_inputs,
-)
+from slmforge.tokenizer.sample import check_mixture_record, sample_inputs
 from slmforge.tokenizer.tokenizer import Tokenizer, bos_post_processor
 
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -67,11 +63,9 @@ def sample_sentences_for(cfg: TokenizerConfig, texts: Iterable[str] | None = Non
     if cfg.mixture is not None:
         if say is not None:
             say(f"sampling {cfg.max_sentences:,} sentences from {len(cfg.mixture.sources)} mixture sources")
-        # The sampler cuts at max_chars exactly; draw a little more and cut at a cluster boundary.
-        drawn, record = sample_sentences(cfg.mixture, cfg.max_sentences, cfg.max_chars + 16)
+        sentences, record = sample_sentences(cfg.mixture, cfg.max_sentences, cfg.max_chars)
         check_mixture_record(record)
-        sentences = [cap_length(s, cfg.max_chars)[0] for s in drawn]
-        return sentences, {"method": "mixture", **record, "max_chars": cfg.max_chars}
+        return sentences, {"method": "mixture", **record}
     if not cfg.inputs:
         raise SlmforgeError("tokenizer.inputs: no training text; set tokenizer.inputs (files or "
                             "folders of .txt/.jsonl), tokenizer.mixture, or pass --input")
