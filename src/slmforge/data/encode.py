@@ -158,17 +158,20 @@ class EncoderPool:
             tag0, result = pending.popleft()
             yield tag0, result.get()
 
-    def close(self, failed: bool = False) -> None:
+    def close(self) -> None:
+        """Let the workers finish what is in flight (at most 2 x workers batches) and exit.
+
+        Never Pool.terminate(): killing forked workers while the pool's task thread is writing to
+        their queue can leave that thread blocked on the queue lock forever (seen here in a test that
+        interrupts a run), so an interrupted prepare would hang instead of stopping.
+        """
         if self._pool is not None:
-            if failed:
-                self._pool.terminate()
-            else:
-                self._pool.close()
+            self._pool.close()
             self._pool.join()
             self._pool = None
 
     def __enter__(self) -> EncoderPool:
         return self
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.close(failed=exc_type is not None)
+    def __exit__(self, *_: Any) -> None:
+        self.close()
