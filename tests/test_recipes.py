@@ -8,6 +8,7 @@ import pytest
 
 from slmforge import config
 from slmforge.data.prepare import load_config as load_data_config
+from slmforge.tokenizer import TokenizerConfig
 from slmforge.tokenizer import load_config as load_tokenizer_config
 from slmforge.train.config import PretrainConfig
 
@@ -33,3 +34,40 @@ def test_seed_003_recipe_is_the_gemma3_270m_shape_with_50k_vocabulary():
     assert m.vocab_size == 50_000 and m.tie_embeddings and m.activation == "gelu_tanh"
     assert (pre.optim.beta2, pre.optim.eps, pre.optim.weight_decay, pre.schedule.warmup_steps) == (0.95, 1e-9, 0.1, 8000)
     assert (pre.train.seq_len, pre.train.batch_size) == (1024, 48)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_tiny_twin_runs_end_to_end(recipe, tmp_path):
+    """Each recipe's pipeline with its corpora swapped for a small generated one and a tiny model."""
+    from slmforge.data.prepare import prepare_data
+    from slmforge.tokenizer import train_tokenizer
+    from slmforge.train.pretrain import pretrain
+
+    words = {"as": "অসমীয়া ভাষা আৰু সাহিত্য", "hi": "हिन्दी भाषा और साहित्य", "en": "english language and text",
+             "de": "deutsche Sprache und Größe"}
+    tree = config.read_toml(recipe)
+
+    def local(source: dict) -> dict:
+        lang = source.get("lang", "en")
+        path = tmp_path / f"{lang}.txt"
+        path.write_text("".join(f"{words.get(lang, words['en'])} {i}\n" for i in range(300)), encoding="utf-8")
+        return {**source, "path": str(path)}
+
+    tok_flags = {"vocab_size": 400 if tree["tokenizer"].get("kind") != "wordpiece" else 200}
+    if "mixture" in tree["tokenizer"]:
+        mixture = tree["tokenizer"]["mixture"]
+        tok_flags["mixture"] = {**mixture, "sources": [local(s) for s in mixture["sources"]]}
+    else:
+        tok_flags["inputs"] = [local({"lang": s["lang"]})["path"] for s in tree["data"]["sources"]]
+    tokenizer = train_tokenizer(config.load_section(TokenizerConfig, "tokenizer", recipe, flags=tok_flags),
+                                tmp_path / "tok")
+    data = prepare_data(load_data_config(recipe, flags={
+        "sources": [local(s) for s in tree["data"]["sources"]], "tokenizer": str(tokenizer),
+        "out": str(tmp_path / "data"), "workers": 1, "val_fraction": 0.1}), show_progress=False)
+    family = config.load(PretrainConfig, recipe).model.family  # the twin keeps the recipe's architecture
+    run = pretrain(config.load(PretrainConfig, recipe, [
+        f"model.preset={family}-tiny", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4",
+        "train.grad_accum=1", "train.max_steps=3", "train.compile=false", "train.device=cpu",
+        "tracking.backends=[]", f"train.data={data}", f"train.out_dir={tmp_path / 'run'}"]))
+    assert (run / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    assert config.load(PretrainConfig, run / "config.toml").model.family == family
