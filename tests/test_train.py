@@ -153,8 +153,10 @@ def test_missing_tracker_package_is_reported_once_and_training_continues(markov_
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(markov_shards, tmp_path):
-    """A real `kill -9` of a training process mid-run, then the same command again."""
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_resume_after_a_signal_equals_an_uninterrupted_run(markov_shards, tmp_path, signal_name):
+    """A real `kill -9` (nothing saved at the kill) or Ctrl-C (saves at the next step boundary) of a
+    training process mid-run, then the same command again: the same weights and metrics as a straight run."""
     import os
     import signal
     import subprocess
@@ -169,23 +171,25 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(markov_shards, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command + [f"train.out_dir={tmp_path / 'straight'}"], check=True, env=env,
                    capture_output=True)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(command + [f"train.out_dir={killed}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest"
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(command + [f"train.out_dir={stopped}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    latest = stopped / "checkpoints" / "latest"
     deadline = time.time() + 120
     while not (latest.is_file() and latest.read_text().strip() >= "step-000100") and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text().strip() < "step-000400", "the run finished before it could be killed"
-    subprocess.run(command + [f"train.out_dir={killed}"], check=True, env=env, capture_output=True)
+    proc.send_signal(getattr(signal, signal_name))
+    _, err = proc.communicate()
+    assert latest.read_text().strip() < "step-000400", "the run finished before it could be stopped"
+    if signal_name == "SIGINT":
+        assert proc.returncode == 130 and "interrupted: saved" in err
+    subprocess.run(command + [f"train.out_dir={stopped}"], check=True, env=env, capture_output=True)
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-000400" / "model.safetensors")
-    b = load_file(killed / "checkpoints" / "step-000400" / "model.safetensors")
+    b = load_file(stopped / "checkpoints" / "step-000400" / "model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert _strip_timing(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
-        _strip_timing(read_metrics(killed / "metrics.jsonl"))
+        _strip_timing(read_metrics(stopped / "metrics.jsonl"))
 
 
 def test_init_from_refuses_data_made_with_another_tokenizer(tmp_path):

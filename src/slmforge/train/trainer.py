@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -138,41 +140,81 @@ class Trainer:
         self.log(f"step {self.state.step:>6} | validation | {shown}")
         return result
 
+    def _log_train(self, step: int) -> None:
+        """One metrics.jsonl record and one progress line for the steps since the last one."""
+        self._collect_losses()
+        now = time.perf_counter()
+        window_start, window_tokens = self._window
+        run_start, start_step = self._run_start
+        tok_s = (self.state.tokens - window_tokens) / max(now - window_start, 1e-9)
+        eta = (now - run_start) / max(step - start_step, 1) * (self.loop.max_steps - step)
+        record = {"step": step, "split": "train", "loss": self.state.loss_sum / self.state.loss_steps,
+                  "lr": self._lr, "grad_norm": float(self._grad_norm), "tokens": self.state.tokens,
+                  "tokens_per_s": tok_s}
+        if self.flops_per_token:
+            record["tflops"] = tok_s * self.flops_per_token / 1e12
+        self.metrics.write(record)
+        self.log(f"step {step:>6}/{self.loop.max_steps} {_bar(step / self.loop.max_steps)} | "
+                 f"loss {record['loss']:.4f} | lr {self._lr:.2e} | {human(tok_s)} tok/s | ETA {duration(eta)}")
+        self.state.loss_sum, self.state.loss_steps = 0.0, 0
+        self._window = (time.perf_counter(), self.state.tokens)
+
     def fit(self) -> dict[str, float] | None:
         loop = self.loop
         if self.state.step >= loop.max_steps:
             self.log(f"{self.run_dir} already finished {self.state.step} steps; raise train.max_steps to continue")
             return None
         self.model.train()
-        window_start, window_tokens = time.perf_counter(), self.state.tokens
-        run_start, start_step = time.perf_counter(), self.state.step
-        while self.state.step < loop.max_steps:
-            self._pending_losses.append(self.train_step())
-            step = self.state.step
-            if step % loop.log_every == 0 or step == loop.max_steps:
-                self._collect_losses()
-                now = time.perf_counter()
-                tok_s = (self.state.tokens - window_tokens) / max(now - window_start, 1e-9)
-                done = step - start_step
-                eta = (now - run_start) / max(done, 1) * (loop.max_steps - step)
-                record = {"step": step, "split": "train",
-                          "loss": self.state.loss_sum / self.state.loss_steps, "lr": self._lr,
-                          "grad_norm": float(self._grad_norm), "tokens": self.state.tokens, "tokens_per_s": tok_s}
-                if self.flops_per_token:
-                    record["tflops"] = tok_s * self.flops_per_token / 1e12
-                self.metrics.write(record)
-                self.log(f"step {step:>6}/{loop.max_steps} {100 * step / loop.max_steps:3.0f}% | "
-                         f"loss {record['loss']:.4f} | lr {self._lr:.2e} | {human(tok_s)} tok/s | "
-                         f"ETA {duration(eta)}")
-                self.state.loss_sum, self.state.loss_steps = 0.0, 0
-                window_start, window_tokens = time.perf_counter(), self.state.tokens
-            if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
-                self.evaluate()
-            if loop.save_every and step % loop.save_every == 0 and step != loop.max_steps:
-                self.save()
+        self._window = (time.perf_counter(), self.state.tokens)
+        self._run_start = (time.perf_counter(), self.state.step)
+        with StopOnInterrupt(self.log) as interrupt:
+            while self.state.step < loop.max_steps:
+                self._pending_losses.append(self.train_step())
+                step = self.state.step
+                if step % loop.log_every == 0 or step == loop.max_steps:
+                    self._log_train(step)
+                if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
+                    self.evaluate()
+                if loop.save_every and step % loop.save_every == 0 and step != loop.max_steps:
+                    self.save()
+                if interrupt.requested and step != loop.max_steps:
+                    # A step boundary: weights, optimizer, loader and RNG agree, so the resume is exact.
+                    folder = self.save()
+                    plot_losses(self.metrics.path, self.run_dir / "plots" / "loss.png", title=self.run_dir.name)
+                    self.log(f"interrupted: saved {folder}; run the same command to resume")
+                    raise KeyboardInterrupt
         result = self.evaluate()
         folder = self.save()
         plot_losses(self.metrics.path, self.run_dir / "plots" / "loss.png", title=self.run_dir.name)
         self.log(f"saved {folder}")
         return result
 
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = int(round(fraction * width))
+    return f"{100 * fraction:3.0f}% [{'#' * filled}{'.' * (width - filled)}]"
+
+
+class StopOnInterrupt:
+    """The first Ctrl-C asks the loop to stop at the next step boundary (and save); a second one
+    aborts at once. Only the main thread can own signal handlers; elsewhere this does nothing."""
+
+    def __init__(self, log):
+        self.log = log
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
