@@ -189,7 +189,7 @@ class _Preparation:
     def _snapshot(self) -> dict[str, Any]:
         return {"interleaver": self.interleaver.state(),
                 "cursors": [r.cursor() for r in self.readers],
-                "stats": [r.stats.to_dict() for r in self.readers]}
+                "stats": [r.stats.snapshot() for r in self.readers]}
 
     def _tokenize(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
