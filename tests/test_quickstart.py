@@ -28,3 +28,16 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert train[-1] < train[0] - 1.0  # 30 steps move a fresh model well below its starting loss
     out = capsys.readouterr().out
     assert "[hi] यह खाता" in out and f"run folder: {run}" in out
+
+
+def test_missing_demo_packages_are_one_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from slmforge.demo_corpus import build_demo_corpus
+    from slmforge.errors import SlmforgeError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("plone") else real(name, *a))
+    with pytest.raises(SlmforgeError, match=r"needs the package 'plone.app.locales': pip install"):
+        build_demo_corpus(tmp_path)

