@@ -20,3 +20,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path, hint: str = "") -> Any:
+    """Parsed JSON of `path`; a file that is not UTF-8 JSON is one SlmforgeError naming it (plus
+    `hint`, e.g. what to do about it). A missing file raises FileNotFoundError for the caller to word."""
+    from slmforge.errors import SlmforgeError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise SlmforgeError(f"{path}: corrupt JSON ({reason}){hint}") from None

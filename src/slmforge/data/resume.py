@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from slmforge.data.shards import MANIFEST
 from slmforge.errors import SlmforgeError
-from slmforge.fileio import write_json_atomic
+from slmforge.fileio import read_json, write_json_atomic
 
 PROGRESS = "progress.json"
 
@@ -27,10 +27,7 @@ def fingerprint(identity: dict[str, Any]) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlmforgeError(f"{path}: corrupt ({e}); delete the folder to start over") from None
+    return read_json(path, "; delete the folder to start over")
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:

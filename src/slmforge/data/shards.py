@@ -12,7 +12,6 @@ Readers memory-map the files, so a corpus larger than RAM trains without loading
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import read_json
 
 FORMAT = "slmforge-shards/1"
 MANIFEST = "manifest.json"
@@ -35,10 +35,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise SlmforgeError(f"{path}: no manifest; run `slmforge data prepare` to make token shards")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlmforgeError(f"{path}: corrupt manifest ({e})") from None
+    manifest = read_json(path, "; the data folder is damaged, prepare it again")
     if manifest.get("format") != FORMAT:
         raise SlmforgeError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
+from slmforge import fileio
 from slmforge.errors import SlmforgeError
 from slmforge.models.hf import (
     check_exportable,
@@ -97,12 +98,11 @@ def read_json_if_present(path: Path) -> dict[str, Any]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from an HF folder; missing, corrupt or non-object files are one clear error."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = fileio.read_json(path)
     except FileNotFoundError:
         raise SlmforgeError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlmforgeError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise SlmforgeError(f"{path}: expected a JSON object")
     return data

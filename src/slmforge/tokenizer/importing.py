@@ -8,13 +8,13 @@ so loudly: such a tokenizer cannot represent Indic text.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
 
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import read_json
 from slmforge.tokenizer import pretokenize
 from slmforge.tokenizer.spm_convert import convert_sentencepiece
 from slmforge.tokenizer.tokenizer import (
@@ -86,10 +86,7 @@ def _hf_config(folder: Path) -> dict:
     path = folder / HF_CONFIG_FILE
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlmforgeError(f"{path}: corrupt JSON ({e})") from None
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 

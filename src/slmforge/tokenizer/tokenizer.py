@@ -26,7 +26,7 @@ from tokenizers import processors
 from tokenizers.decoders import DecodeStream
 
 from slmforge.errors import SlmforgeError
-from slmforge.fileio import write_text_atomic
+from slmforge.fileio import read_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +265,7 @@ def hf_roles(folder: Path) -> dict[str, str | None]:
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlmforgeError(f"{path}: corrupt JSON ({_one_line(e)})") from None
+    return read_json(path)
 
 
 def _one_line(e: BaseException) -> str:

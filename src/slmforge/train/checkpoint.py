@@ -26,7 +26,7 @@ from torch import nn
 
 import slmforge
 from slmforge.errors import SlmforgeError
-from slmforge.fileio import write_text_atomic
+from slmforge.fileio import read_json, write_text_atomic
 from slmforge.models import Decoder, ModelConfig, build_model
 
 WEIGHTS = "model.safetensors"
@@ -114,11 +114,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_meta(step_dir: Path) -> dict[str, Any]:
     path = step_dir / META
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except FileNotFoundError:
         raise SlmforgeError(f"{path}: missing; the checkpoint is incomplete") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlmforgeError(f"{path}: corrupt ({e})") from None
 
 
 def model_config_from_meta(meta: dict[str, Any], where: Path) -> ModelConfig:
