@@ -1,6 +1,8 @@
-"""Numbers and durations for progress lines, shared by every long-running verb."""
+"""Progress messages, numbers and durations, shared by every long-running verb."""
 
 from __future__ import annotations
+
+import sys
 
 
 def human(n: float) -> str:
@@ -18,3 +20,8 @@ def duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def say(message: str) -> None:
+    """A progress or status line on stderr (stdout stays for results: tables, paths, generated text)."""
+    print(message, file=sys.stderr, flush=True)

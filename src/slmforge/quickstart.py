@@ -13,11 +13,11 @@ Everything lands in one run folder (default runs/quickstart):
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from slmforge import config
+from slmforge.formatting import say
 
 HELD_OUT_EVERY = 20  # every 20th line of each language is kept out of training, for evaluation
 
@@ -27,10 +27,6 @@ PROMPTS = {
     "de": "Die Seite",
     "bn": "এই",
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def split_held_out(files: dict[str, Path], out_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -67,26 +63,26 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
     start = time.perf_counter()
     run = Path(out_dir)
     if (run / "checkpoints" / "latest").is_file():
-        log(f"{run} already holds a finished or interrupted quickstart; it will resume (delete it to start over)")
+        say(f"{run} already holds a finished or interrupted quickstart; it will resume (delete it to start over)")
 
-    log("1/5 corpus: extracting Hindi, English, German, Bengali and Assamese text from installed packages")
+    say("1/5 corpus: extracting Hindi, English, German, Bengali and Assamese text from installed packages")
     files, held_out = split_held_out(build_demo_corpus(run / "corpus"), run / "corpus")
     for lang, path in files.items():
-        log(f"    {lang}: {path.stat().st_size / 1024:.1f} KB")
+        say(f"    {lang}: {path.stat().st_size / 1024:.1f} KB")
 
-    log(f"2/5 tokenizer: BPE with byte fallback, vocabulary {vocab_size}")
+    say(f"2/5 tokenizer: BPE with byte fallback, vocabulary {vocab_size}")
     tok_cfg = config.from_dict(TokenizerConfig, {"kind": "bpe", "vocab_size": vocab_size,
                                                   "inputs": [str(p) for p in files.values()]}, "tokenizer")
     train_tokenizer(tok_cfg, run / "tokenizer")
 
-    log("3/5 data: tokenizing into shards with a held-out validation split")
+    say("3/5 data: tokenizing into shards with a held-out validation split")
     data_cfg = config.from_dict(DataConfig, {
         "sources": [{"path": str(p), "lang": lang} for lang, p in files.items()],
         "tokenizer": str(run / "tokenizer"), "out": str(run / "data"), "val_fraction": 0.05,
     }, "data")
     prepare_data(data_cfg)
 
-    log(f"4/5 pretrain: {preset}, {max_steps} steps of {batch_size} x {seq_len} tokens")
+    say(f"4/5 pretrain: {preset}, {max_steps} steps of {batch_size} x {seq_len} tokens")
     pre_cfg = config.from_dict(PretrainConfig, {
         "model": {"preset": preset, "vocab_size": vocab_size, "max_seq_len": seq_len},
         "optim": {"lr": 3e-3, "weight_decay": 0.1},
@@ -97,7 +93,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
     })
     pretrain(pre_cfg)
 
-    log("5/5 eval + generate")
+    say("5/5 eval + generate")
     model, step_dir, meta = load_model(run)
     add_bos = meta.get("add_bos", True)
     tokenizer = load_tokenizer(run / "tokenizer")

@@ -25,6 +25,7 @@ from slmforge.tokenizer.tokenizer import (
     bos_post_processor,
     hf_roles,
     load_tokenizer,
+    special_roles,
 )
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,7 @@ def _via_transformers(folder: Path, hf_class: str) -> Tokenizer:
         value = getattr(hf, name, None)
         return str(value) if value else None
 
-    roles = {"bos": token("bos_token") or token("cls_token"), "eos": token("eos_token") or token("sep_token"),
-             "pad": token("pad_token"), "unk": token("unk_token"), "mask": token("mask_token")}
+    roles = special_roles(token)
     meta = {"source": {"path": str(folder), "format": f"sentencepiece via transformers {hf_class}"},
             **_kept_settings(folder)}
     return Tokenizer(BackendTokenizer.from_str(backend.to_str()), roles, meta=meta)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +258,12 @@ def hf_roles(folder: Path) -> dict[str, str | None]:
             value = value.get("content")
         return value if isinstance(value, str) and value else None
 
+    return special_roles(token)
+
+
+def special_roles(token: Callable[[str], str | None]) -> dict[str, str | None]:
+    """Our special-token roles from HF attribute names (`token("bos_token")` -> "<s>" or None).
+    BERT-style tokenizers name no bos/eos; their [CLS] and [SEP] play those parts."""
     return {"bos": token("bos_token") or token("cls_token"), "eos": token("eos_token") or token("sep_token"),
             "pad": token("pad_token"), "unk": token("unk_token"), "mask": token("mask_token")}
 

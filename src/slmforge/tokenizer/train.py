@@ -24,6 +24,7 @@ from slmforge import config as config_io
 from slmforge.data.mixture import sample_sentences
 from slmforge.data.sampling import reservoir_sample
 from slmforge.errors import SlmforgeError
+from slmforge.formatting import say
 from slmforge.tokenizer import pretokenize
 from slmforge.tokenizer.config import TokenizerConfig
 from slmforge.tokenizer.sample import check_mixture_record, sample_inputs
@@ -39,19 +40,19 @@ def train_tokenizer(cfg: TokenizerConfig, out_dir: str | Path, texts: Iterable[s
     Returns the output folder, loadable by `load_tokenizer` and `AutoTokenizer.from_pretrained`.
     """
     config_io.validate(cfg)
-    sentences, record = sample_sentences_for(cfg, texts, say=_say if progress else None)
+    sentences, record = sample_sentences_for(cfg, texts, say=say if progress else None)
     if not sentences:
         where = "texts" if texts is not None else ", ".join(cfg.inputs) or "the mixture"
         raise SlmforgeError(f"tokenizer: training input has no text ({where})")
     if progress:
-        _say(f"training a {cfg.kind} tokenizer (vocab {cfg.vocab_size}) on {len(sentences):,} sentences")
+        say(f"training a {cfg.kind} tokenizer (vocab {cfg.vocab_size}) on {len(sentences):,} sentences")
     # The trainer's progress bar is for terminals; in logs it only leaves blank lines.
     tok = train_on_sentences(cfg, sentences, show_progress=progress and sys.stderr.isatty())
     # asdict, not config.to_dict: the latter does not descend into lists of sections (mixture sources).
     tok.meta.update({"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "sample": record})
     out = tok.save(out_dir)
     if progress:
-        _say(f"wrote {out} ({tok.kind}, {tok.vocab_size} ids, sha256 {tok.sha256[:12]})")
+        say(f"wrote {out} ({tok.kind}, {tok.vocab_size} ids, sha256 {tok.sha256[:12]})")
     return out
 
 
@@ -165,7 +166,3 @@ def add_byte_fallback(backend: BackendTokenizer, num_special: int) -> BackendTok
         if added["id"] >= num_special:
             added["id"] += 256
     return BackendTokenizer.from_str(json.dumps(data))
-
-
-def _say(message: str) -> None:
-    print(f"slmforge: {message}", file=sys.stderr, flush=True)

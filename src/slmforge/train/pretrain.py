@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from slmforge import config as config_io
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
 from slmforge.errors import SlmforgeError
+from slmforge.formatting import say
 from slmforge.models import build_model
 from slmforge.objectives.clm import CausalLM
 from slmforge.runtime import resolve_device, resolve_precision
@@ -27,10 +27,6 @@ from slmforge.train.metrics import MetricsLog, make_trackers
 from slmforge.train.trainer import Trainer
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / "latest").is_file()
 
@@ -40,7 +36,7 @@ def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
     info = manifest.get("tokenizer") or {}
     source = info.get("path")
     if not source:
-        log(f"warning: {data_dir}/manifest.json names no tokenizer; the run folder will have none")
+        say(f"warning: {data_dir}/manifest.json names no tokenizer; the run folder will have none")
         return info.get("sha256")
     source = Path(source)
     if not source.is_absolute() and not source.exists():
@@ -76,7 +72,7 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
         # The architecture is the checkpoint's (e.g. one made by import-hf); [model] is not consulted.
         init_dir = resolve_checkpoint(loop.init_from)
         cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
-        log(f"model config taken from {init_dir}")
+        say(f"model config taken from {init_dir}")
         _check_same_tokenizer(init_dir, train_shards.manifest, loop.data)
         # Pretrained embeddings keep their rows: HF checkpoints often pad the vocabulary beyond the
         # tokenizer (Gemma 3: 262,144 rows), which is fine as long as every token id has a row.
@@ -84,13 +80,13 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
             raise SlmforgeError(f"train.init_from: the model has {cfg.model.vocab_size} embedding rows but "
                                 f"{loop.data} was tokenized with {train_shards.vocab_size} ids")
     elif cfg.model.vocab_size != train_shards.vocab_size:
-        log(f"model.vocab_size set to {train_shards.vocab_size} from {loop.data}/manifest.json")
+        say(f"model.vocab_size set to {train_shards.vocab_size} from {loop.data}/manifest.json")
         cfg.model.vocab_size = train_shards.vocab_size
     val_shards = None
     if loop.val_split in train_shards.manifest["splits"]:
         val_shards = ShardSet(loop.data, loop.val_split)
         if val_shards.num_tokens <= loop.seq_len:
-            log(f"warning: validation split has only {val_shards.num_tokens} tokens; skipping validation")
+            say(f"warning: validation split has only {val_shards.num_tokens} tokens; skipping validation")
             val_shards = None
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +99,7 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     model = build_model(cfg.model, device=device, seed=loop.seed)
     if loop.init_from and not resume:
         load_weights(model, init_dir)
-        log(f"initialised weights from {init_dir}")
+        say(f"initialised weights from {init_dir}")
     if loop.compile:
         for block in model.layers:
             block.compile()  # in place: state_dict names stay free of `_orig_mod.`
@@ -130,7 +126,7 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
             flops_per_token=cfg.model.flops_per_token(loop.seq_len),
         )
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"run folder {run_dir} | {n_params / 1e6:.2f}M parameters | {train_shards.num_tokens:,} training "
+        say(f"run folder {run_dir} | {n_params / 1e6:.2f}M parameters | {train_shards.num_tokens:,} training "
             f"tokens | device {device} ({precision})")
         if resume:
             trainer.resume_from(run_dir)
