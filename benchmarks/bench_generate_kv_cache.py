@@ -12,7 +12,7 @@ import time
 import torch
 
 from slmforge.generate import SamplingConfig, generate_ids
-from slmforge.models import ModelConfig, build_model
+from slmforge.models import DecoderConfig, build_model
 
 
 def timed(fn, device):
@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    cfg = ModelConfig.from_name(args.preset, max_seq_len=max(args.prompt + args.new, 64))
+    cfg = DecoderConfig.from_name(args.preset, max_seq_len=max(args.prompt + args.new, 64))
     model = build_model(cfg, device=device, seed=0).eval()
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), device=device)
     sampling = SamplingConfig(max_new_tokens=args.new, temperature=0, stop_at_eos=False)

@@ -6,7 +6,7 @@ import pytest
 
 from slmforge import config
 from slmforge.errors import ConfigError
-from slmforge.models import ModelConfig
+from slmforge.models import DecoderConfig
 from slmforge.train.config import PretrainConfig
 
 
@@ -38,9 +38,9 @@ def test_bad_fields_name_the_field(override, message):
 
 def test_heads_must_divide_hidden_size_without_explicit_head_dim():
     with pytest.raises(ConfigError, match="model.num_heads: must divide hidden_size"):
-        config.from_dict(ModelConfig, {"hidden_size": 100, "num_heads": 8, "num_kv_heads": 8}, "model")
+        config.from_dict(DecoderConfig, {"hidden_size": 100, "num_heads": 8, "num_kv_heads": 8}, "model")
     # an explicit head_dim (Gemma 3 270M: 4 heads of 256 at hidden 640) is allowed
-    cfg = config.from_dict(ModelConfig, {"hidden_size": 640, "num_heads": 4, "num_kv_heads": 1,
+    cfg = config.from_dict(DecoderConfig, {"hidden_size": 640, "num_heads": 4, "num_kv_heads": 1,
                                          "head_dim": 256}, "model")
     assert cfg.head_dim == 256
 

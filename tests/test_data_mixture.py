@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from slmforge import config
-from slmforge.data.mixture import (
+from slmforge.text.mixture import (
     Interleaver,
     MixtureConfig,
     mixture_probabilities,
@@ -20,7 +20,7 @@ from slmforge.data.mixture import (
     sample_sentences,
     source_sizes,
 )
-from slmforge.data.sources import SourceConfig, SourceReader
+from slmforge.text.sources import SourceConfig, SourceReader
 from slmforge.errors import ConfigError
 
 

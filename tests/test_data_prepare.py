@@ -20,12 +20,12 @@ import tomli_w
 from slmforge import config
 from slmforge.data import prepare, shards
 from slmforge.data.encode import DocumentEncoder, EncoderPool
-from slmforge.data.mixture import Interleaver
+from slmforge.text.mixture import Interleaver
 from slmforge.data.prepare import DataConfig, load_config, prepare_data
 from slmforge.data.progress import Progress
 from slmforge.data.resume import PROGRESS
 from slmforge.data.shards import ShardSet
-from slmforge.data.sources import SourceReader
+from slmforge.text.sources import SourceReader
 from slmforge.errors import ConfigError, SlmforgeError
 
 WORDS = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from slmforge import config
-from slmforge.data.sources import ReadStats, SourceConfig, SourceReader, iter_documents
+from slmforge.text.sources import ReadStats, SourceConfig, SourceReader, iter_documents
 from slmforge.errors import ConfigError, SlmforgeError
 
 DOCS = ["অসমীয়া ভাষা", "हिन्दी भाषा है", "plain English", "Grüße aus Köln", "x" * 3000]

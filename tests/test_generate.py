@@ -13,7 +13,7 @@ from slmforge.generate import (
     generate_ids,
     next_token,
 )
-from slmforge.models import ModelConfig, build_model
+from slmforge.models import DecoderConfig, build_model
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -56,7 +56,7 @@ def test_repetition_penalty_ctrl_rule():
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig.from_name("gemma3-tiny", vocab_size=60, sliding_window=5, global_every=2, max_seq_len=64)
+    cfg = DecoderConfig.from_name("gemma3-tiny", vocab_size=60, sliding_window=5, global_every=2, max_seq_len=64)
     return build_model(cfg, seed=0).eval()
 
 

@@ -19,9 +19,10 @@ from slmforge import config as config_io
 from slmforge.cli import main
 from slmforge.errors import SlmforgeError
 from slmforge.interop import export_hf, import_hf
-from slmforge.models import ModelConfig, build_model
-from slmforge.models.hf import config_from_hf, config_to_hf, hf_name
-from slmforge.train.checkpoint import load_model, save_checkpoint
+from slmforge.models import DecoderConfig, build_model
+from slmforge.models.hf.decoder import config_from_hf, config_to_hf, hf_name
+from slmforge.runs import load_model
+from slmforge.train.checkpoint import save_checkpoint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,14 +57,14 @@ GEMMA3_4B_CONFIG = {
 }
 
 TINY = {
-    "gemma3": ModelConfig.from_name("gemma3-tiny", vocab_size=320, hidden_size=32, num_layers=4, num_heads=2,
+    "gemma3": DecoderConfig.from_name("gemma3-tiny", vocab_size=320, hidden_size=32, num_layers=4, num_heads=2,
                                     head_dim=16, intermediate_size=48, max_seq_len=64, sliding_window=8,
                                     global_every=2, query_pre_attn_scalar=16.0),
-    "llama": ModelConfig.from_name("test-tiny", vocab_size=320, tie_embeddings=False),
+    "llama": DecoderConfig.from_name("test-tiny", vocab_size=320, tie_embeddings=False),
 }
 
 
-def strip_preset(cfg: ModelConfig) -> ModelConfig:
+def strip_preset(cfg: DecoderConfig) -> DecoderConfig:
     return dataclasses.replace(cfg, preset=None)
 
 
@@ -101,7 +102,7 @@ def rewrite_config(hf_dir: Path, **changes) -> None:
 
 @pytest.mark.parametrize("preset", ["gemma3-270m", "gemma3-tiny", "llama-150m", "llama-tiny"])
 def test_config_round_trip_of_presets(preset):
-    cfg = ModelConfig.from_name(preset)
+    cfg = DecoderConfig.from_name(preset)
     assert config_from_hf(config_to_hf(cfg)) == strip_preset(cfg)
 
 
@@ -115,12 +116,12 @@ def test_config_round_trip_of_presets(preset):
 ])
 def test_config_round_trip_of_variants(changes, equivalent):
     preset = changes.pop("preset", "llama-tiny")
-    cfg = ModelConfig.from_name(preset, **changes)
+    cfg = DecoderConfig.from_name(preset, **changes)
     assert config_from_hf(config_to_hf(cfg)) == dataclasses.replace(strip_preset(cfg), **equivalent)
 
 
 def test_published_gemma3_270m_config_is_our_preset():
-    assert config_from_hf(GEMMA3_270M_CONFIG) == strip_preset(ModelConfig.from_name("gemma3-270m"))
+    assert config_from_hf(GEMMA3_270M_CONFIG) == strip_preset(DecoderConfig.from_name("gemma3-270m"))
 
 
 def test_transformers5_rope_parameters_form_reads_the_same():
@@ -152,7 +153,7 @@ def test_multimodal_gemma3_uses_the_text_config_with_transformers_defaults():
 
 
 def test_exported_config_carries_both_rope_forms():
-    cfg = ModelConfig.from_name("gemma3-tiny", rope_scaling="linear", rope_scaling_factor=4.0)
+    cfg = DecoderConfig.from_name("gemma3-tiny", rope_scaling="linear", rope_scaling_factor=4.0)
     hf = config_to_hf(cfg, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     assert hf["architectures"] == ["Gemma3ForCausalLM"] and hf["model_type"] == "gemma3_text"
     assert hf["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
@@ -167,14 +168,14 @@ def test_exported_config_carries_both_rope_forms():
 
 
 def test_weight_names_per_family():
-    gemma = build_model(ModelConfig.from_name("gemma3-tiny", num_layers=1), device="meta", seed=None)
+    gemma = build_model(DecoderConfig.from_name("gemma3-tiny", num_layers=1), device="meta", seed=None)
     assert sorted(hf_name(gemma.cfg, n) for n in gemma.state_dict()) == sorted([
         "model.embed_tokens.weight", "model.norm.weight",
         *(f"model.layers.0.{n}.weight" for n in (
             "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
             "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))])
-    llama = build_model(ModelConfig.from_name("llama-tiny", num_layers=1, tie_embeddings=False), device="meta",
+    llama = build_model(DecoderConfig.from_name("llama-tiny", num_layers=1, tie_embeddings=False), device="meta",
                         seed=None)
     assert sorted(hf_name(llama.cfg, n) for n in llama.state_dict()) == sorted([
         "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
@@ -188,7 +189,7 @@ def test_weight_names_per_family():
 
 def test_rope_frequencies_are_float32_like_transformers():
     """transformers (and Meta's / Google's reference code) compute 1 / theta^(2i/d) in float32."""
-    cfg = ModelConfig.from_name("gemma3-270m", num_layers=1, vocab_size=8)
+    cfg = DecoderConfig.from_name("gemma3-270m", num_layers=1, vocab_size=8)
     model = build_model(cfg, seed=None)
     for theta, table in ((1_000_000.0, model.inv_freq_global), (10_000.0, model.inv_freq_local)):
         expected = 1.0 / (theta ** (torch.arange(0, 256, 2, dtype=torch.int64).float() / 256))
@@ -196,7 +197,7 @@ def test_rope_frequencies_are_float32_like_transformers():
 
 
 def test_rope_tables_stay_float32_in_a_bf16_model():
-    model = build_model(ModelConfig.from_name("test-tiny"), seed=0)
+    model = build_model(DecoderConfig.from_name("test-tiny"), seed=0)
     before = model.inv_freq_global.clone()
     model = model.to(torch.bfloat16)
     assert model.embed.weight.dtype == torch.bfloat16
@@ -229,7 +230,7 @@ def test_export_then_import_round_trips_weights_and_writes_a_run(tmp_path, famil
         assert torch.equal(a, b), name
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     written = tomllib.loads((run / "config.toml").read_text())
-    assert config_io.from_dict(ModelConfig, written["model"], "model") == again.cfg
+    assert config_io.from_dict(DecoderConfig, written["model"], "model") == again.cfg
 
 
 def test_sharded_checkpoint_imports(tmp_path):
@@ -364,7 +365,7 @@ def test_outputs_are_not_overwritten_without_force(tmp_path):
     (dict(preset="gemma3-tiny", query_pre_attn_scalar=20.5), "model.query_pre_attn_scalar"),
 ])
 def test_export_rejects_what_the_architecture_cannot_express(tmp_path, capsys, changes, named):
-    cfg = ModelConfig.from_name(changes.pop("preset", "test-tiny"), **changes)
+    cfg = DecoderConfig.from_name(changes.pop("preset", "test-tiny"), **changes)
     save_checkpoint(tmp_path / "run", 1, build_model(cfg, seed=0))
     make_tokenizer_dir(tmp_path / "run" / "tokenizer")
     assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2

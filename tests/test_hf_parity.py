@@ -23,8 +23,9 @@ transformers = pytest.importorskip("transformers",
                                    reason="transformers is an optional extra (pip install 'slmforge[hf]')")
 
 from slmforge.interop import export_hf, import_hf  # noqa: E402
-from slmforge.models import ModelConfig, build_model  # noqa: E402
-from slmforge.train.checkpoint import load_model, save_checkpoint  # noqa: E402
+from slmforge.models import DecoderConfig, build_model  # noqa: E402
+from slmforge.runs import load_model  # noqa: E402
+from slmforge.train.checkpoint import save_checkpoint
 
 TOLERANCE_FP32 = 1e-4
 VOCAB = 320  # >= the test tokenizer's 300 ids
@@ -69,15 +70,15 @@ HF_CASES = {
 # ---------------------------------------------------------------- tiny models on our side
 
 OUR_CASES = {
-    "gemma3": ModelConfig.from_name(
+    "gemma3": DecoderConfig.from_name(
         "gemma3-tiny", vocab_size=VOCAB, hidden_size=64, num_layers=5, num_heads=4, num_kv_heads=2, head_dim=32,
         intermediate_size=96, max_seq_len=128, sliding_window=WINDOW, global_every=3, query_pre_attn_scalar=24.0,
         final_logit_softcap=30.0, rope_scaling="linear", rope_scaling_factor=4.0),
-    "llama-untied-llama3-rope": ModelConfig(
+    "llama-untied-llama3-rope": DecoderConfig(
         family="llama", vocab_size=VOCAB, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
         intermediate_size=96, max_seq_len=128, rope_theta=500_000.0, tie_embeddings=False, rope_scaling="llama3",
         rope_scaling_factor=8.0, rope_original_max_seq_len=16),
-    "llama-tied": ModelConfig.from_name("llama-tiny", vocab_size=VOCAB, hidden_size=64, num_layers=3,
+    "llama-tied": DecoderConfig.from_name("llama-tiny", vocab_size=VOCAB, hidden_size=64, num_layers=3,
                                         intermediate_size=96, max_seq_len=128),
 }
 
@@ -122,7 +123,7 @@ def make_tokenizer_dir(path: Path) -> Path:
     return SlmforgeTokenizer(tokenizer, {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}).save(path)
 
 
-def make_run(root: Path, cfg: ModelConfig, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+def make_run(root: Path, cfg: DecoderConfig, seed: int = 0) -> tuple[Path, torch.nn.Module]:
     """A run folder with a randomised model checkpoint and a tokenizer, as training would leave it."""
     model = build_model(cfg, seed=seed).eval()
     with torch.no_grad():
@@ -145,12 +146,12 @@ def token_ids(seed: int = 1, length: int = SEQ_LEN, batch: int = 2) -> torch.Ten
 def our_greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy decoding with our KV cache: one prefill, then one token at a time."""
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
-    logits = model(prompt, cache)
+    logits = model.logits(model(prompt, cache=cache))
     out = []
     for _ in range(new_tokens):
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(token)
-        logits = model(token, cache)
+        logits = model.logits(model(token, cache=cache))
     return torch.cat(out, dim=1)
 
 
@@ -167,13 +168,14 @@ def compare(ours, theirs, label: str) -> None:
     """Full-sequence logits within 1e-4 and identical greedy continuations past the window."""
     ids = token_ids()
     expected = theirs(ids).logits
-    actual = ours(ids)
+    actual = ours.logits(ours(ids))
     diff = (actual - expected).abs().max().item()
     print(f"\n{label}: max |logit| {expected.abs().max().item():.2f}, max abs diff {diff:.3g}")
     assert diff <= TOLERANCE_FP32, f"{label}: logits differ by {diff}"
     # Cached prefill + decoding must give the same logits as one uncached pass.
     cache = ours.new_cache(2, SEQ_LEN)
-    steps = [ours(ids[:, :13], cache), *(ours(ids[:, t:t + 1], cache) for t in range(13, SEQ_LEN))]
+    steps = [ours.logits(ours(ids[:, :13], cache=cache)),
+             *(ours.logits(ours(ids[:, t:t + 1], cache=cache)) for t in range(13, SEQ_LEN))]
     stepped = torch.cat(steps, dim=1)
     assert (stepped - expected).abs().max().item() <= TOLERANCE_FP32
     prompt = token_ids(seed=2, length=12, batch=1)
@@ -280,10 +282,10 @@ def test_window_and_rope_base_are_visible_to_the_parity_check(tmp_path):
         expected = theirs(ids).logits
         for change in (dict(sliding_window=WINDOW + 1), dict(sliding_window=WINDOW - 1),
                        dict(rope_theta=ours.cfg.rope_local_theta, rope_local_theta=ours.cfg.rope_theta)):
-            cfg = ModelConfig(**{**ours.cfg.__dict__, **change})
+            cfg = DecoderConfig(**{**ours.cfg.__dict__, **change})
             wrong = build_model(cfg, seed=None)
             wrong.load_state_dict(ours.state_dict())
-            assert (wrong(ids) - expected).abs().max().item() > 100 * TOLERANCE_FP32, change
+            assert (wrong.logits(wrong(ids)) - expected).abs().max().item() > 100 * TOLERANCE_FP32, change
 
 
 def test_long_context_parity_with_270m_head_shape(tmp_path):
@@ -298,7 +300,7 @@ def test_long_context_parity_with_270m_head_shape(tmp_path):
     ours, _, _ = load_model(import_hf(tmp_path / "hf", tmp_path / "run"))
     ids = token_ids(length=2048, batch=1)
     with torch.no_grad():
-        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
+        diff = (ours.logits(ours(ids)) - theirs(ids).logits).abs().max().item()
     print(f"\nimport gemma3 head_dim 256, 2048 tokens: max abs diff {diff:.3g}")
     assert diff <= TOLERANCE_FP32
 
@@ -353,7 +355,7 @@ def test_bf16_parity(tmp_path, case, device):
     with torch.no_grad():
         exact = reference.to(device)(ids).logits
         expected = theirs(ids).logits.float()
-        actual = ours(ids).float()
+        actual = ours.logits(ours(ids)).float()
     diff = (actual - expected).abs().max().item()
     our_error = (actual - exact).abs().max().item()
     their_error = (expected - exact).abs().max().item()

@@ -8,17 +8,22 @@ import pytest
 import torch
 
 from slmforge.errors import SlmforgeError
-from slmforge.models import ModelConfig, build_model
-from slmforge.models.layers import attention_mask
+from slmforge.models import DecoderConfig, build_model
+from slmforge.models.layers import causal_mask
 from slmforge.objectives.losses import linear_cross_entropy, reference_cross_entropy
-from slmforge.train.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from slmforge.runs import load_model, resolve_checkpoint
+from slmforge.train.checkpoint import save_checkpoint
 
 
-def tiny(family: str, **kw) -> ModelConfig:
+def logits(model, ids, cache=None):
+    return model.logits(model(ids, cache=cache))
+
+
+def tiny(family: str, **kw) -> DecoderConfig:
     if family == "gemma3":
         base = dict(sliding_window=6, global_every=2, max_seq_len=64, vocab_size=97, final_logit_softcap=30.0)
-        return ModelConfig.from_name("gemma3-tiny", **{**base, **kw})
-    return ModelConfig.from_name("llama-tiny", **{"vocab_size": 97, "max_seq_len": 64, "tie_embeddings": False,
+        return DecoderConfig.from_name("gemma3-tiny", **{**base, **kw})
+    return DecoderConfig.from_name("llama-tiny", **{"vocab_size": 97, "max_seq_len": 64, "tie_embeddings": False,
                                                   "rope_scaling": "llama3", "rope_scaling_factor": 4.0,
                                                   "rope_original_max_seq_len": 16, **kw})
 
@@ -28,18 +33,18 @@ def test_kv_cache_gives_the_same_logits(family):
     torch.manual_seed(0)
     model = build_model(tiny(family), seed=0).eval()
     ids = torch.randint(0, 97, (2, 30))  # longer than the sliding window (6)
-    full = model(ids)
+    full = logits(model, ids)
     cache = model.new_cache(2, 40)
-    pieces = [model(ids[:, :11], cache)]  # a prompt, then one token at a time, then a chunk
-    pieces += [model(ids[:, t:t + 1], cache) for t in range(11, 20)]
-    pieces.append(model(ids[:, 20:], cache))
+    pieces = [logits(model, ids[:, :11], cache)]  # a prompt, then one token at a time, then a chunk
+    pieces += [logits(model, ids[:, t:t + 1], cache) for t in range(11, 20)]
+    pieces.append(logits(model, ids[:, 20:], cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_mask_matches_brute_force():
     for q_len, start, window in [(7, 0, None), (1, 9, None), (4, 5, None), (8, 0, 3), (1, 10, 4), (3, 6, 4),
                                  (5, 0, 16)]:
-        mask = attention_mask(q_len, start, window, torch.device("cpu"))
+        mask = causal_mask(q_len, start, window, torch.device("cpu"))
         expected = torch.zeros(q_len, start + q_len, dtype=torch.bool)
         for i in range(q_len):
             for j in range(start + q_len):
@@ -56,7 +61,7 @@ def test_sliding_window_limits_what_a_local_layer_sees():
     ids = torch.randint(0, 97, (1, 20))
     changed = ids.clone()
     changed[0, 0] = (ids[0, 0] + 1) % 97
-    a, b = model(ids), model(changed)
+    a, b = logits(model, ids), logits(model, changed)
     # two local layers of window 6 see at most 10 tokens back: position 11+ is unaffected by position 0
     torch.testing.assert_close(a[0, 11:], b[0, 11:])
     assert not torch.allclose(a[0, 5], b[0, 5])
@@ -78,7 +83,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, family):
     loaded, step_dir, meta = load_model(tmp_path / "run")
     assert step_dir == folder and meta["step"] == 12 and meta["note"] == "x"
     ids = torch.randint(0, 97, (2, 25))
-    assert torch.equal(model(ids), loaded(ids))
+    assert torch.equal(logits(model, ids), logits(loaded, ids))
     assert loaded.cfg == model.cfg
 
 
@@ -112,28 +117,33 @@ def test_corrupt_or_mismatched_checkpoint_is_one_clear_error(tmp_path):
         load_model(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_linear_cross_entropy_matches_reference(softcap):
+@pytest.mark.parametrize("softcap,with_bias", [(None, False), (5.0, False), (None, True)])
+def test_linear_cross_entropy_matches_reference(softcap, with_bias):
     torch.manual_seed(0)
     hidden = torch.randn(3, 13, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, dtype=torch.float64, requires_grad=True) if with_bias else None
     targets = torch.randint(0, 40, (3, 13))
     targets[0, :4] = -100  # e.g. a prompt in fine-tuning
-    loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap, chunk_rows=5)
-    grads = torch.autograd.grad(loss, (hidden, weight))
-    logits = hidden @ weight.t()
+    inputs = (hidden, weight) + ((bias,) if with_bias else ())
+    loss, correct = linear_cross_entropy(hidden, weight, targets, softcap=softcap, chunk_rows=5, bias=bias,
+                                         with_correct=True)
+    grads = torch.autograd.grad(loss, inputs)
+    logits = hidden @ weight.t() + (bias if with_bias else 0)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), targets.reshape(-1), ignore_index=-100)
-    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, inputs)
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+    valid = targets != -100
+    assert int(correct) == int(((logits.argmax(-1) == targets) & valid).sum())
     assert reference_cross_entropy(logits.detach(), targets).item() == pytest.approx(ref.item())
 
 
 def test_gemma3_270m_shape():
-    cfg = ModelConfig.from_name("gemma3-270m")
+    cfg = DecoderConfig.from_name("gemma3-270m")
     assert [cfg.is_sliding(i) for i in range(6)] == [True] * 5 + [False]
     assert [i for i in range(18) if not cfg.is_sliding(i)] == [5, 11, 17]
     assert cfg.head_dim == 256 and cfg.num_kv_heads == 1 and cfg.tie_embeddings

@@ -8,7 +8,7 @@ import unicodedata
 
 import pytest
 
-from slmforge.data.sampling import cap_length
+from slmforge.text.sampling import cap_length
 from slmforge.errors import ConfigError, SlmforgeError
 from slmforge.tokenizer import (
     TokenizerConfig,
@@ -313,7 +313,7 @@ def test_sentence_budget_reservoir_and_record(tmp_path):
 
 
 def test_reservoir_is_uniform_and_seeded():
-    from slmforge.data.sampling import reservoir_sample
+    from slmforge.text.sampling import reservoir_sample
 
     def sources():
         return [("a", (f"a{i}" for i in range(60))), ("b", (f"b{i}" for i in range(40)))]
@@ -331,7 +331,7 @@ def test_reservoir_is_uniform_and_seeded():
 
 
 def test_mixture_sampling_records_languages(tmp_path):
-    pytest.importorskip("slmforge.data.mixture", reason="slmforge.data.mixture not available")
+    pytest.importorskip("slmforge.text.mixture", reason="slmforge.text.mixture not available")
     files = {}
     for lang, lines in (("as", ASSAMESE), ("hi", HINDI), ("en", ENGLISH)):
         files[lang] = tmp_path / f"{lang}.txt"

@@ -45,7 +45,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
     expand = getattr(cls, "expand_config", None)
-    if expand is not None:  # e.g. ModelConfig turns `preset = "x"` into the preset's fields
+    if expand is not None:  # e.g. DecoderConfig turns `preset = "x"` into the preset's fields
         try:
             data = expand(data)
         except ConfigError as e:
@@ -98,6 +98,30 @@ def _describe_type(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _is_tagged_union(options: list[Any]) -> bool:
+    """A union of dataclasses that each name a tag field (`TAG = "family"`), e.g. decoder | encoder."""
+    return all(dataclasses.is_dataclass(o) and getattr(o, "TAG", None) for o in options)
+
+
+def _tag_values(option: Any) -> tuple[Any, ...]:
+    return get_args(_type_hints(option)[option.TAG])
+
+
+def _tagged_member(options: list[Any], value: Any, where: str) -> Any:
+    """The member whose tag field (a Literal) admits the table's tag value (a `tag_of` hook may derive
+    it, e.g. from a preset); a table without one gets the first member's default."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+    first = options[0]
+    tag_of = getattr(first, "tag_of", None)
+    tag = tag_of(value) if tag_of else value.get(first.TAG, getattr(first(), first.TAG))
+    for option in options:
+        if tag in _tag_values(option):
+            return option
+    allowed = " | ".join(repr(v) for o in options for v in _tag_values(o))
+    raise ConfigError(f"{_join(where, first.TAG)}: must be one of {allowed}, got {tag!r}")
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -107,6 +131,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         real = [o for o in options if o is not type(None)]
         if len(real) == 1:  # `X | None`: X's own error names the inner field
             return _coerce(real[0], value, where)
+        if _is_tagged_union(real):
+            return from_dict(_tagged_member(real, value, where), value, where)
         for option in options:
             if option is type(None):
                 continue
@@ -304,6 +330,13 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         name = _join(prefix, f.name)
         if dataclasses.is_dataclass(tp):
             lines.extend(describe(tp, name))
+            continue
+        members = [o for o in get_args(tp) if o is not type(None)]
+        if members and _is_tagged_union(members):
+            for member in members:
+                tags = " | ".join(repr(v) for v in _tag_values(member))
+                lines.append(f"  [{name}] with {member.TAG} = {tags}:")
+                lines.extend(describe(member, name))
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default

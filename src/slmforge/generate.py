@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -12,6 +13,7 @@ import torch
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
 from slmforge.models import Decoder
+from slmforge.models.registry import family
 
 
 @dataclass
@@ -89,6 +91,9 @@ def next_token(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig,
 def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
                  on_token: Callable[[int], None] | None = None, use_cache: bool = True) -> torch.Tensor:
     """Continue `prompt` (B, T) and return (B, T + new). `on_token` sees batch row 0's tokens as they come."""
+    if family(model.cfg).kind != "decoder":
+        raise SlmforgeError(f"model family {model.cfg.family!r} is an encoder: it fills masks rather than "
+                            f"continuing text; use `slmforge fill-mask`")
     model.eval()
     device = prompt.device
     generator = None
@@ -104,7 +109,7 @@ def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps) if use_cache else None
     step_input = prompt
     for _ in range(steps):
-        hidden = model.hidden_states(step_input if use_cache else tokens, cache)
+        hidden = model(step_input if use_cache else tokens, cache=cache)
         logits = model.logits(hidden[:, -1])  # project only the last position: (B, V), not (B, T, V)
         chosen = next_token(logits, tokens, cfg, generator)
         if eos_id is not None and cfg.stop_at_eos:
@@ -124,7 +129,7 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
     """Continue a text prompt; with `stream`, characters are written to `out` as they are decoded.
 
     `add_bos` must match how the model was trained (the checkpoint's meta.json records it)."""
-    device = model.embed.weight.device
+    device = next(model.parameters()).device
     ids = tokenizer.encode(prompt)
     if add_bos and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids
@@ -157,6 +162,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", "-p", action="append", help="prompt text (repeatable); default: read stdin")
     p.add_argument("--num-samples", "-n", type=int, default=1, help="samples per prompt")
     p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON list of {prompt, sample, seed, completion} instead of streaming text")
     p.add_argument("overrides", nargs="*", metavar="field=value",
                    help="sampling fields, e.g. temperature=0.7 top_k=50 top_p=0.9 seed=1")
     p.set_defaults(func=_run)
@@ -165,19 +172,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from slmforge import config
     from slmforge.runtime import resolve_device
-    from slmforge.tokenizer import load_tokenizer
-    from slmforge.train.checkpoint import find_tokenizer_dir, load_model
+    from slmforge.runs import open_run
 
     sampling = config.load(SamplingConfig, overrides=args.overrides)
-    model, step_dir, meta = load_model(args.model, device=resolve_device(args.device))
-    tokenizer = load_tokenizer(find_tokenizer_dir(args.model))
+    run = open_run(args.model, device=resolve_device(args.device))
+    if run.kind != "decoder":
+        raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} encoder fills masks rather than continuing "
+                            f"text; use `slmforge fill-mask {args.model} \"text with [MASK]\"`")
+    model, meta = run.model, run.meta
+    tokenizer = run.tokenizer()
     prompts = args.prompt or [sys.stdin.read()]
     base_seed = sampling.seed
+    results = []
     for prompt in prompts:
         for i in range(args.num_samples):
             # sample i of every prompt uses seed + i: the same prompt and seed give the same text
             sampling.seed = None if base_seed is None else base_seed + i
+            if args.json:
+                text = generate_text(model, tokenizer, prompt, sampling, add_bos=meta.get("add_bos", True))
+                results.append({"prompt": prompt, "sample": i, "seed": sampling.seed, "completion": text})
+                continue
             sys.stdout.write(prompt)
             generate_text(model, tokenizer, prompt, sampling, stream=True, add_bos=meta.get("add_bos", True))
             sys.stdout.write("\n\n")
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
     return 0

@@ -52,11 +52,12 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
         evaluate_documents,
         print_table,
         read_documents,
+        run_objective,
         write_report,
     )
     from slmforge.generate import SamplingConfig, generate_text
-    from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
-    from slmforge.train.checkpoint import load_model
+    from slmforge.runs import open_run
+    from slmforge.tokenizer import TokenizerConfig, train_tokenizer
     from slmforge.train.config import PretrainConfig
     from slmforge.train.pretrain import pretrain
 
@@ -94,11 +95,12 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
     pretrain(pre_cfg)
 
     say("5/5 eval + generate")
-    model, step_dir, meta = load_model(run)
-    add_bos = meta.get("add_bos", True)
-    tokenizer = load_tokenizer(run / "tokenizer")
-    rows = {f"held-out {lang}": evaluate_documents(model, tokenizer, read_documents(path), seq_len, str(path),
-                                                          add_bos)
+    opened = open_run(run)
+    model, add_bos = opened.model, opened.meta.get("add_bos", True)
+    tokenizer = opened.tokenizer()
+    objective = run_objective(opened, tokenizer)
+    rows = {f"held-out {lang}": evaluate_documents(model, objective, tokenizer, read_documents(path), seq_len,
+                                                   str(path), add_bos)
             for lang, path in held_out.items()}
     print_table(rows)
     write_report(rows, run / "eval.json")

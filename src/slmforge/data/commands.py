@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
 
 def _prepare(args: argparse.Namespace) -> int:
     from slmforge.data.prepare import SECTION, DataConfig, load_config, prepare_data
-    from slmforge.data.sources import SourceConfig
+    from slmforge.text.sources import SourceConfig
 
     if args.show_fields:
         print("\n".join(config.describe(DataConfig, SECTION)

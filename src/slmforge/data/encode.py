@@ -34,6 +34,7 @@ class TokenizerInfo:
     bos_id: int | None
     eos_id: int  # documents need a separator; tokenizer_info refuses a tokenizer without one
     sha256: str
+    pad_id: int | None = None  # RoBERTa-style encoders number positions from it
 
 
 def tokenizer_info(path: str | Path) -> TokenizerInfo:
@@ -43,7 +44,7 @@ def tokenizer_info(path: str | Path) -> TokenizerInfo:
         raise SlmforgeError(f"{path}: tokenizer has no eos token; documents need one as separator "
                             "(name eos_token in tokenizer_config.json)")
     return TokenizerInfo(str(path), tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
-                         tokenizer.sha256)
+                         tokenizer.sha256, tokenizer.pad_id)
 
 
 @dataclass

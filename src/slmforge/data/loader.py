@@ -1,9 +1,11 @@
 """Deterministic, resumable batches of token windows from prepared shards.
 
-The token stream is cut into non-overlapping windows of seq_len + 1 tokens (inputs and shifted
-targets). Each epoch visits every window once in an order fixed by (seed, epoch); rank r of w takes
-every w-th window of that order. The loader's whole state is (epoch, batch index), so a resumed run
-sees exactly the batches an uninterrupted run would have seen.
+The token stream is cut into windows starting every seq_len tokens, `window` tokens long: seq_len + 1
+for causal LM (inputs and shifted targets overlap by one), seq_len for masked LM. The objective
+decides (`window_tokens`) and turns the raw windows into inputs and targets. Each epoch visits every
+window once in an order fixed by (seed, epoch); rank r of w takes every w-th window of that order.
+The loader's whole state is (epoch, batch index), so a resumed run sees exactly the batches an
+uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ from slmforge.errors import SlmforgeError
 
 class WindowLoader:
     def __init__(self, shards: ShardSet, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, training: bool = True):
+                 rank: int = 0, world_size: int = 1, training: bool = True, window: int | None = None):
         self.shards = shards
         self.seq_len = seq_len
+        self.window_len = window if window is not None else seq_len + 1
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.rank, self.world_size = rank, world_size
-        self.num_windows = (len(shards) - 1) // seq_len
+        self.num_windows = max(len(shards) - (self.window_len - seq_len), 0) // seq_len
         self.batches_per_epoch = self.num_windows // (batch_size * world_size)
         needed = 1 if not training else batch_size * world_size
         if self.num_windows < needed:
             raise SlmforgeError(
                 f"{shards.folder}: split {shards.split!r} has {len(shards)} tokens, fewer than {needed} "
-                f"window(s) of {seq_len + 1}; lower data.batch_size or "
-                f"data.seq_len, or add text")
+                f"window(s) of {self.window_len}; lower train.batch_size or "
+                f"train.seq_len, or add text")
         self.epoch = 0
         self.batch_index = 0
         self._order: np.ndarray | None = None
@@ -65,10 +68,10 @@ class WindowLoader:
         return self._order
 
     def window(self, index: int) -> np.ndarray:
-        return self.shards.read(index * self.seq_len, self.seq_len + 1)
+        return self.shards.read(index * self.seq_len, self.window_len)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next (B, seq_len) inputs and targets, wrapping into a new epoch when one ends."""
+        """The next raw batch {"tokens": (B, window)}, wrapping into a new epoch when one ends."""
         if self.batch_index >= self.batches_per_epoch:
             self.epoch += 1
             self.batch_index = 0
@@ -77,8 +80,7 @@ class WindowLoader:
         start = self.batch_index * self.batch_size
         rows = np.stack([self.window(int(i)) for i in order[start:start + self.batch_size]])
         self.batch_index += 1
-        tokens = torch.from_numpy(rows)
-        return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
+        return {"tokens": torch.from_numpy(rows)}
 
     def epoch_batches(self, limit: int | None = None):
         """Batches of one pass in fixed order (for evaluation); does not touch the training state."""
@@ -88,5 +90,4 @@ class WindowLoader:
             count = min(count, limit)
         for b in range(count):
             rows = np.stack([self.window(int(i)) for i in order[b * self.batch_size:(b + 1) * self.batch_size]])
-            tokens = torch.from_numpy(rows)
-            yield {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
+            yield {"tokens": torch.from_numpy(rows)}

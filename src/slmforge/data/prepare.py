@@ -26,7 +26,7 @@ from slmforge.data.encode import (
     default_workers,
     tokenizer_info,
 )
-from slmforge.data.mixture import (
+from slmforge.text.mixture import (
     Interleaver,
     MixtureConfig,
     mixture_probabilities,
@@ -48,7 +48,7 @@ from slmforge.data.shards import (
     ShardWriter,
     dtype_for_vocab,
 )
-from slmforge.data.sources import ReadStats, SourceReader
+from slmforge.text.sources import ReadStats, SourceReader
 from slmforge.fileio import write_json_atomic
 
 SECTION = "data"
@@ -290,6 +290,7 @@ class _Preparation:
             "document_layout": ("[bos] " if bos is not None else "") + "tokens eos",
             "bos_id": bos,  # null when documents carry no bos
             "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id,
             "config": self.identity["config"],
             "config_sha256": fingerprint(self.identity),
             "sources": sources,

@@ -1,4 +1,5 @@
-"""`slmforge eval`: loss, perplexity and bits per byte of a trained model."""
+"""`slmforge eval`: a trained model's loss, perplexity and bits per byte (causal LM) or masked-token
+accuracy (masked LM)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out data or text files",
-                       description="Evaluate a run (or checkpoint) on prepared shards (--data) and/or raw "
-                                   "UTF-8 text files (--text [name=]FILE, e.g. --text hi=hindi.txt for a "
-                                   "per-language table). Writes eval.json into the checkpoint folder.")
+    p = sub.add_parser("eval", help="loss, perplexity, bits per byte / masked accuracy on held-out data or text",
+                       description="Evaluate a run (or checkpoint) with the objective it was trained with, on "
+                                   "prepared shards (--data) and/or raw UTF-8 text files (--text [name=]FILE, "
+                                   "e.g. --text hi=hindi.txt for a per-language table). Causal LMs: loss, "
+                                   "perplexity, bits per byte. Masked LMs: masked-token loss, perplexity and "
+                                   "accuracy, masks drawn from a fixed seed. Writes eval.json into the "
+                                   "checkpoint folder.")
     p.add_argument("model", help="run folder or checkpoint folder")
     p.add_argument("--data", help="prepared data folder (default: the one the run trained on)")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
@@ -20,38 +24,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, help="limit the number of batches from --data")
     p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    import json
+
     from slmforge.errors import SlmforgeError
     from slmforge.eval.evaluate import (
         evaluate_documents,
         evaluate_shards,
         print_table,
         read_documents,
+        run_objective,
         write_report,
     )
+    from slmforge.runs import open_run
     from slmforge.runtime import resolve_device
-    from slmforge.train.checkpoint import find_tokenizer_dir, load_model
 
     if (args.seq_len is not None and args.seq_len < 1) or args.batch_size < 1:
         raise SlmforgeError("--seq-len and --batch-size must be positive")
-    model, step_dir, meta = load_model(args.model, device=resolve_device(args.device))
+    run = open_run(args.model, device=resolve_device(args.device))
+    model, meta = run.model, run.meta
+    tokenizer = run.tokenizer() if args.text else None
+    objective = run_objective(run, tokenizer)
     seq_len = args.seq_len or meta.get("seq_len") or model.cfg.max_seq_len
     rows = {}
     data = args.data or (meta.get("data") if not args.text else None)
     if data:
-        rows[f"{Path(data).name}:{args.split}"] = evaluate_shards(model, data, args.split, seq_len,
+        rows[f"{Path(data).name}:{args.split}"] = evaluate_shards(model, objective, data, args.split, seq_len,
                                                                   args.batch_size, args.max_batches)
-    if args.text:
-        from slmforge.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(find_tokenizer_dir(args.model))
-        for item in args.text:
-            name, _, path = item.rpartition("=")
-            rows[name or Path(path).name] = evaluate_documents(model, tokenizer, read_documents(path), seq_len, path,
-                                                              add_bos=meta.get("add_bos", True))
-    print_table(rows)
-    write_report(rows, step_dir / "eval.json")
+    for item in args.text:
+        name, _, path = item.rpartition("=")
+        rows[name or Path(path).name] = evaluate_documents(model, objective, tokenizer, read_documents(path),
+                                                          seq_len, path, add_bos=meta.get("add_bos", True))
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        print_table(rows)
+    write_report(rows, run.step_dir / "eval.json")
     return 0

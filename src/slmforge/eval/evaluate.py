@@ -1,4 +1,8 @@
-"""Evaluate a trained model on prepared shards or on raw text files (per language)."""
+"""Evaluate a trained model with its own objective, on prepared shards or raw text files (per language).
+
+Causal LMs report loss, perplexity and bits per byte; masked LMs report the masked-token loss,
+perplexity (exp of that loss) and masked-token accuracy, with masks drawn from a fixed seed.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,36 @@ from pathlib import Path
 
 import torch
 
+from slmforge import config as config_io
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
 from slmforge.errors import SlmforgeError
-from slmforge.eval.loss import mean_loss, summarize
-from slmforge.objectives.clm import CausalLM
+from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective, mean_loss, summarize
+from slmforge.runs import Run
 
 
-def evaluate_shards(model, folder: str | Path, split: str = "val", seq_len: int | None = None,
+def run_objective(run: Run, tokenizer=None):
+    """The objective a run was trained with (meta.json), or its family's default for older runs."""
+    recorded = run.meta.get("objective") or {"kind": DEFAULT_FOR_KIND[run.kind]}
+    cfg = config_io._coerce(ObjectiveConfig, recorded, "objective")
+    if cfg.kind == "mlm" and tokenizer is None:
+        tokenizer = run.tokenizer()
+    return build_objective(cfg, run.kind, run.model.cfg.family, tokenizer, where=str(run.step_dir))
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def evaluate_shards(model, objective, folder: str | Path, split: str = "val", seq_len: int | None = None,
                     batch_size: int = 8, max_batches: int | None = None) -> dict[str, float]:
-    """Loss / perplexity / bits per byte over a split of prepared data."""
+    """The objective's loss and metrics over a split of prepared data."""
     shards = ShardSet(folder, split)
     seq_len = min(seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    loader = WindowLoader(shards, seq_len, batch_size, shuffle=False, training=False)
-    device = model.embed.weight.device
-    loss, tokens = mean_loss(model, CausalLM(), loader.epoch_batches(max_batches), device)
-    return {**summarize(loss, shards.bytes_per_token), "tokens": tokens}
+    loader = WindowLoader(shards, seq_len, batch_size, shuffle=False, training=False,
+                          window=objective.window_tokens(seq_len))
+    means, tokens = mean_loss(model, objective, loader.epoch_batches(max_batches), _device(model))
+    return {**summarize(means, shards.bytes_per_token if objective.bits_per_byte else None), "tokens": tokens}
 
 
 def document_stream(tokenizer, documents: list[str], add_bos: bool = True) -> tuple[list[int], list[bool]]:
@@ -51,30 +69,34 @@ def document_stream(tokenizer, documents: list[str], add_bos: bool = True) -> tu
     return ids, scored
 
 
-def text_windows(ids: list[int], scored: list[bool], seq_len: int) -> list[dict[str, torch.Tensor]]:
-    """Windows of seq_len + 1 tokens overlapping by one, so every token after the first is predicted once."""
+def text_windows(ids: list[int], scored: list[bool], seq_len: int, window: int | None = None
+                 ) -> list[dict[str, torch.Tensor]]:
+    """Raw batches of one window each, starting every seq_len tokens. With window = seq_len + 1 (causal
+    LM) windows overlap by one, so every token after the first is predicted exactly once."""
+    window = window if window is not None else seq_len + 1
+    overlap = window - seq_len
     windows = []
-    for start in range(0, max(len(ids) - 1, 0), seq_len):
-        chunk = torch.tensor(ids[start:start + seq_len + 1])
-        keep = torch.tensor(scored[start + 1:start + seq_len + 1])
-        targets = torch.where(keep, chunk[1:], torch.full_like(chunk[1:], -100))
-        windows.append({"input_ids": chunk[None, :-1], "targets": targets[None]})
+    for start in range(0, max(len(ids) - overlap, 0), seq_len):
+        tokens = torch.tensor(ids[start:start + window])
+        keep = torch.tensor(scored[start:start + window])
+        windows.append({"tokens": tokens[None], "scored": keep[None]})
     return windows
 
 
-def evaluate_documents(model, tokenizer, documents: list[str], seq_len: int | None = None,
+def evaluate_documents(model, objective, tokenizer, documents: list[str], seq_len: int | None = None,
                        name: str = "text", add_bos: bool = True) -> dict[str, float]:
-    """Exact bits per byte of `documents`: nats over every scored token / ln 2 / their UTF-8 bytes."""
+    """The objective's metrics on `documents`; for causal LMs the exact bits per byte: nats over every
+    scored token / ln 2 / their UTF-8 bytes."""
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise SlmforgeError(f"{name}: no text to evaluate")
     seq_len = min(seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
     ids, scored = document_stream(tokenizer, documents, add_bos)
-    device = model.embed.weight.device
-    loss, tokens = mean_loss(model, CausalLM(), text_windows(ids, scored, seq_len), device)
+    windows = text_windows(ids, scored, seq_len, objective.window_tokens(seq_len))
+    means, tokens = mean_loss(model, objective, windows, _device(model))
     num_bytes = sum(len(d.encode("utf-8")) for d in documents)
-    return {**summarize(loss, num_bytes / tokens), "tokens": tokens, "bytes": num_bytes,
-            "documents": len(documents)}
+    bytes_per_token = num_bytes / tokens if objective.bits_per_byte and tokens else None
+    return {**summarize(means, bytes_per_token), "tokens": tokens, "bytes": num_bytes, "documents": len(documents)}
 
 
 def read_documents(path: str | Path) -> list[str]:
@@ -93,10 +115,18 @@ def read_text_file(path: str | Path) -> str:
 
 
 def print_table(rows: dict[str, dict[str, float]], out=sys.stdout) -> None:
-    out.write(f"{'set':<24}{'tokens':>10}{'loss':>10}{'ppl':>12}{'bpb':>10}\n")
+    """One row per evaluated set; columns the metrics any row has (bpb for causal LMs, accuracy...)."""
+    show_bpb = any("bpb" in r for r in rows.values())
+    show_acc = any("accuracy" in r for r in rows.values())
+    out.write(f"{'set':<24}{'tokens':>10}{'loss':>10}{'ppl':>12}" + (f"{'bpb':>10}" if show_bpb else "")
+              + (f"{'accuracy':>10}" if show_acc else "") + "\n")
     for name, r in rows.items():
-        bpb = f"{r['bpb']:.4f}" if "bpb" in r else "-"
-        out.write(f"{name:<24}{int(r.get('tokens', 0)):>10}{r['loss']:>10.4f}{r['ppl']:>12.3f}{bpb:>10}\n")
+        line = f"{name:<24}{int(r.get('tokens', 0)):>10}{r['loss']:>10.4f}{r['ppl']:>12.3f}"
+        if show_bpb:
+            line += f"{r['bpb']:>10.4f}" if "bpb" in r else f"{'-':>10}"
+        if show_acc:
+            line += f"{r['accuracy']:>10.4f}" if "accuracy" in r else f"{'-':>10}"
+        out.write(line + "\n")
 
 
 def write_report(rows: dict[str, dict[str, float]], path: Path) -> None:

@@ -1,8 +1,9 @@
 """`slmforge export --format hf`: a run's model as a folder `transformers` loads as-is.
 
     out/
-        config.json              # Gemma3ForCausalLM or LlamaForCausalLM, readable by transformers 4.5x and 5.x
-        generation_config.json   # bos / eos / pad ids of the run's tokenizer
+        config.json              # e.g. Gemma3ForCausalLM, LlamaForCausalLM, BertForMaskedLM, ModernBertForMaskedLM;
+                                 # readable by transformers 4.5x and 5.x
+        generation_config.json   # decoders: bos / eos / pad ids of the run's tokenizer
         model.safetensors        # transformers' tensor names; tied models store embed_tokens only
         tokenizer.json, tokenizer_config.json, special_tokens_map.json, ...
 
@@ -28,7 +29,8 @@ from slmforge.models.hf import (
     generation_config,
     state_dict_to_hf,
 )
-from slmforge.train.checkpoint import find_tokenizer_dir, load_model
+from slmforge.models.registry import family
+from slmforge.runs import find_tokenizer_dir, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -51,7 +53,8 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: b
         tensors = state_dict_to_hf(cfg, model.state_dict(), DTYPES[dtype])
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # transformers requires "pt"
         write_json(tmp / "config.json", config_to_hf(cfg, dtype=dtype, **ids))
-        write_json(tmp / "generation_config.json", generation_config(**ids))
+        if family(cfg).kind == "decoder":  # encoders do not generate
+            write_json(tmp / "generation_config.json", generation_config(**ids))
         copy_tokenizer_files(tokenizer_dir, tmp, model_max_length=cfg.max_seq_len)
     return out
 

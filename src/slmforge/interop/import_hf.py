@@ -18,12 +18,13 @@ from typing import Iterator
 import tomli_w
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from slmforge import config as config_io
 from slmforge.errors import SlmforgeError
 from slmforge.interop.export import copy_tokenizer_files, output_dir, read_json
-from slmforge.models import Decoder, ModelConfig, build_model
-from slmforge.models.hf import config_from_hf, plan_import, text_config
+from slmforge.models import ModelConfig, build_model
+from slmforge.models.hf import config_from_hf, is_multimodal, plan_import
 from slmforge.train.checkpoint import save_checkpoint
 
 
@@ -34,7 +35,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
         raise SlmforgeError(f"{hf_dir}: no such folder")
     hf_config = read_json(hf_dir / "config.json")
     cfg = config_from_hf(hf_config, where=str(hf_dir / "config.json"))
-    _, _, multimodal = text_config(hf_config)
+    multimodal = is_multimodal(hf_config)
     if not (hf_dir / "tokenizer.json").is_file():
         raise SlmforgeError(f"{hf_dir}: no tokenizer.json (a slow-only tokenizer?); write one with "
                             f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) and import again")
@@ -56,7 +57,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     return out
 
 
-def load_hf_weights(hf_dir: Path, cfg: ModelConfig, multimodal: bool = False) -> Decoder:
+def load_hf_weights(hf_dir: Path, cfg: ModelConfig, multimodal: bool = False) -> nn.Module:
     """Build the model `cfg` describes and fill it from the checkpoint in `hf_dir`, checking every tensor."""
     model = build_model(cfg, device="cpu", seed=None)
     targets = model.state_dict()  # shares storage with the parameters
@@ -65,7 +66,11 @@ def load_hf_weights(hf_dir: Path, cfg: ModelConfig, multimodal: bool = False) ->
                            multimodal, where=str(hf_dir))
         with torch.no_grad():
             for ours, stored in plan.items():
-                targets[ours].copy_(checkpoint.tensor(stored))  # bf16/fp16 checkpoints become float32
+                if isinstance(stored, tuple):  # rows of a fused tensor (ModernBERT's Wqkv, Wi)
+                    name, start, stop = stored
+                    targets[ours].copy_(checkpoint.tensor(name)[start:stop])
+                else:
+                    targets[ours].copy_(checkpoint.tensor(stored))  # bf16/fp16 checkpoints become float32
     return model
 
 

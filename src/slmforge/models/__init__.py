@@ -1,8 +1,12 @@
-"""Model configs, presets and the decoder."""
+"""Model families (decoders, encoders) behind one registry, their configs, presets and building blocks."""
 
-from slmforge.models.config import ModelConfig
-from slmforge.models.decoder import Decoder, build_model
+from slmforge.models.decoder import Decoder
+from slmforge.models.decoder_config import DecoderConfig
+from slmforge.models.encoder import Encoder
+from slmforge.models.encoder_config import EncoderConfig
 from slmforge.models.layers import KVCache
 from slmforge.models.presets import PRESETS
+from slmforge.models.registry import FAMILIES, ModelConfig, build_model, config_from_dict, family
 
-__all__ = ["ModelConfig", "Decoder", "build_model", "KVCache", "PRESETS"]
+__all__ = ["DecoderConfig", "EncoderConfig", "ModelConfig", "Decoder", "Encoder", "build_model", "KVCache",
+           "PRESETS", "FAMILIES", "family", "config_from_dict"]

@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmforge.models.config import ModelConfig
+from slmforge.models.decoder_config import DecoderConfig
+from slmforge.models.heads import OutputProjection
 from slmforge.models.layers import (
     Attention,
+    Float32Buffers,
     GatedMLP,
     KVCache,
     RMSNorm,
-    attention_mask,
+    causal_mask,
     rope_cos_sin,
     rope_inverse_frequencies,
 )
@@ -23,14 +25,17 @@ from slmforge.models.layers import (
 class Block(nn.Module):
     """Pre-norm block; with `sandwich_norm` the branch outputs are normalised too (Gemma 3)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_unit_offset)  # noqa: E731
         self.sliding = cfg.is_sliding(layer)
         self.attn_norm = norm()
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer=layer,
+            scale=cfg.attention_scale, dropout=cfg.dropout, causal=True,
+            qk_norm=(lambda: RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)) if cfg.qk_norm else None)
         self.mlp_norm = norm()
-        self.mlp = GatedMLP(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation)
         self.attn_out_norm = norm() if cfg.sandwich_norm else None
         self.mlp_out_norm = norm() if cfg.sandwich_norm else None
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
@@ -50,8 +55,10 @@ class Block(nn.Module):
         return x + h
 
 
-class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class Decoder(Float32Buffers, nn.Module):
+    float32_buffers = ("inv_freq_global", "inv_freq_local")
+
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -75,20 +82,6 @@ class Decoder(nn.Module):
         # Gemma 3 applies rope scaling to global layers only; local layers keep plain RoPE.
         self.inv_freq_local.copy_(rope_inverse_frequencies(cfg, local_theta, scaled=cfg.family != "gemma3"))
 
-    def _apply(self, fn, recurse=True):
-        # Keep RoPE frequencies float32 under .to(torch.bfloat16) / .half(), as transformers does:
-        # rounded to bf16 they rotate position 100 ~0.1 rad off and move logits by ~0.1.
-        super()._apply(fn, recurse)
-        rounded = False
-        for name in ("inv_freq_global", "inv_freq_local"):
-            buffer = getattr(self, name)
-            if buffer.dtype != torch.float32:
-                setattr(self, name, torch.empty(buffer.shape, dtype=torch.float32, device=buffer.device))
-                rounded = True
-        if rounded:
-            self.reset_buffers()
-        return self
-
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Seeded N(0, std) init; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
@@ -108,8 +101,14 @@ class Decoder(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states (B, T, hidden) for token ids (B, T)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, hidden) for token ids (B, T).
+
+        `attention_mask` (B, S), 1 = token, 0 = padding, covers the cached tokens and the new ones
+        (S = cache position + T), as in transformers. Positions count real tokens only, so left- and
+        right-padded rows get the same positions as unpadded ones.
+        """
         cfg = self.cfg
         B, T = input_ids.shape
         start = cache.position if cache is not None else 0
@@ -119,12 +118,21 @@ class Decoder(nn.Module):
         if cfg.embed_scale:
             # Gemma multiplies by sqrt(d) rounded to the activation dtype (transformers' normalizer).
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        device = input_ids.device
+        if attention_mask is None:
+            positions = torch.arange(start, start + T, device=device)  # (T,)
+            padding = None
+        else:
+            if attention_mask.shape != (B, start + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                 f"{(B, start + T)} (cached + new tokens)")
+            padding = attention_mask.bool()
+            positions = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
         tables = {False: rope_cos_sin(self.inv_freq_global, positions, x.dtype)}
-        masks = {False: attention_mask(T, start, None, input_ids.device)}
+        masks = {False: causal_mask(T, start, None, device, padding)}
         if self.has_local_layers:
             tables[True] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
-            masks[True] = attention_mask(T, start, cfg.sliding_window, input_ids.device)
+            masks[True] = causal_mask(T, start, cfg.sliding_window, device, padding)
         for block in self.layers:
             cos, sin = tables[block.sliding]
             x = block(x, cos, sin, masks[block.sliding], cache)
@@ -132,36 +140,17 @@ class Decoder(nn.Module):
             cache.position += T
         return self.norm(x)
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+    def output_projection(self, hidden: torch.Tensor) -> OutputProjection:
+        """The head as a value: final hidden states times the (tied or separate) output matrix."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return OutputProjection(hidden, weight, None, self.cfg.final_logit_softcap)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.output_weight)
-        cap = self.cfg.final_logit_softcap
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T)."""
-        return self.logits(self.hidden_states(input_ids, cache))
+        """Logits (..., vocab) for hidden states (..., hidden)."""
+        return self.output_projection(hidden).logits()
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         param = self.embed.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, param.device, param.dtype)
-
-
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> Decoder:
-    """Build on the meta device, materialise on `device`, then initialise (seeded) or leave for loading.
-
-    With seed=None the weights are left uninitialised for a checkpoint to fill; buffers are set either way.
-    """
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    model.to_empty(device=device)
-    if seed is None:
-        model.reset_buffers()
-    else:
-        model.init_weights(seed)
-    return model
+        cfg = self.cfg
+        return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch_size, max_len or cfg.max_seq_len,
+                       param.device, param.dtype)

@@ -1,14 +1,17 @@
-"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention, gated MLP, KV cache."""
+"""Building blocks shared by every family: norms, rotary embeddings, attention, MLPs, masks, KV cache.
+
+Blocks take their sizes as arguments rather than a family's config, so the decoder and the encoders
+(BERT, RoBERTa, ModernBERT) assemble the same pieces in their own order.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from slmforge.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -39,13 +42,36 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------- rotary position embedding
 
 
-def rope_inverse_frequencies(cfg: ModelConfig, theta: float, scaled: bool) -> torch.Tensor:
-    """Per-pair rotation speeds 1 / theta^(2i/d), optionally rescaled for longer contexts."""
+class Float32Buffers:
+    """Mixin for models with RoPE frequency buffers: keep them float32 under .to(torch.bfloat16) /
+    .half(), as transformers does (rounded to bf16 they rotate position 100 ~0.1 rad off and move
+    logits by ~0.1). The model names them in `float32_buffers` and recomputes them in reset_buffers()."""
+
+    float32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        rounded = False
+        for name in self.float32_buffers:
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                setattr(self, name, torch.empty(buffer.shape, dtype=torch.float32, device=buffer.device))
+                rounded = True
+        if rounded:
+            self.reset_buffers()
+        return self
+
+
+
+def rope_inverse_frequencies(cfg, theta: float, scaled: bool) -> torch.Tensor:
+    """Per-pair rotation speeds 1 / theta^(2i/d), optionally rescaled for longer contexts.
+
+    `cfg` supplies head_dim and, when `scaled`, the rope_scaling fields (a decoder config)."""
     dim = cfg.head_dim
     # float32 exactly as transformers and the reference Llama/Gemma code compute it: a float64 table
     # differs by ~1 ulp, which at position 8k already moves logits by ~4e-3 against those checkpoints.
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if not scaled or cfg.rope_scaling == "none":
+    if not scaled or getattr(cfg, "rope_scaling", "none") == "none":
         return inv_freq.float()
     factor = cfg.rope_scaling_factor
     if cfg.rope_scaling == "linear":
@@ -65,9 +91,12 @@ def rope_inverse_frequencies(cfg: ModelConfig, theta: float, scaled: bool) -> to
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (T, head_dim) for the given positions, computed in float32."""
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, hd): the "rotate half" layout of HF models
+    """cos/sin tables for positions (T,) -> (T, head_dim), or per row (B, T) -> (B, 1, T, head_dim),
+    computed in float32; both broadcast against (B, heads, T, head_dim)."""
+    angles = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., T, hd): the "rotate half" layout of HF models
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, hd): one table per row, shared by the heads
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -84,17 +113,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------- attention
 
 
+
 class KVCache:
     """Preallocated keys/values for every layer, shape (B, kv_heads, max_len, head_dim) each.
 
     `position` counts tokens already stored; the decoder advances it after a forward pass.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device,
-                 dtype: torch.dtype):
-        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, batch_size: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_len = max_len
         self.position = 0
 
@@ -108,74 +138,135 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    """Multi-head attention with grouped-query heads, optional QK-norm, biases and rotary positions.
+
+    `causal` decoders use SDPA's is_causal when no mask is needed (no materialised score matrix);
+    encoders attend both ways and pass a mask only for padding or local windows.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, layer: int,
+                 scale: float, dropout: float = 0.0, bias: bool = False, causal: bool = True,
+                 qk_norm: Callable[[], nn.Module] | None = None):
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.scale = cfg.attention_scale
-        self.dropout = cfg.dropout
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
-        else:
-            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.dropout, self.causal = scale, dropout, causal
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.q_norm = qk_norm() if qk_norm else None
+        self.k_norm = qk_norm() if qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         prefix = cache is not None and cache.position > 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd) with S = position + T
         # Fused SDPA: flash / memory-efficient kernels on GPU, never a materialised score matrix for
-        # full attention (is_causal). Sliding-window layers pass a boolean (T, S) mask instead.
+        # full causal attention (is_causal). Windows and padding pass a boolean mask instead.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and not prefix,
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1 and not prefix,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
-def attention_mask(q_len: int, start: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Boolean (T, S) mask for queries at positions start..start+T over keys 0..start+T.
+# ---------------------------------------------------------------- masks (True = may attend)
 
-    True = may attend. Returns None when plain causal attention (SDPA's is_causal) is exact:
-    no window and no cached prefix, or a single new token with no window.
+
+def causal_mask(q_len: int, start: int, window: int | None, device: torch.device,
+                key_padding: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Mask for queries at positions start..start+T over keys 0..start+T: (T, S), or (B, 1, T, S) with
+    `key_padding` (B, S) (True = a real token).
+
+    Returns None when plain causal attention (SDPA's is_causal) is exact: no padding, no window and no
+    cached prefix, or a single new token with no window.
     """
     total = start + q_len
-    if window is None and (start == 0 or q_len == 1):
-        return None
-    if window is not None and total <= window and (start == 0 or q_len == 1):
-        return None  # the window covers everything visible
+    if key_padding is None:
+        if window is None and (start == 0 or q_len == 1):
+            return None
+        if window is not None and total <= window and (start == 0 or q_len == 1):
+            return None  # the window covers everything visible
     query_pos = torch.arange(start, total, device=device)[:, None]
     key_pos = torch.arange(total, device=device)[None, :]
     mask = key_pos <= query_pos
     if window is not None:
         mask &= query_pos - key_pos < window  # the token itself counts towards the window
-    return mask
+    if key_padding is None:
+        return mask
+    return _with_padding(mask, key_padding, query_pos == key_pos)
+
+
+def bidirectional_mask(length: int, window: int | None, device: torch.device,
+                       key_padding: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Encoder mask: every token sees every real token, or those within `window` on each side.
+
+    Returns None (no mask at all: the fastest kernels) when neither padding nor a window applies."""
+    positions = torch.arange(length, device=device)
+    mask = None
+    if window is not None and window < length - 1:
+        mask = (positions[:, None] - positions[None, :]).abs() <= window
+    if key_padding is None:
+        return mask
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=device)
+    return _with_padding(mask, key_padding, positions[:, None] == positions[None, :])
+
+
+def _with_padding(mask: torch.Tensor, key_padding: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """(T, S) & padding (B, S) -> (B, 1, T, S). A padding query may always see itself: a row with no
+    allowed key would turn SDPA's softmax into NaN, which would then leak into gradients."""
+    full = mask[None, None] & key_padding[:, None, None, :].bool()
+    return full | diagonal[None, None]
+
+
+# ---------------------------------------------------------------- feed-forward
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """silu (SwiGLU), gelu_tanh (GeGLU in Gemma), gelu (exact erf form: BERT, RoBERTa, ModernBERT)."""
+    if name == "silu":
+        return F.silu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"unknown activation {name!r}")
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with tanh-approximated gelu."""
+    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.activation = cfg.activation
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation_fn(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    """down(act(up(x))): the original Transformer / BERT feed-forward."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = True):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation_fn(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))

@@ -1,12 +1,19 @@
-"""Named model shapes. Each is a dict of `ModelConfig` fields; anything given beside a preset wins.
+"""Named model shapes of every family. Each is a dict of config fields, `family` included (it picks the
+config class); anything given beside a preset wins.
 
 Sources: Gemma 3 270M from google/gemma-3-270m's config.json; Llama shapes follow the seed-002
-"150M from scratch" write-up (GQA, RoPE, SwiGLU, pre-norm); the tiny ones exist for CPU tests.
+"150M from scratch" write-up (GQA, RoPE, SwiGLU, pre-norm); BERT, XLM-R and ModernBERT base shapes from
+their config.json files; seed 001's BERT and seed 004's student from their write-ups; the tiny ones
+exist for CPU tests.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from slmforge.errors import ConfigError
+
+DEFAULT_FAMILY = "llama"
 
 _GEMMA3 = dict(
     family="gemma3", activation="gelu_tanh", norm_unit_offset=True, sandwich_norm=True, qk_norm=True,
@@ -51,4 +58,60 @@ PRESETS: dict[str, dict[str, Any]] = {
         family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
         intermediate_size=64, max_seq_len=64, tie_embeddings=True,
     ),
+    # ---- encoders (masked LM)
+    # Seed 001: 3 layers, hidden 256, 4 heads, FFN 1024, 512 positions, dropout 0.1 (~10M with 30k vocab).
+    "bert-10m": dict(
+        family="bert", vocab_size=30_522, hidden_size=256, num_layers=3, num_heads=4, intermediate_size=1024,
+        max_seq_len=512, dropout=0.1,
+    ),
+    "bert-base": dict(
+        family="bert", vocab_size=30_522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+        max_seq_len=512, dropout=0.1,
+    ),
+    # Seed 004's teacher shape: XLM-RoBERTa base, 250,002 ids, positions offset by padding_idx + 1.
+    "xlmr-base": dict(
+        family="roberta", vocab_size=250_002, hidden_size=768, num_layers=12, num_heads=12,
+        intermediate_size=3072, max_seq_len=512, pad_token_id=1, dropout=0.1,
+    ),
+    "modernbert-base": dict(
+        family="modernbert", vocab_size=50_368, hidden_size=768, num_layers=22, num_heads=12,
+        intermediate_size=1152, max_seq_len=8192, local_window=128, global_every=3, pad_token_id=50_283,
+    ),
+    # Seed 004's ~33M Hindi student, in ModernBERT's layout (RoPE, GeGLU, pre-norm, local/global), 32k vocab.
+    "modernbert-hindi-33m": dict(
+        family="modernbert", vocab_size=32_000, hidden_size=512, num_layers=8, num_heads=8,
+        intermediate_size=768, max_seq_len=1024, local_window=128, global_every=3,
+    ),
+    "bert-tiny": dict(
+        family="bert", vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+        max_seq_len=128, dropout=0.0,
+    ),
+    "roberta-tiny": dict(
+        family="roberta", vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+        max_seq_len=128, dropout=0.0,
+    ),
+    "modernbert-tiny": dict(
+        family="modernbert", vocab_size=4096, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96,
+        max_seq_len=128, local_window=16, global_every=3,
+    ),
 }
+
+
+def family_of(data: dict[str, Any]) -> str:
+    """The family a [model] table describes: its own `family`, else its preset's, else llama."""
+    if data.get("family") is not None:
+        return data["family"]
+    name = data.get("preset")
+    if name is not None and name in PRESETS:
+        return PRESETS[name].get("family", DEFAULT_FAMILY)
+    return DEFAULT_FAMILY
+
+
+def expand_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """`preset = "x"` becomes the preset's fields; fields given beside it win."""
+    name = data.get("preset")
+    if name is None:
+        return data
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return {**PRESETS[name], **data}

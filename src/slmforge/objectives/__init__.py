@@ -1,1 +1,34 @@
-"""Objectives turn a batch into a loss: the only thing that differs between training modes."""
+"""Objectives: each turns raw token windows into model inputs and targets and computes the loss.
+
+Pretraining (CLM, MLM; later span corruption), distillation and fine-tuning are the same trainer with
+another objective. A recipe picks one in its [objective] section by `kind`.
+"""
+
+from __future__ import annotations
+
+from slmforge.errors import SlmforgeError
+from slmforge.objectives.base import Objective, batch_generator, mean_loss, summarize
+from slmforge.objectives.clm import CausalLM, ClmConfig
+from slmforge.objectives.mlm import MaskedLM, MlmConfig
+
+ObjectiveConfig = ClmConfig | MlmConfig
+"""What a recipe's [objective] section holds; `kind` picks the class."""
+
+DEFAULT_FOR_KIND = {"decoder": "clm", "encoder": "mlm"}
+
+
+def build_objective(cfg: ObjectiveConfig, model_kind: str, family_name: str, tokenizer=None,
+                    where: str = "tokenizer") -> Objective:
+    """The objective `cfg` describes, checked against the model it will train."""
+    cls = MaskedLM if isinstance(cfg, MlmConfig) else CausalLM
+    if model_kind not in cls.kinds:
+        article = "an" if model_kind[0] in "aeiou" else "a"
+        raise SlmforgeError(f"objective.kind: {cfg.kind!r} cannot train model family {family_name!r} "
+                            f"({article} {model_kind}); use objective.kind = \"{DEFAULT_FOR_KIND[model_kind]}\"")
+    if cls is MaskedLM:
+        return MaskedLM.for_tokenizer(cfg, tokenizer, where)
+    return CausalLM(cfg)
+
+
+__all__ = ["Objective", "ObjectiveConfig", "ClmConfig", "MlmConfig", "CausalLM", "MaskedLM", "build_objective",
+           "batch_generator", "mean_loss", "summarize", "DEFAULT_FOR_KIND"]

@@ -2,26 +2,56 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
 import torch
 from torch import nn
 
-from slmforge.objectives.losses import linear_cross_entropy
+from slmforge.objectives.base import IGNORE_INDEX
+from slmforge.objectives.losses import projection_cross_entropy
+
+
+@dataclass
+class ClmConfig:
+    TAG: ClassVar[str] = "kind"
+
+    kind: Literal["clm"] = "clm"
+    """clm: next-token prediction (decoders)."""
 
 
 class CausalLM:
-    """batch {"input_ids": (B, T), "targets": (B, T)} -> mean next-token cross-entropy.
+    """Windows of seq_len + 1 tokens -> inputs and next-token targets; loss on every scored target.
 
-    Targets equal to -100 (e.g. prompt tokens in fine-tuning) carry no loss.
+    Targets equal to -100 (e.g. prompt tokens in fine-tuning, a bos after eos) carry no loss.
     """
 
     name = "clm"
+    kinds = ("decoder",)
+    metric_names = ("accuracy",)
+    bits_per_byte = True
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden = model.hidden_states(batch["input_ids"])
-        loss = linear_cross_entropy(hidden, model.output_weight, batch["targets"],
-                                    softcap=model.cfg.final_logit_softcap)
-        return loss, {}
+    def __init__(self, cfg: ClmConfig | None = None):
+        self.cfg = cfg or ClmConfig()
 
-    @staticmethod
-    def target_tokens(batch: dict[str, torch.Tensor]) -> int:
-        return int((batch["targets"] != -100).sum())
+    def window_tokens(self, seq_len: int) -> int:
+        return seq_len + 1
+
+    def collate(self, raw: dict[str, torch.Tensor], generator: torch.Generator | None = None
+                ) -> dict[str, torch.Tensor]:
+        tokens = raw["tokens"].long()
+        targets = tokens[:, 1:]
+        if "scored" in raw:
+            targets = torch.where(raw["scored"][:, 1:], targets, IGNORE_INDEX)
+        batch = {"input_ids": tokens[:, :-1], "targets": targets}
+        if "attention_mask" in raw:
+            batch["attention_mask"] = raw["attention_mask"][:, :-1]
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = model(batch["input_ids"], batch.get("attention_mask"))
+        loss, correct = projection_cross_entropy(model.output_projection(hidden), batch["targets"],
+                                                 with_correct=True)
+        count = (batch["targets"] != IGNORE_INDEX).sum().clamp(min=1)
+        return loss, {"accuracy": correct / count}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from slmforge import config
-from slmforge.data.mixture import MixtureConfig
+from slmforge.text.mixture import MixtureConfig
 
 SECTION = "tokenizer"
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from slmforge.data.sources import SourceConfig
+from slmforge.text.sources import SourceConfig
 from slmforge.errors import SlmforgeError
 from slmforge.tokenizer import pretokenize
 from slmforge.tokenizer.sample import strict_lines

@@ -3,7 +3,7 @@
 The `tokenizers` trainers hold every sentence (and its word counts) in memory and are known to
 run out of memory on tens of GB and to overflow on single huge "sentences". So the trainer only
 ever sees `max_sentences` lines of at most `max_chars` characters, drawn uniformly by reservoir
-sampling while the files stream past: memory is bounded by the budget, not by the corpus. Files are read by `slmforge.data.sources` (text, JSONL, Parquet, .gz, .zst), one
+sampling while the files stream past: memory is bounded by the budget, not by the corpus. Files are read by `slmforge.text.sources` (text, JSONL, Parquet, .gz, .zst), one
 line of text = one sentence.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from slmforge.data.sampling import reservoir_sample
-from slmforge.data.sources import ReadStats, SourceConfig, SourceReader
+from slmforge.text.sampling import reservoir_sample
+from slmforge.text.sources import ReadStats, SourceConfig, SourceReader
 from slmforge.errors import SlmforgeError
 
 

@@ -21,8 +21,8 @@ from tokenizers import AddedToken, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from slmforge import config as config_io
-from slmforge.data.mixture import sample_sentences
-from slmforge.data.sampling import reservoir_sample
+from slmforge.text.mixture import sample_sentences
+from slmforge.text.sampling import reservoir_sample
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
 from slmforge.tokenizer import pretokenize

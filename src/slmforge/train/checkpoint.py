@@ -1,4 +1,4 @@
-"""Checkpoints: self-describing step folders inside a run folder.
+"""Writing checkpoints: self-describing step folders inside a run folder (reading them: `slmforge.runs`).
 
     run/checkpoints/step-000500/
         model.safetensors   # weights, plain names (never `_orig_mod.` / `module.` prefixes)
@@ -20,29 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import slmforge
 from slmforge.errors import SlmforgeError
-from slmforge.fileio import read_json, write_text_atomic
-from slmforge.models import Decoder, ModelConfig, build_model
-
-WEIGHTS = "model.safetensors"
-META = "meta.json"
-STATE = "state.pt"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under torch.compile / DDP / FSDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+from slmforge.fileio import write_text_atomic
+from slmforge.runs import META, STATE, WEIGHTS, unwrap
 
 
 def step_dir_name(step: int) -> str:
@@ -94,73 +78,6 @@ def _prune(root: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(old)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder, its `checkpoints/` folder, or a step folder -> the step folder to load."""
-    path = Path(path)
-    if (path / WEIGHTS).is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        latest = root / "latest"
-        if latest.is_file():
-            step = root / latest.read_text(encoding="utf-8").strip()
-            if not (step / WEIGHTS).is_file():
-                raise SlmforgeError(f"{latest}: points to {step.name}, which has no {WEIGHTS}")
-            return step
-    if not path.exists():
-        raise SlmforgeError(f"{path}: no such run or checkpoint folder")
-    raise SlmforgeError(f"{path}: not a run or checkpoint folder (no {WEIGHTS} and no checkpoints/latest)")
-
-
-def read_meta(step_dir: Path) -> dict[str, Any]:
-    path = step_dir / META
-    try:
-        return read_json(path)
-    except FileNotFoundError:
-        raise SlmforgeError(f"{path}: missing; the checkpoint is incomplete") from None
-
-
-def model_config_from_meta(meta: dict[str, Any], where: Path) -> ModelConfig:
-    from slmforge import config
-
-    try:
-        return config.from_dict(ModelConfig, meta["model"], "model")
-    except KeyError:
-        raise SlmforgeError(f"{where / META}: has no model config") from None
-    except SlmforgeError as e:
-        raise SlmforgeError(f"{where / META}: {e}") from None
-
-
-def load_weights(model: nn.Module, step_dir: Path) -> None:
-    """Load safetensors into `model`, naming the first missing, unexpected or mis-shaped tensor."""
-    path = step_dir / WEIGHTS
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise SlmforgeError(f"{path}: cannot read weights ({e})") from None
-    model = unwrap(model)
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        if name not in tensors:
-            raise SlmforgeError(f"{path}: missing tensor {name}")
-        if tensors[name].shape != tensor.shape:
-            raise SlmforgeError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                f"the model expects {tuple(tensor.shape)}")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise SlmforgeError(f"{path}: unexpected tensor {unexpected[0]} (a different architecture?)")
-    model.load_state_dict(tensors, strict=True)
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Decoder, Path, dict[str, Any]]:
-    """Build the model a checkpoint describes and fill in its weights. Returns (model, step_dir, meta)."""
-    step_dir = resolve_checkpoint(path)
-    meta = read_meta(step_dir)
-    cfg = model_config_from_meta(meta, step_dir)
-    model = build_model(cfg, device=device, seed=None)
-    load_weights(model, step_dir)
-    return model, step_dir, meta
-
-
 def load_state(step_dir: Path) -> dict[str, Any]:
     path = step_dir / STATE
     if not path.is_file():
@@ -171,16 +88,3 @@ def load_state(step_dir: Path) -> dict[str, Any]:
         raise SlmforgeError(f"{path}: corrupt trainer state ({type(e).__name__}: {e})") from None
 
 
-def run_dir_of(step_dir: Path) -> Path:
-    """The run folder that holds a step folder (…/run/checkpoints/step-N -> …/run)."""
-    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
-
-
-def find_tokenizer_dir(path: str | Path) -> Path:
-    """The tokenizer saved with a run: `run/tokenizer/`, found from a run, checkpoint or step folder."""
-    path = Path(path)
-    step_dir = resolve_checkpoint(path)
-    for candidate in (step_dir / "tokenizer", run_dir_of(step_dir) / "tokenizer", path / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            return candidate
-    raise SlmforgeError(f"{path}: no tokenizer/ folder with tokenizer.json next to the checkpoint")

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from slmforge import config
-    from slmforge.models import PRESETS, ModelConfig
+    from slmforge.models import PRESETS, DecoderConfig
     from slmforge.train.config import PretrainConfig
     from slmforge.train.pretrain import pretrain
 
@@ -30,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.list_presets:
         for name in sorted(PRESETS):
-            cfg = ModelConfig.from_name(name)
+            cfg = DecoderConfig.from_name(name)
             print(f"{name:<20} {cfg.family:<7} {cfg.num_parameters() / 1e6:8.1f}M params  "
                   f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
                   f"vocab {cfg.vocab_size}")

@@ -1,7 +1,8 @@
 """Config sections of a training run (`slmforge pretrain`); one dataclass per concern.
 
 A recipe file may hold every verb's sections: [tokenizer] (tokenizer train), [data] (data prepare),
-and [model] [optim] [schedule] [train] [tracking] (pretrain). Each verb reads its own and skips the rest.
+and [model] [objective] [optim] [schedule] [train] [tracking] (pretrain). Each verb reads its own and
+skips the rest.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from slmforge.config import require
-from slmforge.models import ModelConfig
+from slmforge.models import DecoderConfig, ModelConfig
+from slmforge.models.presets import family_of
+from slmforge.models.registry import FAMILIES
+from slmforge.objectives import DEFAULT_FOR_KIND, ClmConfig, ObjectiveConfig
 
 
 @dataclass
@@ -122,7 +126,8 @@ class PretrainConfig:
     """Sections read by `slmforge pretrain`."""
 
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=DecoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ClmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -138,6 +143,12 @@ class PretrainConfig:
         data = dict(data)
         prepared = data.pop("data", None)
         data.pop("tokenizer", None)
+        # Without an [objective] section the model's kind picks it: clm for decoders, mlm for encoders.
+        model = data.get("model")
+        objective = data.get("objective")
+        if isinstance(model, dict) and (objective is None or (isinstance(objective, dict) and "kind" not in objective)):
+            kind = FAMILIES[family_of(model)].kind if family_of(model) in FAMILIES else "decoder"
+            data["objective"] = {"kind": DEFAULT_FOR_KIND[kind], **(objective or {})}
         train = dict(data.get("train", {}))
         if not train.get("data") and isinstance(prepared, dict) and prepared.get("out"):
             train["data"] = prepared["out"]

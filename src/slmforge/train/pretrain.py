@@ -1,4 +1,4 @@
-"""`slmforge pretrain`: wire data, model, objective and run folder into the Trainer."""
+"""`slmforge pretrain`: wire data, model (any family), objective and run folder into the Trainer."""
 
 from __future__ import annotations
 
@@ -12,16 +12,10 @@ from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
-from slmforge.models import build_model
-from slmforge.objectives.clm import CausalLM
+from slmforge.models import build_model, family
+from slmforge.objectives import build_objective
 from slmforge.runtime import resolve_device, resolve_precision
-from slmforge.train.checkpoint import (
-    find_tokenizer_dir,
-    load_weights,
-    model_config_from_meta,
-    read_meta,
-    resolve_checkpoint,
-)
+from slmforge.runs import find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, resolve_checkpoint
 from slmforge.train.config import PretrainConfig
 from slmforge.train.metrics import MetricsLog, make_trackers
 from slmforge.train.trainer import Trainer
@@ -51,7 +45,7 @@ def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
     return info.get("sha256")
 
 
-def pretrain(cfg: PretrainConfig, objective=None) -> Path:
+def pretrain(cfg: PretrainConfig) -> Path:
     """Train per `cfg` (resuming from its run folder when possible); returns the run folder."""
     loop = cfg.train
     run_dir = Path(loop.out_dir)
@@ -82,6 +76,12 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     elif cfg.model.vocab_size != train_shards.vocab_size:
         say(f"model.vocab_size set to {train_shards.vocab_size} from {loop.data}/manifest.json")
         cfg.model.vocab_size = train_shards.vocab_size
+    model_family = family(cfg.model)
+    pad_id = train_shards.manifest.get("pad_id")
+    if cfg.model.family == "roberta" and not loop.init_from and pad_id is not None and cfg.model.pad_token_id != pad_id:
+        # RoBERTa numbers positions from the pad id, so the model must know the tokenizer's.
+        say(f"model.pad_token_id set to {pad_id} from {loop.data}/manifest.json")
+        cfg.model.pad_token_id = pad_id
     val_shards = None
     if loop.val_split in train_shards.manifest["splits"]:
         val_shards = ShardSet(loop.data, loop.val_split)
@@ -93,8 +93,11 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     if resume:
         _check_same_model(run_dir, cfg)
         _check_same_tokenizer(resolve_checkpoint(run_dir), train_shards.manifest, loop.data)
-    config_io.save(cfg, run_dir / "config.toml")
     tokenizer_sha = copy_tokenizer(train_shards.manifest, Path(loop.data), run_dir)
+    tokenizer = _run_tokenizer(run_dir)
+    objective = build_objective(cfg.objective, model_family.kind, model_family.name, tokenizer,
+                                where=f"{loop.data}/manifest.json")
+    config_io.save(cfg, run_dir / "config.toml")
 
     # Weights about to be replaced by a checkpoint are not initialised first (seconds at 270M).
     loading = resume or bool(loop.init_from)
@@ -106,11 +109,12 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
         for block in model.layers:
             block.compile()  # in place: state_dict names stay free of `_orig_mod.`
 
-    train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed)
+    window = objective.window_tokens(loop.seq_len)
+    train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed, window=window)
     val_batches = None
     if val_shards is not None:
         val_loader = WindowLoader(val_shards, loop.seq_len, loop.batch_size, shuffle=False,
-                                  training=False)
+                                  training=False, window=window)
         val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)
 
     trackers = make_trackers(cfg.tracking.backends, cfg.tracking.project, cfg.tracking.run_name or run_dir.name,
@@ -118,18 +122,20 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
     try:
         trainer = Trainer(
-            model=model, objective=objective or CausalLM(), train_loader=train_loader, loop=loop,
+            model=model, objective=objective, train_loader=train_loader, loop=loop,
             optim=cfg.optim, schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device,
             precision=precision, val_batches=val_batches,
             val_bytes_per_token=val_shards.bytes_per_token if val_shards else None,
             checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": str(loop.data), "seq_len": loop.seq_len,
                              # eval and generate lay out text as training did: with or without bos
-                             "add_bos": train_shards.manifest.get("bos_id") is not None},
-            flops_per_token=cfg.model.flops_per_token(loop.seq_len),
+                             "add_bos": train_shards.manifest.get("bos_id") is not None,
+                             # eval scores the model with the objective it was trained with
+                             "objective": config_io.to_dict(cfg.objective)},
+            flops_per_token=cfg.model.flops_per_token(loop.seq_len), seed=loop.seed,
         )
         n_params = sum(p.numel() for p in model.parameters())
-        say(f"run folder {run_dir} | {n_params / 1e6:.2f}M parameters | {train_shards.num_tokens:,} training "
-            f"tokens | device {device} ({precision})")
+        say(f"run folder {run_dir} | {cfg.model.family} {n_params / 1e6:.2f}M parameters | {objective.name} | "
+            f"{train_shards.num_tokens:,} training tokens | device {device} ({precision})")
         if resume:
             trainer.resume_from(run_dir)
         else:
@@ -138,6 +144,14 @@ def pretrain(cfg: PretrainConfig, objective=None) -> Path:
     finally:
         metrics.close()  # also when resuming fails: trackers are finished, the file closed
     return run_dir
+
+
+def _run_tokenizer(run_dir: Path):
+    """The tokenizer copied into the run folder (None for data made without one, e.g. synthetic)."""
+    from slmforge.tokenizer import load_tokenizer
+
+    folder = run_dir / "tokenizer"
+    return load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
 
 
 def _check_same_model(run_dir: Path, cfg: PretrainConfig) -> None:

@@ -9,21 +9,17 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from slmforge.eval.loss import mean_loss, summarize
 from slmforge.formatting import duration, human
-from slmforge.train.checkpoint import (
-    load_state,
-    load_weights,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from slmforge.objectives.base import batch_generator, mean_loss, summarize
+from slmforge.runs import load_weights, resolve_checkpoint
+from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
 from slmforge.train.metrics import MetricsLog, plot_losses
 from slmforge.train.optim import build_optimizer, learning_rate
@@ -36,6 +32,7 @@ class TrainState:
     # running sums since the last log line, kept in the checkpoint so a resumed run logs the same
     loss_sum: float = 0.0
     loss_steps: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -43,7 +40,7 @@ class Trainer:
                  schedule: ScheduleConfig, run_dir: str | Path, metrics: MetricsLog, device: torch.device,
                  precision: str = "fp32", val_batches: Callable[[], Iterable[dict]] | None = None,
                  val_bytes_per_token: float | None = None, checkpoint_meta: dict[str, Any] | None = None,
-                 flops_per_token: float | None = None, log=None):
+                 flops_per_token: float | None = None, seed: int = 0, rank: int = 0, log=None):
         self.model = model
         self.objective = objective
         self.loader = train_loader
@@ -57,9 +54,10 @@ class Trainer:
         self.val_bytes_per_token = val_bytes_per_token
         self.checkpoint_meta = checkpoint_meta or {}
         self.flops_per_token = flops_per_token
+        self.seed, self.rank = seed, rank
         self.optimizer = build_optimizer(model, optim, device.type)
         self.state = TrainState()
-        self._pending_losses: list[torch.Tensor] = []
+        self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     # ------------------------------------------------------------ checkpoint state
@@ -73,7 +71,7 @@ class Trainer:
                 "loader": self.loader.state_dict(), "rng": rng}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = TrainState(**state["trainer"])
+        self.state = TrainState(**{"metric_sums": {}, **state["trainer"]})
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -95,20 +93,27 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss and metrics."""
         lr = learning_rate(self.state.step, self.loop.max_steps, self.optim_cfg, self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # Losses and the gradient norm stay on the device until a log line needs them: reading them
         # every step would make the host wait for the GPU instead of preparing the next batch.
         total = torch.zeros((), device=self.device)
-        for _ in range(self.loop.grad_accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next_batch().items()}
+        metric_totals: dict[str, torch.Tensor] = {}
+        for micro in range(self.loop.grad_accum):
+            # The objective makes inputs and targets (shift, masking) with a generator of
+            # (seed, step, micro-batch, rank): a resumed run draws the same masks.
+            generator = batch_generator(self.seed, self.state.step, micro, self.rank)
+            batch = self.objective.collate(self.loader.next_batch(), generator)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.autocast:
-                loss, _ = self.objective.loss(self.model, batch)
+                loss, metrics = self.objective.loss(self.model, batch)
             (loss / self.loop.grad_accum).backward()
             total += loss.detach().float()
+            for name, value in metrics.items():
+                metric_totals[name] = metric_totals.get(name, 0.0) + value.detach().float()
             self.state.tokens += batch["input_ids"].numel()
         # The norm is logged even without clipping (max_norm=inf measures without scaling).
         max_norm = self.loop.clip_grad if self.loop.clip_grad > 0 else float("inf")
@@ -117,15 +122,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self._lr = lr
-        return total / self.loop.grad_accum
+        n = self.loop.grad_accum
+        return total / n, {name: value / n for name, value in metric_totals.items()}
 
     def _collect_losses(self) -> None:
         """Move per-step losses from the device into the running sums, in step order (so a resumed
         run adds the same floats in the same order as an uninterrupted one)."""
-        for loss in self._pending_losses:
+        for loss, metrics in self._pending:
             self.state.loss_sum += float(loss)
             self.state.loss_steps += 1
-        self._pending_losses = []
+            for name, value in metrics.items():
+                self.state.metric_sums[name] = self.state.metric_sums.get(name, 0.0) + float(value)
+        self._pending = []
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -133,8 +141,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float] | None:
         if self.val_batches is None:
             return None
-        loss, tokens = mean_loss(self.model, self.objective, self.val_batches(), self.device, self.autocast)
-        result = summarize(loss, self.val_bytes_per_token)
+        means, tokens = mean_loss(self.model, self.objective, self.val_batches(), self.device, self.autocast)
+        result = summarize(means, self.val_bytes_per_token if self.objective.bits_per_byte else None)
         self.metrics.write({"step": self.state.step, "split": "val", **result, "tokens": tokens})
         shown = " | ".join(f"{k} {v:.4f}" for k, v in result.items())
         self.log(f"step {self.state.step:>6} | validation | {shown}")
@@ -149,6 +157,7 @@ class Trainer:
         tok_s = (self.state.tokens - window_tokens) / max(now - window_start, 1e-9)
         eta = (now - run_start) / max(step - start_step, 1) * (self.loop.max_steps - step)
         record = {"step": step, "split": "train", "loss": self.state.loss_sum / self.state.loss_steps,
+                  **{name: total / self.state.loss_steps for name, total in self.state.metric_sums.items()},
                   "lr": self._lr, "grad_norm": float(self._grad_norm), "tokens": self.state.tokens,
                   "tokens_per_s": tok_s}
         if self.flops_per_token:
@@ -156,7 +165,7 @@ class Trainer:
         self.metrics.write(record)
         self.log(f"step {step:>6}/{self.loop.max_steps} {_bar(step / self.loop.max_steps)} | "
                  f"loss {record['loss']:.4f} | lr {self._lr:.2e} | {human(tok_s)} tok/s | ETA {duration(eta)}")
-        self.state.loss_sum, self.state.loss_steps = 0.0, 0
+        self.state.loss_sum, self.state.loss_steps, self.state.metric_sums = 0.0, 0, {}
         self._window = (time.perf_counter(), self.state.tokens)
 
     def fit(self) -> dict[str, float] | None:
@@ -169,7 +178,7 @@ class Trainer:
         self._run_start = (time.perf_counter(), self.state.step)
         with StopOnInterrupt(self.log) as interrupt:
             while self.state.step < loop.max_steps:
-                self._pending_losses.append(self.train_step())
+                self._pending.append(self.train_step())
                 step = self.state.step
                 if step % loop.log_every == 0 or step == loop.max_steps:
                     self._log_train(step)

@@ -1,6 +1,6 @@
-"""Hugging Face names: the one place that knows transformers' config fields and weight names.
+"""Hugging Face names of the decoder families (see `models/hf/__init__.py` for the adapter interface).
 
-Two families map onto `ModelConfig`:
+Two families map onto `DecoderConfig`:
 
     family   transformers class                      config.json model_type
     gemma3   Gemma3ForCausalLM                       gemma3_text
@@ -35,12 +35,13 @@ import torch
 
 from slmforge.config import validate as validate_config
 from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.models.config import ModelConfig
+from slmforge.models.decoder_config import DecoderConfig
 
 ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}
 MODEL_TYPES = {"gemma3": "gemma3_text", "llama": "llama"}
 MULTIMODAL_GEMMA3 = "Gemma3ForConditionalGeneration"
-SUPPORTED = "Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its text part) and LlamaForCausalLM"
+SUPPORTED = ("Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its text part), LlamaForCausalLM, "
+             "BertForMaskedLM, XLMRobertaForMaskedLM, RobertaForMaskedLM and ModernBertForMaskedLM")
 
 # transformers' own defaults for fields a config.json may leave out (Gemma3TextConfig / LlamaConfig).
 # They matter: multimodal Gemma 3 checkpoints store only the text_config fields that differ from these.
@@ -81,10 +82,10 @@ _FAMILY_SWITCHES = {
 }
 
 
-# ---------------------------------------------------------------- ModelConfig -> config.json
+# ---------------------------------------------------------------- DecoderConfig -> config.json
 
 
-def check_exportable(cfg: ModelConfig) -> None:
+def check_exportable(cfg: DecoderConfig) -> None:
     """Raise a SlmforgeError naming the first field transformers' class for this family cannot express."""
     if cfg.family not in ARCHITECTURES:
         raise SlmforgeError(f"model.family: {cfg.family!r} has no Hugging Face mapping; supported: gemma3, llama")
@@ -104,7 +105,7 @@ def check_exportable(cfg: ModelConfig) -> None:
             raise SlmforgeError(f"model.final_logit_softcap: {arch} has no logit soft-capping")
 
 
-def _rope_scaling_dict(cfg: ModelConfig) -> dict[str, Any] | None:
+def _rope_scaling_dict(cfg: DecoderConfig) -> dict[str, Any] | None:
     """transformers' rope_scaling dict for our scaling settings (None = plain RoPE)."""
     if cfg.rope_scaling == "none":
         return None
@@ -115,7 +116,7 @@ def _rope_scaling_dict(cfg: ModelConfig) -> dict[str, Any] | None:
     return scaling
 
 
-def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id: int | None = None,
+def config_to_hf(cfg: DecoderConfig, *, dtype: str = "float32", bos_token_id: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None) -> dict[str, Any]:
     """config.json contents for `cfg`, readable by transformers 4.5x and 5.x alike."""
     check_exportable(cfg)
@@ -182,12 +183,7 @@ def _whole(value: float, name: str) -> int:
     return int(value)
 
 
-def generation_config(bos_token_id: int | None, eos_token_id: int | None, pad_token_id: int | None
-                      ) -> dict[str, Any]:
-    return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
-
-
-# ---------------------------------------------------------------- config.json -> ModelConfig
+# ---------------------------------------------------------------- config.json -> DecoderConfig
 
 
 def text_config(hf: dict[str, Any], where: str = "config.json") -> tuple[str, dict[str, Any], bool]:
@@ -211,8 +207,12 @@ def text_config(hf: dict[str, Any], where: str = "config.json") -> tuple[str, di
                         f"slmforge imports {SUPPORTED}")
 
 
-def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """The `ModelConfig` equivalent to a transformers config.json dict (4.5x or 5.x form)."""
+def is_multimodal(hf: dict[str, Any]) -> bool:
+    return text_config(hf)[2]
+
+
+def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderConfig:
+    """The `DecoderConfig` equivalent to a transformers config.json dict (4.5x or 5.x form)."""
     family, text, _ = text_config(hf, where)
     if family == "gemma3":
         where = f"{where} text_config" if text is not hf else where
@@ -261,7 +261,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
                       final_logit_softcap=get.optional("final_logit_softcapping"))
         fields.update(_gemma3_layers(get, fields["num_layers"], where))
         fields.update(_gemma3_rope(get, fields["max_seq_len"], where))
-    cfg = ModelConfig(**fields)
+    cfg = DecoderConfig(**fields)
     try:
         validate_config(cfg, "model")
     except ConfigError as e:
@@ -363,7 +363,7 @@ def _rope_scaling_fields(rope: dict[str, Any], where: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- weight names
 
 
-def hf_name(cfg: ModelConfig, name: str) -> str:
+def hf_name(cfg: DecoderConfig, name: str) -> str:
     """transformers' name for one of our state-dict keys (see the table at the top of this file)."""
     if name == "embed.weight":
         return "model.embed_tokens.weight"
@@ -377,7 +377,7 @@ def hf_name(cfg: ModelConfig, name: str) -> str:
     return ".".join(["model", "layers", parts[1], _LAYER_MODULES[cfg.family][parts[2]], *parts[3:]])
 
 
-def state_dict_to_hf(cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
+def state_dict_to_hf(cfg: DecoderConfig, state_dict: dict[str, torch.Tensor],
                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Our state dict under transformers' names (tied models: embed_tokens only), contiguous on CPU."""
     out = {}
@@ -411,7 +411,7 @@ def text_weight_name(name: str, multimodal: bool) -> str | None:
     return name
 
 
-def plan_import(cfg: ModelConfig, expected: dict[str, torch.Size], available: dict[str, tuple[int, ...]],
+def plan_import(cfg: DecoderConfig, expected: dict[str, torch.Size], available: dict[str, tuple[int, ...]],
                 multimodal: bool = False, where: str = "checkpoint") -> dict[str, str]:
     """Match checkpoint tensors to our parameters: {our name: checkpoint name}.
 

@@ -1,21 +1,22 @@
-"""`ModelConfig`: one dataclass describing every decoder slmforge builds, plus named presets.
+"""`DecoderConfig`: one dataclass describing every decoder slmforge builds.
 
 A family ("llama", "gemma3") is a set of switches on the same decoder, not a separate model class:
 Gemma 3 = Llama + QK-norm + sandwich norms + (1 + w) RMSNorm + √d embedding scale + GeGLU +
-sliding/global layer pattern with two RoPE bases. `models/hf.py` maps each family to transformers.
+sliding/global layer pattern with two RoPE bases. `models/hf/decoder.py` maps each family to transformers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from slmforge.config import from_dict, require
-from slmforge.errors import ConfigError
 
 
 @dataclass
-class ModelConfig:
+class DecoderConfig:
+    TAG: ClassVar[str] = "family"  # in a recipe's [model] section, `family` picks the config class
+
     preset: str | None = None
     """Named starting point (see `slmforge pretrain --list-presets`); fields set beside it override it."""
     family: Literal["llama", "gemma3"] = "llama"
@@ -129,19 +130,19 @@ class ModelConfig:
         return 6 * n + attn
 
     @classmethod
-    def expand_config(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Config-loading hook: `preset = "x"` becomes the preset's fields; fields given beside it win."""
-        from slmforge.models.presets import PRESETS
+    def tag_of(cls, data: dict[str, Any]) -> str:
+        from slmforge.models.presets import family_of
 
-        name = data.get("preset")
-        if name is None:
-            return data
-        if name not in PRESETS:
-            raise ConfigError(f"preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-        return {**PRESETS[name], **data}
+        return family_of(data)
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def expand_config(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Config-loading hook: `preset = "x"` becomes the preset's fields; fields given beside it win."""
+        from slmforge.models.presets import expand_preset
+
+        return expand_preset(data)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "DecoderConfig":
         """A preset with some fields changed, validated like a config file."""
         return from_dict(cls, {"preset": name, **overrides}, "model")
-

@@ -23,8 +23,8 @@ from typing import Any, Literal
 import numpy as np
 
 from slmforge.config import require
-from slmforge.data.sampling import reservoir_sample
-from slmforge.data.sources import SourceConfig, SourceReader
+from slmforge.text.sampling import reservoir_sample
+from slmforge.text.sources import SourceConfig, SourceReader
 
 
 @dataclass

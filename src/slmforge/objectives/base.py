@@ -1,0 +1,96 @@
+"""What every objective provides, and what the trainer and evaluation do with it.
+
+An objective owns its batch: the loader hands it raw token windows and it makes the model inputs and
+targets itself (causal shift, masking, later span corruption), with a random generator derived from
+(seed, step, micro-batch, rank), so a resumed run draws exactly what an uninterrupted one would have.
+
+    raw batch    {"tokens": (B, W) int64, "scored": (B, W) bool (optional: positions that count),
+                  "attention_mask": (B, W) (optional: 1 = token, 0 = padding)}
+    batch        objective.collate(raw, generator) -> {"input_ids", "targets", ...}
+    loss         objective.loss(model, batch) -> (mean loss over targets, {metric: mean over targets})
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from typing import Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+EVAL_SEED = 0
+"""Masking seed of every evaluation (validation during training, `slmforge eval`): the same masks for
+every run, so masked-LM figures compare across runs and checkpoints."""
+
+
+class Objective(Protocol):
+    name: str
+    kinds: tuple[str, ...]
+    """Model kinds it can train ("decoder", "encoder"); the registry says which kind a family is."""
+    metric_names: tuple[str, ...]
+    bits_per_byte: bool
+    """Whether its loss is a code length of the text (next-token prediction), so bits per byte apply."""
+
+    def window_tokens(self, seq_len: int) -> int: ...
+
+    def collate(self, raw: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def batch_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """A CPU generator that depends on nothing but (seed, step, micro-batch, rank)."""
+    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, objective: Objective, raw_batches: Iterable[dict[str, torch.Tensor]],
+              device: torch.device, autocast: AbstractContextManager | None = None, seed: int = EVAL_SEED
+              ) -> tuple[dict[str, float], int]:
+    """Target-weighted means of the loss and the objective's metrics over `raw_batches`, and the number
+    of targets. Batch i is collated with the generator of (seed, i), so masking is the same every time
+    and across runs: figures stay comparable."""
+    was_training = model.training
+    model.eval()
+    totals = {"loss": 0.0, **{name: 0.0 for name in objective.metric_names}}
+    tokens = 0
+    try:
+        for index, raw in enumerate(raw_batches):
+            batch = objective.collate(raw, batch_generator(seed, index))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            count = target_tokens(batch)
+            if count == 0:
+                continue
+            with autocast or nullcontext():
+                loss, metrics = objective.loss(model, batch)
+            totals["loss"] += float(loss) * count
+            for name, value in metrics.items():
+                totals[name] += float(value) * count
+            tokens += count
+    finally:
+        model.train(was_training)
+    means = {name: (total / tokens if tokens else float("nan")) for name, total in totals.items()}
+    return means, tokens
+
+
+def summarize(means: dict[str, float], bytes_per_token: float | None) -> dict[str, float]:
+    """{"loss", ...metrics} (nats/token) -> adds "ppl", and "bpb" when the byte count is known.
+
+    Bits per byte (total nats / ln 2 / total UTF-8 bytes) does not depend on the tokenizer, so it
+    compares models with different vocabularies; perplexity per token does not. Perplexity of a masked
+    LM is exp of the masked-token loss, as seed 001 (and BERT papers) report it."""
+    loss = means["loss"]
+    out = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    if bytes_per_token:
+        out["bpb"] = loss / math.log(2) / bytes_per_token
+    out.update({k: v for k, v in means.items() if k != "loss"})
+    return out
