@@ -64,3 +64,40 @@ def markov_shards(tmp_path):
         "val": [source.sample(8_000, seed=2)],
     }, vocab_size=16)
     return source, folder
+
+
+SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "bos": "[CLS]", "eos": "[SEP]", "mask": "[MASK]"}
+
+
+def word_level_tokenizer(folder: Path, words: list[str]):
+    """A saved tokenizer whose ids are the five BERT specials (0-4), then `words` (5, 6, ...)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from slmforge.tokenizer import Tokenizer
+
+    vocab = {token: i for i, token in enumerate([*SPECIALS.values(), *words])}
+    backend = Backend(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(list(SPECIALS.values()))
+    tokenizer = Tokenizer(backend, roles=dict(SPECIALS), meta={"kind": "wordlevel"})
+    tokenizer.save(folder)
+    return tokenizer
+
+
+@pytest.fixture
+def mlm_markov_shards(tmp_path):
+    """The Markov chain of `markov_shards` as token ids 5..20 of a word-level tokenizer with a [MASK]."""
+    import json
+
+    source = MarkovSource(vocab=16, seed=0)
+    tokenizer = word_level_tokenizer(tmp_path / "tokenizer", [f"s{i}" for i in range(16)])
+    folder = write_shards(tmp_path / "data", {
+        "train": [source.sample(60_000, seed=1) + 5],
+        "val": [source.sample(8_000, seed=2) + 5],
+    }, vocab_size=tokenizer.vocab_size)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tokenizer"] = {"path": str(tmp_path / "tokenizer"), "sha256": tokenizer.sha256}
+    manifest["pad_id"] = tokenizer.pad_id
+    write_json_atomic(folder / "manifest.json", manifest)
+    return source, folder

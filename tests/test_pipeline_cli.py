@@ -47,3 +47,48 @@ def test_tokenizer_data_pretrain_eval_generate_export_import(corpus, tmp_path, c
                  "stop_at_eos=false"]) == 0
     assert capsys.readouterr().out == trained  # export -> import gives back the same model
     assert (tmp_path / "report" / "report.json").is_file()
+
+
+BERT_TOKENIZER = ["tokenizer.kind=wordpiece", "tokenizer.vocab_size=300", "tokenizer.lowercase=true",
+                  "tokenizer.pad=[PAD]", "tokenizer.bos=[CLS]", "tokenizer.eos=[SEP]", "tokenizer.unk=[UNK]",
+                  "tokenizer.mask=[MASK]"]
+
+
+@pytest.fixture(scope="module")
+def encoder_run(corpus, tmp_path_factory):
+    """tokenizer train (WordPiece with BERT's specials) -> data prepare -> pretrain a tiny BERT (MLM)."""
+    root = tmp_path_factory.mktemp("encoder")
+    tok, data, run = root / "tok", root / "data", root / "run"
+    assert main(["tokenizer", "train", "--input", str(corpus / "hi.txt"), str(corpus / "en.txt"),
+                 "--out", str(tok), *BERT_TOKENIZER]) == 0
+    assert main(["data", "prepare", "--input", str(corpus / "hi.txt"), str(corpus / "en.txt"),
+                 "--tokenizer", str(tok), "--out", str(data)]) == 0
+    assert main(["pretrain", f"train.data={data}", f"train.out_dir={run}", "model.preset=bert-tiny",
+                 "train.seq_len=32", "train.batch_size=8", "train.max_steps=60", "optim.lr=2e-3",
+                 "schedule.warmup_steps=5", "train.eval_every=30", "objective.mask_rate=0.3"]) == 0
+    return run
+
+
+def test_encoder_pipeline_eval_fill_mask_and_one_line_refusals(encoder_run, corpus, capsys):
+    run = encoder_run
+    meta = json.loads((run / "checkpoints" / "step-000060" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["model"]["family"] == "bert" and meta["objective"]["kind"] == "mlm"
+    capsys.readouterr()
+    assert main(["eval", str(run), "--text", f"hi={corpus / 'hi.txt'}", "--text", f"en={corpus / 'en.txt'}",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for lang in ("hi", "en"):
+        assert "bpb" not in rows[lang] and 0 <= rows[lang]["accuracy"] <= 1
+        assert rows[lang]["ppl"] == pytest.approx(2.718281828 ** rows[lang]["loss"], rel=1e-6)
+    assert main(["eval", str(run), "--text", f"en={corpus / 'en.txt'}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["en"] == rows["en"]  # fixed masking seed: same figures
+    assert main(["fill-mask", str(run), "the book is on the [MASK].", "--top-k", "3", "--json"]) == 0
+    guesses = json.loads(capsys.readouterr().out)
+    assert len(guesses) == 1 and len(guesses[0]) == 3
+    assert guesses[0][0]["probability"] >= guesses[0][1]["probability"] >= guesses[0][2]["probability"]
+    assert main(["fill-mask", str(run), "[MASK] एक छोटा [MASK] है।"]) == 0
+    assert capsys.readouterr().out.count("mask ") == 2
+    assert main(["fill-mask", str(run), "no mask here"]) == 2
+    assert "no mask in the text" in capsys.readouterr().err
+    assert main(["generate", str(run), "-p", "the"]) == 2
+    assert "use `slmforge fill-mask" in capsys.readouterr().err

@@ -67,7 +67,24 @@ def test_recipe_tiny_twin_runs_end_to_end(recipe, tmp_path):
     family = config.load(PretrainConfig, recipe).model.family  # the twin keeps the recipe's architecture
     run = pretrain(config.load(PretrainConfig, recipe, [
         f"model.preset={family}-tiny", "model.max_seq_len=64", "train.seq_len=32", "train.batch_size=4",
-        "train.grad_accum=1", "train.max_steps=3", "train.compile=false", "train.device=cpu",
+        "train.grad_accum=1", "train.max_steps=3", "train.epochs=0", "train.compile=false", "train.device=cpu",
         "tracking.backends=[]", f"train.data={data}", f"train.out_dir={tmp_path / 'run'}"]))
     assert (run / "checkpoints" / "step-000003" / "model.safetensors").is_file()
     assert config.load(PretrainConfig, run / "config.toml").model.family == family
+
+
+def test_seed_001_recipe_is_the_10m_bert_with_its_training_setup():
+    recipe = Path(__file__).parent.parent / "recipes" / "bert-wikitext2.toml"
+    pre = config.load(PretrainConfig, recipe)
+    m = pre.model
+    assert (m.family, m.num_layers, m.hidden_size, m.num_heads, m.intermediate_size) == ("bert", 3, 256, 4, 1024)
+    assert (m.max_seq_len, m.dropout) == (512, 0.1)
+    assert 9e6 < m.num_parameters() < 11e6
+    assert (pre.objective.kind, pre.objective.mask_rate, pre.objective.mask_token_share,
+            pre.objective.random_token_share) == ("mlm", 0.15, 0.8, 0.1)
+    assert (pre.optim.lr, pre.schedule.warmup_ratio, pre.schedule.decay, pre.schedule.min_lr_ratio) == \
+        (5e-4, 0.06, "linear", 0.0)
+    assert (pre.train.clip_grad, pre.train.epochs, pre.train.batch_size, pre.train.eval_batch_size,
+            pre.train.seq_len) == (1.0, 3, 8, 16, 128)
+    tok = load_tokenizer_config(recipe)
+    assert (tok.kind, tok.lowercase, tok.mask, tok.bos, tok.eos) == ("wordpiece", True, "[MASK]", "[CLS]", "[SEP]")

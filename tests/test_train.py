@@ -261,3 +261,49 @@ def test_rerunning_a_finished_run_changes_nothing(markov_shards, tmp_path):
     pretrain(run_config(data, run, "train.max_steps=6"))
     assert (run / "metrics.jsonl").read_text() == before
     assert (run / "checkpoints" / "step-000006" / "model.safetensors").read_bytes() == weights
+
+
+def test_epochs_and_warmup_ratio_become_step_counts(markov_shards, tmp_path):
+    _, data = markov_shards
+    run = tmp_path / "run"
+    pretrain(run_config(data, run, "train.epochs=2", "train.grad_accum=2", "schedule.warmup_ratio=0.25",
+                        "train.eval_every=0"))
+    saved = config.load(PretrainConfig, run / "config.toml")
+    windows = (60_000 - 1) // 64  # the train split: one document of 60,000 tokens, windows of 65
+    batches = windows // 16
+    assert saved.train.max_steps == -(-2 * batches // 2)
+    assert saved.schedule.warmup_steps == round(0.25 * saved.train.max_steps)
+    assert (run / "checkpoints" / f"step-{saved.train.max_steps:06d}").is_dir()
+
+
+def test_trainer_equals_a_plain_reference_loop(markov_shards, tmp_path):
+    """The reshaped engine (raw windows -> objective collate -> fused loss through the output projection)
+    trains a causal LM exactly as a plain loop over the same batches with F.cross_entropy on full logits."""
+    from slmforge.data.loader import WindowLoader
+    from slmforge.data.shards import ShardSet
+    from slmforge.models import build_model
+    from slmforge.train.optim import build_optimizer
+
+    _, data = markov_shards
+    cfg = run_config(data, tmp_path / "run", "train.max_steps=8", "train.eval_every=0", "train.grad_accum=2",
+                     "optim.weight_decay=0.1")
+    pretrain(cfg)
+    trained = load_file(tmp_path / "run" / "checkpoints" / "step-000008" / "model.safetensors")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
+    loader = WindowLoader(ShardSet(data, "train"), 64, 16, seed=cfg.train.seed)
+    for step in range(8):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, 8, cfg.optim, cfg.schedule)
+        for _ in range(2):
+            tokens = loader.next_batch()["tokens"]
+            logits = model.logits(model(tokens[:, :-1]))
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            (loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(trained[name], tensor, atol=2e-6, rtol=1e-5, msg=name)

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "slmforge.train.commands",
     "slmforge.eval.commands",
     "slmforge.generate",
+    "slmforge.fill_mask",
     "slmforge.interop.commands",
 ]
 

@@ -12,6 +12,7 @@ No `transformers` import: names and config fields come from `slmforge.models.hf`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from contextlib import contextmanager
@@ -56,7 +57,34 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: b
         if family(cfg).kind == "decoder":  # encoders do not generate
             write_json(tmp / "generation_config.json", generation_config(**ids))
         copy_tokenizer_files(tokenizer_dir, tmp, model_max_length=cfg.max_seq_len)
+        if family(cfg).kind == "encoder":
+            wrap_encoder_inputs(tmp / "tokenizer.json")
     return out
+
+
+def wrap_encoder_inputs(tokenizer_json: Path) -> None:
+    """Make `tokenizer(text)` in transformers give `bos text eos` ([CLS] ... [SEP], <s> ... </s>): the
+    layout the encoder was trained on, which fill-mask pipelines and classifiers feed it."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import processors
+
+    from slmforge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_json.parent)
+    bos, eos = tokenizer.roles.get("bos"), tokenizer.roles.get("eos")
+    if bos is None or eos is None:
+        return
+    backend = BackendTokenizer.from_file(str(tokenizer_json))
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B:1 {eos}:1",
+        special_tokens=[(bos, tokenizer.bos_id), (eos, tokenizer.eos_id)])
+    text = backend.to_str(pretty=True)
+    fileio.write_text_atomic(tokenizer_json, text)
+    meta_path = tokenizer_json.parent / "slmforge_tokenizer.json"
+    if meta_path.is_file():  # keep our record of the file's hash true, so loading it does not warn
+        meta = read_json(meta_path)
+        meta["tokenizer_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        write_json(meta_path, meta)
 
 
 # ---------------------------------------------------------------- tokenizer files

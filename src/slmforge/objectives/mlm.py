@@ -117,8 +117,9 @@ class MaskedLM:
         starts = self.word_starts[tokens] | ~allowed
         starts[:, 0] = True
         word = starts.long().cumsum(1) - 1  # (B, T): index of the word each token belongs to
-        first = torch.zeros_like(draws).scatter_reduce(1, word, draws, "amin", include_self=False)
-        return (first.gather(1, word) < self.cfg.mask_rate) & allowed
+        first_draw = torch.where(starts, draws, float("inf"))  # one finite value per word: its first token's
+        per_word = torch.full_like(draws, float("inf")).scatter_reduce(1, word, first_draw, "amin")
+        return (per_word.gather(1, word) < self.cfg.mask_rate) & allowed
 
     def collate(self, raw: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         tokens = raw["tokens"].long()

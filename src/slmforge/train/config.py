@@ -48,9 +48,13 @@ class ScheduleConfig:
     """Shape of the decay from optim.lr to min_lr_ratio * optim.lr over the remaining steps."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
+    warmup_ratio: float | None = None
+    """If set, warmup_steps = warmup_ratio x train.max_steps (seed 001: 0.06)."""
 
     def validate(self) -> None:
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.warmup_ratio is None or 0 <= self.warmup_ratio < 1, "warmup_ratio",
+                f"must be in [0, 1), got {self.warmup_ratio}")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
@@ -70,6 +74,9 @@ class TrainLoopConfig:
     """Split used for periodic evaluation (skipped if the data has none)."""
     max_steps: int = 1000
     """Optimizer steps to train for."""
+    epochs: float = 0
+    """If > 0, train this many passes over the training split: max_steps is computed from it (set
+    train.epochs=0 to give max_steps yourself)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     clip_grad: float = 1.0
@@ -78,6 +85,8 @@ class TrainLoopConfig:
     """Steps between validation passes (0 disables; a final one always runs)."""
     eval_batches: int = 20
     """Validation batches per pass (the same ones each time)."""
+    eval_batch_size: int = 0
+    """Sequences per validation batch (0 = batch_size)."""
     save_every: int = 500
     """Steps between checkpoints (a final one is always written)."""
     keep_last: int = 3
@@ -101,7 +110,8 @@ class TrainLoopConfig:
     def validate(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "eval_batches", "seq_len", "batch_size"):
             require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "keep_last"):
+        require(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
+        for name in ("eval_every", "save_every", "keep_last", "eval_batch_size"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         require(self.clip_grad >= 0, "clip_grad", f"must be >= 0, got {self.clip_grad}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tokenizer = _run_tokenizer(run_dir)
     objective = build_objective(cfg.objective, model_family.kind, model_family.name, tokenizer,
                                 where=f"{loop.data}/manifest.json")
+    window = objective.window_tokens(loop.seq_len)
+    train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed, window=window)
+    val_batches = None
+    if val_shards is not None:
+        val_loader = WindowLoader(val_shards, loop.seq_len, loop.eval_batch_size or loop.batch_size,
+                                  shuffle=False, training=False, window=window)
+        val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)
+    resolve_steps(cfg, train_loader.batches_per_epoch)
     config_io.save(cfg, run_dir / "config.toml")
 
     # Weights about to be replaced by a checkpoint are not initialised first (seconds at 270M).
@@ -109,13 +118,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
         for block in model.layers:
             block.compile()  # in place: state_dict names stay free of `_orig_mod.`
 
-    window = objective.window_tokens(loop.seq_len)
-    train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed, window=window)
-    val_batches = None
-    if val_shards is not None:
-        val_loader = WindowLoader(val_shards, loop.seq_len, loop.batch_size, shuffle=False,
-                                  training=False, window=window)
-        val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)
 
     trackers = make_trackers(cfg.tracking.backends, cfg.tracking.project, cfg.tracking.run_name or run_dir.name,
                              config_io.to_dict(cfg), run_dir)
@@ -144,6 +146,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
     finally:
         metrics.close()  # also when resuming fails: trackers are finished, the file closed
     return run_dir
+
+
+def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int) -> None:
+    """Turn train.epochs and schedule.warmup_ratio into step counts (as HF Trainer's num_train_epochs
+    and warmup_ratio); the resolved numbers are what config.toml records."""
+    loop, schedule = cfg.train, cfg.schedule
+    if loop.epochs:
+        loop.max_steps = max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
+        say(f"train.max_steps set to {loop.max_steps} for {loop.epochs:g} epochs of {batches_per_epoch} batches")
+    if schedule.warmup_ratio is not None:
+        schedule.warmup_steps = round(schedule.warmup_ratio * loop.max_steps)
 
 
 def _run_tokenizer(run_dir: Path):
