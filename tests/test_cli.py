@@ -9,7 +9,7 @@ import pytest
 
 from slmforge.cli import build_parser, main
 
-VERBS = ["quickstart", "tokenizer", "data", "pretrain", "eval", "generate", "export", "import-hf"]
+VERBS = ["quickstart", "tokenizer", "data", "pretrain", "eval", "generate", "fill-mask", "export", "import-hf"]
 
 
 def test_every_pipeline_verb_is_registered():
@@ -33,10 +33,31 @@ def test_show_fields_lists_documented_fields(capsys):
     assert "train.seq_len (int, default 256): Tokens per training sequence" in out
 
 
+def test_show_fields_lists_every_family_and_objective(capsys):
+    assert main(["pretrain", "--show-fields"]) == 0
+    out = capsys.readouterr().out
+    assert "[model] with family = 'bert' | 'roberta' | 'modernbert':" in out
+    assert "[objective] with kind = 'mlm':" in out and "objective.mask_rate (float, default 0.15)" in out
+
+
+def test_list_presets_names_every_family(capsys):
+    assert main(["pretrain", "--list-presets"]) == 0
+    out = capsys.readouterr().out
+    assert "bert-10m" in out and "modernbert-hindi-33m" in out and "gemma3-270m" in out
+    assert "encoder" in out and "decoder" in out
+
+
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["pretrain", "model.num_kv_heads=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "slmforge: error: model.num_kv_heads: must divide num_heads (8), got 3"
+    assert main(["pretrain", "model.family=gpt2"]) == 2
+    assert capsys.readouterr().err.strip() == ("slmforge: error: model.family: must be one of 'llama' | 'gemma3' | "
+                                               "'bert' | 'roberta' | 'modernbert', got 'gpt2'")
+    assert main(["pretrain", "model.preset=bert-tiny", "model.sliding_window=4"]) == 2
+    assert "model.sliding_window: unknown field" in capsys.readouterr().err
+    assert main(["pretrain", "objective.kind=mlm", "objective.mask_rate=1.5"]) == 2
+    assert "objective.mask_rate: must be in (0, 1), got 1.5" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "missing-run"), "-p", "x"]) == 2
     assert "no such run or checkpoint folder" in capsys.readouterr().err
 

@@ -202,3 +202,16 @@ def test_mlm_resume_after_a_crash_is_bitwise_equal(mlm_markov_shards, tmp_path, 
 
     assert strip(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
         strip(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+
+
+def test_a_tokenizer_without_a_mask_token_is_one_line_naming_the_fix(tmp_path):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    from slmforge.tokenizer import Tokenizer
+
+    backend = Backend(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "a": 2}, unk_token="[UNK]"))
+    tokenizer = Tokenizer(backend, roles={"pad": "[PAD]", "unk": "[UNK]"})
+    with pytest.raises(SlmforgeError, match=r"data/manifest.json: the tokenizer has no mask token; train one with "
+                                            r"tokenizer.mask"):
+        MaskedLM.for_tokenizer(MlmConfig(), tokenizer, where="data/manifest.json")

@@ -148,3 +148,36 @@ def test_gemma3_270m_shape():
     assert [i for i in range(18) if not cfg.is_sliding(i)] == [5, 11, 17]
     assert cfg.head_dim == 256 and cfg.num_kv_heads == 1 and cfg.tie_embeddings
     assert 265e6 < cfg.num_parameters() < 271e6  # google/gemma-3-270m: 268M
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_mask_gives_each_row_its_unpadded_result(family, side):
+    """A ragged batch (eval, fine-tuning, distillation) padded on either side gives every row the hidden
+    states it has alone: positions count real tokens only and padding is never attended to."""
+    model = build_model(tiny(family), seed=0).eval()
+    lengths = [30, 17, 9]
+    rows = [torch.randint(0, 97, (n,)) for n in lengths]
+    ids = torch.zeros(len(rows), 30, dtype=torch.long)
+    mask = torch.zeros(len(rows), 30, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(30 - len(row), 30)
+        ids[i, span], mask[i, span] = row, 1
+    hidden = model(ids, mask)
+    assert torch.isfinite(hidden).all()  # padding rows see themselves, never an empty softmax
+    for i, row in enumerate(rows):
+        alone = model(row[None])[0]
+        span = slice(0, len(row)) if side == "right" else slice(30 - len(row), 30)
+        torch.testing.assert_close(hidden[i, span], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_cached_decoding_matches_unpadded():
+    model = build_model(tiny("gemma3"), seed=0).eval()
+    row = torch.randint(0, 97, (12,))
+    ids = torch.cat([torch.zeros(5, dtype=torch.long), row])[None]
+    mask = torch.cat([torch.zeros(5, dtype=torch.long), torch.ones(12, dtype=torch.long)])[None]
+    cache = model.new_cache(1, 20)
+    prompt = model(ids[:, :14], mask[:, :14], cache=cache)
+    step = model(ids[:, 14:], mask, cache=cache)
+    alone = model(row[None])
+    torch.testing.assert_close(torch.cat([prompt, step], 1)[0, 5:], alone[0], atol=1e-5, rtol=1e-5)

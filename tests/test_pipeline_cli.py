@@ -40,6 +40,8 @@ def test_tokenizer_data_pretrain_eval_generate_export_import(corpus, tmp_path, c
     assert main(["generate", str(run), "-p", "यह", "temperature=0", "max_new_tokens=8", "stop_at_eos=false"]) == 0
     trained = capsys.readouterr().out
     assert trained.startswith("यह")
+    assert main(["fill-mask", str(run), "यह [MASK] है"]) == 2  # a decoder does not fill masks
+    assert "use `slmforge generate" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
     capsys.readouterr()

@@ -9,8 +9,8 @@ from slmforge.cli import add_config_arguments
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "pretrain", help="train a decoder LM (causal LM) on prepared token shards",
-        description="Pretrain from a TOML config (sections model, data, optim, schedule, train, tracking) "
+        "pretrain", help="pretrain any model family (decoder: causal LM, encoder: masked LM) on token shards",
+        description="Pretrain from a TOML config (sections model, objective, optim, schedule, train, tracking) "
                     "with key.sub=value overrides. Re-running the same command resumes from the run "
                     "folder's latest checkpoint.\n\nexample:\n  slmforge pretrain -c recipes/gemma3-tiny.toml "
                     "train.data=runs/data train.max_steps=500")
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from slmforge import config
-    from slmforge.models import PRESETS, DecoderConfig
+    from slmforge.models import PRESETS, config_from_dict
+    from slmforge.models.registry import family
     from slmforge.train.config import PretrainConfig
     from slmforge.train.pretrain import pretrain
 
@@ -30,8 +31,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.list_presets:
         for name in sorted(PRESETS):
-            cfg = DecoderConfig.from_name(name)
-            print(f"{name:<20} {cfg.family:<7} {cfg.num_parameters() / 1e6:8.1f}M params  "
+            cfg = config_from_dict({"preset": name})
+            print(f"{name:<22} {cfg.family:<10} {family(cfg).kind:<8} {cfg.num_parameters() / 1e6:8.1f}M params  "
                   f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
                   f"vocab {cfg.vocab_size}")
         return 0
