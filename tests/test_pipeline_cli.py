@@ -94,3 +94,27 @@ def test_encoder_pipeline_eval_fill_mask_and_one_line_refusals(encoder_run, corp
     assert "no mask in the text" in capsys.readouterr().err
     assert main(["generate", str(run), "-p", "the"]) == 2
     assert "use `slmforge fill-mask" in capsys.readouterr().err
+
+
+def test_exported_encoder_fills_masks_like_transformers_pipeline(encoder_run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    assert main(["export", str(encoder_run), "--format", "hf", "--out", str(out)]) == 0
+    fill = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out), device="cpu")
+    for text in ("the book is on the [MASK].", "[MASK] एक छोटा वाक्य है।", "we will go to the [MASK] today."):
+        capsys.readouterr()
+        assert main(["fill-mask", str(encoder_run), text, "--top-k", "5", "--json"]) == 0
+        ours = json.loads(capsys.readouterr().out)[0]
+        theirs = fill(text.replace("[MASK]", fill.tokenizer.mask_token), top_k=5)
+        assert [g["id"] for g in ours] == [g["token"] for g in theirs], text
+        for a, b in zip(ours, theirs):
+            assert a["probability"] == pytest.approx(b["score"], abs=1e-5)
+    assert main(["import-hf", str(out), "--out", str(tmp_path / "back")]) == 0
+    capsys.readouterr()
+    assert main(["fill-mask", str(tmp_path / "back"), "the book is on the [MASK].", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0][0]["id"] == ours_first(encoder_run, capsys)
+
+
+def ours_first(run, capsys) -> int:
+    assert main(["fill-mask", str(run), "the book is on the [MASK].", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)[0][0]["id"]
