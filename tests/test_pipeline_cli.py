@@ -118,3 +118,17 @@ def test_exported_encoder_fills_masks_like_transformers_pipeline(encoder_run, tm
 def ours_first(run, capsys) -> int:
     assert main(["fill-mask", str(run), "the book is on the [MASK].", "--json"]) == 0
     return json.loads(capsys.readouterr().out)[0][0]["id"]
+
+
+def test_an_imported_encoder_trains_further(encoder_run, corpus, tmp_path):
+    """Seed 001's second part: an existing (here: exported, then imported) encoder continues MLM training
+    on new data prepared with its own tokenizer."""
+    hf, imported, data, run = tmp_path / "hf", tmp_path / "imported", tmp_path / "data", tmp_path / "more"
+    assert main(["export", str(encoder_run), "--format", "hf", "--out", str(hf)]) == 0
+    assert main(["import-hf", str(hf), "--out", str(imported)]) == 0
+    assert main(["data", "prepare", "--input", str(corpus / "en.txt"), "--tokenizer", str(imported / "tokenizer"),
+                 "--out", str(data)]) == 0
+    assert main(["pretrain", f"train.data={data}", f"train.out_dir={run}", f"train.init_from={imported}",
+                 "train.seq_len=32", "train.batch_size=8", "train.max_steps=5", "train.eval_every=0"]) == 0
+    meta = json.loads((run / "checkpoints" / "step-000005" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["model"]["family"] == "bert" and meta["objective"]["kind"] == "mlm"

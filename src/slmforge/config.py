@@ -62,6 +62,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return obj
 
 
+def parse(tp: Any, value: Any, where: str = "") -> Any:
+    """`value` (e.g. a table from a file) as type `tp`, which may be a tagged union such as the
+    [model] section's `DecoderConfig | EncoderConfig`; errors name the field under `where`."""
+    return _coerce(tp, value, where)
+
+
 def validate(obj: Any, where: str = "") -> None:
     """Run `validate()` on `obj` and on every nested section, prefixing errors with their path."""
     for f in dataclasses.fields(obj):

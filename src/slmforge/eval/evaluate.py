@@ -23,7 +23,7 @@ from slmforge.runs import Run
 def run_objective(run: Run, tokenizer=None):
     """The objective a run was trained with (meta.json), or its family's default for older runs."""
     recorded = run.meta.get("objective") or {"kind": DEFAULT_FOR_KIND[run.kind]}
-    cfg = config_io._coerce(ObjectiveConfig, recorded, "objective")
+    cfg = config_io.parse(ObjectiveConfig, recorded, "objective")
     if cfg.kind == "mlm" and tokenizer is None:
         tokenizer = run.tokenizer()
     return build_objective(cfg, run.kind, run.model.cfg.family, tokenizer, where=str(run.step_dir))

@@ -58,7 +58,7 @@ def config_from_dict(data: dict[str, Any], where: str = "model") -> ModelConfig:
     """A [model] table (e.g. meta.json's "model") as the config class its family names."""
     from slmforge import config
 
-    return config._coerce(ModelConfig, data, where)
+    return config.parse(ModelConfig, data, where)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0,

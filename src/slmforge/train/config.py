@@ -14,7 +14,7 @@ from slmforge.config import require
 from slmforge.models import DecoderConfig, ModelConfig
 from slmforge.models.presets import family_of
 from slmforge.models.registry import FAMILIES
-from slmforge.objectives import DEFAULT_FOR_KIND, ClmConfig, ObjectiveConfig
+from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig
 
 
 @dataclass
@@ -137,7 +137,8 @@ class PretrainConfig:
 
 
     model: ModelConfig = field(default_factory=DecoderConfig)
-    objective: ObjectiveConfig = field(default_factory=ClmConfig)
+    objective: ObjectiveConfig | None = None
+    """[objective]: what the model learns; `kind` picks it (default: clm for decoders, mlm for encoders)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -153,12 +154,13 @@ class PretrainConfig:
         data = dict(data)
         prepared = data.pop("data", None)
         data.pop("tokenizer", None)
-        # Without an [objective] section the model's kind picks it: clm for decoders, mlm for encoders.
-        model = data.get("model")
+        # An [objective] section without `kind` gets the model's: clm for decoders, mlm for encoders.
+        # Without the section, pretrain decides once the model is known (init_from may replace it).
         objective = data.get("objective")
-        if isinstance(model, dict) and (objective is None or (isinstance(objective, dict) and "kind" not in objective)):
-            kind = FAMILIES[family_of(model)].kind if family_of(model) in FAMILIES else "decoder"
-            data["objective"] = {"kind": DEFAULT_FOR_KIND[kind], **(objective or {})}
+        if isinstance(objective, dict) and "kind" not in objective:
+            family = family_of(data.get("model") or {})
+            kind = FAMILIES[family].kind if family in FAMILIES else "decoder"
+            data["objective"] = {"kind": DEFAULT_FOR_KIND[kind], **objective}
         train = dict(data.get("train", {}))
         if not train.get("data") and isinstance(prepared, dict) and prepared.get("out"):
             train["data"] = prepared["out"]

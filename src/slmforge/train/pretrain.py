@@ -14,7 +14,7 @@ from slmforge.data.shards import ShardSet
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
 from slmforge.models import build_model, family
-from slmforge.objectives import build_objective
+from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
 from slmforge.runtime import resolve_device, resolve_precision
 from slmforge.runs import find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, resolve_checkpoint
 from slmforge.train.config import PretrainConfig
@@ -78,6 +78,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         say(f"model.vocab_size set to {train_shards.vocab_size} from {loop.data}/manifest.json")
         cfg.model.vocab_size = train_shards.vocab_size
     model_family = family(cfg.model)
+    if cfg.objective is None:  # no [objective] section: the model's kind decides
+        cfg.objective = config_io.parse(ObjectiveConfig, {"kind": DEFAULT_FOR_KIND[model_family.kind]},
+                                        "objective")
     pad_id = train_shards.manifest.get("pad_id")
     if cfg.model.family == "roberta" and not loop.init_from and pad_id is not None and cfg.model.pad_token_id != pad_id:
         # RoBERTa numbers positions from the pad id, so the model must know the tokenizer's.
