@@ -1,7 +1,7 @@
 """Masked-LM training throughput and peak memory of slmforge's encoders against transformers'
 BertForMaskedLM and ModernBertForMaskedLM: same shape, batch, precision and weights, in one run.
 
-    python benchmarks/bench_mlm_train.py                      # both families, small shapes, ~1-2 min on CPU
+    python benchmarks/bench_mlm_train.py                      # both families, small shapes, ~30-60 s on 2 cores
     python benchmarks/bench_mlm_train.py --family modernbert --rounds 7 --steps 4 --threads 2
     python benchmarks/bench_mlm_train.py --preset bert-base --batch-size 32 --seq-len 512 \\
         --device cuda --dtype bfloat16
@@ -13,16 +13,18 @@ transformers gets `labels=targets` (-100 where not masked) and runs its head on 
 except ModernBERT with --hf-sparse-prediction (its `sparse_prediction` option). Both use SDPA.
 
 The transformers model is loaded with slmforge's weights through the HF adapter (`config_to_hf`,
-`state_dict_to_hf`), and the run stops unless both losses agree within 1e-4 in float32 (dropout off)
-on the first batch, and again on the next batch after one AdamW step (same gradients too).
+`state_dict_to_hf`), and the run stops unless both losses agree within 1e-4 in float32 (eval mode, so
+no dropout) on the first batch, and again on the next batch after one AdamW step (same gradients too).
+Whatever --dtype says, that check runs in float32; the timed steps then run in training mode.
 
 Timing: the two sides alternate, round after round (which one goes first alternates as well), so a
 burst of load from elsewhere hits both; each round times --steps steps per side. Reported: the median
 over rounds of tokens/s (wall clock) and of CPU seconds per step (process time, all threads; on CUDA
 only the host's share). Memory: each side runs alone in a fresh process and reports the peak memory
 its first two training steps add on top of the built model and optimizer (grads, AdamW state,
-activations, temporaries): peak RSS (VmHWM, reset before the steps) minus RSS before on CPU, which
-also counts allocator slack; torch.cuda.max_memory_allocated minus memory_allocated before on CUDA.
+activations, temporaries): on CPU peak RSS (VmHWM, reset before the steps) minus RSS before, with
+glibc's mmap threshold fixed so that freed tensors leave RSS (allocator slack still counts); on CUDA
+torch.cuda.max_memory_allocated minus memory_allocated before (PyTorch's cache not counted).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +47,7 @@ from torch import nn
 
 from slmforge.models import EncoderConfig, build_model
 from slmforge.models.hf import config_to_hf, state_dict_to_hf
-from slmforge.objectives.base import batch_generator
+from slmforge.models.presets import PRESETS, family_of
 from slmforge.objectives.mlm import MaskedLM, MlmConfig
 
 HF_CLASSES = {"bert": "BertForMaskedLM", "modernbert": "ModernBertForMaskedLM"}
@@ -74,7 +76,7 @@ class Contender:
 def model_config(family: str, args: argparse.Namespace) -> EncoderConfig:
     if args.preset is not None:
         cfg = EncoderConfig.from_name(args.preset)
-        cfg = EncoderConfig.from_name(args.preset, max_seq_len=max(cfg.max_seq_len, args.seq_len))
+        cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len))
     else:
         cfg = EncoderConfig.from_name(DEFAULT_PRESETS[family], **SMALL_SHAPE, max_seq_len=args.seq_len,
                                       intermediate_size=SMALL_INTERMEDIATE[family])
@@ -109,13 +111,15 @@ def build_theirs(cfg: EncoderConfig, ours: nn.Module, device: torch.device, spar
 
 def make_batches(cfg: EncoderConfig, objective: MaskedLM, count: int, batch_size: int, seq_len: int,
                  device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """`count` masked batches of full-length rows ([CLS] text [SEP], no padding), one generator each."""
+    """`count` masked batches of full-length random rows ([CLS] text [SEP], no padding), masked by the
+    objective's own collate (seed 0, sample ids numbered through the batches)."""
     batches = []
     for index in range(count):
-        generator = batch_generator(0, index)
+        generator = torch.Generator().manual_seed(index)
         tokens = torch.randint(MASK_ID + 1, cfg.vocab_size, (batch_size, seq_len), generator=generator)
         tokens[:, 0], tokens[:, -1] = CLS_ID, SEP_ID
-        batch = objective.collate({"tokens": tokens}, generator)
+        ids = torch.arange(index * batch_size, (index + 1) * batch_size)
+        batch = objective.collate({"tokens": tokens, "sample_ids": ids}, 0)
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
 
@@ -159,7 +163,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def check_same_losses(sides: list[Contender], batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """float32, dropout off: the first batch's loss, one AdamW step, then the second batch's loss (which
+    """float32, eval mode (no dropout): the first batch's loss, one AdamW step, then the second batch's loss (which
     agrees only if the gradients and the update did). Returns the two slmforge losses."""
     for side in sides:
         side.model.eval()
@@ -245,7 +249,7 @@ def measure_memory(family: str, name: str, argv: list[str]) -> float:
 # ---------------------------------------------------------------- report
 
 
-def thousands(rate: float) -> str:
+def format_rate(rate: float) -> str:
     return f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
 
 
@@ -266,15 +270,19 @@ def bench_family(family: str, args: argparse.Namespace, argv: list[str], device:
     print(f"   same loss (float32, dropout off, tol {TOLERANCE:g}): first batch {loss_first:.5f}, "
           f"after one AdamW step {loss_second:.5f}: ok")
 
+    load_before = os.getloadavg()[0]
     results = time_rounds(sides, batches, args, device)
+    # Other processes on the cores make OpenMP threads wait for each other; say how busy they were.
+    print(f"   timing: 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+          f"({os.cpu_count()} cores visible)")
     tokens = args.steps * args.batch_size * args.seq_len
     rates, cpu_per_step = {}, {}
     for name, rounds in results.items():
         rates[name] = statistics.median(tokens / wall for wall, _ in rounds)
         cpu_per_step[name] = statistics.median(cpu for _, cpu in rounds) / args.steps
         wall_per_step = statistics.median(wall for wall, _ in rounds) / args.steps
-        spread = ", ".join(f"{thousands(tokens / wall)}" for wall, _ in rounds)
-        print(f"   {name:22s} median {thousands(rates[name]):>7s} tok/s  {wall_per_step * 1000:7.1f} ms wall/step  "
+        spread = ", ".join(f"{format_rate(tokens / wall)}" for wall, _ in rounds)
+        print(f"   {name:22s} median {format_rate(rates[name]):>7s} tok/s  {wall_per_step * 1000:7.1f} ms wall/step  "
               f"{cpu_per_step[name] * 1000:7.1f} ms cpu/step   rounds: {spread}")
 
     memory = {side.name: measure_memory(family, side.name, argv) for side in sides}
@@ -284,10 +292,11 @@ def bench_family(family: str, args: argparse.Namespace, argv: list[str], device:
           + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in memory.items())
           + f"; ratio {memory[ours] / max(memory[theirs], 1e-9):.2f}x")
     ratio = rates[ours] / rates[theirs]
-    return (f"{family}: slmforge {thousands(rates[ours])} tok/s vs {theirs} {thousands(rates[theirs])} tok/s: "
-            f"{ratio:.2f}x, cpu/step {cpu_per_step[ours] / cpu_per_step[theirs]:.2f}x, peak memory "
-            f"{memory[ours]:.0f} vs {memory[theirs]:.0f} MiB ({device.type}, {args.dtype}, batch {args.batch_size} x "
-            f"seq {args.seq_len}, sdpa, median of {args.rounds} rounds x {args.steps} steps)")
+    return (f"{family}: slmforge {format_rate(rates[ours])} tok/s vs {theirs} {format_rate(rates[theirs])} tok/s: "
+            f"{ratio:.2f}x, cpu time/step {cpu_per_step[ours] / cpu_per_step[theirs]:.2f}x, peak memory "
+            f"{memory[ours]:.0f} vs {memory[theirs]:.0f} MiB ({device.type}, {args.dtype}, "
+            f"{torch.get_num_threads()} threads, batch {args.batch_size} x seq {args.seq_len}, {attn}{sparse}, "
+            f"median of {args.rounds} rounds x {args.steps} steps)")
 
 
 def main() -> None:
@@ -305,8 +314,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per round and side")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--dropout", type=float, help="override the preset's dropout (timing only; the "
-                        "loss check always runs with dropout off)")
+    parser.add_argument("--dropout", type=float, help="override the preset's dropout (the loss check "
+                        "runs in eval mode either way)")
     parser.add_argument("--hf-sparse-prediction", action="store_true",
                         help="ModernBertForMaskedLM: run its head on masked positions only, like slmforge")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -320,7 +329,9 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     families = args.family or ["bert", "modernbert"]
     if args.preset is not None:
-        preset_family = EncoderConfig.from_name(args.preset).family
+        if args.preset not in PRESETS:
+            raise SystemExit(f"--preset {args.preset}: unknown; known: {', '.join(sorted(PRESETS))}")
+        preset_family = family_of({"preset": args.preset})
         if preset_family not in HF_CLASSES:
             raise SystemExit(f"--preset {args.preset}: family {preset_family} is not compared here "
                              f"({', '.join(HF_CLASSES)})")

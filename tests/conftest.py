@@ -11,6 +11,20 @@ from slmforge.data.shards import FORMAT, ShardWriter, dtype_for_vocab
 from slmforge.fileio import write_json_atomic
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Test models are tiny: a second intra-op thread gains nothing, and on a 2-core machine where
+    something else is running the two threads wait on each other. Measured next to one busy process:
+    the quickstart test took 48 s with torch's default of 2 threads, 9 s with 1 (5 s on an idle machine);
+    test_train, test_quickstart, test_mlm and test_generate together took 588 s against 89 s and 103 s."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def write_shards(folder: Path, splits: dict[str, list[np.ndarray]], vocab_size: int) -> Path:
     """A prepared-data folder holding the given documents (token arrays) per split."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -75,3 +75,70 @@ def test_overrides_may_follow_options(capsys):
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "slmforge", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "quickstart" in out.stdout
+
+
+CONFIG_VERBS = {("tokenizer", "train"): "tokenizer", ("data", "prepare"): "data", ("pretrain",): None}
+
+
+@pytest.mark.parametrize("verb", list(CONFIG_VERBS))
+def test_help_examples_name_real_presets_recipes_and_the_verbs_own_sections(verb, capsys):
+    import re
+    from pathlib import Path
+
+    from slmforge.models.presets import PRESETS
+
+    with pytest.raises(SystemExit):
+        main([*verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    presets = re.findall(r"model\.preset=([\w.-]+)", text)
+    assert all(p.rstrip(";,.") in PRESETS for p in presets), presets
+    root = Path(__file__).resolve().parents[1]
+    for recipe in re.findall(r"recipes/[\w.-]+\.toml", text):
+        assert (root / recipe).is_file(), recipe
+    section = CONFIG_VERBS[verb]
+    if section:  # tokenizer train / data prepare take only their own section's overrides
+        assert set(re.findall(r"\b([a-z]+)\.[a-z_]+=", text)) - {"key"} == {section}, text
+
+
+def test_list_presets_shows_small_models_and_sizes_match_names(capsys):
+    import re
+
+    from slmforge.models import config_from_dict
+    from slmforge.models.presets import PRESETS
+
+    assert main(["pretrain", "--list-presets"]) == 0
+    out = capsys.readouterr().out
+    assert " 0.0M" not in out and re.search(r"test-tiny .* 20\.\dk params", out)
+    for name in PRESETS:  # a preset named for its size has that size (llama-50m had 40.0M)
+        if m := re.search(r"-(\d+)m$", name):
+            size = config_from_dict({"preset": name}).num_parameters() / 1e6
+            assert abs(size - int(m.group(1))) <= 0.1 * int(m.group(1)), (name, size)
+
+
+def test_override_errors_name_the_field_not_the_config_file(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nmax_steps = 10\n")
+    assert main(["pretrain", "-c", str(recipe), "model.num_kv_heads=3"]) == 2
+    assert capsys.readouterr().err.strip() == "slmforge: error: model.num_kv_heads: must divide num_heads (8), got 3"
+    recipe.write_text("[train]\nmax_steps = -1\n")
+    assert main(["pretrain", "-c", str(recipe)]) == 2
+    assert f"{recipe}: train.max_steps: must be positive" in capsys.readouterr().err
+
+
+def test_a_misspelled_section_is_refused_by_every_verb(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[tokenizer]\nvocab_size = 300\ninputs = ["x.txt"]\n\n[trian]\nmax_steps = 5\n')
+    for argv in (["tokenizer", "train", "-c", str(recipe), "--out", str(tmp_path / "tok")],
+                 ["data", "prepare", "-c", str(recipe)], ["pretrain", "-c", str(recipe)]):
+        assert main(argv) == 2, argv
+        assert f"{recipe}: [trian]: unknown section; did you mean [train]?" in capsys.readouterr().err, argv
+    assert not (tmp_path / "tok").exists()
+
+
+def test_recipe_sections_are_every_verbs_sections():
+    import dataclasses
+
+    from slmforge.config import RECIPE_SECTIONS
+    from slmforge.train.config import PretrainConfig
+
+    assert set(RECIPE_SECTIONS) == {"tokenizer", "data"} | {f.name for f in dataclasses.fields(PretrainConfig)}

@@ -136,18 +136,23 @@ def test_first_exhausted_stops_at_the_first_empty_source(tmp_path):
 def test_sample_sentences_keeps_quotas_and_records_the_draw(tmp_path):
     sources = with_weights(corpus(tmp_path, {"as": 4000, "hi": 3000, "en": 9000}), [0.5, 0.3, 0.2])
     mixture = MixtureConfig(sources, seed=5)
-    sample, record = sample_sentences(mixture, 1000, max_chars=4)
+    sample, record = sample_sentences(mixture, 1000, max_chars=100)
     by_lang = Counter(s.split("-")[0] for s in sample)
     assert by_lang == {"as": 500, "hi": 300, "en": 200}
-    assert all(len(s) <= 4 for s in sample)
     assert [r["requested"] for r in record["sources"]] == [500, 300, 200]
     assert [r["available"] for r in record["sources"]] == [4000, 3000, 9000]
+    assert [r["split"] for r in record["sources"]] == [0, 0, 0]
     assert record["drawn"] == 1000
-    again, _ = sample_sentences(mixture, 1000, max_chars=4)
+    again, _ = sample_sentences(mixture, 1000, max_chars=100)
     assert again == sample
-    full, _ = sample_sentences(mixture, 1000, max_chars=100)
-    assert len(set(full)) == 1000  # drawn without replacement
-    assert full[:50] != sorted(full[:50])  # shuffled across sources
+    assert len(set(sample)) == 1000  # drawn without replacement
+    assert sample[:50] != sorted(sample[:50])  # shuffled across sources
+    # Lines longer than max_chars are split into pieces that each count as a sentence, never cut off:
+    # `as-10` ... `as-3999` (3990 lines) are longer than 4 characters.
+    short, short_record = sample_sentences(mixture, 1000, max_chars=4)
+    assert len(short) == 1000 and all(len(s) <= 4 for s in short)
+    assert [r["split"] for r in short_record["sources"]] == [3990, 2990, 8990]
+    assert [r["drawn"] for r in short_record["sources"]] == [500, 300, 200]
 
 
 def test_sample_sentences_is_uniform_within_a_source(tmp_path):

@@ -235,8 +235,11 @@ def test_resume_after_a_crash_gives_identical_bytes(setup, tmp_path, monkeypatch
         with pytest.raises(error):
             prepare_data(config_for(setup, out, shard_tokens=1500, workers=crash_workers),
                          show_progress=False)
-    progress = json.loads((out / PROGRESS).read_text())
-    done = progress["writers"]["train"]["shards"]
+    if calls == 2:  # inside the first batch: nothing was checkpointed, and nothing is left behind
+        assert not (out / PROGRESS).exists() and not out.exists()
+        done = []
+    else:
+        done = json.loads((out / PROGRESS).read_text())["writers"]["train"]["shards"]
     stamps = {s["name"]: (out / s["name"]).stat().st_mtime_ns for s in done}
     prepare_data(config_for(setup, out, shard_tokens=1500, workers=resume_workers), show_progress=False)
     assert folder_bytes(out) == folder_bytes(reference)
@@ -341,8 +344,13 @@ def test_config_from_toml_section_flags_and_overrides(tmp_path):
     cfg = load_config(path, ["data.seed=9", "data.val_documents=10"], {"out": "elsewhere"})
     assert [s.lang for s in cfg.sources] == ["as", "hi"] and cfg.sources[0].weight == 0.5
     assert (cfg.seed, cfg.val_documents, cfg.out, cfg.tokenizer) == (9, 10, "elsewhere", "tok")
-    with pytest.raises(ConfigError, match=r"run\.toml: data\.val_fraction: must be in \[0, 1\)"):
+    # an override's error names the field, not the file (the file is not at fault); a file's error names it
+    with pytest.raises(ConfigError, match=r"^data\.val_fraction: must be in \[0, 1\)"):
         load_config(path, ["data.val_fraction=1.5"])
+    path.write_text(path.read_text().replace("seed = 1", "seed = -1"))
+    with pytest.raises(ConfigError, match=r"run\.toml: data\.seed: must be >= 0"):
+        load_config(path, ["data.val_documents=10"])
+    path.write_text(path.read_text().replace("seed = -1", "seed = 1"))
     with pytest.raises(ConfigError, match=r"override 'train.steps=3': only data\.\* fields apply here"):
         load_config(path, ["train.steps=3"])
     with pytest.raises(ConfigError, match="data.tokenizer: required"):
@@ -380,9 +388,40 @@ def test_a_run_that_wrote_nothing_is_replaced(setup, tmp_path):
                                                                          "weight": 1}])
     with pytest.raises(SlmforgeError, match="e.txt: no documents"):
         prepare_data(bad, show_progress=False)
-    assert (out / PROGRESS).exists()
+    assert not out.exists()  # a run that wrote no document leaves nothing behind to resume or refuse
     prepare_data(config_for(setup, out), show_progress=False)  # a fixed config starts over
     assert (out / "manifest.json").exists()
+
+
+def test_the_same_command_works_once_the_input_is_fixed(setup, tmp_path):
+    """An empty corpus fails; the user adds text and reruns the same command: it must not be refused
+    as "changed since the interrupted run" (a run that produced nothing has nothing to resume)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n")
+    out = tmp_path / "out"
+    out.mkdir()  # made by the user beforehand: left in place, empty
+    cfg = config_for(setup, out, sources=[{"path": str(corpus)}])
+    with pytest.raises(SlmforgeError, match="c.txt: no documents"):
+        prepare_data(cfg, show_progress=False)
+    assert out.is_dir() and not any(out.iterdir())
+    corpus.write_text("\n".join(setup[1]["en"]) + "\n", encoding="utf-8")
+    prepare_data(cfg, show_progress=False)
+    assert (out / "manifest.json").exists()
+
+def test_an_interrupted_run_that_wrote_nothing_does_not_block_a_changed_input(setup, tmp_path, monkeypatch):
+    """Ctrl-C (or kill -9) before the first document leaves a progress file with nothing in it; a rerun
+    after the input was edited must start afresh, not refuse the edit."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(setup[1]["en"][:100]) + "\n", encoding="utf-8")
+    cfg = config_for(setup, tmp_path / "out", sources=[{"path": str(corpus)}])
+    with monkeypatch.context() as patch:
+        crash_after(patch, 1, KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_data(cfg, show_progress=False)
+    assert json.loads((tmp_path / "out" / PROGRESS).read_text())["documents"] == 0
+    corpus.write_text("\n".join(setup[1]["en"]) + "\n", encoding="utf-8")
+    prepare_data(cfg, show_progress=False)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["documents"] > 100
 
 
 def test_tokenizing_keeps_few_batches_in_flight(setup):
@@ -439,3 +478,95 @@ def test_special_token_strings_in_text_stay_text(tmp_path):
     tok = load_tokenizer(tok_dir)
     tokens = ShardSet(out, "train").read(0, ShardSet(out, "train").num_tokens)
     assert (tokens == tok.eos_id).sum() == 100  # one per document, none from the literal "<eos>"
+
+
+def test_a_mostly_binary_file_fails_naming_it(setup, tmp_path):
+    root = setup[0]
+    blob = tmp_path / "photo.txt"
+    rng = random.Random(1)
+    blob.write_bytes(bytes(rng.randrange(256) for _ in range(200_000)))
+    sources = [{"path": str(root / "corpus" / "en.txt")}, {"path": str(blob)}]
+    with pytest.raises(SlmforgeError, match=r"photo\.txt: [\d,]+ of [\d,]+ lines are not UTF-8 \(first at line "
+                                            r"\d+\): a binary file or another encoding\?"):
+        prepare_data(config_for(setup, tmp_path / "out", sources=sources), show_progress=False)
+    # the threshold is configurable; below it, bad lines are skipped and counted as before
+    out = prepare_data(config_for(setup, tmp_path / "tolerant", sources=sources, max_invalid_utf8=1.0),
+                       show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"]["invalid_utf8"] > 500
+    assert "max_invalid_utf8" not in manifest["config"]  # it does not shape the bytes
+    # a few bad lines in a good file (the Assamese one has 2 of 405) stay a count, not an error
+    prepare_data(config_for(setup, tmp_path / "few"), show_progress=False)
+
+
+def test_a_huge_line_is_one_document_tokenized_in_bounded_pieces(setup, tmp_path, monkeypatch):
+    from slmforge.data import encode
+    from slmforge.tokenizer import load_tokenizer
+    from slmforge.tokenizer.tokenizer import Tokenizer
+
+    root, docs, tokenizer = setup
+    line = " ".join(docs["hi"] + docs["as"]) * 4  # one line of ~200k characters, no newline inside
+    path = tmp_path / "one-line.txt"
+    path.write_text(line + "\nshort document\n", encoding="utf-8")
+    seen: list[int] = []
+    original = Tokenizer.encode_batch
+
+    def encode_batch(self, texts, *args, **kwargs):
+        seen.append(sum(len(t) for t in texts))
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", encode_batch)
+    monkeypatch.setattr(encode, "PIECE_GROUP_CHARS", 30_000)
+    out = prepare_data(config_for(setup, tmp_path / "out", sources=[{"path": str(path)}], piece_chars=5_000,
+                                  val_fraction=0.0), show_progress=False)
+    assert max(seen) <= 30_000 and len(seen) > len(line) // 30_000  # never the whole line at once
+    train = ShardSet(out, "train")
+    assert train.manifest["splits"]["train"]["documents"] == 2
+    assert train.num_bytes == len(line.encode()) + len("short document")
+    ids = train.read(0, train.num_tokens).tolist()
+    eos = load_tokenizer(tokenizer).eos_id
+    first = ids[:ids.index(eos)]
+    assert load_tokenizer(tokenizer).decode(first) == line  # every character, in order, in one document
+
+
+def test_manifest_bytes_count_the_normalized_text(tmp_path):
+    import unicodedata
+
+    from slmforge.data.encode import encoded_text_bytes
+    from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+
+    composed = ["Grüße aus Köln", "café naïve résumé", "फ़िल्म ज़रूर देखें", "Straße und Fluß"]
+    decomposed = [unicodedata.normalize("NFD", t) for t in composed]  # what some editors and macOS write
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(decomposed * 20) + "\n", encoding="utf-8")
+    tok = train_tokenizer(TokenizerConfig(vocab_size=320, inputs=[str(corpus)]), tmp_path / "tok")
+    out = prepare_data(load_config(flags={"sources": [{"path": str(corpus)}], "tokenizer": str(tok),
+                                          "out": str(tmp_path / "data"), "workers": 1}), show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    counted = sum(manifest["splits"][s]["bytes"] for s in ("train", "val"))
+    nfc = 20 * sum(len(unicodedata.normalize("NFC", t).encode()) for t in decomposed)
+    assert counted == nfc != 20 * sum(len(t.encode()) for t in decomposed)
+    assert "NFC" in manifest["bytes_counted"]
+    # eval counts the same way, so bits per byte of training and of eval --text agree on the text
+    assert encoded_text_bytes(load_tokenizer(tok), decomposed) == nfc // 20
+
+
+def test_wrapped_prose_is_read_by_paragraph_and_said(setup, tmp_path, capsys):
+    import textwrap as tw
+
+    root, docs, _ = setup
+    paragraphs = [" ".join(docs["en"][i:i + 6]) for i in range(0, 120, 6)]  # 20 paragraphs of prose
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(tw.fill(p, 70) for p in paragraphs) + "\n", encoding="utf-8")
+    out = prepare_data(config_for(setup, tmp_path / "out", sources=[{"path": str(book)}], val_fraction=0.0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["documents"] == 20  # not one document per wrapped line
+    assert manifest["sources"][0]["files"][0]["text_unit"] == "paragraph"
+    err = capsys.readouterr().err
+    assert f"{book}: wrapped prose (" in err and "one document per paragraph" in err
+    # one sentence per line (the quickstart's corpora) stays one document per line
+    out = prepare_data(config_for(setup, tmp_path / "lines", sources=[{"path": str(root / "corpus" / "en.txt")}],
+                                  val_fraction=0.0), show_progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["documents"] == 400
+    assert manifest["sources"][0]["files"][0]["text_unit"] == "line"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from slmforge.data.shards import FORMAT, ShardSet, ShardWriter, dtype_for_vocab
+from slmforge.errors import SlmforgeError
 from slmforge.fileio import write_json_atomic
 
 
@@ -74,3 +75,20 @@ def test_resumed_writer_truncates_to_its_state(tmp_path):
         w.add(d, 1)
     finish(resumed, w, dtype, 1000)
     assert folder_bytes(straight) == folder_bytes(resumed)
+
+
+def test_ids_outside_the_vocabulary_are_refused_when_opened(tmp_path):
+    """Garbage of the right size (a damaged copy) used to surface as an embedding's `IndexError`."""
+    dtype = np.dtype(np.uint16)
+    w = ShardWriter(tmp_path, "train", dtype, shard_tokens=100)
+    for d in documents(2, 30, 500):
+        w.add(d, 1)
+    finish(tmp_path, w, dtype, 500)
+    assert ShardSet(tmp_path, "train").num_tokens > 0
+    shard = tmp_path / "train-00001.bin"
+    body = bytearray(shard.read_bytes())
+    body[10:12] = (60_000).to_bytes(2, "little")  # token 5 of the second shard
+    shard.write_bytes(bytes(body))
+    with pytest.raises(SlmforgeError, match=r"train-00001\.bin: token id 60000 at or above the vocabulary "
+                                            r"size 500 \(first at token 5\); shard is corrupt"):
+        ShardSet(tmp_path, "train")

@@ -39,7 +39,7 @@ def test_text_lines_count_bad_units_per_reason_and_file(tmp_path):
     assert docs == ["good one", "second", "last no newline"]
     assert stats.documents == 3
     assert stats.skipped == {"empty": 2, "invalid_utf8": 2}
-    assert stats.files[str(path)] == {"documents": 3, "skipped": {
+    assert stats.files[str(path)] == {"documents": 3, "text_unit": "line", "skipped": {  # auto chose line
         "empty": {"count": 2, "first_line": 2}, "invalid_utf8": {"count": 2, "first_line": 4}}}
 
 
@@ -230,3 +230,46 @@ def test_hf_missing_package_or_dataset_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(SlmforgeError, match="needs `datasets`"):
         read("hf:some/dataset")
+
+
+def test_auto_text_unit_tells_wrapped_prose_from_one_sentence_per_line(tmp_path):
+    import textwrap
+
+    from slmforge.text.sources import detect_text_unit
+
+    sentence = "The river runs past the old mill and under the bridge near the market"
+    paragraphs = [" ".join([sentence] * 4) + "." for _ in range(12)]
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(textwrap.fill(p, 72) for p in paragraphs) + "\n", encoding="utf-8")
+    unit, why = detect_text_unit(book)
+    assert unit == "paragraph" and why.startswith("wrapped prose")
+    # sentence per line, articles separated by blank lines: lines end sentences, so lines stay the unit
+    articles = tmp_path / "articles.txt"
+    articles.write_text("\n\n".join("\n".join(f"Sentence {i} of article {a}." for i in range(5))
+                                    for a in range(10)) + "\n", encoding="utf-8")
+    assert detect_text_unit(articles)[0] == "line"
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(f"line {i} of a corpus" for i in range(100)) + "\n", encoding="utf-8")
+    assert detect_text_unit(plain)[0] == "line"
+    gz = tmp_path / "book.txt.gz"
+    gz.write_bytes(gzip.compress(book.read_bytes()))
+    assert detect_text_unit(gz, "gz")[0] == "paragraph"
+    docs, stats = read(book)  # the reader applies it (auto is the default) and records it
+    assert len(docs) == 12 and stats.files[str(book)]["text_unit"] == "paragraph"
+    assert read(book, text_unit="line")[0] != docs  # an explicit unit is kept
+
+
+def test_split_long_keeps_every_character_and_cuts_between_clusters():
+    import unicodedata
+
+    from slmforge.text.sampling import split_long
+
+    text = ("क्षत्रिय " * 40 + "অসমীয়া" * 50 + " word" * 30) * 3
+    for limit in (16, 37, 100, 1000):
+        pieces = list(split_long(text, limit))
+        assert "".join(pieces) == text and all(0 < len(p) <= limit for p in pieces)
+        for piece, nxt in zip(pieces, pieces[1:]):
+            assert unicodedata.category(nxt[0])[0] != "M"  # never starts with a matra or nukta
+            assert unicodedata.combining(piece[-1]) != 9  # never ends on a virama
+    assert list(split_long("short", 10)) == ["short"] and list(split_long("", 10)) == [""]
+    assert list(split_long("aaaa bbbb cccc", 12)) == ["aaaa bbbb", " cccc"]  # cut before the space

@@ -152,6 +152,43 @@ def test_multimodal_gemma3_uses_the_text_config_with_transformers_defaults():
     assert cfg.tie_embeddings
 
 
+IRREGULAR = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"] * 4 + [
+    "full_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("layer_types", [IRREGULAR, ["full_attention", "sliding_attention"] * 9])
+def test_any_gemma3_layer_types_list_is_kept(layer_types):
+    """transformers accepts any per-layer list (e.g. sliding, full, sliding, sliding), so do we."""
+    cfg = config_from_hf({**GEMMA3_270M_CONFIG, "layer_types": layer_types})
+    assert cfg.layer_types == layer_types and cfg.sliding_window == 512
+    assert [cfg.is_sliding(i) for i in range(18)] == [kind == "sliding_attention" for kind in layer_types]
+    hf = config_to_hf(cfg)
+    assert hf["layer_types"] == layer_types and hf["sliding_window"] == 512
+    assert "sliding_window_pattern" not in hf  # 4.50-4.52 would read it as every 6th layer global
+    assert config_from_hf(hf) == cfg
+
+
+def test_regular_layer_types_still_become_global_every():
+    """Existing configs and checkpoints keep meaning the same: an every-n-th pattern stays global_every."""
+    cfg = config_from_hf(GEMMA3_270M_CONFIG)
+    assert cfg.layer_types is None and cfg.global_every == 6
+    assert config_to_hf(cfg)["sliding_window_pattern"] == 6
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(layer_types=["sliding_attention"] * 5), "model.layer_types: needs one entry per layer (6), got 5"),
+    (dict(layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=None),
+     "model.layer_types: has sliding_attention layers but sliding_window is unset"),
+    (dict(layer_types=["local"] * 6), "model.layer_types[0]: must be one of"),
+])
+def test_layer_types_config_errors(changes, message):
+    from slmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError) as excinfo:
+        DecoderConfig.from_name("gemma3-tiny", **changes)
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
 def test_exported_config_carries_both_rope_forms():
     cfg = DecoderConfig.from_name("gemma3-tiny", rope_scaling="linear", rope_scaling_factor=4.0)
     hf = config_to_hf(cfg, bos_token_id=2, eos_token_id=1, pad_token_id=0)
@@ -301,7 +338,7 @@ def test_unsupported_architecture_is_named(tmp_path, capsys):
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(hidden_activation="relu"), "hidden_activation"),
-    (dict(layer_types=["full_attention", "sliding_attention"] * 9), "layer_types"),
+    (dict(layer_types=["sliding_attention"] * 17 + ["full_attention"] * 2), "layer_types"),  # 19 for 18 layers
     (dict(layer_types=["chunked_attention"] * 18), "layer_types"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
     (dict(num_key_value_heads=3), "num_kv_heads"),

@@ -61,6 +61,10 @@ HF_CASES = {
         num_hidden_layers=4, num_key_value_heads=1, sliding_window_pattern=2, final_logit_softcapping=30.0,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
+    # Not "every n-th layer global": sliding, full, sliding, sliding.
+    "gemma3-irregular-layer-types": lambda: hf_gemma3(
+        num_hidden_layers=4, layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                          "sliding_attention"]),
     "llama-gqa-untied-llama3-rope": lambda: hf_llama(rope_parameters=dict(LLAMA3_ROPE)),
     "llama-tied": lambda: hf_llama(tie_word_embeddings=True, num_key_value_heads=1),
     "llama-linear-rope": lambda: hf_llama(
@@ -74,6 +78,10 @@ OUR_CASES = {
         "gemma3-tiny", vocab_size=VOCAB, hidden_size=64, num_layers=5, num_heads=4, num_kv_heads=2, head_dim=32,
         intermediate_size=96, max_seq_len=128, sliding_window=WINDOW, global_every=3, query_pre_attn_scalar=24.0,
         final_logit_softcap=30.0, rope_scaling="linear", rope_scaling_factor=4.0),
+    "gemma3-layer-types": DecoderConfig.from_name(
+        "gemma3-tiny", vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+        intermediate_size=96, max_seq_len=128, sliding_window=WINDOW, query_pre_attn_scalar=24.0, global_every=1,
+        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"]),
     "llama-untied-llama3-rope": DecoderConfig(
         family="llama", vocab_size=VOCAB, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
         intermediate_size=96, max_seq_len=128, rope_theta=500_000.0, tie_embeddings=False, rope_scaling="llama3",
@@ -284,6 +292,28 @@ def test_window_and_rope_base_are_visible_to_the_parity_check(tmp_path):
                        dict(rope_theta=ours.cfg.rope_local_theta, rope_local_theta=ours.cfg.rope_theta)):
             cfg = DecoderConfig(**{**ours.cfg.__dict__, **change})
             wrong = build_model(cfg, seed=None)
+            wrong.load_state_dict(ours.state_dict())
+            assert (wrong.logits(wrong(ids)) - expected).abs().max().item() > 100 * TOLERANCE_FP32, change
+
+
+def test_layer_types_are_visible_to_the_parity_check(tmp_path):
+    """Negative control for the irregular case: reading it as any "every n-th layer global" pattern,
+    or with one layer's kind flipped, would fail the 1e-4 comparison."""
+    torch.manual_seed(0)
+    theirs = HF_CASES["gemma3-irregular-layer-types"]().eval()
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path / "hf")
+    make_tokenizer_dir(tmp_path / "hf")
+    ours, _, _ = load_model(import_hf(tmp_path / "hf", tmp_path / "run"))
+    ids = token_ids()
+    kinds = ours.cfg.layer_types
+    flipped = [["full_attention" if k == "sliding_attention" else "sliding_attention" for k in kinds][:1] + kinds[1:],
+               kinds[:3] + ["full_attention"]]
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        for change in [dict(layer_types=None, global_every=n) for n in (2, 3, 4, 5)] + [
+                dict(layer_types=k) for k in flipped]:
+            wrong = build_model(dataclasses.replace(ours.cfg, **change), seed=None)
             wrong.load_state_dict(ours.state_dict())
             assert (wrong.logits(wrong(ids)) - expected).abs().max().item() > 100 * TOLERANCE_FP32, change
 

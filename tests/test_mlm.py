@@ -11,7 +11,7 @@ from slmforge import config
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
 from slmforge.errors import SlmforgeError
-from slmforge.objectives.base import EVAL_SEED, batch_generator
+from slmforge.objectives.base import EVAL_SEED
 from slmforge.objectives.mlm import MaskedLM, MlmConfig, word_start_table
 from slmforge.train.config import PretrainConfig
 from slmforge.train.metrics import read_metrics
@@ -31,7 +31,7 @@ def test_masking_rates_match_the_config_within_sampling_error():
     chosen = masked = randomised = total = 0
     for step in range(200):
         tokens = torch.randint(5, 1000, (8, 64))
-        batch = mlm.collate({"tokens": tokens}, batch_generator(0, step))
+        batch = mlm.collate({"tokens": tokens, "sample_ids": torch.arange(8) + 8 * step}, 0)
         picked = batch["targets"] != -100
         assert torch.equal(batch["targets"][picked], tokens[picked])
         chosen += int(picked.sum())
@@ -52,20 +52,25 @@ def test_special_and_padding_tokens_are_never_chosen_or_used_as_replacements():
     mlm = objective(mask_rate=0.9, mask_token_share=0.0, random_token_share=1.0)
     tokens = torch.randint(5, 1000, (16, 48))
     tokens[:, 0], tokens[:, -1], tokens[:, 30:40] = 2, 3, 0  # [CLS] ... [SEP] and a run of padding
-    batch = mlm.collate({"tokens": tokens, "scored": tokens != 7}, batch_generator(1, 0))
+    batch = mlm.collate({"tokens": tokens, "scored": tokens != 7}, 1)
     special = (tokens <= 4) | (tokens == 7)
     assert (batch["targets"][special] == -100).all()
     assert torch.equal(batch["input_ids"][special], tokens[special])
     assert not torch.isin(batch["input_ids"][~special], torch.tensor(sorted(SPECIAL))).any()
 
 
-def test_masks_depend_on_seed_step_and_rank_only():
+def test_masks_depend_on_the_seed_and_the_sample_only():
+    """Not on the step, the rank, the batch a sample lands in, or its row: so 1 and N processes, any
+    micro-batch split and a resumed run all mask a window the same way."""
     mlm = objective()
     tokens = torch.randint(5, 1000, (4, 32))
-    same = [mlm.collate({"tokens": tokens}, batch_generator(7, 3, 0, 1))["input_ids"] for _ in range(2)]
-    assert torch.equal(*same)
-    for other in (batch_generator(8, 3, 0, 1), batch_generator(7, 4, 0, 1), batch_generator(7, 3, 0, 0)):
-        assert not torch.equal(mlm.collate({"tokens": tokens}, other)["input_ids"], same[0])
+    ids = torch.tensor([10, 11, 12, 13])
+    first = mlm.collate({"tokens": tokens, "sample_ids": ids}, 7)["input_ids"]
+    assert torch.equal(first, mlm.collate({"tokens": tokens, "sample_ids": ids}, 7)["input_ids"])
+    reordered = mlm.collate({"tokens": tokens[[2, 0]], "sample_ids": ids[[2, 0]]}, 7)["input_ids"]
+    assert torch.equal(reordered, first[[2, 0]])
+    assert not torch.equal(mlm.collate({"tokens": tokens, "sample_ids": ids}, 8)["input_ids"], first)
+    assert not torch.equal(mlm.collate({"tokens": tokens, "sample_ids": ids + 4}, 7)["input_ids"], first)
 
 
 def test_whole_word_masking_keeps_words_and_their_matras_together(tmp_path):
@@ -87,7 +92,7 @@ def test_whole_word_masking_keeps_words_and_their_matras_together(tmp_path):
     tokens = torch.tensor([row] * 64)
     chosen_words = total_words = 0
     for step in range(20):
-        picked = mlm.collate({"tokens": tokens}, batch_generator(0, step))["targets"] != -100
+        picked = mlm.collate({"tokens": tokens, "sample_ids": torch.arange(64) + 64 * step}, 0)["targets"] != -100
         for b in range(tokens.shape[0]):
             position = 1
             for _ in range(6):
@@ -128,8 +133,8 @@ def bayes_optimal_mlm_loss(source, raw_batches, mlm: MaskedLM, offset: int = 5) 
     masked token given every visible one, by forward-backward over the chain (masked = unobserved)."""
     transition, prior = source.transition, source.stationary
     total, count = 0.0, 0
-    for index, raw in enumerate(raw_batches):
-        batch = mlm.collate(raw, batch_generator(EVAL_SEED, index))
+    for raw in raw_batches:
+        batch = mlm.collate(raw, EVAL_SEED)
         for inputs, targets in zip(batch["input_ids"].numpy(), batch["targets"].numpy()):
             hidden = targets != -100
             evidence = np.ones((len(inputs), source.vocab))

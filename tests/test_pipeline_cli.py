@@ -132,3 +132,148 @@ def test_an_imported_encoder_trains_further(encoder_run, corpus, tmp_path):
                  "train.seq_len=32", "train.batch_size=8", "train.max_steps=5", "train.eval_every=0"]) == 0
     meta = json.loads((run / "checkpoints" / "step-000005" / "meta.json").read_text(encoding="utf-8"))
     assert meta["model"]["family"] == "bert" and meta["objective"]["kind"] == "mlm"
+
+
+# ---------------------------------------------------------------- what a new user hits (issue 13)
+
+TINY = ["model.preset=test-tiny", "train.seq_len=32", "train.batch_size=4", "train.max_steps=3",
+        "train.eval_every=0", "train.log_every=1", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(corpus, tmp_path_factory):
+    """tokenizer -> data -> a 3-step run; tests that damage it work on a copy."""
+    root = tmp_path_factory.mktemp("tiny")
+    assert main(["tokenizer", "train", "--input", str(corpus / "hi.txt"), str(corpus / "en.txt"),
+                 "--out", str(root / "tok"), "tokenizer.vocab_size=300"]) == 0
+    assert main(["data", "prepare", "--input", str(corpus / "hi.txt"), str(corpus / "en.txt"),
+                 "--tokenizer", str(root / "tok"), "--out", str(root / "data"), "data.val_documents=40"]) == 0
+    assert main(["pretrain", f"train.data={root / 'data'}", f"train.out_dir={root / 'run'}", *TINY]) == 0
+    return root
+
+
+def copy_of(folder, tmp_path):
+    import shutil
+
+    return shutil.copytree(folder, tmp_path / folder.name)
+
+
+def test_a_run_and_its_data_work_from_any_folder_and_move_together(corpus, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tokenizer", "train", "--input", str(corpus / "hi.txt"), "--out", "runs/my/tokenizer",
+                 "tokenizer.vocab_size=300"]) == 0
+    assert main(["data", "prepare", "--input", str(corpus / "hi.txt"), "--tokenizer", "runs/my/tokenizer",
+                 "--out", "runs/my/data", "data.val_documents=40"]) == 0
+    manifest = json.loads((tmp_path / "runs/my/data/manifest.json").read_text(encoding="utf-8"))
+    assert manifest["tokenizer"]["path"] == "../tokenizer"  # relative to the data folder
+    (tmp_path / "bad").mkdir()
+    monkeypatch.chdir(tmp_path / "bad")
+    assert main(["pretrain", "train.data=../runs/my/data", "train.out_dir=../runs/my", *TINY]) == 0
+    meta = json.loads((tmp_path / "runs/my/checkpoints/step-000003/meta.json").read_text(encoding="utf-8"))
+    assert meta["data"] == "data"  # relative to the run folder
+    capsys.readouterr()
+    assert main(["eval", "../runs/my"]) == 0  # finds the data it trained on
+    assert "data:val" in capsys.readouterr().out
+    # move run and data together, work from yet another folder
+    shutil.move(str(tmp_path / "runs"), str(tmp_path / "moved"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["eval", "../moved/my", "--json"]) == 0
+    assert main(["pretrain", "train.data=../moved/my/data", "train.out_dir=../moved/again", *TINY]) == 0
+    # a data folder that is gone is named, with the fix (not "run data prepare")
+    shutil.rmtree(tmp_path / "moved/my/data")
+    capsys.readouterr()
+    assert main(["eval", "../moved/my"]) == 2
+    assert "pass --data DIR" in capsys.readouterr().err
+
+
+def test_a_retrained_tokenizer_is_never_swapped_in_silently(corpus, tiny_run, tmp_path, capsys):
+    root = tiny_run
+    tok, data = copy_of(root / "tok", tmp_path), copy_of(root / "data", tmp_path)
+    before = (tok / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    retrain = ["tokenizer", "train", "--input", str(corpus / "en.txt"), "--out", str(tok),
+               "tokenizer.vocab_size=280"]
+    assert main(retrain) == 2
+    assert "already holds a tokenizer" in capsys.readouterr().err
+    assert (tok / "tokenizer.json").read_bytes() == before
+    assert main([*retrain, "--force"]) == 0
+    capsys.readouterr()
+    # the data was made with the old one (the manifest's sha256); pretrain refuses the new one
+    assert main(["pretrain", f"train.data={data}", f"train.out_dir={tmp_path / 'refused'}", *TINY]) == 2
+    assert "differs from the" in capsys.readouterr().err
+    # a run whose tokenizer/ was replaced refuses to decode with it
+    run = copy_of(root / "run", tmp_path)
+    for name in ("tokenizer.json", "slmforge_tokenizer.json"):
+        (run / "tokenizer" / name).write_bytes((tok / name).read_bytes())
+    for argv in (["generate", str(run), "-p", "यह", "max_new_tokens=3"],
+                 ["eval", str(run), "--text", f"hi={corpus / 'hi.txt'}"],
+                 ["export", str(run), "--out", str(tmp_path / "hf")]):
+        assert main(argv) == 2, argv
+        assert "this model was trained with" in capsys.readouterr().err
+
+
+def test_eval_results_accumulate_keyed_by_what_was_evaluated(corpus, tiny_run, tmp_path, capsys):
+    run = copy_of(tiny_run / "run", tmp_path)
+    assert main(["eval", str(run), "--text", f"hi={corpus / 'hi.txt'}"]) == 0
+    assert main(["eval", str(run), "--text", f"en={corpus / 'en.txt'}"]) == 0
+    report = json.loads((run / "checkpoints" / "step-000003" / "eval.json").read_text(encoding="utf-8"))
+    assert set(report) == {"hi", "en"}  # the second eval did not overwrite the first
+    assert report["hi"]["text"] == str(corpus / "hi.txt") and report["en"]["bpb"] > 0
+    assert main(["eval", str(run), "--data", str(tiny_run / "data")]) == 0
+    report = json.loads((run / "checkpoints" / "step-000003" / "eval.json").read_text(encoding="utf-8"))
+    assert set(report) == {"hi", "en", "data:val"} and report["data:val"]["split"] == "val"
+    assert not (run / "eval.json").exists()  # one place: the checkpoint folder
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = copy_of(tiny_run / "run", tmp_path)
+    weights = run / "checkpoints" / "step-000003" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, weights)
+    capsys.readouterr()
+    for argv in (["eval", str(run)], ["generate", str(run), "-p", "यह", "max_new_tokens=3"],
+                 ["export", str(run), "--out", str(tmp_path / "hf")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "layers.1.mlp.up_proj.weight has 1 non-finite value" in err and "Traceback" not in err
+
+
+def test_overrides_after_input_are_overrides(corpus, tmp_path):
+    tok, data = tmp_path / "tok", tmp_path / "data"
+    assert main(["tokenizer", "train", "--input", str(corpus / "hi.txt"), str(corpus / "en.txt"),
+                 "tokenizer.vocab_size=290", "--out", str(tok)]) == 0
+    assert json.loads((tok / "slmforge_tokenizer.json").read_text(encoding="utf-8"))["config"]["vocab_size"] == 290
+    assert main(["data", "prepare", "--tokenizer", str(tok), "--out", str(data), "--input", str(corpus / "hi.txt"),
+                 "data.val_fraction=0.2"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["config"]["val_fraction"] == 0.2 and len(manifest["sources"]) == 1
+
+
+def test_generate_and_eval_flags_are_checked_and_named(tiny_run, capsys, monkeypatch):
+    import io
+
+    from slmforge.generate import read_prompt
+
+    run = tiny_run / "run"
+    capsys.readouterr()
+    assert main(["generate", str(run), "-p", "यह", "-n", "0"]) == 2
+    assert "--num-samples: must be at least 1" in capsys.readouterr().err
+    for verb in (["eval", str(run)], ["generate", str(run), "-p", "x"]):
+        assert main([*verb, "--device", "tpu9"]) == 2
+        err = capsys.readouterr().err
+        assert "--device: unknown device 'tpu9'" in err and "train.device" not in err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert read_prompt(Terminal("यह")) == "यह"
+    assert "reading the prompt from standard input (Ctrl-D to end" in capsys.readouterr().err
+    assert read_prompt(io.StringIO("piped")) == "piped"  # a pipe: no message
+    assert capsys.readouterr().err == ""

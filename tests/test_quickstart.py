@@ -15,11 +15,15 @@ pytest.importorskip("plone.app.locales", reason="the demo corpus needs slmforge[
 def test_quickstart_end_to_end(tmp_path, capsys):
     run = quickstart(tmp_path / "qs", max_steps=30, seq_len=64, batch_size=8, vocab_size=1024)
     for name in ("corpus/hi.txt", "corpus/as.txt", "tokenizer/tokenizer.json", "data/manifest.json",
-                 "config.toml", "metrics.jsonl", "plots/loss.png", "eval.json", "samples.txt",
-                 "checkpoints/latest"):
+                 "config.toml", "metrics.jsonl", "plots/loss.png", "checkpoints/step-000030/eval.json",
+                 "samples.txt", "checkpoints/latest"):
         assert (run / name).exists(), name
-    report = json.loads((run / "eval.json").read_text(encoding="utf-8"))
-    assert {"held-out hi", "held-out en", "held-out de"} <= set(report)
+    assert not (run / "eval.json").exists()  # one place for eval results: the checkpoint folder
+    report = json.loads((run / "checkpoints" / "step-000030" / "eval.json").read_text(encoding="utf-8"))
+    # every language extracted is evaluated and sampled, Assamese (only a few lines) included
+    assert {f"held-out {lang}" for lang in ("hi", "en", "de", "bn", "as")} == set(report)
+    assert {line.split("]")[0] + "]" for line in (run / "samples.txt").read_text(encoding="utf-8").splitlines()
+            if line.startswith("[")} >= {"[hi]", "[en]", "[de]", "[bn]", "[as]"}
     for row in report.values():
         assert 0 < row["bpb"] < 8 and row["tokens"] > 0
     manifest = json.loads((run / "data" / "manifest.json").read_text(encoding="utf-8"))

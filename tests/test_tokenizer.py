@@ -306,10 +306,11 @@ def test_sentence_budget_reservoir_and_record(tmp_path):
         records[budget] = json.loads((out / "slmforge_tokenizer.json").read_text(encoding="utf-8"))["sample"]
     small, full = records[50], records[1000]
     assert small["method"] == "reservoir" and small["seed"] == 7 and small["sentences"] == 50
-    assert small["sources"] == [{"source": str(folder), "lines": 401, "sampled": 50,
-                                 "truncated": small["sources"][0]["truncated"], "skipped": {"empty": 1}}]
-    assert full["sources"] == [{"source": str(folder), "lines": 401, "sampled": 401, "truncated": 1,
-                                "skipped": {"empty": 1}}]
+    # the 5000-character line is split into five 1000-character sentences, not cut to its first 1000
+    assert small["sources"] == [{"source": str(folder), "lines": 401, "sentences": 405, "sampled": 50,
+                                 "split": 1, "skipped": {"empty": 1}}]
+    assert full["sources"] == [{"source": str(folder), "lines": 401, "sentences": 405, "sampled": 405,
+                                "split": 1, "skipped": {"empty": 1}}]
 
 
 def test_reservoir_is_uniform_and_seeded():
@@ -432,3 +433,20 @@ def test_cli_train_and_errors(tmp_path, capsys):
     assert main(["tokenizer", "train", "--out", str(tmp_path / "y"), "tokenizer.vocab_size=10"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slmforge: error: tokenizer.vocab_size: must exceed") and err.count("\n") == 1
+
+
+def test_a_vocabulary_the_sample_cannot_fill_and_split_lines_are_reported(tmp_path, caplog):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(HINDI + ENGLISH) + "\n" + "घर " * 3000 + "\n", encoding="utf-8")
+    cfg = TokenizerConfig(vocab_size=200_000, inputs=[str(corpus)], max_chars=1000)
+    with caplog.at_level("WARNING"):
+        out = train_tokenizer(cfg, tmp_path / "tok")
+    got = load_tokenizer(out).vocab_size
+    assert got < 200_000
+    text = caplog.text
+    assert f"tokenizer.vocab_size: asked for 200,000 ids, got {got:,}" in text
+    assert "1 line(s) longer than tokenizer.max_chars=1,000 characters were split" in text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a vocabulary the sample fills: nothing to say
+        train_tokenizer(TokenizerConfig(vocab_size=300, inputs=[str(corpus)], max_chars=10_000), tmp_path / "t2")
+    assert "tokenizer.vocab_size" not in caplog.text and "split" not in caplog.text

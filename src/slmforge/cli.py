@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from slmforge.errors import SlmforgeError
@@ -30,11 +31,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The two config arguments every config-driven verb shares."""
+# `section.field=value` (a dotted key): an override wherever it stands on the command line.
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """The config arguments every config-driven verb shares; `example` shows overrides of its own
+    sections (e.g. "tokenizer.vocab_size=16000")."""
     parser.add_argument("--config", "-c", help="TOML config file (sections as in `--show-fields`)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override any config field, e.g. train.max_steps=200 model.preset=tiny")
+                        help=f"override any config field, e.g. {example} (anywhere on the line, also "
+                             f"after a list of files)")
     parser.add_argument("--show-fields", action="store_true",
                         help="list every config field with its type, default and meaning, then exit")
 
@@ -53,10 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _collect_overrides(args: argparse.Namespace) -> None:
+    """`--input a.txt b.txt tokenizer.vocab_size=500` puts the override into --input's list (nargs="+"
+    takes every word up to the next option); move `section.field=value` words that name no existing
+    file back to the overrides."""
+    import os
+
+    value = getattr(args, "input", None)
+    if isinstance(value, list):
+        moved = [v for v in value if OVERRIDE.match(v) and not os.path.exists(v)]
+        if moved:
+            args.input = [v for v in value if v not in moved] or None
+            args.overrides = list(args.overrides or []) + moved
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="slmforge: warning: %(message)s", level=logging.WARNING)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        _collect_overrides(args)
     # argparse binds all positionals at their first run, so `key=value` overrides placed after an
     # option (`generate RUN -p hi temperature=0.7`) arrive here; they are still overrides.
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
@@ -71,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except SlmforgeError as e:
         print(f"slmforge: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("slmforge: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # A training run stopped by a signal has saved and said so; a bare Ctrl-C elsewhere has not.
+        print(f"slmforge: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     return int(result or 0)
 
 

@@ -236,6 +236,35 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
+# Every section a recipe file may hold, over all verbs ([tokenizer]: tokenizer train, [data]: data
+# prepare, the rest: pretrain). A verb reads its own and skips the others, so a misspelled one
+# (`[trian]`) would be skipped silently without this list; tests keep it equal to the config classes.
+RECIPE_SECTIONS = ("tokenizer", "data", "model", "objective", "optim", "schedule", "train", "tracking",
+                   "parallel")
+
+
+def check_sections(tree: dict[str, Any], path: str | Path) -> None:
+    """Refuse a top-level key of a recipe file that is no verb's section, naming the likely one."""
+    import difflib
+
+    for key in tree:
+        if key not in RECIPE_SECTIONS:
+            close = difflib.get_close_matches(key, RECIPE_SECTIONS, n=1)
+            hint = f"did you mean [{close[0]}]? " if close else ""
+            raise ConfigError(f"{path}: [{key}]: unknown section; {hint}known: {', '.join(RECIPE_SECTIONS)}")
+
+
+def _file_prefix(path: str | Path | None, error: ConfigError, overrides: list[str] | None) -> str:
+    """`error` prefixed with the config file's name, unless the field it names came from a
+    command-line override (then the file is not at fault)."""
+    field = str(error).split(":", 1)[0].strip()
+    for text in overrides or []:
+        key = text.split("=", 1)[0].strip()
+        if field == key or field.startswith((key + ".", key + "[")) or key.startswith(field + "."):
+            return str(error)
+    return f"{path}: {error}" if path is not None else str(error)
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
          base: dict[str, Any] | None = None) -> T:
     """Build `cls` from defaults <- `base` <- TOML file <- overrides (later wins)."""
@@ -243,11 +272,10 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     if path is not None:
         data = _merge(data, read_toml(path))
     data = apply_overrides(data, overrides or [])
-    where = str(path) if path is not None else ""
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+        raise ConfigError(_file_prefix(path, e, overrides)) from None
 
 
 def load_section(cls: type[T], section: str, path: str | Path | None = None,
@@ -256,6 +284,8 @@ def load_section(cls: type[T], section: str, path: str | Path | None = None,
     overrides. Other sections of the file belong to other verbs and are ignored; an override for
     another section is an error, since it would have no effect."""
     tree = read_toml(path) if path is not None else {}
+    if path is not None:
+        check_sections(tree, path)
     data = {**tree.get(section, {}), **(flags or {})}
     for text in overrides or []:
         key = text.split("=", 1)[0].strip()
@@ -266,7 +296,7 @@ def load_section(cls: type[T], section: str, path: str | Path | None = None,
     try:
         return from_dict(cls, data, section)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+        raise ConfigError(_file_prefix(path, e, overrides)) from None
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +330,10 @@ def dumps(obj: Any) -> str:
 
 
 def save(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(dumps(obj), encoding="utf-8")
+    """Write atomically: a crash mid-write never leaves a torn config.toml."""
+    from slmforge.fileio import write_text_atomic
+
+    write_text_atomic(path, dumps(obj))
 
 
 # ---------------------------------------------------------------- help text

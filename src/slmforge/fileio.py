@@ -32,3 +32,32 @@ def read_json(path: str | Path, hint: str = "") -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         reason = " ".join(str(e).split())[:300]
         raise SlmforgeError(f"{path}: corrupt JSON ({reason}){hint}") from None
+
+
+def relative_to(path: str | Path, base: str | Path) -> str:
+    """`path` as a path relative to folder `base` (both resolved), for files that name other files:
+    what they record then works from any working directory and survives moving both together. An
+    absolute path where no relative one exists (another drive on Windows)."""
+    target, start = Path(path).resolve(), Path(base).resolve()
+    try:
+        return Path(os.path.relpath(target, start)).as_posix()
+    except ValueError:
+        return str(target)
+
+
+def make_readable(path: str | Path) -> None:
+    """Give a file the permissions `open()` would (0666 minus the umask). safetensors writes its files
+    0600, which makes a run or export folder unreadable to the rest of a group or a serving process."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask(0) would briefly affect other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

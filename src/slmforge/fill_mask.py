@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     from slmforge.runs import open_run
     from slmforge.runtime import resolve_device
 
-    run = open_run(args.model, device=resolve_device(args.device))
+    run = open_run(args.model, device=resolve_device(args.device, "--device"))
     if run.kind != "encoder":
         raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} decoder continues text rather than filling "
                             f"masks; use `slmforge generate {args.model} -p \"...\"`")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -23,5 +24,8 @@ def duration(seconds: float) -> str:
 
 
 def say(message: str) -> None:
-    """A progress or status line on stderr (stdout stays for results: tables, paths, generated text)."""
-    print(message, file=sys.stderr, flush=True)
+    """A progress or status line on stderr (stdout stays for results: tables, paths, generated text).
+
+    In a job of several processes (torchrun, srun) only rank 0 speaks, or every line would come N times."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(message, file=sys.stderr, flush=True)

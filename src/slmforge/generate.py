@@ -169,19 +169,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def read_prompt(stdin) -> str:
+    """The prompt from standard input; on a terminal, say so first (otherwise the command just waits)."""
+    if stdin.isatty():
+        print("reading the prompt from standard input (Ctrl-D to end; or pass -p \"prompt\")",
+              file=sys.stderr, flush=True)
+    return stdin.read()
+
+
 def _run(args: argparse.Namespace) -> int:
     from slmforge import config
     from slmforge.runtime import resolve_device
     from slmforge.runs import open_run
 
     sampling = config.load(SamplingConfig, overrides=args.overrides)
-    run = open_run(args.model, device=resolve_device(args.device))
+    if args.num_samples < 1:
+        raise SlmforgeError(f"--num-samples: must be at least 1, got {args.num_samples}")
+    run = open_run(args.model, device=resolve_device(args.device, "--device"))
     if run.kind != "decoder":
         raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} encoder fills masks rather than continuing "
                             f"text; use `slmforge fill-mask {args.model} \"text with [MASK]\"`")
     model, meta = run.model, run.meta
     tokenizer = run.tokenizer()
-    prompts = args.prompt or [sys.stdin.read()]
+    prompts = args.prompt or [read_prompt(sys.stdin)]
     base_seed = sampling.seed
     results = []
     for prompt in prompts:

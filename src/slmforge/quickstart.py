@@ -6,8 +6,9 @@ Everything lands in one run folder (default runs/quickstart):
     tokenizer/        the trained BPE tokenizer (HF-loadable)
     data/             token shards + manifest.json
     config.toml, metrics.jsonl, plots/loss.png, checkpoints/   the pretraining run
-    eval.json         per-language loss, perplexity and bits per byte on the held-out lines
-    samples.txt       generated continuations of a few prompts
+    checkpoints/step-N/eval.json   per-language loss, perplexity and bits per byte on the held-out lines
+                                   (where `slmforge eval` writes too)
+    samples.txt       generated continuations of a prompt per language
 """
 
 from __future__ import annotations
@@ -26,16 +27,19 @@ PROMPTS = {
     "en": "The site",
     "de": "Die Seite",
     "bn": "এই",
+    "as": "মানুহ",
 }
 
 
 def split_held_out(files: dict[str, Path], out_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Move every HELD_OUT_EVERY-th line of each language into `<lang>.heldout.txt`."""
+    """Move every HELD_OUT_EVERY-th line of each language into `<lang>.heldout.txt`; a language with
+    fewer lines than that (Assamese has a few) holds out its last line, so every language is evaluated."""
     train, held = {}, {}
     for lang, path in files.items():
         lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for i, line in enumerate(lines) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-        out = [line for i, line in enumerate(lines) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+        every = HELD_OUT_EVERY if len(lines) >= HELD_OUT_EVERY else max(len(lines), 2)
+        kept = [line for i, line in enumerate(lines) if i % every != every - 1]
+        out = [line for i, line in enumerate(lines) if i % every == every - 1]
         path.write_text("\n".join(kept) + "\n", encoding="utf-8")
         train[lang] = path
         if out:
@@ -103,7 +107,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
                                                    str(path), add_bos)
             for lang, path in held_out.items()}
     print_table(rows)
-    write_report(rows, run / "eval.json")
+    write_report(rows, opened.step_dir / "eval.json")  # where `slmforge eval` writes as well
 
     sampling = SamplingConfig(max_new_tokens=40, temperature=0.8, top_k=50, top_p=0.95,
                               repetition_penalty=1.1, seed=0)
@@ -117,8 +121,8 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
     print("\nsamples:")
     print("\n".join(lines))
     minutes = (time.perf_counter() - start) / 60
-    print(f"\ndone in {minutes:.1f} min. run folder: {run}  (metrics.jsonl, plots/loss.png, eval.json, "
-          f"samples.txt, checkpoints/)")
+    print(f"\ndone in {minutes:.1f} min. run folder: {run}  (metrics.jsonl, plots/loss.png, samples.txt, "
+          f"{(opened.step_dir / 'eval.json').relative_to(run)})")
     print(f"next: slmforge generate {run} -p \"{PROMPTS['hi']}\" temperature=0.8 top_k=50")
     return run
 

@@ -15,6 +15,7 @@ Writing checkpoints is training's business (`train/checkpoint.py`); reading them
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from slmforge.models.registry import ModelConfig, build_model, config_from_dict,
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 STATE = "state.pt"
+CHECKSUMS = "checksums.json"  # sizes and SHA-256 of the other files, written last
 
 
 @dataclass
@@ -51,9 +53,18 @@ class Run:
         return next(self.model.parameters()).device
 
     def tokenizer(self):
+        """The run's tokenizer, refused if it is not the one the model was trained with (meta.json
+        records its sha256): a swapped vocabulary would decode every id as the wrong text."""
         from slmforge.tokenizer import load_tokenizer
 
-        return load_tokenizer(find_tokenizer_dir(self.step_dir))
+        folder = find_tokenizer_dir(self.step_dir)
+        tokenizer = load_tokenizer(folder)
+        check_tokenizer(tokenizer.sha256, folder, self.step_dir, self.meta)
+        return tokenizer
+
+    def data_dir(self) -> Path | None:
+        """The prepared data the run trained on (meta.json `data`), or None if it recorded none."""
+        return recorded_data_dir(self.step_dir, self.meta)
 
 
 def open_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
@@ -90,6 +101,59 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise SlmforgeError(f"{path}: not a run or checkpoint folder (no {WEIGHTS} and no checkpoints/latest)")
 
 
+def file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_integrity(step_dir: Path) -> str | None:
+    """Why a step folder cannot be trusted (a file missing, truncated or changed since it was
+    written), or None. Folders from before checksums existed are judged by their files being there."""
+    listed = step_dir / CHECKSUMS
+    if not listed.is_file():
+        missing = [name for name in (WEIGHTS, META) if not (step_dir / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    try:
+        expected = read_json(listed)
+    except SlmforgeError:
+        return f"{CHECKSUMS} is damaged"
+    for name, want in expected.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size:,} bytes, {want['bytes']:,} were written"
+        if file_digest(path)["sha256"] != want["sha256"]:
+            return f"{name} changed since it was written (sha256 mismatch)"
+    return None
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """Complete step folders of a run, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    folders = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".partial", ".old"))]
+    return sorted(folders, reverse=True)
+
+
+def newest_good_checkpoint(run_dir: Path, say=None) -> Path | None:
+    """The step folder a run resumes from: `latest` if it is intact, else the newest intact one, saying
+    why each newer one was passed over (`latest` may even be gone while step folders remain)."""
+    root = Path(run_dir) / "checkpoints"
+    latest = root / "latest"
+    named = root / latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    candidates = ([named] if named is not None else []) + [p for p in step_folders(run_dir) if p != named]
+    for folder in candidates:
+        problem = check_integrity(folder) if folder.is_dir() else "it does not exist"
+        if problem is None:
+            return folder
+        if say is not None:
+            say(f"warning: {folder}: {problem}; trying an older checkpoint")
+    return None
+
+
 def read_meta(step_dir: Path) -> dict[str, Any]:
     path = step_dir / META
     try:
@@ -123,6 +187,12 @@ def load_weights(model: nn.Module, step_dir: Path) -> None:
         if tensors[name].shape != tensor.shape:
             raise SlmforgeError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                                 f"the model expects {tuple(tensor.shape)}")
+        # Damaged tensor bodies keep their shape: without this, eval prints a table of nan and
+        # generate dies inside torch.multinomial.
+        if tensors[name].is_floating_point() and not bool(torch.isfinite(tensors[name]).all()):
+            bad = int((~torch.isfinite(tensors[name])).sum())
+            raise SlmforgeError(f"{path}: tensor {name} has {bad:,} non-finite value(s) (nan or inf); "
+                                f"the checkpoint is damaged")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise SlmforgeError(f"{path}: unexpected tensor {unexpected[0]} (a different architecture?)")
@@ -142,6 +212,30 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
 def run_dir_of(step_dir: Path) -> Path:
     """The run folder that holds a step folder (…/run/checkpoints/step-N -> …/run)."""
     return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+
+
+def check_tokenizer(sha256: str, folder: Path, step_dir: Path, meta: dict[str, Any]) -> None:
+    """Refuse a tokenizer other than the one the checkpoint recorded (its sha256 in meta.json)."""
+    expected = meta.get("tokenizer_sha256")
+    if expected and sha256 != expected:
+        raise SlmforgeError(f"{folder}: tokenizer sha256 {sha256[:12]} differs from the {expected[:12]} "
+                            f"this model was trained with ({step_dir / META}); put the training tokenizer back")
+
+
+def recorded_data_dir(step_dir: Path, meta: dict[str, Any]) -> Path | None:
+    """The data folder meta.json names. Training records it relative to the run folder, so a run
+    and its data work from any working directory and move together; older runs recorded it relative
+    to the folder training ran in, which is tried second."""
+    recorded = meta.get("data")
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.is_absolute():
+        return path
+    from_run = run_dir_of(step_dir) / path
+    if (from_run / "manifest.json").is_file() or not (path / "manifest.json").is_file():
+        return from_run
+    return path
 
 
 def find_tokenizer_dir(path: str | Path) -> Path:

@@ -7,7 +7,8 @@ import torch
 from slmforge.errors import ConfigError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", field: str = "train.device") -> torch.device:
+    """The device `name` asks for; errors name `field`, the config field or flag it came from."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -17,13 +18,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"{field}: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+        raise ConfigError(f"{field}: {name!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device: {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+        raise ConfigError(f"{field}: {name!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"train.device: {name!r} requested but MPS is not available")
+        raise ConfigError(f"{field}: {name!r} requested but MPS is not available")
     return device
 
 

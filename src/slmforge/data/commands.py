@@ -25,8 +25,8 @@ def register(subparsers: Any) -> None:
         epilog="examples:\n"
                "  slmforge data prepare --input corpus.txt --tokenizer tok/ --out data/\n"
                "  slmforge data prepare -c run.toml data.workers=4 data.val_documents=2000\n"
-               "Put key=value overrides before --input, or end --input's list with `--`.")
-    add_config_arguments(prepare)
+               "A data.field=value word is an override wherever it stands, also after --input.")
+    add_config_arguments(prepare, "data.workers=4 data.val_fraction=0.02")
     prepare.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                          help="text sources (file, folder, glob or hf:NAME); replaces data.sources")
     prepare.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (data.tokenizer)")

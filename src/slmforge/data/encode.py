@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from slmforge.errors import SlmforgeError
+from slmforge.text.sampling import split_long
 from slmforge.tokenizer import load_tokenizer
 
 
@@ -35,6 +37,7 @@ class TokenizerInfo:
     eos_id: int  # documents need a separator; tokenizer_info refuses a tokenizer without one
     sha256: str
     pad_id: int | None = None  # RoBERTa-style encoders number positions from it
+    normalization: str = ""    # the text-changing normalizer steps, e.g. "NFC" ("" for none)
 
 
 def tokenizer_info(path: str | Path) -> TokenizerInfo:
@@ -44,7 +47,8 @@ def tokenizer_info(path: str | Path) -> TokenizerInfo:
         raise SlmforgeError(f"{path}: tokenizer has no eos token; documents need one as separator "
                             "(name eos_token in tokenizer_config.json)")
     return TokenizerInfo(str(path), tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
-                         tokenizer.sha256, tokenizer.pad_id)
+                         tokenizer.sha256, tokenizer.pad_id,
+                         " + ".join(step["type"] for step in _text_steps(tokenizer)))
 
 
 @dataclass
@@ -53,7 +57,7 @@ class EncodedBatch:
 
     tokens: np.ndarray      # (sum of lengths,) every document's `[bos] ids eos`, back to back
     lengths: np.ndarray     # (documents,) int64 tokens per document, specials included
-    text_bytes: np.ndarray  # (documents,) int64 UTF-8 bytes per document
+    text_bytes: np.ndarray  # (documents,) int64 UTF-8 bytes of the text the tokens encode (normalized)
     held_out: np.ndarray    # (documents,) bool: goes to the validation split by its text hash
 
 
@@ -61,8 +65,11 @@ class DocumentEncoder:
     """Documents -> EncodedBatch. One per process; picklable settings, tokenizer loaded lazily."""
 
     def __init__(self, tokenizer_path: str, bos_id: int | None, eos_id: int, dtype: str,
-                 val_fraction: float, seed: int):
+                 val_fraction: float, seed: int, piece_chars: int = 1_000_000):
         self.tokenizer_path = tokenizer_path
+        # A longer document is tokenized in pieces of at most this many characters (one document still):
+        # the tokenizer's working memory is ~80 bytes per character, 4 GB for a 50 MB line.
+        self.piece_chars = piece_chars
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.dtype = np.dtype(dtype)
@@ -71,20 +78,44 @@ class DocumentEncoder:
         self.threshold = int(val_fraction * 2**64)
         self.hash_key = str(seed).encode()
         self._tokenizer: Any = None
+        self._normalizer: Any = None
+        self._form: str | None = None
 
     def __call__(self, texts: list[str]) -> EncodedBatch:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_path).treat_special_strings_as_text()
-        flat: list[int] = []
-        lengths = np.empty(len(texts), dtype=np.int64)
+            self._normalizer = text_normalizer(self._tokenizer)
+            steps = [step["type"] for step in _text_steps(self._tokenizer)]
+            # One Unicode form: most text already is in it, which Python checks fast (no copy).
+            self._form = steps[0] if len(steps) == 1 and steps[0] in ("NFC", "NFD", "NFKC", "NFKD") else None
+        # Documents as pieces (one piece unless longer than piece_chars), encoded in groups of about
+        # PIECE_GROUP_CHARS so that neither the tokenizer nor the id lists grow with the longest document.
+        pieces = [(i, piece) for i, text in enumerate(texts) for piece in split_long(text, self.piece_chars)]
+        chunks: list[np.ndarray] = []
+        lengths = np.zeros(len(texts), dtype=np.int64)
         head = [] if self.bos_id is None else [self.bos_id]
-        for i, ids in enumerate(self._tokenizer.encode_batch(texts)):  # no specials: added here
-            flat.extend(head)
-            flat.extend(ids)
-            flat.append(self.eos_id)
-            lengths[i] = len(ids) + len(head) + 1
+        start = 0
+        while start < len(pieces):
+            end, chars = start, 0
+            while end < len(pieces) and (end == start or chars + len(pieces[end][1]) <= PIECE_GROUP_CHARS):
+                chars += len(pieces[end][1])
+                end += 1
+            group = pieces[start:end]
+            flat: list[int] = []
+            for k, ((doc, piece), ids) in enumerate(zip(group, self._tokenizer.encode_batch([p for _, p in group]))):
+                first = start + k == 0 or pieces[start + k - 1][0] != doc
+                last = start + k + 1 == len(pieces) or pieces[start + k + 1][0] != doc
+                if first:
+                    flat.extend(head)
+                flat.extend(ids)
+                if last:
+                    flat.append(self.eos_id)
+                lengths[doc] += len(ids) + (len(head) if first else 0) + (1 if last else 0)
+            chunks.append(np.array(flat, dtype=self.dtype))
+            start = end
         encoded = [t.encode("utf-8") for t in texts]
-        text_bytes = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(texts))
+        text_bytes = np.fromiter((self._text_bytes(t, b) for t, b in zip(texts, encoded)), dtype=np.int64,
+                                 count=len(texts))
         if self.threshold:
             held_out = np.fromiter(
                 (int.from_bytes(hashlib.blake2b(b, digest_size=8, key=self.hash_key).digest(),
@@ -92,7 +123,64 @@ class DocumentEncoder:
                 dtype=bool, count=len(texts))
         else:
             held_out = np.zeros(len(texts), dtype=bool)
-        return EncodedBatch(np.array(flat, dtype=self.dtype), lengths, text_bytes, held_out)
+        tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=self.dtype)
+        return EncodedBatch(tokens, lengths, text_bytes, held_out)
+
+    def _text_bytes(self, text: str, encoded: bytes) -> int:
+        """UTF-8 bytes of `text` as the tokenizer normalizes it (`encoded` is its raw UTF-8): bits per
+        byte divides by the text the model was trained on."""
+        if self._normalizer is None or (self._form is not None and unicodedata.is_normalized(self._form, text)):
+            return len(encoded)
+        return sum(len(self._normalizer.normalize_str(piece).encode("utf-8"))
+                   for piece in split_long(text, self.piece_chars))
+
+
+PIECE_GROUP_CHARS = 1 << 20
+
+# Normalizer steps that change the text itself; the others (Replace " " -> "▁", Prepend "▁", Strip)
+# only change how whitespace is spelled inside the tokenizer and would inflate the byte count.
+_TEXT_STEPS = ("NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents", "Precompiled", "BertNormalizer")
+
+
+def text_normalizer(tokenizer) -> Any:
+    """The part of a tokenizer's normalizer that changes the text (Unicode normalization, lowercasing,
+    accent stripping), or None when it has none: what `bytes` in a manifest and bits per byte in eval
+    count is the UTF-8 of that text, the text the tokens actually encode."""
+    import base64
+
+    from tokenizers import normalizers
+
+    kept = []
+    for step in _text_steps(tokenizer):
+        kind = step["type"]
+        if kind == "Precompiled":
+            kept.append(normalizers.Precompiled(base64.b64decode(step["precompiled_charsmap"])))
+        elif kind == "BertNormalizer":  # without the spaces it puts around CJK characters
+            kept.append(normalizers.BertNormalizer(clean_text=step.get("clean_text", True),
+                                                   handle_chinese_chars=False,
+                                                   strip_accents=step.get("strip_accents"),
+                                                   lowercase=step.get("lowercase", True)))
+        else:
+            kept.append(getattr(normalizers, kind)())
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else normalizers.Sequence(kept)
+
+
+def _text_steps(tokenizer) -> list[dict[str, Any]]:
+    import json
+
+    spec = json.loads(tokenizer.backend.to_str()).get("normalizer")
+    steps = spec.get("normalizers", []) if spec and spec.get("type") == "Sequence" else [spec] if spec else []
+    return [step for step in steps if step.get("type") in _TEXT_STEPS]
+
+
+def encoded_text_bytes(tokenizer, texts: Iterable[str]) -> int:
+    """UTF-8 bytes of `texts` after the tokenizer's text normalization (see `text_normalizer`)."""
+    normalizer = text_normalizer(tokenizer)
+    if normalizer is None:
+        return sum(len(t.encode("utf-8")) for t in texts)
+    return sum(len(normalizer.normalize_str(t).encode("utf-8")) for t in texts)
 
 
 _worker_encoder: DocumentEncoder | None = None

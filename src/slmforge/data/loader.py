@@ -1,11 +1,16 @@
-"""Deterministic, resumable batches of token windows from prepared shards.
+"""Deterministic, resumable batches of token windows from prepared shards, split across ranks.
 
 The token stream is cut into windows starting every seq_len tokens, `window` tokens long: seq_len + 1
 for causal LM (inputs and shifted targets overlap by one), seq_len for masked LM. The objective
-decides (`window_tokens`) and turns the raw windows into inputs and targets. Each epoch visits every
-window once in an order fixed by (seed, epoch); rank r of w takes every w-th window of that order.
-The loader's whole state is (epoch, batch index), so a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+decides (`window_tokens`) and turns the raw windows into inputs and targets.
+
+Each epoch visits every window once in an order fixed by (seed, epoch). A global micro-batch is the
+next batch_size x world_size windows of that order; rank r takes the r-th block of batch_size. So N
+processes with batch B read exactly the windows one process with batch N x B reads, and the state is
+one global number (windows consumed in the epoch): a run resumes on any number of processes.
+
+Every window carries a sample id (epoch x windows + window): objectives seed their randomness (masks)
+with it, so what a sample sees does not depend on the step, the rank or the number of processes.
 """
 
 from __future__ import annotations
@@ -30,30 +35,33 @@ class WindowLoader:
         self.shuffle = shuffle
         self.rank, self.world_size = rank, world_size
         self.num_windows = max(len(shards) - (self.window_len - seq_len), 0) // seq_len
-        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
-        needed = 1 if not training else batch_size * world_size
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = self.num_windows // self.global_batch
+        needed = 1 if not training else self.global_batch
         if self.num_windows < needed:
             raise SlmforgeError(
                 f"{shards.folder}: split {shards.split!r} has {len(shards)} tokens, fewer than {needed} "
                 f"window(s) of {self.window_len}; lower train.batch_size or "
                 f"train.seq_len, or add text")
         self.epoch = 0
-        self.batch_index = 0
+        self.consumed = 0  # windows of this epoch's order already handed out, by all ranks together
         self._order: np.ndarray | None = None
 
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
-                "num_windows": self.num_windows, "world_size": self.world_size}
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "num_windows": self.num_windows, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["num_windows"] != self.num_windows or state["world_size"] != self.world_size:
+        if state["num_windows"] != self.num_windows:
             raise SlmforgeError(
-                f"data loader state is for {state['num_windows']} windows on {state['world_size']} ranks, "
-                f"this run has {self.num_windows} on {self.world_size}; the data or seq_len changed since "
-                f"the checkpoint")
-        self.epoch, self.batch_index, self.seed = state["epoch"], state["batch_index"], state["seed"]
+                f"data loader state is for {state['num_windows']} windows, this run has {self.num_windows}; "
+                f"the data or seq_len changed since the checkpoint")
+        consumed = state.get("consumed")
+        if consumed is None:  # checkpoints before the global position: batches of one world size
+            consumed = state["batch_index"] * self.batch_size * state.get("world_size", 1)
+        self.epoch, self.consumed, self.seed = state["epoch"], consumed, state["seed"]
         self._order = None
 
     # ------------------------------------------------------------ iteration
@@ -61,33 +69,40 @@ class WindowLoader:
     def _epoch_order(self) -> np.ndarray:
         if self._order is None:
             if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
             else:
-                order = np.arange(self.num_windows)
-            self._order = order[self.rank::self.world_size]
+                self._order = np.arange(self.num_windows)
         return self._order
 
     def window(self, index: int) -> np.ndarray:
         return self.shards.read(index * self.seq_len, self.window_len)
 
+    def _batch(self, indices: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        rows = np.stack([self.window(int(i)) for i in indices])
+        sample_ids = torch.from_numpy(epoch * self.num_windows + indices.astype(np.int64))
+        return {"tokens": torch.from_numpy(rows), "sample_ids": sample_ids}
+
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next raw batch {"tokens": (B, window)}, wrapping into a new epoch when one ends."""
-        if self.batch_index >= self.batches_per_epoch:
+        """This rank's next raw batch {"tokens": (B, window), "sample_ids": (B,)}; a new epoch starts
+        when the current one has no full global micro-batch left."""
+        if self.consumed + self.global_batch > self.num_windows:
             self.epoch += 1
-            self.batch_index = 0
+            self.consumed = 0
             self._order = None
-        order = self._epoch_order()
-        start = self.batch_index * self.batch_size
-        rows = np.stack([self.window(int(i)) for i in order[start:start + self.batch_size]])
-        self.batch_index += 1
-        return {"tokens": torch.from_numpy(rows)}
+        start = self.consumed + self.rank * self.batch_size
+        indices = self._epoch_order()[start:start + self.batch_size]
+        self.consumed += self.global_batch
+        return self._batch(indices, self.epoch)
 
     def epoch_batches(self, limit: int | None = None):
-        """Batches of one pass in fixed order (for evaluation); does not touch the training state."""
-        order = np.arange(self.num_windows)[self.rank::self.world_size]
-        count = -(-len(order) // self.batch_size)  # the last batch may be short
+        """One pass in fixed order (for evaluation), `limit` global batches at most; does not touch the
+        training state. As in training, rank r takes the r-th block of each global batch, so every
+        number of processes evaluates the same windows."""
+        count = -(-self.num_windows // self.global_batch)  # the last global batch may be short
         if limit is not None:
             count = min(count, limit)
         for b in range(count):
-            rows = np.stack([self.window(int(i)) for i in order[b * self.batch_size:(b + 1) * self.batch_size]])
-            yield {"tokens": torch.from_numpy(rows)}
+            start = b * self.global_batch + self.rank * self.batch_size
+            indices = np.arange(start, min(start + self.batch_size, self.num_windows))
+            if len(indices):
+                yield self._batch(indices, 0)

@@ -49,7 +49,7 @@ from slmforge.data.shards import (
     dtype_for_vocab,
 )
 from slmforge.text.sources import ReadStats, SourceReader
-from slmforge.fileio import write_json_atomic
+from slmforge.fileio import relative_to, write_json_atomic
 
 SECTION = "data"
 SPLITS = ("train", "val")
@@ -76,6 +76,13 @@ class DataConfig(MixtureConfig):
     """Tokenizer processes; 0 = all cores. The output does not depend on it."""
     add_bos: bool = True
     """Start every document with the tokenizer's bos token (when it has one); eos always ends it."""
+    piece_chars: int = 1_000_000
+    """A longer document is tokenized in pieces of at most this many characters (cut before a space or
+    newline, else between letter clusters) and stored as one document: tokenizing a 50 MB line whole
+    takes gigabytes. Text near a cut may tokenize slightly differently from an uncut text."""
+    max_invalid_utf8: float = 0.5
+    """Fail when more than this share of a file's lines (records, rows) is not UTF-8: such a file is
+    binary or in another encoding. Below it, bad units are skipped and counted. 1 = never fail."""
 
     def validate(self) -> None:
         super().validate()
@@ -86,6 +93,9 @@ class DataConfig(MixtureConfig):
                 f"must be >= 0, got {self.val_documents}")
         require(self.shard_tokens > 0, "shard_tokens", f"must be positive, got {self.shard_tokens}")
         require(self.workers >= 0, "workers", f"must be >= 0 (0 = all cores), got {self.workers}")
+        require(self.piece_chars >= 1024, "piece_chars", f"must be >= 1024, got {self.piece_chars}")
+        require(0 <= self.max_invalid_utf8 <= 1, "max_invalid_utf8",
+                f"must be in [0, 1], got {self.max_invalid_utf8}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -95,9 +105,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def recorded_config(cfg: DataConfig) -> dict[str, Any]:
-    """The config as the manifest records it: what shapes the bytes (no out, workers, tokenizer path)."""
+    """The config as the manifest records it: what shapes the bytes (no out, workers, tokenizer path,
+    nor the failure threshold for non-UTF-8 files: a run that passes it writes the same bytes)."""
     data = config.to_dict(cfg)
-    for key in ("out", "workers", "tokenizer"):
+    for key in ("out", "workers", "tokenizer", "max_invalid_utf8"):
         data.pop(key, None)
     return data
 
@@ -119,24 +130,42 @@ class _Preparation:
         self.identity = {"config": recorded_config(cfg), "tokenizer_sha256": self.tokenizer.sha256}
 
     def run(self) -> Path:
+        existed = self.out.exists()
         status, saved = open_output(self.out, self.identity)
         if status == "done":
             self.log.note(f"{self.out} is already prepared with this config; nothing to do")
             return self.out
         saved = saved or {}
-        self._open_sources(saved)
-        self._open_writers(saved)
-        if status == "resume":
-            self.log.note(f"resuming {self.out} after {int(self.drawn[:, 0].sum()):,} documents")
-        else:
-            self._save(self._snapshot())  # marks the folder as ours before any shard exists
+        self.documents = int(saved.get("documents", 0))
         try:
+            self._open_sources(saved)
+            self._open_writers(saved)
+            if status == "resume":
+                self.log.note(f"resuming {self.out} after {int(self.drawn[:, 0].sum()):,} documents")
+            else:
+                self._save(self._snapshot())  # marks the folder as ours before any shard exists
             self._tokenize()
         except KeyboardInterrupt:
             self.log.note("interrupted; rerun the same command to resume from the last checkpoint")
             raise
+        except Exception:
+            if not self.documents:  # nothing worth resuming: leave the folder as it was found
+                self._discard(remove_folder=not existed)
+            raise
         self._finish()
         return self.out
+
+    def _discard(self, remove_folder: bool) -> None:
+        """Remove what a run that wrote no document left (progress.json, empty shards), so that a rerun
+        after fixing the input (an empty corpus, a binary file) starts afresh instead of refusing the
+        changed input."""
+        for writer in getattr(self, "writers", {}).values():
+            writer.close()
+        for stale in self.out.glob("*-[0-9][0-9][0-9][0-9][0-9].bin"):
+            stale.unlink()
+        (self.out / PROGRESS).unlink(missing_ok=True)
+        if remove_folder and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     # -- setup
 
@@ -144,7 +173,8 @@ class _Preparation:
         cfg = self.cfg
         stats = saved.get("stats") or [None] * len(cfg.sources)
         cursors = saved.get("cursors") or [None] * len(cfg.sources)
-        self.readers = [SourceReader(s, ReadStats.from_dict(st) if st else None, cur)
+        self.readers = [SourceReader(s, ReadStats.from_dict(st) if st else None, cur,
+                                     max_invalid_share=cfg.max_invalid_utf8, say=self.log.note)
                         for s, st, cur in zip(cfg.sources, stats, cursors)]
         self.inputs = input_files(self.readers)
         if saved:
@@ -195,7 +225,8 @@ class _Preparation:
         cfg, tok = self.cfg, self.tokenizer
         by_hash = cfg.val_documents is None
         encoder = DocumentEncoder(cfg.tokenizer, tok.bos_id if cfg.add_bos else None, tok.eos_id,
-                                  self.dtype.name, cfg.val_fraction if by_hash else 0.0, cfg.seed)
+                                  self.dtype.name, cfg.val_fraction if by_hash else 0.0, cfg.seed,
+                                  piece_chars=cfg.piece_chars)
         sizes = [r.total_bytes() for r in self.readers]
         self.log.total_bytes = sum(s for s in sizes if s is not None) if None not in sizes else None
         shards_done = self._finished_shards()
@@ -286,7 +317,10 @@ class _Preparation:
             "format": FORMAT,
             "dtype": self.dtype.name,
             "vocab_size": tok.vocab_size,
-            "tokenizer": {"path": tok.path, "sha256": tok.sha256},
+            # relative to this folder: the data and its tokenizer work from anywhere and move together
+            "tokenizer": {"path": relative_to(tok.path, self.out), "sha256": tok.sha256},
+            "bytes_counted": "UTF-8 bytes of the text the tokens encode: after the tokenizer's normalization "
+                             "(" + (self.tokenizer.normalization or "none") + ")",
             "document_layout": ("[bos] " if bos is not None else "") + "tokens eos",
             "bos_id": bos,  # null when documents carry no bos
             "eos_id": tok.eos_id,

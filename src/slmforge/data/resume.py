@@ -58,8 +58,9 @@ def open_output(out: Path, identity: dict[str, Any]
                             f"{_differences(old, identity)}; choose another out folder or delete this one")
     if progress_path.is_file():
         progress = _read_json(progress_path)
-        if progress.get("fingerprint") != key and not progress.get("documents"):
-            # Stopped before any document was written (e.g. a bad source): nothing to keep.
+        if not progress.get("documents"):
+            # Stopped before any document was written (e.g. an empty or bad source, since fixed):
+            # nothing to keep, and the inputs may have changed since; start afresh.
             for stale in out.glob("*-[0-9][0-9][0-9][0-9][0-9].bin"):
                 stale.unlink()
             progress_path.unlink()

@@ -41,6 +41,17 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_tokenizer_dir(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    """The tokenizer folder a manifest names. `data prepare` records it relative to the data folder
+    (so the pair works from anywhere and moves together); manifests written before that recorded it
+    relative to the folder prepare ran in, tried second."""
+    path = Path((manifest.get("tokenizer") or {}).get("path") or "")
+    if not path.is_absolute():
+        beside = Path(folder) / path
+        path = beside if (beside / "tokenizer.json").exists() or not path.exists() else path
+    return path.parent if path.is_file() else path
+
+
 @dataclass
 class ShardInfo:
     name: str
@@ -168,7 +179,15 @@ class ShardSet:
                 size = path.stat().st_size if path.is_file() else "missing"
                 raise SlmforgeError(f"{path}: expected {expected} bytes, found {size}; shard is corrupt")
             if expected:
-                self.arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+                array = np.memmap(path, dtype=self.dtype, mode="r")
+                # One pass over the file: garbage of the right size would otherwise surface much
+                # later as an embedding lookup's "index out of range in self".
+                largest = int(array.max())
+                if largest >= self.vocab_size:
+                    first = int(np.argmax(array >= self.vocab_size))
+                    raise SlmforgeError(f"{path}: token id {largest} at or above the vocabulary size "
+                                        f"{self.vocab_size} (first at token {first:,}); shard is corrupt")
+                self.arrays.append(array)
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
         self.num_tokens = int(self.offsets[-1])
         self.num_bytes = int(sum(int(s.get("bytes", 0)) for s in info["shards"]))

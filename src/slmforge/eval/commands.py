@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "prepared shards (--data) and/or raw UTF-8 text files (--text [name=]FILE, "
                                    "e.g. --text hi=hindi.txt for a per-language table). Causal LMs: loss, "
                                    "perplexity, bits per byte. Masked LMs: masked-token loss, perplexity and "
-                                   "accuracy, masks drawn from a fixed seed. Writes eval.json into the "
-                                   "checkpoint folder.")
+                                   "accuracy, masks drawn from a fixed seed. Results go to eval.json in the "
+                                   "checkpoint folder, one entry per evaluated set (name or data:split); "
+                                   "a later eval adds or replaces entries and keeps the others.")
     p.add_argument("model", help="run folder or checkpoint folder")
     p.add_argument("--data", help="prepared data folder (default: the one the run trained on)")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
@@ -45,20 +46,28 @@ def _run(args: argparse.Namespace) -> int:
 
     if (args.seq_len is not None and args.seq_len < 1) or args.batch_size < 1:
         raise SlmforgeError("--seq-len and --batch-size must be positive")
-    run = open_run(args.model, device=resolve_device(args.device))
+    run = open_run(args.model, device=resolve_device(args.device, "--device"))
     model, meta = run.model, run.meta
     tokenizer = run.tokenizer() if args.text else None
     objective = run_objective(run, tokenizer)
     seq_len = args.seq_len or meta.get("seq_len") or model.cfg.max_seq_len
     rows = {}
-    data = args.data or (meta.get("data") if not args.text else None)
-    if data:
-        rows[f"{Path(data).name}:{args.split}"] = evaluate_shards(model, objective, data, args.split, seq_len,
-                                                                  args.batch_size, args.max_batches)
+    data = Path(args.data) if args.data else (run.data_dir() if not args.text else None)
+    if data is not None and not args.data and not (data / "manifest.json").is_file():
+        raise SlmforgeError(f"{data}: the data folder this run trained on ({run.step_dir / 'meta.json'}) is "
+                            f"not there; pass --data DIR (a folder made by `slmforge data prepare`) or "
+                            f"--text NAME=FILE")
+    if data is not None:
+        # Rows are keyed by what was evaluated and say where it came from; eval.json keeps other keys.
+        rows[f"{data.name}:{args.split}"] = {
+            **evaluate_shards(model, objective, data, args.split, seq_len, args.batch_size, args.max_batches),
+            "data": str(data), "split": args.split}
     for item in args.text:
         name, _, path = item.rpartition("=")
-        rows[name or Path(path).name] = evaluate_documents(model, objective, tokenizer, read_documents(path),
-                                                          seq_len, path, add_bos=meta.get("add_bos", True))
+        rows[name or Path(path).name] = {
+            **evaluate_documents(model, objective, tokenizer, read_documents(path), seq_len, path,
+                                 add_bos=meta.get("add_bos", True)),
+            "text": path}
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:

@@ -6,16 +6,17 @@ perplexity (exp of that loss) and masked-token accuracy, with masks drawn from a
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from slmforge import config as config_io
+from slmforge.data.encode import encoded_text_bytes
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import read_json, write_json_atomic
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective, mean_loss, summarize
 from slmforge.runs import Run
 
@@ -76,17 +77,17 @@ def text_windows(ids: list[int], scored: list[bool], seq_len: int, window: int |
     window = window if window is not None else seq_len + 1
     overlap = window - seq_len
     windows = []
-    for start in range(0, max(len(ids) - overlap, 0), seq_len):
+    for index, start in enumerate(range(0, max(len(ids) - overlap, 0), seq_len)):
         tokens = torch.tensor(ids[start:start + window])
         keep = torch.tensor(scored[start:start + window])
-        windows.append({"tokens": tokens[None], "scored": keep[None]})
+        windows.append({"tokens": tokens[None], "scored": keep[None], "sample_ids": torch.tensor([index])})
     return windows
 
 
 def evaluate_documents(model, objective, tokenizer, documents: list[str], seq_len: int | None = None,
                        name: str = "text", add_bos: bool = True) -> dict[str, float]:
     """The objective's metrics on `documents`; for causal LMs the exact bits per byte: nats over every
-    scored token / ln 2 / their UTF-8 bytes."""
+    scored token / ln 2 / the UTF-8 bytes of their text as the tokenizer normalizes it (NFC)."""
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise SlmforgeError(f"{name}: no text to evaluate")
@@ -94,7 +95,7 @@ def evaluate_documents(model, objective, tokenizer, documents: list[str], seq_le
     ids, scored = document_stream(tokenizer, documents, add_bos)
     windows = text_windows(ids, scored, seq_len, objective.window_tokens(seq_len))
     means, tokens = mean_loss(model, objective, windows, _device(model))
-    num_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    num_bytes = encoded_text_bytes(tokenizer, documents)  # of the normalized text, as in the manifests
     bytes_per_token = num_bytes / tokens if objective.bits_per_byte and tokens else None
     return {**summarize(means, bytes_per_token), "tokens": tokens, "bytes": num_bytes, "documents": len(documents)}
 
@@ -114,8 +115,9 @@ def read_text_file(path: str | Path) -> str:
         raise SlmforgeError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from None
 
 
-def print_table(rows: dict[str, dict[str, float]], out=sys.stdout) -> None:
+def print_table(rows: dict[str, dict[str, float]], out=None) -> None:
     """One row per evaluated set; columns the metrics any row has (bpb for causal LMs, accuracy...)."""
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     show_bpb = any("bpb" in r for r in rows.values())
     show_acc = any("accuracy" in r for r in rows.values())
     out.write(f"{'set':<24}{'tokens':>10}{'loss':>10}{'ppl':>12}" + (f"{'bpb':>10}" if show_bpb else "")
@@ -130,5 +132,8 @@ def print_table(rows: dict[str, dict[str, float]], out=sys.stdout) -> None:
 
 
 def write_report(rows: dict[str, dict[str, float]], path: Path) -> None:
+    """Add `rows` to the eval.json at `path` (a checkpoint folder's): one entry per evaluated set, so a
+    later `eval --text en=...` replaces the `en` entry and keeps the others."""
+    previous = read_json(path, "; delete it to start a new one") if path.is_file() else {}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(path, {**(previous if isinstance(previous, dict) else {}), **rows})

@@ -31,7 +31,7 @@ from slmforge.models.hf import (
     state_dict_to_hf,
 )
 from slmforge.models.registry import family
-from slmforge.runs import find_tokenizer_dir, load_model
+from slmforge.runs import check_tokenizer, find_tokenizer_dir, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -44,15 +44,19 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: b
     """Write the model of a run (or checkpoint) folder to `out` in Hugging Face format. Returns `out`."""
     if dtype not in DTYPES:
         raise SlmforgeError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, _, _ = load_model(run)
+    model, step_dir, meta = load_model(run)
     cfg = model.cfg
     check_exportable(cfg)
+    from slmforge.tokenizer import load_tokenizer
+
     tokenizer_dir = find_tokenizer_dir(run)
+    check_tokenizer(load_tokenizer(tokenizer_dir).sha256, tokenizer_dir, step_dir, meta)  # not a swapped one
     ids = special_token_ids(tokenizer_dir)
     out = Path(out)
     with output_dir(out, force) as tmp:
         tensors = state_dict_to_hf(cfg, model.state_dict(), DTYPES[dtype])
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # transformers requires "pt"
+        fileio.make_readable(tmp / "model.safetensors")  # safetensors writes 0600
         write_json(tmp / "config.json", config_to_hf(cfg, dtype=dtype, **ids))
         if family(cfg).kind == "decoder":  # encoders do not generate
             write_json(tmp / "generation_config.json", generation_config(**ids))

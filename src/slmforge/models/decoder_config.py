@@ -69,6 +69,9 @@ class DecoderConfig:
     """Tokens a sliding-window layer can see (itself included); None = every layer is global."""
     global_every: int = 1
     """With a sliding window: every n-th layer (n, 2n, ...) uses full attention, the rest are local."""
+    layer_types: list[Literal["sliding_attention", "full_attention"]] | None = None
+    """With a sliding window: each layer's attention, one entry per layer, in place of global_every's
+    pattern (as in transformers' Gemma 3 `layer_types`, e.g. an imported model's irregular pattern)."""
     tie_embeddings: bool = True
     """Share the input embedding matrix with the output projection."""
     final_logit_softcap: float | None = None
@@ -96,6 +99,11 @@ class DecoderConfig:
         require(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
                 f"must be positive or unset, got {self.sliding_window}")
         require(self.global_every >= 1, "global_every", f"must be >= 1, got {self.global_every}")
+        if self.layer_types is not None:
+            require(len(self.layer_types) == self.num_layers, "layer_types",
+                    f"needs one entry per layer ({self.num_layers}), got {len(self.layer_types)}")
+            require(self.sliding_window is not None or "sliding_attention" not in self.layer_types,
+                    "layer_types", "has sliding_attention layers but sliding_window is unset")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(self.rope_scaling == "none" or self.rope_scaling_factor >= 1.0, "rope_scaling_factor",
                 f"must be >= 1 when rope_scaling is set, got {self.rope_scaling_factor}")
@@ -105,8 +113,13 @@ class DecoderConfig:
     # ------------------------------------------------------------ derived quantities
 
     def is_sliding(self, layer: int) -> bool:
-        """Gemma 3 pattern: with global_every=6, layers 5, 11, 17 (0-based) are global."""
-        return self.sliding_window is not None and (layer + 1) % self.global_every != 0
+        """Gemma 3 pattern: with global_every=6, layers 5, 11, 17 (0-based) are global; layer_types,
+        when set, names each layer's kind instead."""
+        if self.sliding_window is None:
+            return False
+        if self.layer_types is not None:
+            return self.layer_types[layer] == "sliding_attention"
+        return (layer + 1) % self.global_every != 0
 
     @property
     def attention_scale(self) -> float:

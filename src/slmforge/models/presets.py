@@ -45,8 +45,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         family="llama", vocab_size=32_000, hidden_size=768, num_layers=16, num_heads=12, num_kv_heads=4,
         intermediate_size=2048, max_seq_len=1024, rope_theta=10_000.0, tie_embeddings=False,
     ),
+    # 12 blocks of 2.95M plus the tied 32k x 512 embedding: 51.8M (with 8 blocks it was 40M).
     "llama-50m": dict(
-        family="llama", vocab_size=32_000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+        family="llama", vocab_size=32_000, hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=4,
         intermediate_size=1408, max_seq_len=1024, tie_embeddings=True,
     ),
     "llama-tiny": dict(

@@ -7,7 +7,7 @@ another objective. A recipe picks one in its [objective] section by `kind`.
 from __future__ import annotations
 
 from slmforge.errors import SlmforgeError
-from slmforge.objectives.base import Objective, batch_generator, mean_loss, summarize
+from slmforge.objectives.base import Objective, mean_loss, sample_generator, summarize
 from slmforge.objectives.clm import CausalLM, ClmConfig
 from slmforge.objectives.mlm import MaskedLM, MlmConfig
 
@@ -31,4 +31,4 @@ def build_objective(cfg: ObjectiveConfig, model_kind: str, family_name: str, tok
 
 
 __all__ = ["Objective", "ObjectiveConfig", "ClmConfig", "MlmConfig", "CausalLM", "MaskedLM", "build_objective",
-           "batch_generator", "mean_loss", "summarize", "DEFAULT_FOR_KIND"]
+           "sample_generator", "mean_loss", "summarize", "DEFAULT_FOR_KIND"]

@@ -1,12 +1,14 @@
 """What every objective provides, and what the trainer and evaluation do with it.
 
 An objective owns its batch: the loader hands it raw token windows and it makes the model inputs and
-targets itself (causal shift, masking, later span corruption), with a random generator derived from
-(seed, step, micro-batch, rank), so a resumed run draws exactly what an uninterrupted one would have.
+targets itself (causal shift, masking, later span corruption). Its randomness comes from one generator
+per sample, seeded by (seed, sample id): what a window sees depends on nothing else, so a resumed run,
+a run on another number of processes and one with another micro-batch split all draw the same masks.
 
-    raw batch    {"tokens": (B, W) int64, "scored": (B, W) bool (optional: positions that count),
+    raw batch    {"tokens": (B, W) int64, "sample_ids": (B,) int64 (unique per epoch and window),
+                  "scored": (B, W) bool (optional: positions that count),
                   "attention_mask": (B, W) (optional: 1 = token, 0 = padding)}
-    batch        objective.collate(raw, generator) -> {"input_ids", "targets", ...}
+    batch        objective.collate(raw, seed) -> {"input_ids", "targets", ...}
     loss         objective.loss(model, batch) -> (mean loss over targets, {metric: mean over targets})
 """
 
@@ -36,16 +38,23 @@ class Objective(Protocol):
 
     def window_tokens(self, seq_len: int) -> int: ...
 
-    def collate(self, raw: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+    def collate(self, raw: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]: ...
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-def batch_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
-    """A CPU generator that depends on nothing but (seed, step, micro-batch, rank)."""
-    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint32)
+def sample_generator(seed: int, sample_id: int) -> torch.Generator:
+    """A CPU generator that depends on nothing but (seed, sample id)."""
+    state = np.random.SeedSequence([seed, int(sample_id)]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def sample_ids(raw: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's sample ids; row numbers for hand-made batches that carry none."""
+    if "sample_ids" in raw:
+        return raw["sample_ids"]
+    return torch.arange(raw["tokens"].shape[0])
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -54,24 +63,25 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, objective: Objective, raw_batches: Iterable[dict[str, torch.Tensor]],
-              device: torch.device, autocast: AbstractContextManager | None = None, seed: int = EVAL_SEED
-              ) -> tuple[dict[str, float], int]:
+              device: torch.device, autocast: AbstractContextManager | None = None, seed: int = EVAL_SEED,
+              loss_fn=None) -> tuple[dict[str, float], int]:
     """Target-weighted means of the loss and the objective's metrics over `raw_batches`, and the number
-    of targets. Batch i is collated with the generator of (seed, i), so masking is the same every time
-    and across runs: figures stay comparable."""
+    of targets. Samples are collated with a fixed seed, so masking is the same every time and across
+    runs: figures stay comparable. `loss_fn(batch)` replaces `objective.loss(model, batch)` when the
+    model is wrapped for several processes (the wrapper's forward gathers sharded weights)."""
     was_training = model.training
     model.eval()
     totals = {"loss": 0.0, **{name: 0.0 for name in objective.metric_names}}
     tokens = 0
     try:
-        for index, raw in enumerate(raw_batches):
-            batch = objective.collate(raw, batch_generator(seed, index))
+        for raw in raw_batches:
+            batch = objective.collate(raw, seed)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             count = target_tokens(batch)
             if count == 0:
                 continue
             with autocast or nullcontext():
-                loss, metrics = objective.loss(model, batch)
+                loss, metrics = loss_fn(batch) if loss_fn is not None else objective.loss(model, batch)
             totals["loss"] += float(loss) * count
             for name, value in metrics.items():
                 totals[name] += float(value) * count

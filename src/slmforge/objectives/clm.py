@@ -37,8 +37,7 @@ class CausalLM:
     def window_tokens(self, seq_len: int) -> int:
         return seq_len + 1
 
-    def collate(self, raw: dict[str, torch.Tensor], generator: torch.Generator | None = None
-                ) -> dict[str, torch.Tensor]:
+    def collate(self, raw: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
         tokens = raw["tokens"].long()
         targets = tokens[:, 1:]
         if "scored" in raw:

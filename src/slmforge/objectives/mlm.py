@@ -1,8 +1,8 @@
 """Masked language modelling (BERT): hide some tokens, predict them from both sides.
 
-Dynamic masking: every batch draws its own mask from the generator the trainer derives from
-(seed, step, micro-batch, rank), so a resumed run masks exactly as an uninterrupted one and two
-epochs over the same window see different masks. The loss is computed only at masked positions, and
+Dynamic masking: every sample draws its own mask from a generator seeded by (seed, sample id), and
+sample ids differ between epochs, so two epochs over the same window see different masks while a
+resumed run, or one on another number of processes, masks exactly as an uninterrupted one. The loss is computed only at masked positions, and
 the head runs only there too (gathered before it: ~6x less head compute at 15%).
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
-from slmforge.objectives.base import IGNORE_INDEX
+from slmforge.objectives.base import IGNORE_INDEX, sample_generator, sample_ids
 from slmforge.objectives.losses import projection_cross_entropy
 
 # Markers that begin a word in the vocabularies slmforge trains or imports: SentencePiece's "▁",
@@ -108,9 +108,20 @@ class MaskedLM:
 
     # ------------------------------------------------------------ masking
 
-    def choose(self, tokens: torch.Tensor, allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def draws(self, raw: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sample, from its own generator: a choice draw and an action draw per position, and a
+        random ordinary token per position. Each (B, T)."""
+        choice, action, replacement = [], [], []
+        length = raw["tokens"].shape[1]
+        for sample in sample_ids(raw).tolist():
+            generator = sample_generator(seed, sample)
+            choice.append(torch.rand(length, generator=generator))
+            action.append(torch.rand(length, generator=generator))
+            replacement.append(torch.randint(len(self.ordinary), (length,), generator=generator))
+        return torch.stack(choice), torch.stack(action), self.ordinary[torch.stack(replacement)]
+
+    def choose(self, tokens: torch.Tensor, allowed: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """(B, T) bool: the positions to predict, each allowed token (or word) with probability mask_rate."""
-        draws = torch.rand(tokens.shape, generator=generator)
         if self.word_starts is None:
             return (draws < self.cfg.mask_rate) & allowed
         # Number the words of each row; a word is chosen when the draw at its first token is low.
@@ -121,16 +132,15 @@ class MaskedLM:
         per_word = torch.full_like(draws, float("inf")).scatter_reduce(1, word, first_draw, "amin")
         return (per_word.gather(1, word) < self.cfg.mask_rate) & allowed
 
-    def collate(self, raw: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def collate(self, raw: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         tokens = raw["tokens"].long()
         allowed = ~self.special[tokens]  # never special or padding tokens
         if "scored" in raw:
             allowed &= raw["scored"].bool()
-        chosen = self.choose(tokens, allowed, generator)
-        action = torch.rand(tokens.shape, generator=generator)
+        choice, action, random_ids = self.draws(raw, seed)
+        chosen = self.choose(tokens, allowed, choice)
         replace_mask = chosen & (action < self.cfg.mask_token_share)
         replace_random = chosen & ~replace_mask & (action < self.cfg.mask_token_share + self.cfg.random_token_share)
-        random_ids = self.ordinary[torch.randint(len(self.ordinary), tokens.shape, generator=generator)]
         inputs = torch.where(replace_mask, self.mask_id, tokens)
         inputs = torch.where(replace_random, random_ids, inputs)
         batch = {"input_ids": inputs, "targets": torch.where(chosen, tokens, IGNORE_INDEX)}

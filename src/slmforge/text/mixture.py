@@ -106,8 +106,8 @@ def sample_sentences(mixture: MixtureConfig, total: int, max_chars: int,
     """Draw `total` documents (lines, for text_unit = "line") across sources by the mixture.
 
     Each source gets round(total * p_i) of them, chosen uniformly from the whole source by reservoir
-    sampling (memory: the sample only), each cut to `max_chars` characters at a space or a letter-cluster
-    boundary. A source with fewer
+    sampling (memory: the sample only); a document longer than `max_chars` characters counts as its pieces
+    of at most that length, cut at a space or a letter-cluster boundary. A source with fewer
     documents than its quota gives all it has; the record says so. The result is shuffled (seeded).
     """
     if sizes is None and needs_sizes(mixture):
@@ -124,8 +124,8 @@ def sample_sentences(mixture: MixtureConfig, total: int, max_chars: int,
         sample.extend(drawn)
         record["sources"].append({
             "path": source.path, "lang": source.lang, "probability": p, "requested": k,
-            "drawn": len(drawn), "available": kept["sources"][0]["lines"],
-            "truncated": kept["sources"][0]["truncated"], "skipped": dict(reader.stats.skipped),
+            "drawn": len(drawn), "available": kept["sources"][0]["sentences"],
+            "split": kept["sources"][0]["split"], "skipped": dict(reader.stats.skipped),
             "chars": sum(len(t) for t in drawn),
         })
     random.Random(f"slmforge-sample:{mixture.seed}").shuffle(sample)

@@ -15,7 +15,7 @@ import gzip
 import io
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,8 +45,11 @@ class SourceConfig:
     format: Literal["auto", "text", "jsonl", "parquet", "hf"] = "auto"
     """How to read files. `auto`: .jsonl/.json/.ndjson are JSONL, .parquet is Parquet, anything else is
     text (after removing .gz/.zst); a path starting with `hf:` is a Hugging Face dataset."""
-    text_unit: Literal["line", "paragraph", "file"] = "line"
-    """Text files only: a document is one line, one blank-line-separated paragraph, or one whole file."""
+    text_unit: Literal["auto", "line", "paragraph", "file"] = "auto"
+    """Text files only: a document is one line, one blank-line-separated paragraph, or one whole file.
+    `auto` looks at each file's first 64 KB: wrapped prose (blank lines between paragraphs of several
+    short lines, as in a book) is read by paragraph, anything else (one sentence or document per line)
+    by line; the choice is printed and recorded per file."""
     hf_subset: str | None = None
     """Hugging Face dataset configuration (subset) name, e.g. a language code."""
     hf_split: str = "train"
@@ -86,8 +89,7 @@ class ReadStats:
         return {
             "documents": self.documents,
             "skipped": dict(self.skipped),
-            "files": {name: {"documents": f["documents"],
-                             "skipped": {r: dict(s) for r, s in f["skipped"].items()}}
+            "files": {name: {**f, "skipped": {r: dict(s) for r, s in f["skipped"].items()}}
                       for name, f in self.files.items()},
         }
 
@@ -99,15 +101,13 @@ class ReadStats:
         if files:
             name = next(reversed(files))
             entry = files[name]
-            files[name] = {"documents": entry["documents"],
-                           "skipped": {r: dict(s) for r, s in entry["skipped"].items()}}
+            files[name] = {**entry, "skipped": {r: dict(s) for r, s in entry["skipped"].items()}}
         return {"documents": self.documents, "skipped": dict(self.skipped), "files": files}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReadStats:
         out = cls(int(data["documents"]), dict(data["skipped"]))
-        out.files = {name: {"documents": f["documents"],
-                            "skipped": {r: dict(s) for r, s in f["skipped"].items()}}
+        out.files = {name: {**f, "skipped": {r: dict(s) for r, s in f["skipped"].items()}}
                      for name, f in data["files"].items()}
         return out
 
@@ -207,8 +207,14 @@ class SourceReader:
     """
 
     def __init__(self, source: SourceConfig, stats: ReadStats | None = None,
-                 cursor: dict[str, int] | None = None):
+                 cursor: dict[str, int] | None = None, *, max_invalid_share: float | None = None,
+                 say: Callable[[str], None] | None = None):
         self.source = source
+        # Fail on a file where more than this share of the units is not UTF-8 (a binary file, another
+        # encoding): skipping them would leave a few stray "lines" and a success status.
+        self.max_invalid_share = max_invalid_share
+        self.say = say  # hears which unit `text_unit = "auto"` chose, once per source
+        self._announced = False
         self.stats = stats if stats is not None else ReadStats()
         cursor = cursor or {}
         self._file = int(cursor.get("file", 0))
@@ -246,6 +252,7 @@ class SourceReader:
                     yield from self._read_parquet(path)
                 else:
                     yield from self._read_stream(path, fmt, compression)
+                self._check_invalid(path)
                 self._file, self._offset, self._line = self._file + 1, 0, 0
         if self.stats.documents == 0:
             where = "dataset" if self.source.is_hf else f"{len(self.files)} file(s)"
@@ -265,11 +272,12 @@ class SourceReader:
             try:
                 with _open_stream(raw, compression, path) as stream:
                     _skip_bytes(stream, self._offset, raw)
+                    unit = self._text_unit(path, compression, entry) if fmt == "text" else None
                     if fmt == "jsonl":
                         yield from self._jsonl_units(stream, entry)
-                    elif self.source.text_unit == "line":
+                    elif unit == "line":
                         yield from self._line_units(stream, entry)
-                    elif self.source.text_unit == "paragraph":
+                    elif unit == "paragraph":
                         yield from self._paragraph_units(stream, entry)
                     else:
                         yield from self._file_unit(stream, entry)
@@ -278,6 +286,36 @@ class SourceReader:
                                     f"({type(e).__name__}: {e})") from None
             finally:
                 self._raw = None
+
+    def _text_unit(self, path: Path, compression: str | None, entry: dict[str, Any]) -> str:
+        """The configured unit, or for `auto` the one detected from the file's head (recorded in the
+        file's stats entry; the same on a resumed run, since the file is unchanged)."""
+        if self.source.text_unit != "auto":
+            return self.source.text_unit
+        if "text_unit" not in entry:
+            unit, why = detect_text_unit(path, compression)
+            entry["text_unit"] = unit
+            if unit == "paragraph" and self.say is not None and not self._announced:
+                self._announced = True
+                others = " (each of the source's files is checked the same way)" if len(self.files) > 1 else ""
+                self.say(f"{path}: {why}: one document per paragraph{others} (text_unit = \"auto\"; "
+                         f"set text_unit = \"line\" for one document per line)")
+        return entry["text_unit"]
+
+    def _check_invalid(self, path: Path) -> None:
+        if self.max_invalid_share is None:
+            return
+        entry = self.stats.files.get(str(path))
+        if entry is None:
+            return
+        bad = entry["skipped"].get("invalid_utf8")
+        units = entry["documents"] + sum(s["count"] for s in entry["skipped"].values())
+        if bad and bad["count"] > self.max_invalid_share * units:
+            what = "rows" if file_format(path, self.source.format)[0] == "parquet" else "lines"
+            raise SlmforgeError(f"{path}: {bad['count']:,} of {units:,} {what} are not UTF-8 (first at line "
+                                f"{bad['first_line']}): a binary file or another encoding? Convert it "
+                                f"(e.g. `iconv -f LATIN1 -t UTF-8`) or remove it (data.max_invalid_utf8 = "
+                                f"{self.max_invalid_share:g} is the share tolerated)")
 
     def _lines(self, stream: io.BufferedIOBase) -> Iterator[bytes]:
         """Raw lines without their line ending; advances offset/line as it goes."""
@@ -444,6 +482,45 @@ class SourceReader:
             text = self._field_text(row.get(key), entry, self._line)
             if text is not None and self._accept(entry, text):
                 yield text
+
+
+DETECT_BYTES = 1 << 16
+
+
+def detect_text_unit(path: Path, compression: str | None = None) -> tuple[str, str]:
+    """("paragraph", why) when the head of a text file looks like wrapped prose (a book, an article
+    saved from an editor): blank lines between paragraphs of several lines, and lines broken at a width
+    rather than at sentence ends (most lines that continue into the next one are short and end without
+    . ! ? । ॥). Otherwise ("line", why): a sentence or a document per line, which stays the unit."""
+    try:
+        with open(path, "rb") as raw, _open_stream(raw, compression, path) as stream:
+            head = stream.read(DETECT_BYTES)
+            complete = len(head) < DETECT_BYTES
+    except _corrupt_errors():  # the reader itself reports a damaged file, naming the line
+        return "line", "unreadable head"
+    raw_lines = head.split(b"\n")
+    if not complete and len(raw_lines) > 1:
+        raw_lines = raw_lines[:-1]  # the last line may be cut by the 64 KB window
+    lines = [line.decode("utf-8", errors="replace").strip() for line in raw_lines]
+    if sum("\ufffd" in line for line in lines) > 0.1 * len(lines):
+        return "line", "mostly not UTF-8"  # a binary file: the reader counts (and may refuse) its lines
+    filled = [line for line in lines if line]
+    paragraphs = sum(1 for i, line in enumerate(lines) if line and (i == 0 or not lines[i - 1]))
+    # lines followed by another line of the same paragraph: in wrapped prose, broken at a width
+    inner = [line for line, nxt in zip(lines, lines[1:]) if line and nxt]
+    if paragraphs < 3 or len(filled) < 8 or len(inner) < 4:
+        return "line", "no blank-line paragraphs of several lines"
+    per_paragraph = len(filled) / paragraphs
+    median = sorted(len(line) for line in inner)[len(inner) // 2]
+    ended = sum(line.endswith(_SENTENCE_ENDS) for line in inner) / len(inner)
+    why = (f"{per_paragraph:.1f} lines per blank-line paragraph, median line {median} characters, "
+           f"{ended:.0%} of them end a sentence")
+    if per_paragraph >= 2 and median <= 100 and ended < 0.5:
+        return "paragraph", f"wrapped prose ({why})"
+    return "line", why
+
+
+_SENTENCE_ENDS = (".", "!", "?", "।", "॥", "\"", "'", "”", "’", ":", ";", "»", "。")
 
 
 def _encodable(text: str) -> bool:

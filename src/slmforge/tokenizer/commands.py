@@ -21,11 +21,13 @@ def register(subparsers) -> None:
         description="Train a tokenizer from the [tokenizer] section of a TOML config.\n"
                     "  slmforge tokenizer train --input hi.txt as.txt --out tok tokenizer.vocab_size=16000",
         formatter_class=HelpFormatter)
-    add_config_arguments(train)
+    add_config_arguments(train, "tokenizer.vocab_size=16000 tokenizer.kind=unigram")
     train.add_argument("--input", nargs="+", metavar="FILE",
                        help="training text files/folders (.txt, .jsonl, .parquet, .gz/.zst); "
                             "replaces tokenizer.inputs")
     train.add_argument("--out", help="output folder (required unless --show-fields)")
+    train.add_argument("--force", action="store_true",
+                       help="replace the tokenizer in --out (data prepared with it will no longer match)")
     train.set_defaults(func=_train)
 
     imp = verbs.add_parser(
@@ -33,6 +35,7 @@ def register(subparsers) -> None:
         formatter_class=HelpFormatter)
     imp.add_argument("src", help="folder with tokenizer.json or *.model, or the file itself")
     imp.add_argument("--out", required=True, help="output folder")
+    imp.add_argument("--force", action="store_true", help="replace the tokenizer in --out")
     imp.set_defaults(func=_import)
 
     report = verbs.add_parser(
@@ -47,6 +50,22 @@ def register(subparsers) -> None:
     report.set_defaults(func=_report)
 
 
+def refuse_to_overwrite(out: str, force: bool) -> None:
+    """A tokenizer folder is what data shards and runs were made with: replacing it in place would
+    silently change the vocabulary under them, so it takes --force."""
+    from pathlib import Path
+
+    folder = Path(out)
+    if force or not folder.exists():
+        return
+    if not folder.is_dir():
+        raise SlmforgeError(f"--out {out}: exists and is not a folder")
+    if any(folder.iterdir()):
+        what = "a tokenizer" if (folder / "tokenizer.json").is_file() else "files"
+        raise SlmforgeError(f"--out {out}: already holds {what}; choose another folder, or pass --force to "
+                            f"replace it (data prepared with the old one will then be refused)")
+
+
 def _train(args: argparse.Namespace) -> int:
     from slmforge.tokenizer.config import SECTION, TokenizerConfig, load_config
     from slmforge.tokenizer.train import train_tokenizer
@@ -57,6 +76,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.out:
         raise SlmforgeError("tokenizer train: --out DIR is required")
     cfg = load_config(args.config, args.overrides)
+    refuse_to_overwrite(args.out, args.force)
     if args.input:
         cfg.inputs, cfg.mixture = list(args.input), None
     train_tokenizer(cfg, args.out, progress=True)
@@ -67,6 +87,7 @@ def _import(args: argparse.Namespace) -> int:
     from slmforge.tokenizer.importing import import_tokenizer
     from slmforge.tokenizer.tokenizer import load_tokenizer
 
+    refuse_to_overwrite(args.out, args.force)
     out = import_tokenizer(args.src, args.out)
     print(f"imported {args.src} -> {out} ({load_tokenizer(out)!r})")
     return 0

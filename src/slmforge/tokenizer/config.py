@@ -23,7 +23,8 @@ class TokenizerConfig:
     vocab_size: int = 32000
     """Total number of ids, special tokens and the 256 byte tokens included."""
     min_frequency: int = 2
-    """A merge must occur this often in the sample to be learned (bpe, bytelevel, wordpiece)."""
+    """A merge must occur this often in the sample to be learned (bpe, bytelevel, wordpiece); with
+    `akshara`, also an akshara to be learned whole (bpe, unigram)."""
     normalization: Literal["none", "nfc", "nfkc"] = "nfc"
     """Unicode normalization. 'nfc' is safe for every script (Devanagari, Bengali-Assamese, Latin).
     'nfkc' also folds compatibility characters (ligatures, full-width forms, superscripts,
@@ -39,7 +40,13 @@ class TokenizerConfig:
     stray symbols of web text from taking ids. Not used by unigram, which keeps every character
     it sees, nor by bytelevel, which starts from all 256 bytes."""
     max_token_chars: int = 16
-    """Longest token in characters (keeps runs like '=====' from eating the vocabulary)."""
+    """Longest token in characters (keeps runs like '=====' from eating the vocabulary); with
+    `akshara`, in aksharas."""
+    akshara: bool = False
+    """bpe and unigram: never split an akshara (a consonant with its vowel sign, nukta, anusvara,
+    and conjuncts joined by a virama) across tokens, so no token starts with a vowel sign. Aksharas
+    seen fewer than min_frequency times are not learned, and at most half of the learnable ids go
+    to aksharas and their parts. The result is a plain tokenizer.json."""
     bos: str = "<bos>"
     """Beginning-of-sequence token ('' for none). `encode(..., add_special=True)` prepends it."""
     eos: str = "<eos>"
@@ -79,6 +86,8 @@ class TokenizerConfig:
         for role, token in self.roles().items():
             config.require(token is None or (token.strip() == token and not BYTE_TOKEN.fullmatch(token)),
                            role, f"{token!r} is not a usable special token")
+        config.require(not self.akshara or self.kind in ("bpe", "unigram"), "akshara",
+                       f"is for kind 'bpe' or 'unigram', not {self.kind!r}")
         if self.kind in ("unigram", "wordpiece"):
             config.require(bool(self.unk), "unk", f"kind {self.kind!r} needs an unknown token")
         config.require(not (self.inputs and self.mixture is not None), "inputs",

@@ -19,12 +19,15 @@ WORD = r"[\p{L}\p{M}\x{200C}\x{200D}]+"
 NOT_WORD = r"[^\s\p{L}\p{M}\p{N}\x{200C}\x{200D}]"
 
 
-def split_pattern(split_digits: bool) -> str:
-    """GPT-4-style split (leading space kept with the word, newlines grouped), letters+marks aware."""
+def split_pattern(split_digits: bool, private_use: bool = False) -> str:
+    """GPT-4-style split (leading space kept with the word, newlines grouped), letters+marks aware.
+    `private_use`: private-use characters count as letters (akshara training spells aksharas so)."""
     number = r"\p{N}" if split_digits else r"\p{N}{1,3}"
-    return (rf" ?{WORD}"                 # a word with its leading space
+    word, not_word = (WORD.replace("]", r"\p{Co}]"), NOT_WORD.replace("]", r"\p{Co}]")) if private_use \
+        else (WORD, NOT_WORD)
+    return (rf" ?{word}"                 # a word with its leading space
             rf"| ?{number}"              # digits (Devanagari ०-९ and Bengali ০-৯ are \p{{N}} too)
-            rf"| ?{NOT_WORD}+[\r\n]*"    # a run of punctuation/symbols/emoji, e.g. '।\n'
+            rf"| ?{not_word}+[\r\n]*"    # a run of punctuation/symbols/emoji, e.g. '।\n'
             r"|\s*[\r\n]+"               # newlines with the spaces before them
             r"|\s+(?!\S)"                # spaces before spaces: the last one joins the next word
             r"|\s+")
@@ -46,13 +49,13 @@ def normalizer(normalization: str, lowercase: bool) -> normalizers.Normalizer | 
     return steps[0] if len(steps) == 1 else normalizers.Sequence(steps)
 
 
-def pre_tokenizer(kind: str, split_digits: bool) -> pre_tokenizers.PreTokenizer:
+def pre_tokenizer(kind: str, split_digits: bool, private_use: bool = False) -> pre_tokenizers.PreTokenizer:
     if kind == "wordpiece":
         return pre_tokenizers.Sequence([
             pre_tokenizers.WhitespaceSplit(),
             pre_tokenizers.Split(Regex(wordpiece_pattern(split_digits)), behavior="isolated"),
         ])
-    split = pre_tokenizers.Split(Regex(split_pattern(split_digits)), behavior="isolated")
+    split = pre_tokenizers.Split(Regex(split_pattern(split_digits, private_use)), behavior="isolated")
     if kind == "bytelevel":
         # use_regex=False: ByteLevel's built-in GPT-2 regex is the `\p{L}+` one that breaks matras.
         return pre_tokenizers.Sequence([

@@ -10,6 +10,9 @@ Per (tokenizer, language):
   roundtrip         share of lines that decode back to the same text, up to canonical equivalence
                     (NFC: precomposed फ़ and decomposed फ + ़ count as the same); lowercasing,
                     NFKC folding, stripped accents and lost whitespace count as changes
+  akshara_split     share of distinct words in which a token starts inside an akshara (between a
+                    consonant and its vowel sign, virama or nukta, inside a conjunct) or inside a
+                    character (byte tokens); see akshara.py
 
 Written as a printed table, report.json and report.png.
 """
@@ -24,7 +27,7 @@ from typing import Any
 
 from slmforge.text.sources import SourceConfig
 from slmforge.errors import SlmforgeError
-from slmforge.tokenizer import pretokenize
+from slmforge.tokenizer import akshara, pretokenize
 from slmforge.tokenizer.sample import strict_lines
 from slmforge.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
@@ -36,6 +39,7 @@ METRICS = [
     ("unk", "unk", True),
     ("vocab_used", "vocab used", True),
     ("roundtrip", "roundtrip", True),
+    ("akshara_split", "akshara split", True),
 ]
 
 
@@ -48,12 +52,17 @@ def measure(tok: Tokenizer, lines: Iterable[str], batch_size: int = 1024) -> dic
     counts = {"lines": 0, "words": 0, "bytes": 0, "tokens": 0, "byte_tokens": 0, "unk_tokens": 0,
               "roundtrip_lines": 0}
     used: set[int] = set()
+    words: set[str] = set()
+    split_words: set[str] = set()
     batch: list[str] = []
 
     def flush() -> None:
-        encoded = tok.encode_batch(batch)
+        encodings = tok.backend.encode_batch(batch, add_special_tokens=False)
+        encoded = [e.ids for e in encodings]
         decoded = tok.backend.decode_batch(encoded, skip_special_tokens=True)
-        for line, ids, back in zip(batch, encoded, decoded):
+        for line, encoding, ids, back in zip(batch, encodings, encoded, decoded):
+            words.update(line.split())
+            split_words.update(akshara.split_words(line, encoding.offsets))
             counts["lines"] += 1
             counts["words"] += len(line.split())
             counts["bytes"] += len(line.encode("utf-8"))
@@ -80,6 +89,8 @@ def measure(tok: Tokenizer, lines: Iterable[str], batch_size: int = 1024) -> dic
         "unk": counts["unk_tokens"] / tokens if tokens else 0.0,
         "vocab_used": len(used) / tok.vocab_size,
         "roundtrip": counts["roundtrip_lines"] / counts["lines"] if counts["lines"] else 0.0,
+        "distinct_words": len(words),
+        "akshara_split": len(split_words) / len(words) if words else 0.0,
     }
 
 
@@ -166,5 +177,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         ax.set_xticks(range(len(langs)), langs)
         ax.set_ylim(bottom=0)
         ax.set_title(title + (" (%)" if pct else ""))
+    for ax in axes[len(METRICS):]:
+        ax.set_visible(False)
     axes[0].legend(fontsize="small")
     fig.savefig(path, dpi=110)

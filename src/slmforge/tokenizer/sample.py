@@ -9,12 +9,15 @@ line of text = one sentence.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from slmforge.text.sampling import reservoir_sample
 from slmforge.text.sources import ReadStats, SourceConfig, SourceReader
 from slmforge.errors import SlmforgeError
+
+log = logging.getLogger(__name__)
 
 
 def strict_lines(source: SourceConfig, stats: ReadStats | None = None) -> Iterator[str]:
@@ -57,3 +60,28 @@ def check_mixture_record(record: dict[str, Any]) -> None:
         if source.get("skipped", {}).get("invalid_utf8"):
             raise SlmforgeError(f"{source.get('path')}: {source['skipped']['invalid_utf8']} line(s) "
                                 f"are not UTF-8; convert the file (e.g. `iconv -f LATIN1 -t UTF-8`)")
+
+
+def warn_about_training(cfg: Any, record: dict[str, Any], vocab_size: int) -> list[str]:
+    """Log (and return) what a user should know about a finished training: lines split because they
+    exceeded `max_chars`, and a vocabulary smaller than asked because the sample supports no more."""
+    warnings = []
+    split = sum(int(s.get("split", 0)) for s in record.get("sources", []))
+    if split:
+        worst = ", ".join(str(s.get("source", s.get("path"))) for s in record["sources"] if s.get("split"))
+        warnings.append(f"{split:,} line(s) longer than tokenizer.max_chars={cfg.max_chars:,} characters were "
+                        f"split into pieces of at most that length ({worst}); is the text one line per "
+                        f"sentence or paragraph?")
+    if vocab_size < cfg.vocab_size:
+        sentences = record.get("sentences", record.get("drawn", 0))
+        more = "more text"
+        if sentences >= cfg.max_sentences:
+            more += f" (raise tokenizer.max_sentences={cfg.max_sentences:,})"
+        if cfg.min_frequency > 1:
+            more += f" or a lower tokenizer.min_frequency (now {cfg.min_frequency})"
+        warnings.append(f"tokenizer.vocab_size: asked for {cfg.vocab_size:,} ids, got {vocab_size:,}: the "
+                        f"{sentences:,}-sentence sample supports no more; the model will use {vocab_size:,}. "
+                        f"For the size asked, give it {more}")
+    for warning in warnings:
+        log.warning(warning)
+    return warnings

@@ -6,13 +6,18 @@ extra whitespace, the dummy '▁' prefix, spaces as '▁', then Unigram (Viterbi
 or BPE (merge the adjacent pair whose result scores highest), with byte fallback when trained so.
 Control pieces (<s>, </s>, <pad>) become special tokens, user-defined symbols plain added tokens.
 
-Known gaps, both inside `tokenizers`' `Precompiled` normalizer (transformers' converters share them):
-a decomposed र + ़ is not recomposed to ऱ as SentencePiece does, and a combining mark right after a
-no-break space is dropped. Real NFC text does not contain the first and rarely the second.
+`tokenizers`' `Precompiled` normalizer skips SentencePiece's compositions of decomposed Indic vowel
+signs, nukta letters and kana (transformers' converters share that); we compose those first, see
+`_missed_compositions`. Known gaps left, also inside `Precompiled`: a combining mark right after a
+no-break space is dropped, and text typed fully decomposed with stacked marks (Vietnamese ệ as
+e + ◌̣ + ◌̂, polytonic Greek, Hangul jamo) is not composed as SentencePiece composes it. NFC text
+has neither the second nor the third, and rarely the first.
 """
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -66,6 +71,7 @@ def convert_sentencepiece(path: str | Path) -> tuple[BackendTokenizer, dict[str,
     backend = BackendTokenizer(model)
     steps = []
     if norm.precompiled_charsmap:
+        steps += _missed_compositions(proto)
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:
         # SentencePiece only counts ' ' as whitespace here (after its own normalization rules).
@@ -95,6 +101,45 @@ def convert_sentencepiece(path: str | Path) -> tuple[BackendTokenizer, dict[str,
     roles = {"bos": role(spec.bos_id), "eos": role(spec.eos_id), "pad": role(spec.pad_id),
              "unk": role(spec.unk_id), "mask": None}
     return backend, roles
+
+
+@functools.lru_cache(maxsize=None)
+def _wide_compositions() -> list[tuple[str, str]]:
+    """(decomposed, composed) for every canonical composite whose parts are all characters of 3+
+    UTF-8 bytes, longest first: two-part vowel signs (Bengali ো = ে + া, ৌ; Oriya; Tamil ொ ோ ௌ;
+    Telugu; Kannada ೀ ೇ ೈ ೊ ೋ; Malayalam; Sinhala; Myanmar ဦ; Balinese; Kaithi, Chakma, Grantha,
+    Tirhuta, Siddham, Dives Akuru), the nukta letters ऩ ऱ ऴ, and kana with a (semi-)voiced mark."""
+    pairs = []
+    for cp in range(0x20000):  # no canonical composite lies above the SMP
+        composed = chr(cp)
+        decomposed = unicodedata.normalize("NFD", composed)
+        if (len(decomposed) > 1 and unicodedata.normalize("NFC", decomposed) == composed
+                and not 0xAC00 <= cp <= 0xD7A3  # Hangul syllables: 11,172 jamo sequences; see below
+                and all(ord(c) >= 0x800 for c in decomposed)):
+            pairs.append((decomposed, composed))
+    return sorted(pairs, key=lambda pair: -len(pair[0]))
+
+
+def _missed_compositions(proto) -> list[normalizers.Normalizer]:
+    """Replace steps, placed before `Precompiled`, for the compositions it skips and SentencePiece makes.
+
+    `tokenizers`' `Precompiled` looks a grapheme cluster up whole only when it is shorter than 6
+    UTF-8 bytes, and otherwise maps each character alone, so a rule for a sequence of 3-byte
+    characters (Bengali ো typed as ে + া, U+09C7 U+09BE) never fires: ঘোষ became ['▁ঘ', 'ে', 'া',
+    'ষ'] where SentencePiece, which matches the longest rule at every position, gives ['▁ঘ', 'োষ'].
+    Composing those sequences first makes the two agree. NFC would compose them too, but it also
+    reorders combining marks, which SentencePiece does not (Vietnamese and Burmese UDHR text, Arabic
+    shadda + vowel typed in that order). Only compositions this model's own normalizer makes are
+    added, asked of SentencePiece itself. Hangul jamo sequences (Korean typed decomposed) stay a
+    gap: one rule per syllable would be 11,172 passes over the text.
+    """
+    import sentencepiece
+
+    spm_normalize = sentencepiece.SentencePieceNormalizer(
+        model_proto=proto.SerializeToString(), add_dummy_prefix=False, escape_whitespaces=False,
+        remove_extra_whitespaces=False).normalize
+    return [normalizers.Replace(decomposed, composed) for decomposed, composed in _wide_compositions()
+            if spm_normalize(decomposed) == spm_normalize(composed)]
 
 
 def _bpe_merges(pieces: list[tuple[str, float, int]], vocab: dict[str, int]) -> list[tuple[str, str]]:

@@ -35,6 +35,7 @@ TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
 HF_SPECIAL_FILE = "special_tokens_map.json"
 META_FILE = "slmforge_tokenizer.json"
+STABLE_ROUNDS = 4  # JSON round trips allowed to reach tokenizer.json's stable form
 ROLES = ("bos", "eos", "pad", "unk", "mask")
 SENTINEL = re.compile(r"<extra_id_(\d+)>")
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -84,6 +85,7 @@ class Tokenizer:
                                key=lambda t: int(SENTINEL.fullmatch(t).group(1)))
         self.sentinels = list(sentinels)
         self.meta = dict(meta or {})
+        self._read_text: str | None = None  # tokenizer.json as read from disk (set by load_tokenizer)
         self.vocab_size = max(vocab.values()) + 1  # every id is < vocab_size (embedding rows)
         ids = {role: vocab[t] if t is not None else None for role, t in self.roles.items()}
         self.bos_id: int | None = ids["bos"]
@@ -133,8 +135,8 @@ class Tokenizer:
 
     @property
     def canonical_json(self) -> str:
-        """tokenizer.json exactly as `save` writes it."""
-        return self.backend.to_str(pretty=True)
+        """tokenizer.json exactly as `save` writes it: its stable form (see `stable_json`)."""
+        return stable_json(self.backend, self._read_text)
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -182,6 +184,29 @@ class Tokenizer:
         return out
 
 
+def stable_json(backend: BackendTokenizer, read_text: str | None = None) -> str:
+    """`backend` serialized in the form that reads back to the same text.
+
+    `tokenizers` parses JSON floats with serde_json's fast path, which can land one ulp off: a
+    Unigram model built from exact scores (an imported SentencePiece model) writes `-7.2557525634765625`
+    and reads back `-7.255752563476563`. Writing that first text would make every later load see a
+    different tokenizer.json (a "changed after it was written" warning, and a sha256 unlike the one
+    `data prepare` records); one more round trip reaches the fixed point. `read_text` is the text the
+    backend was loaded from, if any: when it serializes back to exactly that, no parse is needed.
+    """
+    text = backend.to_str(pretty=True)
+    if text == read_text:
+        return text
+    for _ in range(STABLE_ROUNDS):
+        again = BackendTokenizer.from_str(text).to_str(pretty=True)
+        if again == text:
+            return text
+        text = again
+    log.warning("tokenizer.json did not reach a stable form after %d round trips through `tokenizers`; "
+                "loading it will report a changed sha256", STABLE_ROUNDS)
+    return text
+
+
 def _dumps(payload: Any) -> str:
     return json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
 
@@ -224,7 +249,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise SlmforgeError(f"{folder}: no {TOKENIZER_FILE} in this folder (make one with "
                             f"`slmforge tokenizer train` or `slmforge tokenizer import`)")
     try:
-        backend = BackendTokenizer.from_file(str(file))
+        text = file.read_text(encoding="utf-8")
+        backend = BackendTokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception with serde's message
         raise SlmforgeError(f"{file}: corrupt or unsupported tokenizer.json ({_one_line(e)})") from None
     meta = _read_json(folder / META_FILE) if file.name == TOKENIZER_FILE else None
@@ -233,12 +259,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise SlmforgeError(f"{folder / META_FILE}: format {meta.get('format')!r}, expected {FORMAT!r}")
         special = meta.get("special_tokens", {})
         tok = Tokenizer(backend, {r: special.get(r) for r in ROLES}, special.get("sentinels"), meta)
+        tok._read_text = text
         if meta.get("tokenizer_sha256") not in (None, tok.sha256):
             log.warning("%s: tokenizer.json was changed after it was written (sha256 differs from "
                         "%s); recorded metadata may not describe it", folder, META_FILE)
         return tok
     roles = hf_roles(folder)
-    return Tokenizer(backend, roles if any(roles.values()) else None)
+    tok = Tokenizer(backend, roles if any(roles.values()) else None)
+    tok._read_text = text
+    return tok
 
 
 def hf_roles(folder: Path) -> dict[str, str | None]:

@@ -25,9 +25,9 @@ from slmforge.text.mixture import sample_sentences
 from slmforge.text.sampling import reservoir_sample
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
-from slmforge.tokenizer import pretokenize
+from slmforge.tokenizer import akshara, pretokenize
 from slmforge.tokenizer.config import TokenizerConfig
-from slmforge.tokenizer.sample import check_mixture_record, sample_inputs
+from slmforge.tokenizer.sample import check_mixture_record, sample_inputs, warn_about_training
 from slmforge.tokenizer.tokenizer import Tokenizer, bos_post_processor
 
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -48,6 +48,7 @@ def train_tokenizer(cfg: TokenizerConfig, out_dir: str | Path, texts: Iterable[s
         say(f"training a {cfg.kind} tokenizer (vocab {cfg.vocab_size}) on {len(sentences):,} sentences")
     # The trainer's progress bar is for terminals; in logs it only leaves blank lines.
     tok = train_on_sentences(cfg, sentences, show_progress=progress and sys.stderr.isatty())
+    warn_about_training(cfg, record, tok.vocab_size)  # split long lines, a vocabulary smaller than asked
     # asdict, not config.to_dict: the latter does not descend into lists of sections (mixture sources).
     tok.meta.update({"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "sample": record})
     out = tok.save(out_dir)
@@ -81,6 +82,22 @@ def train_on_sentences(cfg: TokenizerConfig, sentences: list[str], show_progress
     norm = pretokenize.normalizer(cfg.normalization, cfg.lowercase)
     roles = cfg.roles()
 
+    if cfg.akshara:  # bpe or unigram (validate checks): see akshara.py
+        backend = _train_akshara(cfg, sentences, norm, specials, learned, show_progress)
+    else:
+        backend = _train_plain(cfg, sentences, norm, specials, learned, show_progress)
+    if byte_fallback:
+        backend = add_byte_fallback(backend, len(cfg.special_tokens()))
+    bos = roles["bos"]
+    post = bos_post_processor(bos, backend.token_to_id(bos) if bos else None)
+    if post is not None:
+        backend.post_processor = post
+    return Tokenizer(backend, roles, cfg.sentinels(), {"kind": cfg.kind})
+
+
+def _train_plain(cfg: TokenizerConfig, sentences: list[str], norm, specials: list[AddedToken], learned: int,
+                 show_progress: bool) -> BackendTokenizer:
+    roles = cfg.roles()
     if cfg.kind == "unigram":
         model = models.Unigram()
         trainer = trainers.UnigramTrainer(
@@ -108,13 +125,27 @@ def train_on_sentences(cfg: TokenizerConfig, sentences: list[str], show_progress
     backend.pre_tokenizer = pretokenize.pre_tokenizer(cfg.kind, cfg.split_digits)
     backend.decoder = pretokenize.decoder(cfg.kind)
     backend.train_from_iterator(sentences, trainer, length=len(sentences))
-    if byte_fallback:
-        backend = add_byte_fallback(backend, len(cfg.special_tokens()))
-    bos = roles["bos"]
-    post = bos_post_processor(bos, backend.token_to_id(bos) if bos else None)
-    if post is not None:
-        backend.post_processor = post
-    return Tokenizer(backend, roles, cfg.sentinels(), {"kind": cfg.kind})
+    return backend
+
+
+def _train_akshara(cfg: TokenizerConfig, sentences: list[str], norm, specials: list[AddedToken], learned: int,
+                   show_progress: bool) -> BackendTokenizer:
+    """Train on the normalized text with every frequent akshara spelled as one symbol (akshara.py)."""
+    texts = [norm.normalize_str(s) for s in sentences] if norm is not None else list(sentences)
+    training_split = pretokenize.pre_tokenizer(cfg.kind, cfg.split_digits, private_use=True)
+    unk = cfg.roles()["unk"]
+    if cfg.kind == "bpe":
+        chars = _alphabet(texts, None, cfg)["initial_alphabet"]
+        backend = akshara.train_bpe(texts, chars, specials, unk, learned, cfg.min_frequency,
+                                    cfg.max_token_chars, training_split, show_progress)
+    else:
+        backend = akshara.train_unigram(texts, specials, unk, learned, cfg.min_frequency, cfg.max_token_chars,
+                                        training_split, show_progress)
+    if norm is not None:
+        backend.normalizer = norm
+    backend.pre_tokenizer = pretokenize.pre_tokenizer(cfg.kind, cfg.split_digits)
+    backend.decoder = pretokenize.decoder(cfg.kind)
+    return backend
 
 
 def _alphabet(sentences: list[str], norm, cfg: TokenizerConfig) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from torch import nn
 
 import slmforge
 from slmforge.errors import SlmforgeError
-from slmforge.fileio import write_text_atomic
-from slmforge.runs import META, STATE, WEIGHTS, unwrap
+from slmforge.fileio import make_readable, write_text_atomic
+from slmforge.runs import CHECKSUMS, META, STATE, WEIGHTS, file_digest, unwrap
 
 
 def step_dir_name(step: int) -> str:
@@ -34,8 +34,12 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: dict[str, Any] | None = None,
-                    extra_meta: dict[str, Any] | None = None, keep_last: int | None = None) -> Path:
-    """Write `run_dir/checkpoints/step-XXXXXX/` and point `latest` at it. Returns the folder."""
+                    extra_meta: dict[str, Any] | None = None, keep_last: int | None = None,
+                    protect: set[str] | frozenset[str] = frozenset(),
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `run_dir/checkpoints/step-XXXXXX/` and point `latest` at it. Returns the folder.
+
+    `tensors` are the weights when the model's own are sharded (FSDP2 gathers them first)."""
     model = unwrap(model)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -43,13 +47,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
     tmp = root / (final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    source = tensors if tensors is not None else model.state_dict()
+    tensors = {name: t.detach().contiguous().cpu() for name, t in source.items()}
     save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    make_readable(tmp / WEIGHTS)  # safetensors writes 0600; every other file of the run is 0644
     meta = {"step": step, "model": asdict(model.cfg), "slmforge_version": slmforge.__version__,
             **(extra_meta or {})}
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     if state is not None:
         torch.save(state, tmp / STATE)
+    # Written last: sizes and SHA-256 of every file, checked on resume (flipped bits, truncation).
+    checksums = {path.name: file_digest(path) for path in sorted(tmp.iterdir())}
+    (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=2) + "\n", encoding="utf-8")
     _fsync_tree(tmp)
     old = None
     if final.exists():  # re-saving a step: move the old copy aside first so `latest` never dangles long
@@ -57,11 +66,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync_dir(root)  # the rename itself reaches the disk before `latest` names it
     write_text_atomic(root / "latest", final.name + "\n")
+    _fsync_dir(root)
     if old is not None:
         shutil.rmtree(old)
     if keep_last:
-        _prune(root, keep_last, protect=final.name)
+        _prune(root, keep_last, protect={final.name, *protect})
     return final
 
 
@@ -69,12 +80,38 @@ def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    _fsync_dir(folder)
 
 
-def _prune(root: Path, keep_last: int, protect: str) -> None:
+def _fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (new names, renames) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_stale(run_dir: str | Path) -> list[str]:
+    """Remove half-written `.partial` / `.old` step folders a crash left behind; returns their names."""
+    root = Path(run_dir) / "checkpoints"
+    stale = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name.endswith((".partial", ".old")))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [p.name for p in stale]
+
+
+def _prune(root: Path, keep_last: int, protect: set[str]) -> None:
+    """Delete all but the newest `keep_last` step folders, never one named in `protect` (the one just
+    written, the best by validation loss)."""
     steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".partial", ".old")))
     for old in steps[:-keep_last]:
-        if old.name != protect:
+        if old.name not in protect:
             shutil.rmtree(old)
 
 

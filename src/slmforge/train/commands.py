@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slmforge.cli import add_config_arguments
+from slmforge.cli import HelpFormatter, add_config_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,15 +12,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pretrain", help="pretrain any model family (decoder: causal LM, encoder: masked LM) on token shards",
         description="Pretrain from a TOML config (sections model, objective, optim, schedule, train, tracking) "
                     "with key.sub=value overrides. Re-running the same command resumes from the run "
-                    "folder's latest checkpoint.\n\nexample:\n  slmforge pretrain -c recipes/gemma3-tiny.toml "
-                    "train.data=runs/data train.max_steps=500")
-    add_config_arguments(p)
+                    "folder's latest checkpoint.\n\nexamples:\n"
+                    "  slmforge pretrain model.preset=llama-tiny train.data=runs/my/data train.out_dir=runs/my\n"
+                    "  slmforge pretrain -c recipes/gemma3-270m-hindi.toml train.max_steps=1000",
+        formatter_class=HelpFormatter)
+    add_config_arguments(p, "train.max_steps=200 model.preset=llama-tiny")
     p.add_argument("--list-presets", action="store_true", help="list model presets and exit")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from slmforge import config
+    from slmforge.formatting import human
     from slmforge.models import PRESETS, config_from_dict
     from slmforge.models.registry import family
     from slmforge.train.config import PretrainConfig
@@ -32,10 +35,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.list_presets:
         for name in sorted(PRESETS):
             cfg = config_from_dict({"preset": name})
-            print(f"{name:<22} {cfg.family:<10} {family(cfg).kind:<8} {cfg.num_parameters() / 1e6:8.1f}M params  "
+            print(f"{name:<22} {cfg.family:<10} {family(cfg).kind:<8} {human(cfg.num_parameters()):>7} params  "
                   f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
                   f"vocab {cfg.vocab_size}")
         return 0
+    if args.config:  # a misspelled section ([trian]) is named with the one probably meant
+        config.check_sections(config.read_toml(args.config), args.config)
     cfg = config.load(PretrainConfig, args.config, args.overrides)
     run_dir = pretrain(cfg)
     print(run_dir)

@@ -15,6 +15,7 @@ from slmforge.models import DecoderConfig, ModelConfig
 from slmforge.models.presets import family_of
 from slmforge.models.registry import FAMILIES
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig
+from slmforge.train.parallel import ParallelConfig
 
 
 @dataclass
@@ -67,7 +68,8 @@ class TrainLoopConfig:
     seq_len: int = 256
     """Tokens per training sequence (the context length trained on)."""
     batch_size: int = 8
-    """Sequences per micro-batch on each device (tokens per step = batch_size x seq_len x grad_accum)."""
+    """Sequences per micro-batch on each process (sequences per step = batch_size x grad_accum x
+    processes; 2 processes with batch_size B train the same model as 1 with 2B)."""
     train_split: str = "train"
     """Split of the prepared data to train on."""
     val_split: str = "val"
@@ -90,11 +92,17 @@ class TrainLoopConfig:
     save_every: int = 500
     """Steps between checkpoints (a final one is always written)."""
     keep_last: int = 3
-    """Checkpoints kept on disk (older step folders are deleted); 0 keeps all."""
+    """Checkpoints kept on disk (older step folders are deleted; the best by validation loss is kept
+    too); 0 keeps all."""
+    save_every_minutes: float = 0
+    """Also save when this many minutes passed since the last checkpoint (0 = off): bounds the work a
+    crash can cost whatever the step time."""
+    max_bad_steps: int = 10
+    """Steps in a row with a non-finite loss or gradient (each update skipped) before the run stops."""
     log_every: int = 10
     """Steps between progress lines and metrics.jsonl records."""
     seed: int = 1337
-    """Seeds weights, data order and dropout; each rank adds its rank to it."""
+    """Seeds weights, data order and masks (the same on every rank) and dropout (rank r uses seed + r)."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -103,12 +111,16 @@ class TrainLoopConfig:
     """Wrap the model in torch.compile (GPU runs; minutes of warm-up)."""
     resume: Literal["auto", "never", "required"] = "auto"
     """auto: continue from out_dir's latest checkpoint if there is one."""
+    allow_config_changes: bool = False
+    """Resume even though the data, seed, seq_len, global batch or objective changed since the checkpoint
+    (the result then differs from an uninterrupted run; the change is logged)."""
     init_from: str = ""
     """Start from this run/checkpoint folder (e.g. one made by import-hf): its architecture and weights
     replace [model]; the optimizer and schedule start fresh."""
 
     def validate(self) -> None:
-        for name in ("max_steps", "grad_accum", "log_every", "eval_batches", "seq_len", "batch_size"):
+        require(self.save_every_minutes >= 0, "save_every_minutes", f"must be >= 0, got {self.save_every_minutes}")
+        for name in ("max_steps", "grad_accum", "log_every", "eval_batches", "seq_len", "batch_size", "max_bad_steps"):
             require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         require(self.epochs >= 0, "epochs", f"must be >= 0, got {self.epochs}")
         for name in ("eval_every", "save_every", "keep_last", "eval_batch_size"):
@@ -143,6 +155,7 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         require(self.train.seq_len <= self.model.max_seq_len, "train.seq_len",

@@ -7,6 +7,7 @@ here each record reaches the disk before training continues.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,7 +33,9 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # Strict JSON: a NaN or infinite number is written as null (bare NaN is not JSON).
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         for tracker in self.trackers:

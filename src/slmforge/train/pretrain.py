@@ -10,36 +10,79 @@ import torch
 
 from slmforge import config as config_io
 from slmforge.data.loader import WindowLoader
-from slmforge.data.shards import ShardSet
+from slmforge.data.shards import ShardSet, manifest_tokenizer_dir
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import relative_to
 from slmforge.formatting import say
 from slmforge.models import build_model, family
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
 from slmforge.runtime import resolve_device, resolve_precision
-from slmforge.runs import find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, resolve_checkpoint
+from slmforge.runs import (
+    find_tokenizer_dir,
+    load_weights,
+    model_config_from_meta,
+    newest_good_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    run_dir_of,
+    step_folders,
+)
 from slmforge.train.config import PretrainConfig
 from slmforge.train.metrics import MetricsLog, make_trackers
+from slmforge.train.checkpoint import clean_stale
+from slmforge.train.lock import RunLock
+from slmforge.train.resume_check import (
+    append_history,
+    apply_optimizer_settings,
+    check_resumable,
+    data_fingerprint,
+    resume_identity,
+)
+from slmforge.train.parallel import Distributed, barrier, init_distributed, local_device, shutdown
 from slmforge.train.trainer import Trainer
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "latest").is_file()
+    return (run_dir / "checkpoints" / "latest").is_file() or bool(step_folders(run_dir))
+
+
+def resume_point(run_dir: Path, mode: str) -> Path | None:
+    """The intact step folder to resume from (None: start fresh), per train.resume. A damaged newest
+    checkpoint falls back to the newest intact one, saying so; a missing `latest` does not hide the
+    step folders (starting over would wipe metrics.jsonl and overwrite them)."""
+    if not has_checkpoint(run_dir):
+        if mode == "required":
+            raise SlmforgeError(f"train.resume: 'required' but {run_dir} has no checkpoint")
+        return None
+    if mode == "never":
+        raise SlmforgeError(f"train.out_dir: {run_dir} already holds checkpoints; choose another folder "
+                            f"or resume with train.resume=auto")
+    found = newest_good_checkpoint(run_dir, say)
+    if found is None:
+        raise SlmforgeError(f"{run_dir / 'checkpoints'}: no intact checkpoint to resume from (see the warnings "
+                            f"above); start over in another train.out_dir")
+    return found
 
 
 def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
-    """Copy the tokenizer the shards were made with into run/tokenizer/; returns its sha256."""
+    """Copy the tokenizer the shards were made with into run/tokenizer/; returns its sha256.
+
+    Refuses a tokenizer whose hash is not the one the manifest recorded (e.g. retrained in place after
+    `data prepare`): the shards' ids would be decoded with another vocabulary."""
+    from slmforge.tokenizer import load_tokenizer
+
     info = manifest.get("tokenizer") or {}
-    source = info.get("path")
-    if not source:
+    if not info.get("path"):
         say(f"warning: {data_dir}/manifest.json names no tokenizer; the run folder will have none")
         return info.get("sha256")
-    source = Path(source)
-    if not source.is_absolute() and not source.exists():
-        source = data_dir / source
-    if source.is_file():
-        source = source.parent
+    source = manifest_tokenizer_dir(data_dir, manifest)
     if not (source / "tokenizer.json").is_file():
         raise SlmforgeError(f"{data_dir}/manifest.json: tokenizer folder {source} has no tokenizer.json")
+    actual, expected = load_tokenizer(source).sha256, info.get("sha256")
+    if expected and actual != expected:
+        raise SlmforgeError(f"{source}: tokenizer sha256 {actual[:12]} differs from the {expected[:12]} that "
+                            f"{data_dir}/manifest.json recorded (changed or retrained since `data prepare`); "
+                            f"prepare the data again with it, or restore the tokenizer the data was made with")
     target = run_dir / "tokenizer"
     if source.resolve() != target.resolve():
         shutil.copytree(source, target, dirs_exist_ok=True)
@@ -50,17 +93,30 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Train per `cfg` (resuming from its run folder when possible); returns the run folder."""
     loop = cfg.train
     run_dir = Path(loop.out_dir)
-    resume = loop.resume != "never" and has_checkpoint(run_dir)
-    if loop.resume == "required" and not resume:
-        raise SlmforgeError(f"train.resume: 'required' but {run_dir} has no checkpoint")
-    if loop.resume == "never" and has_checkpoint(run_dir):
-        raise SlmforgeError(f"train.out_dir: {run_dir} already holds checkpoints; choose another folder "
-                            f"or resume with train.resume=auto")
     if not loop.data:
         raise SlmforgeError("train.data: required; point it at a folder made by `slmforge data prepare`")
     device = resolve_device(loop.device)
+    where = init_distributed(cfg.parallel, device)
+    lock = RunLock(run_dir).acquire() if where.is_main else None  # one writer per run folder
+    try:
+        if where.is_main:
+            for name in clean_stale(run_dir):
+                say(f"removed {name}, left half-written by an earlier crash")
+        barrier()
+        resume_dir = resume_point(run_dir, loop.resume)
+        return _pretrain(cfg, run_dir, resume_dir, local_device(device, where), where)
+    finally:
+        if lock is not None:
+            lock.release()
+        shutdown()
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, resume_dir: Path | None, device: torch.device,
+              where: Distributed) -> Path:
+    loop = cfg.train
+    resume = resume_dir is not None
     precision = resolve_precision(loop.precision, device)
-    torch.manual_seed(loop.seed)
+    torch.manual_seed(loop.seed + where.rank)  # dropout differs per rank; weights, data and masks do not
 
     train_shards = ShardSet(loop.data, loop.train_split)
     if loop.init_from:
@@ -93,23 +149,36 @@ def pretrain(cfg: PretrainConfig) -> Path:
             say(f"warning: validation split has only {val_shards.num_tokens} tokens; skipping validation")
             val_shards = None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        _check_same_model(run_dir, cfg)
-        _check_same_tokenizer(resolve_checkpoint(run_dir), train_shards.manifest, loop.data)
-    tokenizer_sha = copy_tokenizer(train_shards.manifest, Path(loop.data), run_dir)
+        _check_same_model(resume_dir, cfg)
+        _check_same_tokenizer(resume_dir, train_shards.manifest, loop.data)
+    if where.is_main:  # one writer: rank 0 prepares the run folder, the others wait for it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        copy_tokenizer(train_shards.manifest, Path(loop.data), run_dir)
+    barrier()
+    tokenizer_sha = (train_shards.manifest.get("tokenizer") or {}).get("sha256")
     tokenizer = _run_tokenizer(run_dir)
     objective = build_objective(cfg.objective, model_family.kind, model_family.name, tokenizer,
                                 where=f"{loop.data}/manifest.json")
     window = objective.window_tokens(loop.seq_len)
-    train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed, window=window)
+    train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed, window=window,
+                                rank=where.rank, world_size=where.world_size)
     val_batches = None
     if val_shards is not None:
         val_loader = WindowLoader(val_shards, loop.seq_len, loop.eval_batch_size or loop.batch_size,
-                                  shuffle=False, training=False, window=window)
+                                  shuffle=False, training=False, window=window,
+                                  rank=where.rank, world_size=where.world_size)
         val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)
     resolve_steps(cfg, train_loader.batches_per_epoch)
-    config_io.save(cfg, run_dir / "config.toml")
+    resolved = config_io.to_dict(cfg)
+    fingerprint = data_fingerprint(train_shards.manifest)
+    identity = resume_identity(resolved, where.world_size, fingerprint)
+    if resume:
+        check_resumable(read_meta(resume_dir).get("resume_identity"), identity, resume_dir,
+                        loop.allow_config_changes, say)
+    if where.is_main:
+        config_io.save(cfg, run_dir / "config.toml")
+        append_history(run_dir, resolved, read_meta(resume_dir)["step"] if resume else 0)
 
     # Weights about to be replaced by a checkpoint are not initialised first (seconds at 270M).
     loading = resume or bool(loop.init_from)
@@ -122,32 +191,41 @@ def pretrain(cfg: PretrainConfig) -> Path:
             block.compile()  # in place: state_dict names stay free of `_orig_mod.`
 
 
-    trackers = make_trackers(cfg.tracking.backends, cfg.tracking.project, cfg.tracking.run_name or run_dir.name,
-                             config_io.to_dict(cfg), run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
+    metrics = None
+    if where.is_main:  # only rank 0 logs: metrics.jsonl, trackers, plots, the progress line
+        trackers = make_trackers(cfg.tracking.backends, cfg.tracking.project,
+                                 cfg.tracking.run_name or run_dir.name, config_io.to_dict(cfg), run_dir)
+        metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
     try:
         trainer = Trainer(
             model=model, objective=objective, train_loader=train_loader, loop=loop,
             optim=cfg.optim, schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device,
             precision=precision, val_batches=val_batches,
             val_bytes_per_token=val_shards.bytes_per_token if val_shards else None,
-            checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": str(loop.data), "seq_len": loop.seq_len,
+            checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": relative_to(loop.data, run_dir), "seq_len": loop.seq_len,
                              # eval and generate lay out text as training did: with or without bos
                              "add_bos": train_shards.manifest.get("bos_id") is not None,
                              # eval scores the model with the objective it was trained with
-                             "objective": config_io.to_dict(cfg.objective)},
+                             "objective": config_io.to_dict(cfg.objective),
+                             "processes": where.world_size,
+                             "config": resolved, "data_fingerprint": fingerprint, "resume_identity": identity,
+                             "dropout_seeds": [loop.seed + r for r in range(where.world_size)]},
             flops_per_token=cfg.model.flops_per_token(loop.seq_len), seed=loop.seed,
+            where=where, parallel=cfg.parallel,
         )
         n_params = sum(p.numel() for p in model.parameters())
         say(f"run folder {run_dir} | {cfg.model.family} {n_params / 1e6:.2f}M parameters | {objective.name} | "
-            f"{train_shards.num_tokens:,} training tokens | device {device} ({precision})")
+            f"{train_shards.num_tokens:,} training tokens | device {device} ({precision})"
+            + (f" | {where.world_size} processes ({trainer.strategy})" if where.active else ""))
         if resume:
-            trainer.resume_from(run_dir)
-        else:
+            trainer.resume_from(resume_dir)
+            apply_optimizer_settings(trainer.optimizer, cfg.optim, say)
+        elif metrics is not None:
             metrics.truncate_after(0)  # records of an attempt that crashed before its first checkpoint
         trainer.fit()
     finally:
-        metrics.close()  # also when resuming fails: trackers are finished, the file closed
+        if metrics is not None:
+            metrics.close()  # also when resuming fails: trackers are finished, the file closed
     return run_dir
 
 
@@ -170,11 +248,10 @@ def _run_tokenizer(run_dir: Path):
     return load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
 
 
-def _check_same_model(run_dir: Path, cfg: PretrainConfig) -> None:
-    step_dir = resolve_checkpoint(run_dir)
+def _check_same_model(step_dir: Path, cfg: PretrainConfig) -> None:
     saved = model_config_from_meta(read_meta(step_dir), step_dir)
     if saved != cfg.model:
-        raise SlmforgeError(f"{run_dir}: its checkpoint was trained with a different [model] config; "
+        raise SlmforgeError(f"{run_dir_of(step_dir)}: its checkpoint was trained with a different [model] config; "
                             f"use another train.out_dir or train.resume=never")
 
 

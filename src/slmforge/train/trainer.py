@@ -1,12 +1,12 @@
 """The one training loop. Pretraining, distillation and fine-tuning differ only by the objective
-(batch -> loss) and by which parameters have requires_grad; everything else lives here once."""
+(raw batch -> inputs, targets, loss) and by which parameters have requires_grad; everything else, one
+process or many, lives here once."""
 
 from __future__ import annotations
 
+import math
 import random
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,13 +16,41 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from slmforge.errors import SlmforgeError
 from slmforge.formatting import duration, human
-from slmforge.objectives.base import batch_generator, mean_loss, summarize
-from slmforge.runs import load_weights, resolve_checkpoint
+from slmforge.objectives.base import mean_loss, summarize, target_tokens
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from slmforge.runs import WEIGHTS, load_weights, resolve_checkpoint
 from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
 from slmforge.train.metrics import MetricsLog, plot_losses
 from slmforge.train.optim import build_optimizer, learning_rate
+from slmforge.train.signals import SIGNAL_EXIT_CODES, RunSignals, StopRequested
+from slmforge.train.parallel import (
+    Distributed,
+    ObjectiveModule,
+    ParallelConfig,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    gather_objects,
+    is_sharded,
+    no_gradient_sync,
+    strategy_for,
+    wrap,
+)
+
+
+# Whole (unsharded) tensors, on the CPU, on rank 0: what a checkpoint holds under every strategy.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -33,20 +61,32 @@ class TrainState:
     loss_sum: float = 0.0
     loss_steps: int = 0
     metric_sums: dict[str, float] = field(default_factory=dict)
+    # steps whose loss or gradient was not finite: the update was skipped
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    # the checkpoint with the lowest validation loss is never pruned
+    best_val_loss: float | None = None
+    best_step: int | None = None
 
 
 class Trainer:
     def __init__(self, *, model: nn.Module, objective, train_loader, loop: TrainLoopConfig, optim: OptimConfig,
-                 schedule: ScheduleConfig, run_dir: str | Path, metrics: MetricsLog, device: torch.device,
+                 schedule: ScheduleConfig, run_dir: str | Path, metrics: MetricsLog | None, device: torch.device,
                  precision: str = "fp32", val_batches: Callable[[], Iterable[dict]] | None = None,
                  val_bytes_per_token: float | None = None, checkpoint_meta: dict[str, Any] | None = None,
-                 flops_per_token: float | None = None, seed: int = 0, rank: int = 0, log=None):
-        self.model = model
+                 flops_per_token: float | None = None, seed: int = 0, where: Distributed = Distributed(),
+                 parallel: ParallelConfig | None = None, log=None):
+        self.model = model  # the plain model: what checkpoints hold
         self.objective = objective
+        self.where = where
+        self.strategy = strategy_for(parallel or ParallelConfig(), where)
+        # DDP wraps model + objective together, so the loss and the output head run inside its forward.
+        self.module = wrap(ObjectiveModule(model, objective), self.strategy, device, parallel or ParallelConfig(),
+                           precision)
         self.loader = train_loader
         self.loop, self.optim_cfg, self.schedule = loop, optim, schedule
         self.run_dir = Path(run_dir)
-        self.metrics = metrics
+        self.metrics = metrics if where.is_main else None  # only rank 0 writes logs
         self.device = device
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                          else nullcontext())
@@ -54,76 +94,155 @@ class Trainer:
         self.val_bytes_per_token = val_bytes_per_token
         self.checkpoint_meta = checkpoint_meta or {}
         self.flops_per_token = flops_per_token
-        self.seed, self.rank = seed, rank
+        self.seed = seed
         self.optimizer = build_optimizer(model, optim, device.type)
         self.state = TrainState()
         self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        printer = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = printer if where.is_main else (lambda msg: None)
 
     # ------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
+        """Trainer, optimizer, loader and every rank's RNG (a collective: all ranks call it).
+
+        The optimizer state is the full one keyed by parameter names, whatever the strategy, so a
+        checkpoint resumes on one process, under DDP or under FSDP2, with any number of processes."""
         self._collect_losses()
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"trainer": vars(self.state).copy(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(), "rng": rng}
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        return {"trainer": vars(self.state).copy(), "optimizer": optimizer,
+                "loader": self.loader.state_dict(), "rng": gather_objects(rng)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = TrainState(**{"metric_sums": {}, **state["trainer"]})
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        if all(isinstance(key, int) for key in saved.get("state", {})):  # written before names were used
+            self.optimizer.load_state_dict(saved)
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, saved,
+                                     options=StateDictOptions(full_state_dict=True))
         self.loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(saved) != self.where.world_size:
+            # Another number of processes: data order and masks continue exactly (they are global);
+            # only dropout noise restarts, from seed + rank + step.
+            self.log(f"resuming {len(saved)}-process state on {self.where.world_size} processes: dropout is "
+                     f"reseeded; data order and masks continue exactly")
+            torch.manual_seed(self.seed + self.where.rank + 1_000_003 * self.state.step)
+            return
+        rng = saved[self.where.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def resume_from(self, checkpoint: str | Path) -> None:
         step_dir = resolve_checkpoint(checkpoint)
-        load_weights(self.model, step_dir)
+        if is_sharded(self.module):  # every rank reads the file and keeps its shard
+            set_model_state_dict(self.model, load_file(step_dir / WEIGHTS),
+                                 options=StateDictOptions(full_state_dict=True, strict=True))
+        else:
+            load_weights(self.model, step_dir)
         self.load_state_dict(load_state(step_dir))
-        self.metrics.truncate_after(self.state.step)
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.state.step)
         self.log(f"resumed from {step_dir} at step {self.state.step}")
 
+    def _full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's tensors on rank 0 (gathered from the shards under FSDP2; a collective)."""
+        if is_sharded(self.module):
+            return get_model_state_dict(self.model, options=FULL_STATE)
+        return self.model.state_dict() if self.where.is_main else {}
+
     def save(self) -> Path:
-        meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens}
-        return save_checkpoint(self.run_dir, self.state.step, self.model, state=self.state_dict(),
-                               extra_meta=meta, keep_last=self.loop.keep_last or None)
+        """Every rank takes part (state gathering); rank 0 writes; all wait until it is on disk."""
+        weights = self._full_weights()
+        bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # never write a checkpoint that would poison every resume
+            raise SlmforgeError(f"step {self.state.step}: weights are not finite ({bad[0]}); nothing saved, the "
+                                f"newest checkpoint in {self.run_dir / 'checkpoints'} is the last good one")
+        state = self.state_dict()
+        folder = self.run_dir / "checkpoints"
+        if self.where.is_main:
+            meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens}
+            best = {f"step-{self.state.best_step:06d}"} if self.state.best_step is not None else set()
+            folder = save_checkpoint(self.run_dir, self.state.step, self.model, state=state, tensors=weights,
+                                     extra_meta=meta, keep_last=self.loop.keep_last or None, protect=best)
+        barrier()
+        self._last_save = time.monotonic()
+        return folder
 
     # ------------------------------------------------------------ the loop
 
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's grad_accum micro-batches, made by the objective from raw windows."""
+        batches = []
+        for _ in range(self.loop.grad_accum):
+            batch = self.objective.collate(self.loader.next_batch(), self.seed)
+            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        return batches
+
     def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss and metrics."""
+        """One optimizer step over grad_accum micro-batches on every rank; returns the loss and metrics
+        averaged over every target of the step (all ranks, all micro-batches)."""
         lr = learning_rate(self.state.step, self.loop.max_steps, self.optim_cfg, self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # Losses and the gradient norm stay on the device until a log line needs them: reading them
-        # every step would make the host wait for the GPU instead of preparing the next batch.
-        total = torch.zeros((), device=self.device)
-        metric_totals: dict[str, torch.Tensor] = {}
-        for micro in range(self.loop.grad_accum):
-            # The objective makes inputs and targets (shift, masking) with a generator of
-            # (seed, step, micro-batch, rank): a resumed run draws the same masks.
-            generator = batch_generator(self.seed, self.state.step, micro, self.rank)
-            batch = self.objective.collate(self.loader.next_batch(), generator)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.autocast:
-                loss, metrics = self.objective.loss(self.model, batch)
-            (loss / self.loop.grad_accum).backward()
-            total += loss.detach().float()
-            for name, value in metrics.items():
-                metric_totals[name] = metric_totals.get(name, 0.0) + value.detach().float()
-            self.state.tokens += batch["input_ids"].numel()
+        batches = self._micro_batches()
+        counts = [target_tokens(batch) for batch in batches]
+        # The loss is a mean over the targets of the whole step, whatever the split into ranks and
+        # micro-batches: masked LM batches hold different numbers of targets, and a mean of means
+        # would weight them wrongly (and make 2 processes differ from 1).
+        total = all_reduce_sum(torch.tensor([float(sum(counts))], device=self.device))
+        scale = self.where.world_size / total.clamp(min=1)  # DDP averages gradients over ranks
+        # Sums stay on the device until a log line needs them: reading them every step would make
+        # the host wait for the GPU instead of preparing the next batch.
+        sums: dict[str, torch.Tensor] = {}
+        for i, (batch, count) in enumerate(zip(batches, counts)):
+            with no_gradient_sync(self.module, skip=i < len(batches) - 1):
+                with self.autocast:
+                    loss, metrics = self.module(batch)
+                (loss * count * scale).backward()
+            for name, value in {"loss": loss, **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * count
+            self.state.tokens += batch["input_ids"].numel() * self.where.world_size
+        names = list(sums)
+        reduced = all_reduce_sum(torch.stack([sums[name] for name in names])) / total.clamp(min=1)
         # The norm is logged even without clipping (max_norm=inf measures without scaling).
         max_norm = self.loop.clip_grad if self.loop.clip_grad > 0 else float("inf")
-        self._grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self._trainable(), max_norm)
+        self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        self._lr = lr
+        # One host sync per step: a non-finite loss or gradient must not reach the weights. Every rank
+        # sees the same all-reduced values, so all of them skip together.
+        if not bool(torch.isfinite(reduced[0]) & torch.isfinite(self._grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            self._skip_step(float(reduced[0]))
+            return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self._lr = lr
-        n = self.loop.grad_accum
-        return total / n, {name: value / n for name, value in metric_totals.items()}
+        self.state.bad_in_a_row = 0
+        values = dict(zip(names, reduced))
+        return values.pop("loss"), values
+
+    def _skip_step(self, loss: float) -> None:
+        """Count a skipped update, say so, and stop when too many come in a row."""
+        self.state.skipped_steps += 1
+        self.state.bad_in_a_row += 1
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        if self.metrics is not None:
+            self.metrics.write({"step": self.state.step, "split": "train", "skipped": f"non-finite {what}",
+                                "loss": loss, "lr": self._lr, "skipped_steps": self.state.skipped_steps})
+        self.log(f"step {self.state.step:>6}: non-finite {what}; update skipped "
+                 f"({self.state.skipped_steps} so far, {self.state.bad_in_a_row} in a row)")
+        if self.state.bad_in_a_row >= self.loop.max_bad_steps:
+            raise SlmforgeError(f"step {self.state.step}: {self.state.bad_in_a_row} steps in a row had a non-finite "
+                                f"{what} (optim.lr too high? bf16 overflow?); stopped, the checkpoints are intact")
 
     def _collect_losses(self) -> None:
         """Move per-step losses from the device into the running sums, in step order (so a resumed
@@ -139,11 +258,21 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def evaluate(self) -> dict[str, float] | None:
+        """Validation over this rank's share of the fixed batches, combined over ranks."""
         if self.val_batches is None:
             return None
-        means, tokens = mean_loss(self.model, self.objective, self.val_batches(), self.device, self.autocast)
+        means, tokens = mean_loss(self.model, self.objective, self.val_batches(), self.device, self.autocast,
+                                  loss_fn=self.module)
+        names = list(means)
+        local = [means[n] * tokens if tokens else 0.0 for n in names] + [float(tokens)]
+        combined = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+        tokens = int(combined[-1])
+        means = {n: (v / tokens if tokens else float("nan")) for n, v in zip(names, combined)}
         result = summarize(means, self.val_bytes_per_token if self.objective.bits_per_byte else None)
-        self.metrics.write({"step": self.state.step, "split": "val", **result, "tokens": tokens})
+        if math.isfinite(result["loss"]) and (self.state.best_val_loss is None or result["loss"] < self.state.best_val_loss):
+            self.state.best_val_loss, self.state.best_step = result["loss"], self.state.step
+        if self.metrics is not None:
+            self.metrics.write({"step": self.state.step, "split": "val", **result, "tokens": tokens})
         shown = " | ".join(f"{k} {v:.4f}" for k, v in result.items())
         self.log(f"step {self.state.step:>6} | validation | {shown}")
         return result
@@ -162,11 +291,16 @@ class Trainer:
                   "tokens_per_s": tok_s}
         if self.flops_per_token:
             record["tflops"] = tok_s * self.flops_per_token / 1e12
-        self.metrics.write(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
         self.log(f"step {step:>6}/{self.loop.max_steps} {_bar(step / self.loop.max_steps)} | "
                  f"loss {record['loss']:.4f} | lr {self._lr:.2e} | {human(tok_s)} tok/s | ETA {duration(eta)}")
         self.state.loss_sum, self.state.loss_steps, self.state.metric_sums = 0.0, 0, {}
         self._window = (time.perf_counter(), self.state.tokens)
+
+    def _plot(self) -> None:
+        if self.metrics is not None:
+            plot_losses(self.metrics.path, self.run_dir / "plots" / "loss.png", title=self.run_dir.name)
 
     def fit(self) -> dict[str, float] | None:
         loop = self.loop
@@ -176,54 +310,52 @@ class Trainer:
         self.model.train()
         self._window = (time.perf_counter(), self.state.tokens)
         self._run_start = (time.perf_counter(), self.state.step)
-        with StopOnInterrupt(self.log) as interrupt:
+        self._last_save = time.monotonic()
+        with RunSignals(self.log) as signals:
             while self.state.step < loop.max_steps:
-                self._pending.append(self.train_step())
+                result = self.train_step()
+                if result is not None:
+                    self._pending.append(result)
                 step = self.state.step
-                if step % loop.log_every == 0 or step == loop.max_steps:
+                if (step % loop.log_every == 0 or step == loop.max_steps) and self._pending_or_logged():
                     self._log_train(step)
                 if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
                     self.evaluate()
-                if loop.save_every and step % loop.save_every == 0 and step != loop.max_steps:
-                    self.save()
-                if interrupt.requested and step != loop.max_steps:
+                stop, save_now = self._boundary_requests(signals)
+                if step == loop.max_steps:
+                    break
+                if stop:
                     # A step boundary: weights, optimizer, loader and RNG agree, so the resume is exact.
                     folder = self.save()
-                    plot_losses(self.metrics.path, self.run_dir / "plots" / "loss.png", title=self.run_dir.name)
-                    self.log(f"interrupted: saved {folder}; run the same command to resume")
-                    raise KeyboardInterrupt
+                    self._plot()
+                    name = signals.stop_signal or "SIGTERM"  # another rank may have been the one signalled
+                    what = "interrupted" if name == "SIGINT" else f"terminated ({name})"
+                    message = f"{what}: saved {folder}; run the same command to resume"
+                    self.log(message)
+                    raise StopRequested(message, SIGNAL_EXIT_CODES.get(name, 143))
+                if save_now or (loop.save_every and step % loop.save_every == 0):
+                    self.save()
         result = self.evaluate()
         folder = self.save()
-        plot_losses(self.metrics.path, self.run_dir / "plots" / "loss.png", title=self.run_dir.name)
+        self._plot()
         self.log(f"saved {folder}")
         return result
+
+    def _pending_or_logged(self) -> bool:
+        return bool(self._pending) or self.state.loss_steps > 0
+
+    def _boundary_requests(self, signals: RunSignals) -> tuple[bool, bool]:
+        """(stop, save now) agreed by every rank: a signal may reach one process only, and the
+        time-based save must not depend on each rank's clock."""
+        minutes = self.loop.save_every_minutes
+        due = bool(minutes) and time.monotonic() - self._last_save >= 60 * minutes
+        stop, save = signals.stop_signal is not None, signals.save_requested or due
+        if self.where.active:
+            stop, save = any_rank(stop, self.device), any_rank(save, self.device)
+        signals.save_requested = False
+        return stop, save
 
 
 def _bar(fraction: float, width: int = 20) -> str:
     filled = int(round(fraction * width))
     return f"{100 * fraction:3.0f}% [{'#' * filled}{'.' * (width - filled)}]"
-
-
-class StopOnInterrupt:
-    """The first Ctrl-C asks the loop to stop at the next step boundary (and save); a second one
-    aborts at once. Only the main thread can own signal handlers; elsewhere this does nothing."""
-
-    def __init__(self, log):
-        self.log = log
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    def __enter__(self) -> "StopOnInterrupt":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *_) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)

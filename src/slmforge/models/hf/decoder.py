@@ -10,7 +10,8 @@ Two families map onto `DecoderConfig`:
 Everything here works on plain dicts and tensors (config.json, safetensors), so export and import
 need no `transformers`. Config files are written so that transformers 4.5x (rope_theta / rope_scaling /
 rope_local_base_freq / sliding_window_pattern) and 5.x (rope_parameters / layer_types) both read them
-the same way, and both forms are read back.
+the same way, and both forms are read back (a Gemma 3 layer pattern other than "every n-th layer
+global" exists only as layer_types, which 4.53+ reads).
 
 Weight names (ours -> transformers):
 
@@ -163,8 +164,6 @@ def config_to_hf(cfg: DecoderConfig, *, dtype: str = "float32", bos_token_id: in
         # a window as long as the context is the same as none.
         sliding_window=cfg.sliding_window if has_sliding else cfg.max_seq_len,
         layer_types=layer_types,
-        # 4.50-4.52 know only the integer pattern: layer i is global iff (i + 1) % pattern == 0.
-        sliding_window_pattern=cfg.global_every if has_sliding else 1,
         rope_local_base_freq=local_theta,
         # Gemma 3 scales RoPE on global layers only; local layers keep plain RoPE with their own base.
         rope_parameters={"full_attention": full_rope,
@@ -173,7 +172,20 @@ def config_to_hf(cfg: DecoderConfig, *, dtype: str = "float32", bos_token_id: in
         attn_logit_softcapping=None,
         use_bidirectional_attention=False,
     )
+    # 4.50-4.52 know only the integer pattern: layer i is global iff (i + 1) % pattern == 0. Other
+    # per-layer lists have none (those versions would assume 6, so they need transformers >= 4.53).
+    pattern = _every_nth_global(layer_types)
+    if pattern is not None:
+        hf["sliding_window_pattern"] = pattern if has_sliding else 1
     return hf
+
+
+def _every_nth_global(layer_types: list[str]) -> int | None:
+    """n when layer i is global iff (i + 1) % n == 0 (no global layer: n = layers + 1), else None."""
+    full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    every = full[0] + 1 if full else len(layer_types) + 1
+    expected = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(len(layer_types))]
+    return every if layer_types == expected else None
 
 
 def _whole(value: float, name: str) -> int:
@@ -300,7 +312,8 @@ class _Reader:
 
 
 def _gemma3_layers(get: _Reader, num_layers: int, where: str) -> dict[str, Any]:
-    """sliding_window / global_every from layer_types (5.x, 4.53+) or sliding_window_pattern (4.50+)."""
+    """sliding_window / global_every from layer_types (5.x, 4.53+) or sliding_window_pattern (4.50+);
+    a layer_types list that is not "every n-th layer global" becomes our layer_types as it is."""
     layer_types = get.optional("layer_types")
     if layer_types is None:
         pattern = get.data.get("sliding_window_pattern") or get.data.get("_sliding_window_pattern") \
@@ -314,13 +327,12 @@ def _gemma3_layers(get: _Reader, num_layers: int, where: str) -> dict[str, Any]:
     full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
     if len(full) == num_layers:
         return dict(sliding_window=None, global_every=1)
-    # Our pattern: layer i is global iff (i + 1) % global_every == 0; no global layer = a period past the end.
-    every = full[0] + 1 if full else num_layers + 1
-    expected = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
-    if layer_types != expected:
-        raise SlmforgeError(f"{where}: layer_types: only 'every n-th layer is global' patterns are supported; "
-                            f"global layers here are {full}")
-    return dict(sliding_window=int(get("sliding_window")), global_every=every)
+    window = int(get("sliding_window"))
+    every = _every_nth_global(layer_types)
+    if every is not None:
+        return dict(sliding_window=window, global_every=every)
+    # Any other per-layer list (transformers accepts every one): kept as it is.
+    return dict(sliding_window=window, global_every=1, layer_types=list(layer_types))
 
 
 def _gemma3_rope(get: _Reader, max_seq_len: int, where: str) -> dict[str, Any]:

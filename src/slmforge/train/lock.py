@@ -1,0 +1,69 @@
+"""One writer per run folder: a lock file that the operating system releases when its owner dies.
+
+Two runs writing one folder would interleave metrics.jsonl, overwrite config.toml and race on
+checkpoint folders. `run/.lock` is held with flock(2) for the whole run and names its owner (pid,
+host, start time); a second run refuses in one line. A killed run (even `kill -9`) leaves no stuck
+lock: the kernel drops the flock with the process, and the next run takes it over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from slmforge.errors import SlmforgeError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; the lock is advisory there
+    fcntl = None
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                owner = handle.read().strip()
+                handle.close()
+                raise SlmforgeError(f"{self.path.parent}: another run is writing to this folder ({_describe(owner)}); "
+                                    f"wait for it, stop it, or choose another train.out_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock; the file stays, naming the last owner
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *_) -> None:
+        self.release()
+
+
+def _describe(owner: str) -> str:
+    try:
+        info = json.loads(owner)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "owner unknown"

@@ -1,0 +1,205 @@
+"""Parallelism from outside the model: process groups from torchrun or SLURM, and the wrapping.
+
+The model never sees a rank or a device. Training wraps the (model, objective) pair in one module whose
+forward computes the loss, so every parameter use (the tied output embedding included) happens inside
+a forward that DDP and FSDP2 see, then:
+
+    none   one process
+    ddp    DistributedDataParallel: every rank holds the whole model, gradients are averaged
+    fsdp   FSDP2 `fully_shard` per block, then the root: parameters, gradients and optimizer state are
+           sharded across ranks (worth it when the model + AdamW state crowd a GPU)
+
+The model is built and initialised whole on every rank first (the same seeded weights as one process;
+cheap at 10M-500M parameters) and sharded afterwards.
+
+Launch with `torchrun --nproc-per-node N -m slmforge pretrain ...` or under SLURM with `srun`; rank,
+world size and local rank come from either environment. NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from slmforge.config import require
+from slmforge.errors import SlmforgeError
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """How the model spreads over processes: auto = ddp when launched with several, else none."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend: auto = nccl on CUDA, gloo on CPU."""
+    timeout_minutes: float = 60.0
+    """How long a collective may wait (e.g. ranks waiting while rank 0 writes a large checkpoint)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, ~30% more compute)."""
+
+    def validate(self) -> None:
+        require(self.timeout_minutes > 0, "timeout_minutes", f"must be positive, got {self.timeout_minutes}")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands: rank among world_size processes, local_rank on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def environment() -> Distributed:
+    """Rank, world size and local rank from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM
+    (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); one process when neither is set."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Distributed(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return Distributed(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return Distributed()
+
+
+def init_distributed(cfg: ParallelConfig, device: torch.device) -> Distributed:
+    """Join the process group when launched with several processes; returns where this one stands."""
+    where = environment()
+    if not where.active or dist.is_initialized():
+        return where
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise SlmforgeError("parallel: several processes but MASTER_ADDR / MASTER_PORT are not set; launch with "
+                            "torchrun, or export them in the SLURM batch script (see the README)")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    os.environ.setdefault("RANK", str(where.rank))  # SLURM: the env:// rendezvous reads these
+    os.environ.setdefault("WORLD_SIZE", str(where.world_size))
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_minutes), **kwargs)
+    return where
+
+
+def local_device(device: torch.device, where: Distributed) -> torch.device:
+    """One GPU per process: cuda becomes cuda:local_rank when launched with several processes."""
+    if device.type == "cuda" and where.active and device.index is None:
+        torch.cuda.set_device(where.local_rank)
+        return torch.device("cuda", where.local_rank)
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ObjectiveModule(nn.Module):
+    """model + objective as one module whose forward returns (loss, metrics): the unit DDP and FSDP2
+    wrap, so the loss (and the output head inside it) runs inside their forward."""
+
+    def __init__(self, model: nn.Module, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.objective.loss(self.model, batch)
+
+
+def strategy_for(cfg: ParallelConfig, where: Distributed) -> str:
+    if cfg.strategy == "auto":
+        return "ddp" if where.active else "none"
+    if cfg.strategy != "none" and not where.active:
+        return "none"  # one process: nothing to spread
+    return cfg.strategy
+
+
+def wrap(module: ObjectiveModule, strategy: str, device: torch.device, cfg: ParallelConfig,
+         precision: str = "fp32") -> nn.Module:
+    """Apply activation checkpointing and the parallel wrapper to a materialised ObjectiveModule."""
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(module.model)
+    if strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 compute, fp32 gradient reduction and master weights (the optimizer steps in fp32).
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if precision == "bf16" else MixedPrecisionPolicy())
+        for block in module.model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)  # the root: embeddings, norms and the head, with the loss
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return hasattr(module, "set_requires_gradient_sync")  # what fully_shard adds
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block in backward instead of storing its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        forward = block.forward
+
+        def recomputed(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = recomputed
+
+
+@contextmanager
+def no_gradient_sync(module: nn.Module, skip: bool):
+    """DDP: accumulate micro-batch gradients locally and all-reduce only on the last one."""
+    if skip and isinstance(module, nn.parallel.DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif is_sharded(module):  # FSDP2: reduce-scatter gradients only after the last micro-batch
+        module.set_requires_gradient_sync(not skip)
+        yield
+    else:
+        with nullcontext():
+            yield
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is True on any (e.g. one rank got Ctrl-C)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj):
+    """Every rank's `obj`, as a list on every rank (one element when not distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

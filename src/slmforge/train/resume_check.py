@@ -1,0 +1,94 @@
+"""What a resumed run may change, and what it must not silently.
+
+A checkpoint records the resolved config it was trained with and a fingerprint of its data. On
+resume the new config is compared with it:
+
+- changes that break exactness (the data, seed, sequence length, global batch, objective) are
+  refused in one line naming the fields, unless `train.allow_config_changes = true`;
+- optimizer settings (betas, eps, weight decay) are applied to the restored optimizer, never ignored;
+- everything else (max_steps to continue longer, eval and save cadence, logging) just takes effect.
+
+Every start appends the config it ran with to `config_history.jsonl`, so config.toml (the newest)
+never hides what an earlier part of the run used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from slmforge.errors import SlmforgeError
+
+# Dotted fields whose change would make the resumed run differ from one trained straight through.
+EXACTNESS_FIELDS = ("train.seed", "train.seq_len", "train.global_batch", "objective", "train.train_split",
+                    "data_fingerprint")
+
+
+def data_fingerprint(manifest: dict[str, Any]) -> str:
+    """SHA-256 of what the data is (its splits' shards, counts, vocabulary, tokenizer), not where it is:
+    the same data under another path has the same fingerprint."""
+    identity = {
+        "vocab_size": manifest.get("vocab_size"), "dtype": manifest.get("dtype"),
+        "tokenizer": (manifest.get("tokenizer") or {}).get("sha256"),
+        "splits": {name: [(s.get("name"), s.get("tokens"), s.get("documents")) for s in split.get("shards", [])]
+                   for name, split in sorted(manifest.get("splits", {}).items())},
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def resume_identity(config: dict[str, Any], world_size: int, fingerprint: str) -> dict[str, Any]:
+    """The values EXACTNESS_FIELDS name, from a resolved config dict."""
+    train = config.get("train", {})
+    return {
+        "train.seed": train.get("seed"), "train.seq_len": train.get("seq_len"),
+        "train.global_batch": train.get("batch_size", 0) * train.get("grad_accum", 1) * world_size,
+        "objective": config.get("objective"), "train.train_split": train.get("train_split"),
+        "data_fingerprint": fingerprint,
+    }
+
+
+def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], where: Path, allow: bool, say) -> None:
+    """Refuse (or, with allow, report) changes to what exactness depends on; `saved` is None for
+    checkpoints written before it was recorded."""
+    if not saved:
+        return
+    changed = [name for name in EXACTNESS_FIELDS if name in saved and saved[name] != current.get(name)]
+    if not changed:
+        return
+    shown = ", ".join(f"{name} {_short(saved[name])} -> {_short(current.get(name))}" for name in changed)
+    if not allow:
+        raise SlmforgeError(f"{where}: resuming with changes that make the run differ from an uninterrupted one "
+                            f"({shown}); undo them, start a new train.out_dir, or set "
+                            f"train.allow_config_changes=true")
+    say(f"warning: resuming with changed {shown} (train.allow_config_changes=true)")
+
+
+def apply_optimizer_settings(optimizer, optim_cfg, say) -> None:
+    """Put the config's betas / eps / weight decay into a restored optimizer (its saved groups would
+    otherwise win silently); weight decay only where it was on (matrices), as build_optimizer does."""
+    changes = []
+    for group in optimizer.param_groups:
+        wanted = {"betas": (optim_cfg.beta1, optim_cfg.beta2), "eps": optim_cfg.eps}
+        if group.get("weight_decay", 0.0) != 0.0:
+            wanted["weight_decay"] = optim_cfg.weight_decay
+        for key, value in wanted.items():
+            current = tuple(group[key]) if key == "betas" else group[key]
+            if current != value:
+                changes.append(f"{key} {current} -> {value}")
+                group[key] = value
+    if changes:
+        say(f"optimizer settings changed since the checkpoint, applied: {', '.join(sorted(set(changes)))}")
+
+
+def append_history(run_dir: Path, config: dict[str, Any], resumed_from: int) -> None:
+    record = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from_step": resumed_from, "config": config}
+    with open(run_dir / "config_history.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 40 else text[:12] + "..."

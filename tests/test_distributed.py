@@ -1,0 +1,114 @@
+"""torchrun on CPU (gloo): N processes with micro-batch B train the same model as 1 with N x B, and a
+run continues on another number of processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slmforge.train.metrics import read_metrics
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
+    """`slmforge pretrain` under torchrun with `processes` CPU workers (or plainly for 1)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    if processes == 1:
+        command = [sys.executable, "-m", "slmforge", "pretrain", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                   "-m", "slmforge", "pretrain", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train_records(run):
+    return [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+def assert_same_training(a, b, step: int, atol: float = 1e-5):
+    for x, y in zip(train_records(a), train_records(b), strict=True):
+        assert x["step"] == y["step"] and x["tokens"] == y["tokens"]
+        assert x["loss"] == pytest.approx(y["loss"], abs=atol), (x, y)
+        assert x["accuracy"] == pytest.approx(y["accuracy"], abs=atol), (x, y)
+    weights_a = load_file(a / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+    weights_b = load_file(b / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def common(data, out, *extra):
+    return (f"train.data={data}", f"train.out_dir={out}", "train.seq_len=32", "train.max_steps=12",
+            "train.log_every=1", "train.eval_every=6", "train.eval_batches=4", "train.save_every=6",
+            "train.keep_last=0", "optim.lr=3e-3", "schedule.warmup_steps=3", "train.device=cpu", *extra)
+
+
+def test_two_processes_train_like_one_with_twice_the_batch_clm(markov_shards, tmp_path):
+    _, data = markov_shards
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(1, *common(data, one, "model.preset=test-tiny", "train.batch_size=8", "train.grad_accum=2"))
+    result = launch(2, *common(data, two, "model.preset=test-tiny", "train.batch_size=4", "train.grad_accum=2"))
+    lines = result.stderr.splitlines()
+    assert sum(line.startswith("run folder") for line in lines) == 1  # only rank 0 speaks
+    assert sum(line.startswith("step     12/12") for line in lines) == 1
+    assert "2 processes (ddp)" in result.stderr
+    assert_same_training(one, two, 12)
+
+
+def test_two_processes_train_like_one_with_twice_the_batch_mlm(mlm_markov_shards, tmp_path):
+    """Masked batches hold different numbers of targets on each rank: the loss is normalised over the
+    whole step, and masks follow the sample, not the rank."""
+    _, data = mlm_markov_shards
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(1, *common(data, one, "model.preset=modernbert-tiny", "train.batch_size=8"))
+    launch(2, *common(data, two, "model.preset=modernbert-tiny", "train.batch_size=4"))
+    assert_same_training(one, two, 12)
+    val_one = [r for r in read_metrics(one / "metrics.jsonl") if r["split"] == "val"]
+    val_two = [r for r in read_metrics(two / "metrics.jsonl") if r["split"] == "val"]
+    for x, y in zip(val_one, val_two, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["tokens"] == y["tokens"]
+
+
+@pytest.mark.slow
+def test_a_run_continues_on_another_number_of_processes(markov_shards, tmp_path):
+    """Checkpointed by 2 processes, resumed by 1 (and the reverse): the same curve as a straight run."""
+    _, data = markov_shards
+    straight, two_then_one, one_then_two = tmp_path / "straight", tmp_path / "2to1", tmp_path / "1to2"
+    launch(1, *common(data, straight, "model.preset=test-tiny", "train.batch_size=8"))
+    for run, first, second in ((two_then_one, 2, 1), (one_then_two, 1, 2)):
+        launch(first, *common(data, run, "model.preset=test-tiny", f"train.batch_size={8 // first}"))
+        # Go back to the step-6 checkpoint, as if the first job had died after it.
+        import shutil
+
+        shutil.rmtree(run / "checkpoints" / "step-000012")
+        (run / "checkpoints" / "latest").write_text("step-000006\n")
+        launch(second, *common(data, run, "model.preset=test-tiny", f"train.batch_size={8 // second}"))
+        assert_same_training(straight, run, 12)
+
+
+def test_fsdp2_trains_like_ddp_and_its_checkpoint_resumes_on_one_process(mlm_markov_shards, tmp_path):
+    """FSDP2 shards parameters, gradients and optimizer state; its checkpoints are the same plain
+    safetensors + full optimizer state, so a sharded run continues on a single process."""
+    _, data = mlm_markov_shards
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    model = ("model.preset=modernbert-tiny", "train.batch_size=4", "train.grad_accum=2")
+    launch(2, *common(data, ddp, *model, "parallel.strategy=ddp"))
+    result = launch(2, *common(data, fsdp, *model, "parallel.strategy=fsdp"))
+    assert "2 processes (fsdp)" in result.stderr
+    assert_same_training(ddp, fsdp, 12)
+    import shutil
+
+    shutil.rmtree(fsdp / "checkpoints" / "step-000012")
+    (fsdp / "checkpoints" / "latest").write_text("step-000006\n")
+    launch(1, *common(data, fsdp, "model.preset=modernbert-tiny", "train.batch_size=8", "train.grad_accum=2"))
+    assert_same_training(ddp, fsdp, 12)

@@ -1,0 +1,192 @@
+"""A run cannot be lost or poisoned: one writer per folder, non-finite steps skipped, SIGUSR1 saves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slmforge import config
+from slmforge.errors import SlmforgeError
+from slmforge.objectives.clm import CausalLM
+from slmforge.train.config import PretrainConfig
+from slmforge.train.lock import RunLock
+from slmforge.train.metrics import read_metrics
+from slmforge.train.pretrain import pretrain
+
+
+def run_config(data, out, *extra) -> PretrainConfig:
+    return config.load(PretrainConfig, overrides=[
+        "model.preset=test-tiny", f"train.data={data}", "train.seq_len=64", "train.batch_size=16",
+        "optim.lr=3e-3", "schedule.warmup_steps=5", f"train.out_dir={out}", "train.log_every=1",
+        "train.eval_every=0", "train.device=cpu", *extra])
+
+
+def test_a_second_run_on_the_same_folder_refuses_in_one_line(markov_shards, tmp_path):
+    _, data = markov_shards
+    with RunLock(tmp_path / "run"):  # as if another process were training there
+        with pytest.raises(SlmforgeError, match=r"another run is writing to this folder \(pid \d+ on .*started"):
+            pretrain(run_config(data, tmp_path / "run", "train.max_steps=2"))
+    pretrain(run_config(data, tmp_path / "run", "train.max_steps=2"))  # released: the run goes ahead
+
+
+def test_a_killed_runs_lock_does_not_block_the_next(tmp_path):
+    code = f"from slmforge.train.lock import RunLock; import os; RunLock({str(tmp_path)!r}).acquire(); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True)  # dies holding the lock, never releasing it
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def poison(monkeypatch, steps: set[int]):
+    """Make the causal-LM loss NaN on the given (1-based) calls."""
+    original = CausalLM.loss
+    calls = {"n": 0}
+
+    def loss(self, model, batch):
+        calls["n"] += 1
+        value, metrics = original(self, model, batch)
+        return (value * float("nan"), metrics) if calls["n"] in steps else (value, metrics)
+
+    monkeypatch.setattr(CausalLM, "loss", loss)
+
+
+def test_a_non_finite_step_is_skipped_counted_and_logged_as_null(markov_shards, tmp_path, monkeypatch):
+    _, data = markov_shards
+    poison(monkeypatch, {4})
+    run = pretrain(run_config(data, tmp_path / "run", "train.max_steps=8"))
+    text = (run / "metrics.jsonl").read_text()
+    assert "NaN" not in text  # strict JSON
+    records = read_metrics(run / "metrics.jsonl")
+    skipped = [r for r in records if r.get("skipped")]
+    assert len(skipped) == 1 and skipped[0]["step"] == 4 and skipped[0]["loss"] is None
+    assert all(math.isfinite(r["loss"]) for r in records if r["split"] == "train" and not r.get("skipped"))
+    weights = load_file(run / "checkpoints" / "step-000008" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    state = torch.load(run / "checkpoints" / "step-000008" / "state.pt", weights_only=True)
+    assert state["trainer"]["skipped_steps"] == 1
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(markov_shards, tmp_path, monkeypatch):
+    _, data = markov_shards
+    poison(monkeypatch, set(range(5, 100)))
+    with pytest.raises(SlmforgeError, match=r"step 7: 3 steps in a row had a non-finite loss"):
+        pretrain(run_config(data, tmp_path / "run", "train.max_steps=20", "train.max_bad_steps=3",
+                            "train.save_every=2"))
+    weights = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())  # the last good checkpoint is intact
+
+
+def test_the_best_checkpoint_survives_pruning(markov_shards, tmp_path):
+    from slmforge.models import DecoderConfig, build_model
+    from slmforge.train.checkpoint import save_checkpoint
+
+    model = build_model(DecoderConfig.from_name("test-tiny"), seed=0)
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model, keep_last=1, protect={"step-000002"})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+    # The trainer protects the step with the lowest validation loss, and records it.
+    _, data = markov_shards
+    run = pretrain(run_config(data, tmp_path / "run", "train.max_steps=20", "train.save_every=5",
+                              "train.keep_last=1", "train.eval_every=5", "train.eval_batches=2"))
+    val = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "val"]
+    best = min(val, key=lambda r: r["loss"])["step"]
+    state = torch.load(run / "checkpoints" / "step-000020" / "state.pt", weights_only=True)
+    assert state["trainer"]["best_step"] == best
+    assert (run / "checkpoints" / f"step-{best:06d}").is_dir()
+
+
+def test_sigusr1_saves_and_training_goes_on(markov_shards, tmp_path):
+    _, data = markov_shards
+    run = tmp_path / "run"
+    args = [f"train.data={data}", "model.preset=test-tiny", "train.seq_len=64", "train.batch_size=16",
+            "train.max_steps=600", "train.save_every=0", "train.eval_every=0", "train.log_every=20",
+            f"train.out_dir={run}", "train.device=cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "slmforge", "pretrain", *args], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGUSR1: saving a checkpoint" in err
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert len(steps) == 2 and steps[-1] == "step-000600"  # one saved on request, then the final one
+
+
+@pytest.mark.parametrize("damage", ["flip a byte of the weights", "truncate the optimizer state",
+                                    "delete the weights"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(markov_shards, tmp_path, damage, capsys):
+    _, data = markov_shards
+    straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+    common = ("train.max_steps=12", "train.save_every=4", "train.keep_last=0", "train.log_every=2")
+    pretrain(run_config(data, straight, *common))
+    pretrain(run_config(data, damaged, *common[:1] + ("train.max_steps=8",) + common[1:]))
+    newest = damaged / "checkpoints" / "step-000008"
+    if damage.startswith("flip"):
+        raw = bytearray((newest / "model.safetensors").read_bytes())
+        raw[-5] ^= 0x40  # inside a tensor body: the file still parses, the values are wrong
+        (newest / "model.safetensors").write_bytes(bytes(raw))
+    elif damage.startswith("truncate"):
+        state = newest / "state.pt"
+        state.write_bytes(state.read_bytes()[:100])
+    else:
+        (newest / "model.safetensors").unlink()
+    capsys.readouterr()
+    pretrain(run_config(data, damaged, *common))  # resumes from step 4, says why
+    err = capsys.readouterr().err
+    assert "step-000008" in err and "trying an older checkpoint" in err and "resumed from" in err
+    a = load_file(straight / "checkpoints" / "step-000012" / "model.safetensors")
+    b = load_file(damaged / "checkpoints" / "step-000012" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_without_latest_the_run_resumes_from_its_newest_step_folder(markov_shards, tmp_path):
+    _, data = markov_shards
+    run = tmp_path / "run"
+    pretrain(run_config(data, run, "train.max_steps=8", "train.save_every=4"))
+    records = len(read_metrics(run / "metrics.jsonl"))
+    (run / "checkpoints" / "latest").unlink()
+    (run / "checkpoints" / "step-000012.partial").mkdir()  # a crash mid-save leaves this behind
+    pretrain(run_config(data, run, "train.max_steps=12", "train.save_every=4"))
+    assert len(read_metrics(run / "metrics.jsonl")) > records  # continued, not wiped and restarted
+    assert not (run / "checkpoints" / "step-000012.partial").exists()
+    state = torch.load(run / "checkpoints" / "step-000012" / "state.pt", weights_only=True)
+    assert state["trainer"]["step"] == 12
+    checksums = json.loads((run / "checkpoints" / "step-000012" / "checksums.json").read_text())
+    assert set(checksums) == {"model.safetensors", "meta.json", "state.pt"}
+
+
+def test_resume_refuses_exactness_breaking_changes_and_applies_optimizer_ones(markov_shards, tmp_path, capsys):
+    _, data = markov_shards
+    run = tmp_path / "run"
+    pretrain(run_config(data, run, "train.max_steps=4", "train.save_every=4"))
+    with pytest.raises(SlmforgeError, match=r"resuming with changes .*train.seed 1337 -> 7"):
+        pretrain(run_config(data, run, "train.max_steps=8", "train.seed=7"))
+    with pytest.raises(SlmforgeError, match=r"train.global_batch 16 -> 32"):
+        pretrain(run_config(data, run, "train.max_steps=8", "train.grad_accum=2"))
+    # The same data under another spelling of its path is the same data.
+    relative = os.path.relpath(data)
+    capsys.readouterr()
+    pretrain(run_config(relative, run, "train.max_steps=8", "optim.beta2=0.99", "optim.weight_decay=0.05"))
+    err = capsys.readouterr().err
+    assert "optimizer settings changed since the checkpoint, applied" in err and "0.99" in err
+    state = torch.load(run / "checkpoints" / "step-000008" / "state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.05]
+    pretrain(run_config(data, run, "train.max_steps=10", "train.seed=7", "train.allow_config_changes=true"))
+    assert "resuming with changed train.seed 1337 -> 7" in capsys.readouterr().err
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert [h["resumed_from_step"] for h in history] == [0, 4, 8]
+    assert history[-1]["config"]["train"]["seed"] == 7
