@@ -190,3 +190,43 @@ def test_resume_refuses_exactness_breaking_changes_and_applies_optimizer_ones(ma
     history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
     assert [h["resumed_from_step"] for h in history] == [0, 4, 8]
     assert history[-1]["config"]["train"]["seed"] == 7
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(markov_shards, tmp_path, monkeypatch):
+    import errno
+
+    import slmforge.train.checkpoint as checkpoint
+
+    _, data = markov_shards
+    run = tmp_path / "run"
+    pretrain(run_config(data, run, "train.max_steps=4", "train.save_every=4"))
+    real_save = checkpoint.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)  # a partial file exists when the disk fills
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(SlmforgeError, match=r"disk full while writing step-000008 \(needs about .* MiB free\); "
+                                            r"the previous checkpoint is intact"):
+        pretrain(run_config(data, run, "train.max_steps=8", "train.save_every=4"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000004"]
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    pretrain(run_config(data, run, "train.max_steps=8", "train.save_every=4"))  # space freed: resumes
+    assert (run / "checkpoints" / "step-000008").is_dir()
+
+
+def test_metrics_are_cut_in_place_on_resume_and_a_torn_line_goes(tmp_path):
+    from slmforge.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3, 4):
+        log.write({"step": step, "split": "train", "loss": float(step)})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "split": "tr')  # a crash mid-write
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.truncate_after(2)
+    log.write({"step": 3, "split": "train", "loss": 9.0})
+    log.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0), (3, 9.0)]

@@ -7,6 +7,7 @@ assembles them and turns a `SlmforgeError` into one line on stderr and exit stat
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import re
@@ -93,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except SlmforgeError as e:
         print(f"slmforge: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"slmforge: error: disk full writing {e.filename or 'a file'}; free space and run the same "
+              f"command again (finished work is kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         # A training run stopped by a signal has saved and said so; a bare Ctrl-C elsewhere has not.

@@ -12,6 +12,7 @@ never leaves a half checkpoint that `latest` points to, and no checkpoint overwr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -46,20 +47,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     source = tensors if tensors is not None else model.state_dict()
     tensors = {name: t.detach().contiguous().cpu() for name, t in source.items()}
-    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-    make_readable(tmp / WEIGHTS)  # safetensors writes 0600; every other file of the run is 0644
     meta = {"step": step, "model": asdict(model.cfg), "slmforge_version": slmforge.__version__,
             **(extra_meta or {})}
-    (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    if state is not None:
-        torch.save(state, tmp / STATE)
-    # Written last: sizes and SHA-256 of every file, checked on resume (flipped bits, truncation).
-    checksums = {path.name: file_digest(path) for path in sorted(tmp.iterdir())}
-    (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=2) + "\n", encoding="utf-8")
-    _fsync_tree(tmp)
+    try:
+        _write_step_folder(tmp, tensors, meta, state)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
+        if e.errno != errno.ENOSPC:
+            raise
+        needed = sum(t.numel() * t.element_size() for t in tensors.values()) * (3 if state is not None else 1)
+        free = shutil.disk_usage(root).free
+        raise SlmforgeError(f"{root}: disk full while writing {final.name} (needs about {needed / 2**20:,.0f} MiB, "
+                            f"{free / 2**20:,.0f} MiB free); the previous checkpoint is intact: free space and run "
+                            f"the same command to resume") from None
     old = None
     if final.exists():  # re-saving a step: move the old copy aside first so `latest` never dangles long
         old = root / (final.name + ".old")
@@ -74,6 +76,20 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
     if keep_last:
         _prune(root, keep_last, protect={final.name, *protect})
     return final
+
+
+def _write_step_folder(tmp: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                       state: dict[str, Any] | None) -> None:
+    tmp.mkdir()
+    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    make_readable(tmp / WEIGHTS)  # safetensors writes 0600; every other file of the run is 0644
+    (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    if state is not None:
+        torch.save(state, tmp / STATE)
+    # Written last: sizes and SHA-256 of every file, checked on resume (flipped bits, truncation).
+    checksums = {path.name: file_digest(path) for path in sorted(tmp.iterdir())}
+    (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=2) + "\n", encoding="utf-8")
+    _fsync_tree(tmp)
 
 
 def _fsync_tree(folder: Path) -> None:

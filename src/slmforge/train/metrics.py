@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slmforge.fileio import write_text_atomic
 
 
 class MetricsLog:
@@ -26,10 +25,24 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def truncate_after(self, step: int) -> None:
-        """Keep only records with step <= `step` (used when resuming from that step)."""
+        """Keep only records with step <= `step` (used when resuming from that step).
+
+        Records are appended in step order, so this cuts the file in place at the first later record
+        (or a torn last line): no second copy of a long metrics.jsonl needs room on a full disk."""
         self._file.close()
-        kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        with open(self.path, "r+b") as f:
+            keep = 0
+            for line in iter(f.readline, b""):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break  # a line torn by a crash mid-write, and anything after it
+                if not line.endswith(b"\n") or (isinstance(record, dict) and record.get("step", 0) > step):
+                    break
+                keep += len(line)
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:

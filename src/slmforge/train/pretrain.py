@@ -190,7 +190,6 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, resume_dir: Path | None, devic
         for block in model.layers:
             block.compile()  # in place: state_dict names stay free of `_orig_mod.`
 
-
     metrics = None
     if where.is_main:  # only rank 0 logs: metrics.jsonl, trackers, plots, the progress line
         trackers = make_trackers(cfg.tracking.backends, cfg.tracking.project,
