@@ -118,6 +118,9 @@ def check_integrity(step_dir: Path) -> str | None:
         return f"{missing[0]} is missing" if missing else None
     try:
         expected = read_json(listed)
+        if not isinstance(expected, dict) or not all(isinstance(w, dict) and {"bytes", "sha256"} <= set(w)
+                                                     for w in expected.values()):
+            return f"{CHECKSUMS} is damaged"
     except SlmforgeError:
         return f"{CHECKSUMS} is damaged"
     for name, want in expected.items():
@@ -135,7 +138,15 @@ def step_folders(run_dir: Path) -> list[Path]:
     """Complete step folders of a run, newest first."""
     root = Path(run_dir) / "checkpoints"
     folders = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".partial", ".old"))]
-    return sorted(folders, reverse=True)
+    return sorted(folders, key=step_number, reverse=True)
+
+
+def step_number(folder: Path) -> int:
+    """step-000500 -> 500 (by number: step-1000000 comes after step-999500)."""
+    try:
+        return int(folder.name.split("-", 1)[1].split(".", 1)[0])
+    except (IndexError, ValueError):
+        return -1
 
 
 def newest_good_checkpoint(run_dir: Path, say=None) -> Path | None:

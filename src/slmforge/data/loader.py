@@ -106,3 +106,8 @@ class WindowLoader:
             indices = np.arange(start, min(start + self.batch_size, self.num_windows))
             if len(indices):
                 yield self._batch(indices, 0)
+            else:
+                # Past the end for this rank but not for others: a window that scores nothing, so every
+                # rank runs the same number of forward passes (their collectives must pair up).
+                empty = self._batch(np.arange(1), 0)
+                yield {**empty, "scored": torch.zeros_like(empty["tokens"], dtype=torch.bool)}

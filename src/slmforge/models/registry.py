@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -61,15 +61,12 @@ def config_from_dict(data: dict[str, Any], where: str = "model") -> ModelConfig:
     return config.parse(ModelConfig, data, where)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0,
-                parallelize: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
-    """Assemble in steps: build on the meta device (no memory, no time) -> `parallelize` (where DDP
-    or FSDP2 will wrap it from outside) -> materialise on `device` -> initialise (seeded) or, with
-    seed=None, leave the weights for a checkpoint to fill. Buffers are computed either way."""
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> nn.Module:
+    """Assemble in steps: build on the meta device (no memory, no time) -> materialise on `device` ->
+    initialise (seeded) or, with seed=None, leave the weights for a checkpoint to fill. Buffers are
+    computed either way. Parallel wrappers (DDP, FSDP2) are applied afterwards, from outside."""
     with torch.device("meta"):
         model = family(cfg).module_cls(cfg)
-    if parallelize is not None:
-        model = parallelize(model)
     model.to_empty(device=device)
     if seed is None:
         model.reset_buffers()

@@ -78,10 +78,14 @@ def mean_loss(model: nn.Module, objective: Objective, raw_batches: Iterable[dict
             batch = objective.collate(raw, seed)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             count = target_tokens(batch)
-            if count == 0:
+            if count == 0 and loss_fn is None:
                 continue
+            # A wrapped model runs every batch, even one without targets: the other ranks' forward
+            # passes wait for this one's collectives.
             with autocast or nullcontext():
                 loss, metrics = loss_fn(batch) if loss_fn is not None else objective.loss(model, batch)
+            if count == 0:
+                continue
             totals["loss"] += float(loss) * count
             for name, value in metrics.items():
                 totals[name] += float(value) * count

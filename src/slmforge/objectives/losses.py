@@ -45,7 +45,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             cap_slope = None
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
-                if need_hidden_grad or need_weight_grad:  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
+                if need_hidden_grad or need_weight_grad or need_bias_grad:  # d(cap tanh(z/cap))/dz = 1 - tanh^2
                     cap_slope = 1.0 - (logits / softcap) ** 2
             safe_t = torch.where(ok, t, 0)
             target_logit = logits.gather(1, safe_t[:, None])[:, 0]

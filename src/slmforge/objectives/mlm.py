@@ -44,8 +44,8 @@ class MlmConfig:
     def validate(self) -> None:
         require(0 < self.mask_rate < 1, "mask_rate", f"must be in (0, 1), got {self.mask_rate}")
         require(0 <= self.mask_token_share <= 1, "mask_token_share", "must be in [0, 1]")
-        require(0 <= self.random_token_share <= 1 - self.mask_token_share, "random_token_share",
-                f"must be in [0, 1 - mask_token_share], got {self.random_token_share}")
+        require(0 <= self.random_token_share and self.mask_token_share + self.random_token_share <= 1 + 1e-9,
+                "random_token_share", f"must be in [0, 1 - mask_token_share], got {self.random_token_share}")
 
 
 def word_start_table(tokenizer) -> torch.Tensor:

@@ -15,9 +15,10 @@ spell the result back:
   with merges that assemble every known akshara (marks onto their base, then the parts of a conjunct
   left to right, with a merge for every way the parts can meet). They rank before every learned
   merge, so an akshara in the vocabulary is always whole before anything joins it to a neighbour.
-- Unigram: the pieces are whole aksharas and their concatenations; no piece starts with a mark, so
-  Viterbi cannot cut a vowel sign from its consonant (a conjunct can still be cut where a virama
-  meets a consonant, if both halves are pieces of their own).
+- Unigram: the pieces are whole aksharas and their concatenations, plus the marks alone at the score
+  of an unknown character (for aksharas too rare to learn), so Viterbi cuts a vowel sign from its
+  consonant only where it would otherwise have taken the unknown token; a conjunct can still be
+  cut where a virama meets a consonant, if both halves are pieces of their own.
 
 The result is a plain `tokenizer.json` (BPE or Unigram with byte fallback) that `AutoTokenizer` loads
 with the same ids. Aksharas seen fewer than `min_frequency` times in the sample, or beyond the budget

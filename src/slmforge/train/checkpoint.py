@@ -27,7 +27,7 @@ from torch import nn
 import slmforge
 from slmforge.errors import SlmforgeError
 from slmforge.fileio import make_readable, write_text_atomic
-from slmforge.runs import CHECKSUMS, META, STATE, WEIGHTS, file_digest, unwrap
+from slmforge.runs import CHECKSUMS, META, STATE, WEIGHTS, file_digest, step_number, unwrap
 
 
 def step_dir_name(step: int) -> str:
@@ -53,15 +53,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
             **(extra_meta or {})}
     try:
         _write_step_folder(tmp, tensors, meta, state)
-    except OSError as e:
+    except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
-        if e.errno != errno.ENOSPC:
-            raise
         needed = sum(t.numel() * t.element_size() for t in tensors.values()) * (3 if state is not None else 1)
         free = shutil.disk_usage(root).free
-        raise SlmforgeError(f"{root}: disk full while writing {final.name} (needs about {needed / 2**20:,.0f} MiB, "
-                            f"{free / 2**20:,.0f} MiB free); the previous checkpoint is intact: free space and run "
-                            f"the same command to resume") from None
+        if _disk_full(e) or free < needed:
+            raise SlmforgeError(f"{root}: disk full while writing {final.name} (needs about {needed / 2**20:,.0f} "
+                                f"MiB, {free / 2**20:,.0f} MiB free); the previous checkpoint is intact: free space "
+                                f"and run the same command to resume") from None
+        raise SlmforgeError(f"{root}: could not write {final.name} ({type(e).__name__}: {e}); the previous "
+                            f"checkpoint is intact") from None
     old = None
     if final.exists():  # re-saving a step: move the old copy aside first so `latest` never dangles long
         old = root / (final.name + ".old")
@@ -76,6 +77,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
     if keep_last:
         _prune(root, keep_last, protect={final.name, *protect})
     return final
+
+
+def _disk_full(error: BaseException) -> bool:
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text
 
 
 def _write_step_folder(tmp: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -125,7 +131,8 @@ def clean_stale(run_dir: str | Path) -> list[str]:
 def _prune(root: Path, keep_last: int, protect: set[str]) -> None:
     """Delete all but the newest `keep_last` step folders, never one named in `protect` (the one just
     written, the best by validation loss)."""
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".partial", ".old")))
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".partial", ".old"))),
+                   key=step_number)
     for old in steps[:-keep_last]:
         if old.name not in protect:
             shutil.rmtree(old)

@@ -19,7 +19,7 @@ world size and local rank come from either environment. NCCL on GPUs, gloo on CP
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -92,8 +92,12 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Distributed:
 
 
 def local_device(device: torch.device, where: Distributed) -> torch.device:
-    """One GPU per process: cuda becomes cuda:local_rank when launched with several processes."""
-    if device.type == "cuda" and where.active and device.index is None:
+    """One GPU per process: cuda becomes cuda:local_rank when launched with several processes (call it
+    before init_distributed: NCCL binds each process to its device when the group is made)."""
+    if device.type == "cuda" and where.active:
+        if device.index is not None:
+            raise SlmforgeError(f"train.device: {device} would put every process on one GPU; use 'cuda' (or auto) "
+                                f"and each process takes the GPU of its local rank")
         torch.cuda.set_device(where.local_rank)
         return torch.device("cuda", where.local_rank)
     return device
@@ -172,8 +176,7 @@ def no_gradient_sync(module: nn.Module, skip: bool):
         module.set_requires_gradient_sync(not skip)
         yield
     else:
-        with nullcontext():
-            yield
+        yield
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -184,11 +187,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is True on any (e.g. one rank got Ctrl-C)."""
+    return any_rank_each([flag], device)[0]
+
+
+def any_rank_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag True on every rank when it is True on any, in one collective."""
     if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return list(flags)
+    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def barrier() -> None:

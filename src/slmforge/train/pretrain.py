@@ -10,7 +10,7 @@ import torch
 
 from slmforge import config as config_io
 from slmforge.data.loader import WindowLoader
-from slmforge.data.shards import ShardSet, manifest_tokenizer_dir
+from slmforge.data.shards import ShardSet, manifest_tokenizer_dir, read_manifest
 from slmforge.errors import SlmforgeError
 from slmforge.fileio import relative_to
 from slmforge.formatting import say
@@ -38,7 +38,7 @@ from slmforge.train.resume_check import (
     data_fingerprint,
     resume_identity,
 )
-from slmforge.train.parallel import Distributed, barrier, init_distributed, local_device, shutdown
+from slmforge.train.parallel import Distributed, barrier, environment, init_distributed, local_device, shutdown
 from slmforge.train.trainer import Trainer
 
 
@@ -95,7 +95,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     run_dir = Path(loop.out_dir)
     if not loop.data:
         raise SlmforgeError("train.data: required; point it at a folder made by `slmforge data prepare`")
-    device = resolve_device(loop.device)
+    read_manifest(loop.data)  # a wrong train.data fails before anything is created
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SlmforgeError(f"train.out_dir: {run_dir} exists and is not a folder")
+    device = local_device(resolve_device(loop.device), environment())
     where = init_distributed(cfg.parallel, device)
     lock = RunLock(run_dir).acquire() if where.is_main else None  # one writer per run folder
     try:
@@ -104,7 +107,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 say(f"removed {name}, left half-written by an earlier crash")
         barrier()
         resume_dir = resume_point(run_dir, loop.resume)
-        return _pretrain(cfg, run_dir, resume_dir, local_device(device, where), where)
+        return _pretrain(cfg, run_dir, resume_dir, device, where)
     finally:
         if lock is not None:
             lock.release()

@@ -23,8 +23,8 @@ from typing import Any
 from slmforge.errors import SlmforgeError
 
 # Dotted fields whose change would make the resumed run differ from one trained straight through.
-EXACTNESS_FIELDS = ("train.seed", "train.seq_len", "train.global_batch", "objective", "train.train_split",
-                    "data_fingerprint")
+EXACTNESS_FIELDS = ("train.seed", "train.seq_len", "train.global_batch", "train.global_micro_batch", "objective",
+                    "train.train_split", "data_fingerprint")
 
 
 def data_fingerprint(manifest: dict[str, Any]) -> str:
@@ -45,6 +45,8 @@ def resume_identity(config: dict[str, Any], world_size: int, fingerprint: str) -
     return {
         "train.seed": train.get("seed"), "train.seq_len": train.get("seq_len"),
         "train.global_batch": train.get("batch_size", 0) * train.get("grad_accum", 1) * world_size,
+        # epochs roll over per global micro-batch, so its size matters too
+        "train.global_micro_batch": train.get("batch_size", 0) * world_size,
         "objective": config.get("objective"), "train.train_split": train.get("train_split"),
         "data_fingerprint": fingerprint,
     }
@@ -68,11 +70,11 @@ def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], where
 
 def apply_optimizer_settings(optimizer, optim_cfg, say) -> None:
     """Put the config's betas / eps / weight decay into a restored optimizer (its saved groups would
-    otherwise win silently); weight decay only where it was on (matrices), as build_optimizer does."""
+    otherwise win silently); weight decay on the matrices' group only, as build_optimizer makes it."""
     changes = []
-    for group in optimizer.param_groups:
+    for index, group in enumerate(optimizer.param_groups):
         wanted = {"betas": (optim_cfg.beta1, optim_cfg.beta2), "eps": optim_cfg.eps}
-        if group.get("weight_decay", 0.0) != 0.0:
+        if index == 0:  # build_optimizer's first group holds the matrices, the only ones that decay
             wanted["weight_decay"] = optim_cfg.weight_decay
         for key, value in wanted.items():
             current = tuple(group[key]) if key == "betas" else group[key]

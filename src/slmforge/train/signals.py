@@ -31,19 +31,27 @@ class RunSignals:
         self.log = log
         self.stop_signal: str | None = None  # "SIGINT" / "SIGTERM" once asked to stop
         self.save_requested = False
+        self._announced: set[str] = set()
         self._previous: dict[int, object] = {}
 
     def _stop(self, signum, frame) -> None:
+        # Only flags here: printing inside a handler can interrupt a print in progress.
         name = signal.Signals(signum).name
         if self.stop_signal is not None:
             raise StopRequested(f"{name} again: stopped without saving", SIGNAL_EXIT_CODES.get(name, 130))
         self.stop_signal = name
-        what = "Ctrl-C" if name == "SIGINT" else name
-        self.log(f"{what}: stopping after this step and saving a checkpoint ({what} again to abort)")
 
     def _save(self, signum, frame) -> None:
         self.save_requested = True
-        self.log("SIGUSR1: saving a checkpoint after this step, then training on")
+
+    def announce(self) -> None:
+        """Say what was asked, once, from the loop (never from inside a handler)."""
+        if self.stop_signal and self.stop_signal not in self._announced:
+            what = "Ctrl-C" if self.stop_signal == "SIGINT" else self.stop_signal
+            self.log(f"{what}: stopping after this step and saving a checkpoint ({what} again to abort)")
+            self._announced.add(self.stop_signal)
+        if self.save_requested:
+            self.log("SIGUSR1: saving a checkpoint after this step, then training on")
 
     def __enter__(self) -> "RunSignals":
         if threading.current_thread() is threading.main_thread():

@@ -40,7 +40,7 @@ from slmforge.train.parallel import (
     ParallelConfig,
     all_reduce_sum,
     any_rank,
-    barrier,
+    any_rank_each,
     gather_objects,
     is_sharded,
     no_gradient_sync,
@@ -161,17 +161,24 @@ class Trainer:
         """Every rank takes part (state gathering); rank 0 writes; all wait until it is on disk."""
         weights = self._full_weights()
         bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:  # never write a checkpoint that would poison every resume
-            raise SlmforgeError(f"step {self.state.step}: weights are not finite ({bad[0]}); nothing saved, the "
-                                f"newest checkpoint in {self.run_dir / 'checkpoints'} is the last good one")
+        # Decided together: rank 0 alone holds the gathered weights, and a rank that raised alone would
+        # leave the others waiting in the next collective.
+        if any_rank(bool(bad), self.device):  # never write a checkpoint that would poison every resume
+            raise SlmforgeError(f"step {self.state.step}: weights are not finite ({bad[0] if bad else 'on rank 0'}); "
+                                f"nothing saved, the newest checkpoint in {self.run_dir / 'checkpoints'} is the "
+                                f"last good one")
         state = self.state_dict()
-        folder = self.run_dir / "checkpoints"
+        folder, error = self.run_dir / "checkpoints", None
         if self.where.is_main:
             meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens}
             best = {f"step-{self.state.best_step:06d}"} if self.state.best_step is not None else set()
-            folder = save_checkpoint(self.run_dir, self.state.step, self.model, state=state, tensors=weights,
-                                     extra_meta=meta, keep_last=self.loop.keep_last or None, protect=best)
-        barrier()
+            try:
+                folder = save_checkpoint(self.run_dir, self.state.step, self.model, state=state, tensors=weights,
+                                         extra_meta=meta, keep_last=self.loop.keep_last or None, protect=best)
+            except SlmforgeError as e:
+                error = e
+        if any_rank(error is not None, self.device):
+            raise error or SlmforgeError(f"rank 0 could not write the step-{self.state.step} checkpoint (see its error)")
         self._last_save = time.monotonic()
         return folder
 
@@ -265,7 +272,9 @@ class Trainer:
                                   loss_fn=self.module)
         names = list(means)
         local = [means[n] * tokens if tokens else 0.0 for n in names] + [float(tokens)]
-        combined = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+        # float64 sums on the CPU (MPS has no float64); only a process group needs them on the device
+        sums = torch.tensor(local, dtype=torch.float64)
+        combined = all_reduce_sum(sums.to(self.device) if self.where.active else sums).tolist()
         tokens = int(combined[-1])
         means = {n: (v / tokens if tokens else float("nan")) for n, v in zip(names, combined)}
         result = summarize(means, self.val_bytes_per_token if self.objective.bits_per_byte else None)
@@ -347,13 +356,14 @@ class Trainer:
     def _boundary_requests(self, signals: RunSignals) -> tuple[bool, bool]:
         """(stop, save now) agreed by every rank: a signal may reach one process only, and the
         time-based save must not depend on each rank's clock."""
+        signals.announce()
         minutes = self.loop.save_every_minutes
         due = bool(minutes) and time.monotonic() - self._last_save >= 60 * minutes
-        stop, save = signals.stop_signal is not None, signals.save_requested or due
-        if self.where.active:
-            stop, save = any_rank(stop, self.device), any_rank(save, self.device)
+        flags = [signals.stop_signal is not None, signals.save_requested or due]
+        if self.where.active:  # one small all-reduce per step
+            flags = any_rank_each(flags, self.device)
         signals.save_requested = False
-        return stop, save
+        return flags[0], flags[1]
 
 
 def _bar(fraction: float, width: int = 20) -> str:
