@@ -112,3 +112,24 @@ def test_fsdp2_trains_like_ddp_and_its_checkpoint_resumes_on_one_process(mlm_mar
     (fsdp / "checkpoints" / "latest").write_text("step-000006\n")
     launch(1, *common(data, fsdp, "model.preset=modernbert-tiny", "train.batch_size=8", "train.grad_accum=2"))
     assert_same_training(ddp, fsdp, 12)
+
+
+def test_an_uneven_validation_split_does_not_deadlock(mlm_markov_shards, tmp_path):
+    """The last validation batch exists for rank 0 only: rank 1 still runs a forward (scoring nothing),
+    so FSDP2's gathers pair up, and the figures equal one process's."""
+    import json
+
+    _, data = mlm_markov_shards
+    manifest = json.loads((data / "manifest.json").read_text())
+    windows = manifest["splits"]["val"]["tokens"] // 32
+    batches = -(-windows // 8)  # global batches of 8 windows; the last one is short
+    assert windows % 8 and windows % 8 <= 4  # so rank 1 has nothing in the last one
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ("model.preset=modernbert-tiny", f"train.eval_batches={batches}", "train.max_steps=2",
+             "train.eval_every=0")
+    launch(1, *common(data, one, *extra, "train.batch_size=8"))
+    launch(2, *common(data, two, *extra, "train.batch_size=4", "parallel.strategy=fsdp"))
+    val_one = [r for r in read_metrics(one / "metrics.jsonl") if r["split"] == "val"]
+    val_two = [r for r in read_metrics(two / "metrics.jsonl") if r["split"] == "val"]
+    assert val_one[-1]["tokens"] == val_two[-1]["tokens"]
+    assert val_one[-1]["loss"] == pytest.approx(val_two[-1]["loss"], abs=1e-5)

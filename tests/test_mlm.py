@@ -59,6 +59,15 @@ def test_special_and_padding_tokens_are_never_chosen_or_used_as_replacements():
     assert not torch.isin(batch["input_ids"][~special], torch.tensor(sorted(SPECIAL))).any()
 
 
+def test_shares_that_sum_to_one_are_accepted_despite_float_rounding():
+    from slmforge import config as config_io
+
+    cfg = config_io.from_dict(MlmConfig, {"mask_token_share": 0.8, "random_token_share": 0.2}, "objective")
+    assert cfg.random_token_share == 0.2
+    with pytest.raises(SlmforgeError, match="random_token_share"):
+        config_io.from_dict(MlmConfig, {"mask_token_share": 0.8, "random_token_share": 0.3}, "objective")
+
+
 def test_masks_depend_on_the_seed_and_the_sample_only():
     """Not on the step, the rank, the batch a sample lands in, or its row: so 1 and N processes, any
     micro-batch split and a resumed run all mask a window the same way."""

@@ -181,3 +181,14 @@ def test_left_padded_cached_decoding_matches_unpadded():
     step = model(ids[:, 14:], mask, cache=cache)
     alone = model(row[None])
     torch.testing.assert_close(torch.cat([prompt, step], 1)[0, 5:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_linear_cross_entropy_bias_only_gradient_with_softcap():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(7, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    bias = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 20, (7,))
+    (grad,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets, softcap=3.0, bias=bias), bias)
+    logits = torch.tanh((hidden @ weight.t() + bias) / 3.0) * 3.0
+    (expected,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets), bias)
+    torch.testing.assert_close(grad, expected)

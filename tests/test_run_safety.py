@@ -230,3 +230,39 @@ def test_metrics_are_cut_in_place_on_resume_and_a_torn_line_goes(tmp_path):
     log.write({"step": 3, "split": "train", "loss": 9.0})
     log.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0), (3, 9.0)]
+
+
+def test_step_folders_are_ordered_by_number_not_by_name(tmp_path):
+    from slmforge.runs import step_folders
+
+    for step in (999_000, 999_500, 1_000_000):
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+    assert [p.name for p in step_folders(tmp_path)] == ["step-1000000", "step-999500", "step-999000"]
+
+
+def test_a_real_full_disk_error_from_torch_save_is_one_line(markov_shards, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError, not an OSError."""
+    import slmforge.train.checkpoint as checkpoint
+
+    _, data = markov_shards
+    run = tmp_path / "run"
+
+    def full(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed, No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(SlmforgeError, match="disk full while writing step-000002"):
+        pretrain(run_config(data, run, "train.max_steps=2"))
+    assert not list((run / "checkpoints").glob("*.partial"))
+
+
+def test_allowed_changes_reach_the_data_loader(markov_shards, tmp_path, capsys):
+    _, data = markov_shards
+    run = tmp_path / "run"
+    pretrain(run_config(data, run, "train.max_steps=4", "train.save_every=4"))
+    capsys.readouterr()
+    pretrain(run_config(data, run, "train.max_steps=8", "train.seq_len=32", "train.allow_config_changes=true"))
+    err = capsys.readouterr().err
+    assert "resuming with changed train.seq_len 64 -> 32" in err and "epoch 0 starts over" in err
+    assert (run / "checkpoints" / "step-000008").is_dir()

@@ -53,7 +53,13 @@ class WindowLoader:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
                 "num_windows": self.num_windows, "global_batch": self.global_batch}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], allow_changes: bool = False) -> None:
+        """Continue where the state left off. With `allow_changes` (train.allow_config_changes), data
+        cut into another number of windows restarts the saved epoch instead of being refused."""
+        if state["num_windows"] != self.num_windows and allow_changes:
+            self.epoch, self.consumed, self.seed = state["epoch"], 0, state["seed"]
+            self._order = None
+            return
         if state["num_windows"] != self.num_windows:
             raise SlmforgeError(
                 f"data loader state is for {state['num_windows']} windows, this run has {self.num_windows}; "

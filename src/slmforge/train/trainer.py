@@ -124,7 +124,10 @@ class Trainer:
         else:
             set_optimizer_state_dict(self.model, self.optimizer, saved,
                                      options=StateDictOptions(full_state_dict=True))
-        self.loader.load_state_dict(state["loader"])
+        if state["loader"]["num_windows"] != self.loader.num_windows and self.loop.allow_config_changes:
+            self.log(f"warning: the data now has {self.loader.num_windows} windows, the checkpoint's had "
+                     f"{state['loader']['num_windows']}: epoch {state['loader']['epoch']} starts over")
+        self.loader.load_state_dict(state["loader"], allow_changes=self.loop.allow_config_changes)
         saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(saved) != self.where.world_size:
             # Another number of processes: data order and masks continue exactly (they are global);
