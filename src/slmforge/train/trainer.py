@@ -14,12 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from torch import nn
-
-from slmforge.errors import SlmforgeError
-from slmforge.formatting import duration, human
-from slmforge.objectives.base import mean_loss, summarize, target_tokens
 from safetensors.torch import load_file
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,12 +24,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from slmforge.errors import SlmforgeError
+from slmforge.formatting import duration, human
+from slmforge.objectives.base import mean_loss, summarize, target_tokens
 from slmforge.runs import WEIGHTS, load_weights, resolve_checkpoint
 from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
 from slmforge.train.metrics import MetricsLog, plot_losses
 from slmforge.train.optim import build_optimizer, learning_rate
-from slmforge.train.signals import SIGNAL_EXIT_CODES, RunSignals, StopRequested
 from slmforge.train.parallel import (
     Distributed,
     ObjectiveModule,
@@ -47,7 +45,7 @@ from slmforge.train.parallel import (
     strategy_for,
     wrap,
 )
-
+from slmforge.train.signals import SIGNAL_EXIT_CODES, RunSignals, StopRequested
 
 # Whole (unsharded) tensors, on the CPU, on rank 0: what a checkpoint holds under every strategy.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -79,10 +77,10 @@ class Trainer:
         self.model = model  # the plain model: what checkpoints hold
         self.objective = objective
         self.where = where
-        self.strategy = strategy_for(parallel or ParallelConfig(), where)
+        parallel = parallel or ParallelConfig()
+        self.strategy = strategy_for(parallel, where)
         # DDP wraps model + objective together, so the loss and the output head run inside its forward.
-        self.module = wrap(ObjectiveModule(model, objective), self.strategy, device, parallel or ParallelConfig(),
-                           precision)
+        self.module = wrap(ObjectiveModule(model, objective), self.strategy, device, parallel, precision)
         self.loader = train_loader
         self.loop, self.optim_cfg, self.schedule = loop, optim, schedule
         self.run_dir = Path(run_dir)
@@ -187,13 +185,15 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's grad_accum micro-batches, made by the objective from raw windows."""
-        batches = []
+    def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+        """This rank's grad_accum micro-batches, made by the objective from raw windows, and their
+        target counts (counted on the host, before the copy: no device sync)."""
+        batches, counts = [], []
         for _ in range(self.loop.grad_accum):
             batch = self.objective.collate(self.loader.next_batch(), self.seed)
+            counts.append(target_tokens(batch))
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return batches
+        return batches, counts
 
     def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step over grad_accum micro-batches on every rank; returns the loss and metrics
@@ -201,8 +201,7 @@ class Trainer:
         lr = learning_rate(self.state.step, self.loop.max_steps, self.optim_cfg, self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = self._micro_batches()
-        counts = [target_tokens(batch) for batch in batches]
+        batches, counts = self._micro_batches()
         # The loss is a mean over the targets of the whole step, whatever the split into ranks and
         # micro-batches: masked LM batches hold different numbers of targets, and a mean of means
         # would weight them wrongly (and make 2 processes differ from 1).
