@@ -36,6 +36,7 @@ import torch
 
 from slmforge.config import validate as validate_config
 from slmforge.errors import ConfigError, SlmforgeError
+from slmforge.models.hf.reader import ConfigReader
 from slmforge.models.decoder_config import DecoderConfig
 
 ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -228,7 +229,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderCon
     family, text, _ = text_config(hf, where)
     if family == "gemma3":
         where = f"{where} text_config" if text is not hf else where
-    get = _Reader(text, HF_DEFAULTS[family], where)
+    get = ConfigReader(text, HF_DEFAULTS[family], where)
     get.reject_truthy("attention_bias", "attention biases are not supported")
     get.reject_truthy("mlp_bias", "MLP biases are not supported")
     get.reject_truthy("attn_logit_softcapping", "attention logit soft-capping is not supported")
@@ -290,28 +291,7 @@ _HF_FIELD_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_l
                        sliding_window="sliding_window", rope_scaling_factor="rope_scaling.factor")
 
 
-class _Reader:
-    """Reads config.json fields with transformers' defaults, naming the file in errors."""
-
-    def __init__(self, data: dict[str, Any], defaults: dict[str, Any], where: str):
-        self.data, self.defaults, self.where = data, defaults, where
-
-    def __call__(self, key: str) -> Any:
-        value = self.optional(key)
-        if value is None:
-            raise SlmforgeError(f"{self.where}: field {key} is {'null' if key in self.data else 'missing'}")
-        return value
-
-    def optional(self, key: str) -> Any:
-        """The field, transformers' default when absent, None when absent without a default or null."""
-        return self.data[key] if key in self.data else self.defaults.get(key)
-
-    def reject_truthy(self, key: str, why: str) -> None:
-        if self.data.get(key):
-            raise SlmforgeError(f"{self.where}: {key}={self.data[key]!r}: {why}")
-
-
-def _gemma3_layers(get: _Reader, num_layers: int, where: str) -> dict[str, Any]:
+def _gemma3_layers(get: ConfigReader, num_layers: int, where: str) -> dict[str, Any]:
     """sliding_window / global_every from layer_types (5.x, 4.53+) or sliding_window_pattern (4.50+);
     a layer_types list that is not "every n-th layer global" becomes our layer_types as it is."""
     layer_types = get.optional("layer_types")
@@ -335,7 +315,7 @@ def _gemma3_layers(get: _Reader, num_layers: int, where: str) -> dict[str, Any]:
     return dict(sliding_window=window, global_every=1, layer_types=list(layer_types))
 
 
-def _gemma3_rope(get: _Reader, max_seq_len: int, where: str) -> dict[str, Any]:
+def _gemma3_rope(get: ConfigReader, max_seq_len: int, where: str) -> dict[str, Any]:
     """Per-layer-type RoPE, resolved as transformers 5 does (rope_scaling merges into full_attention)."""
     params = get.optional("rope_parameters") or {}
     full = dict(params.get("full_attention") or {})

@@ -59,6 +59,7 @@ import torch
 
 from slmforge.config import validate as validate_config
 from slmforge.errors import ConfigError, SlmforgeError
+from slmforge.models.hf.reader import ConfigReader
 from slmforge.models.encoder_config import EncoderConfig
 
 ARCHITECTURES = {"bert": "BertForMaskedLM", "roberta": "XLMRobertaForMaskedLM",
@@ -270,7 +271,7 @@ def encoder_family(hf: dict[str, Any], where: str = "config.json") -> str:
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> EncoderConfig:
     """The `EncoderConfig` equivalent to a transformers config.json dict (4.5x or 5.x form)."""
     family = encoder_family(hf, where)
-    get = _Reader(hf, HF_DEFAULTS[family], where)
+    get = ConfigReader(hf, HF_DEFAULTS[family], where)
     get.require("tie_word_embeddings", (True,), "slmforge ties the MLM decoder to the input embeddings")
     fields: dict[str, Any] = dict(
         family=family,
@@ -299,7 +300,7 @@ _HF_FIELD_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_l
                        pad_token_id="pad_token_id")
 
 
-def _bert_config(get: _Reader, family: str) -> dict[str, Any]:
+def _bert_config(get: ConfigReader, family: str) -> dict[str, Any]:
     get.require("hidden_act", _EXACT_GELU, "BERT and RoBERTa in slmforge use the exact (erf) GELU")
     get.require("position_embedding_type", ("absolute", None), "slmforge has learned absolute positions only")
     get.require("is_decoder", (False, None), "slmforge encoders attend in both directions")
@@ -321,7 +322,7 @@ def _bert_config(get: _Reader, family: str) -> dict[str, Any]:
     return fields
 
 
-def _modernbert_config(get: _Reader) -> dict[str, Any]:
+def _modernbert_config(get: ConfigReader) -> dict[str, Any]:
     get.require("hidden_activation", _EXACT_GELU, "ModernBERT in slmforge uses the exact (erf) GELU")
     get.require("classifier_activation", _EXACT_GELU, "the MLM head in slmforge uses the exact (erf) GELU")
     for name in ("attention_bias", "mlp_bias", "norm_bias", "classifier_bias"):
@@ -338,7 +339,7 @@ def _modernbert_config(get: _Reader) -> dict[str, Any]:
     return fields
 
 
-def _modernbert_layers(get: _Reader, num_layers: int) -> dict[str, Any]:
+def _modernbert_layers(get: ConfigReader, num_layers: int) -> dict[str, Any]:
     """local_window / global_every from layer_types + sliding_window (5.x) or the 4.x fields."""
     every_4x = get("global_attn_every_n_layers")
     if not isinstance(every_4x, int) or every_4x < 1:
@@ -366,7 +367,7 @@ def _modernbert_layers(get: _Reader, num_layers: int) -> dict[str, Any]:
     return dict(local_window=_modernbert_window(get), global_every=every)
 
 
-def _modernbert_window(get: _Reader) -> int:
+def _modernbert_window(get: ConfigReader) -> int:
     """The whole window: 4.x's local_attention; 5.x's sliding_window is its half (and wins in 5.x)."""
     local_attention, half = get.data.get("local_attention"), get.data.get("sliding_window")
     if local_attention is not None and half is not None and local_attention // 2 != half:
@@ -377,7 +378,7 @@ def _modernbert_window(get: _Reader) -> int:
     return 2 * int(half) if half is not None else int(get("local_attention"))
 
 
-def _modernbert_rope(get: _Reader) -> dict[str, Any]:
+def _modernbert_rope(get: ConfigReader) -> dict[str, Any]:
     """RoPE bases per layer kind from rope_parameters (5.x) or global/local_rope_theta (4.x)."""
     params = get.data.get("rope_parameters") or {}
     scaling = get.data.get("rope_scaling") or {}
@@ -395,36 +396,6 @@ def _modernbert_rope(get: _Reader) -> dict[str, Any]:
                                 f"disagree (transformers 5 reads the first, 4.x the second)")
         thetas[kind] = float(theta if theta is not None else theta_4x)
     return dict(rope_theta=thetas["full_attention"], rope_local_theta=thetas["sliding_attention"])
-
-
-class _Reader:
-    """Reads config.json fields with transformers' defaults; refusals name the file and the field."""
-
-    def __init__(self, data: dict[str, Any], defaults: dict[str, Any], where: str):
-        self.data, self.defaults, self.where = data, defaults, where
-
-    def __call__(self, key: str) -> Any:
-        value = self.optional(key)
-        if value is None:
-            raise SlmforgeError(f"{self.where}: field {key} is {'null' if key in self.data else 'missing'}")
-        return value
-
-    def optional(self, key: str) -> Any:
-        """The field, transformers' default when absent, None when absent without a default or null."""
-        return self.data[key] if key in self.data else self.defaults.get(key)
-
-    def require(self, key: str, allowed: tuple, why: str) -> None:
-        value = self.optional(key)
-        if value not in allowed:
-            raise SlmforgeError(f"{self.where}: {key}={value!r} is not supported; {why}")
-
-    def one_value(self, *keys: str) -> Any:
-        """Fields that slmforge keeps as one setting (the dropout rates) must agree."""
-        values = [self(key) for key in keys]
-        if any(value != values[0] for value in values):
-            shown = ", ".join(f"{key}={value}" for key, value in zip(keys, values))
-            raise SlmforgeError(f"{self.where}: {shown}: slmforge has one dropout rate for all of these")
-        return values[0]
 
 
 # ---------------------------------------------------------------- weight names
