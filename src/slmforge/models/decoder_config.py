@@ -8,15 +8,14 @@ sliding/global layer pattern with two RoPE bases. `models/hf/decoder.py` maps ea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
-from slmforge.config import from_dict, require
+from slmforge.config import require
+from slmforge.models.presets import PresetConfig
 
 
 @dataclass
-class DecoderConfig:
-    TAG: ClassVar[str] = "family"  # in a recipe's [model] section, `family` picks the config class
-
+class DecoderConfig(PresetConfig):
     preset: str | None = None
     """Named starting point (see `slmforge pretrain --list-presets`); fields set beside it override it."""
     family: Literal["llama", "gemma3"] = "llama"
@@ -141,21 +140,3 @@ class DecoderConfig:
             span = min(seq_len, self.sliding_window) if self.is_sliding(layer) else seq_len
             attn += 12 * self.num_heads * self.head_dim * span / 2  # causal: half the square
         return 6 * n + attn
-
-    @classmethod
-    def tag_of(cls, data: dict[str, Any]) -> str:
-        from slmforge.models.presets import family_of
-
-        return family_of(data)
-
-    @classmethod
-    def expand_config(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Config-loading hook: `preset = "x"` becomes the preset's fields; fields given beside it win."""
-        from slmforge.models.presets import expand_preset
-
-        return expand_preset(data)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "DecoderConfig":
-        """A preset with some fields changed, validated like a config file."""
-        return from_dict(cls, {"preset": name, **overrides}, "model")

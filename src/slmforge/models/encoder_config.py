@@ -15,9 +15,10 @@ plus a bias). `models/hf/encoder.py` maps each family to transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from slmforge.config import from_dict, require
+from slmforge.config import require
+from slmforge.models.presets import PresetConfig
 
 # Defaults transformers' config classes use; a field left unset takes its family's value.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -28,9 +29,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class EncoderConfig:
-    TAG: ClassVar[str] = "family"
-
+class EncoderConfig(PresetConfig):
     preset: str | None = None
     """Named starting point (see `slmforge pretrain --list-presets`); fields set beside it override it."""
     family: Literal["bert", "roberta", "modernbert"] = "bert"
@@ -134,21 +133,3 @@ class EncoderConfig:
             span = min(seq_len, self.local_window + 1) if self.is_sliding(layer) else seq_len
             attn += 12 * self.hidden_size * span
         return 6 * n + attn
-
-    # ------------------------------------------------------------ config loading
-
-    @classmethod
-    def tag_of(cls, data: dict[str, Any]) -> str:
-        from slmforge.models.presets import family_of
-
-        return family_of(data)
-
-    @classmethod
-    def expand_config(cls, data: dict[str, Any]) -> dict[str, Any]:
-        from slmforge.models.presets import expand_preset
-
-        return expand_preset(data)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "EncoderConfig":
-        return from_dict(cls, {"preset": name, **overrides}, "model")

@@ -9,7 +9,7 @@ exist for CPU tests.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from slmforge.errors import ConfigError
 
@@ -116,3 +116,26 @@ def expand_preset(data: dict[str, Any]) -> dict[str, Any]:
     if name not in PRESETS:
         raise ConfigError(f"preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return {**PRESETS[name], **data}
+
+
+class PresetConfig:
+    """Config-loading hooks every model family's config dataclass shares: in a recipe's [model] table
+    `family` (or the preset's family) picks the class, and `preset = "x"` expands to its fields."""
+
+    TAG: ClassVar[str] = "family"
+
+    @classmethod
+    def tag_of(cls, data: dict[str, Any]) -> str:
+        return family_of(data)
+
+    @classmethod
+    def expand_config(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """`preset = "x"` becomes the preset's fields; fields given beside it win."""
+        return expand_preset(data)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any):
+        """A preset with some fields changed, validated like a config file."""
+        from slmforge.config import from_dict
+
+        return from_dict(cls, {"preset": name, **overrides}, "model")
