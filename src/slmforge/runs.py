@@ -185,6 +185,12 @@ def model_config_from_meta(meta: dict[str, Any], where: Path) -> ModelConfig:
 
 def load_weights(model: nn.Module, step_dir: Path) -> None:
     """Load safetensors into `model`, naming the first missing, unexpected or mis-shaped tensor."""
+    unwrap(model).load_state_dict(read_weights(model, step_dir), strict=True)
+
+
+def read_weights(model: nn.Module, step_dir: Path) -> dict[str, torch.Tensor]:
+    """A step folder's tensors, checked against what `model` expects (names, shapes, finite values).
+    Shapes are global ones, so a sharded (FSDP2) model is checked like a whole one."""
     path = step_dir / WEIGHTS
     try:
         tensors = load_file(path)
@@ -207,7 +213,7 @@ def load_weights(model: nn.Module, step_dir: Path) -> None:
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise SlmforgeError(f"{path}: unexpected tensor {unexpected[0]} (a different architecture?)")
-    model.load_state_dict(tensors, strict=True)
+    return tensors
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Path, dict[str, Any]]:

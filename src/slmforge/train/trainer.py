@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -27,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import duration, human
 from slmforge.objectives.base import mean_loss, summarize, target_tokens
-from slmforge.runs import WEIGHTS, load_weights, resolve_checkpoint
+from slmforge.runs import load_weights, read_weights, resolve_checkpoint
 from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
 from slmforge.train.metrics import MetricsLog, plot_losses
@@ -143,7 +142,7 @@ class Trainer:
     def resume_from(self, checkpoint: str | Path) -> None:
         step_dir = resolve_checkpoint(checkpoint)
         if is_sharded(self.module):  # every rank reads the file and keeps its shard
-            set_model_state_dict(self.model, load_file(step_dir / WEIGHTS),
+            set_model_state_dict(self.model, read_weights(self.model, step_dir),
                                  options=StateDictOptions(full_state_dict=True, strict=True))
         else:
             load_weights(self.model, step_dir)
