@@ -1,5 +1,6 @@
 """A one-line progress meter on stderr: documents, tokens, MB of text, MB/s and, when the input
-size is known, an ETA. Rewritten in place on a terminal, printed every 30 s into a log file."""
+size is known, an ETA. Rewritten in place on a terminal, printed every 30 s into a log file or under
+CI (CI=true), silent in quiet mode (SLMFORGE_QUIET=1)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import time
 from typing import TextIO
 
-from slmforge.formatting import duration, human
+from slmforge.formatting import duration, human, live_terminal, quiet
 
 
 class Progress:
@@ -18,8 +19,9 @@ class Progress:
         self.label = label
         self.total_bytes = total_bytes
         self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = self.stream.isatty()
+        self.enabled = enabled and not quiet()
+        self.warnings = enabled  # quiet mode still shows warnings
+        self.tty = live_terminal(self.stream)
         self.interval = 0.5 if self.tty else 30.0
         self.start = time.monotonic()
         self.last = self.start
@@ -52,7 +54,7 @@ class Progress:
 
     def note(self, message: str) -> None:
         """A line of its own (a warning, a phase change)."""
-        if self.enabled:
+        if self.enabled or (self.warnings and message.lstrip().lower().startswith("warning")):
             self.stream.write(("\r\x1b[K" if self.tty else "") + f"{self.label}: {message}\n")
             self.stream.flush()
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
+import secrets
+import time
 from pathlib import Path
 from typing import Any
-
 
 
 class MetricsLog:
@@ -51,13 +51,29 @@ class MetricsLog:
         self._file.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        for tracker in self.trackers:
-            tracker.log(record)
+        for tracker in list(self.trackers):
+            self._guarded(tracker, lambda: tracker.log(record), record.get("step"))
 
     def close(self) -> None:
         self._file.close()
-        for tracker in self.trackers:
-            tracker.close()
+        for tracker in list(self.trackers):
+            self._guarded(tracker, tracker.close, None)
+        self.trackers = []
+
+    def _guarded(self, tracker: "Tracker", call, step: int | None) -> None:
+        """Run a tracker call; a tracker that fails is reported once and dropped, training goes on."""
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - a dead tracker (full disk, lost server) must not stop training
+            self.trackers.remove(tracker)
+            where = f" at step {step}" if step is not None else " while closing"
+            record_event(self.path.parent, f"tracker {tracker.name!r} failed{where} ({type(e).__name__}: {e}); "
+                                           f"it is stopped, metrics.jsonl keeps every record", step)
+            if step is not None:  # let it release what it holds (threads, files); it may fail again
+                try:
+                    tracker.close()
+                except Exception:  # noqa: BLE001
+                    pass
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -105,60 +121,125 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str = "") 
 
 
 # ---------------------------------------------------------------- optional experiment trackers
+#
+# Each tracker gets what metrics.jsonl gets, as numbers named `split/name` (`train/loss`, `val/bpb`)
+# against the optimizer step. Everything is local unless the user asks otherwise: wandb runs offline
+# (WANDB_MODE=online to upload as it trains), MLflow writes a file store under the run folder
+# (MLFLOW_TRACKING_URI for a server), TensorBoard writes event files under the run folder. A tracker
+# is an extra: one that cannot start, or fails later, is reported once and dropped, and training
+# goes on with metrics.jsonl, which always has every record.
+
+EVENTS = "events.jsonl"  # warnings worth keeping with the run (a tracker that stopped, ...)
+TRACKER_IDS = "trackers.json"  # run ids per tracker, so a resumed run continues the same tracker run
+
+
+def record_event(run_dir: str | Path, message: str, step: int | None = None) -> None:
+    """Say a warning and keep it in run/events.jsonl, where `slmforge report` finds it."""
+    from slmforge.formatting import say
+
+    say(f"warning: {message}")
+    try:
+        with open(Path(run_dir) / EVENTS, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step, "warning": message},
+                               ensure_ascii=False) + "\n")
+    except OSError:
+        pass  # a warning that cannot be kept must not stop training; it was said above
+
+
+def tracker_values(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics.jsonl record as tracker metrics: `split/name` -> value (no step, no
+    text, no nulls: a skipped step's null loss is not a point on a curve)."""
+    split = record.get("split", "train")
+    return {f"{split}/{k}": float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class Tracker:
+    name = "tracker"
+    where: str | Path = ""  # where its records go, said once at the start
+
     def log(self, record: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
 
 class _WandbTracker(Tracker):
-    def __init__(self, project: str, name: str, config: dict[str, Any], run_dir: Path):
+    name = "wandb"
+
+    def __init__(self, project: str, name: str, config: dict[str, Any], run_dir: Path, ids: dict[str, Any]):
         import wandb
 
-        self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), resume="allow")
+        # An id of our own, kept in the run folder: a resumed run appends to the same wandb run.
+        ids.setdefault("wandb", {"id": secrets.token_hex(4)})
+        mode = os.environ.get("WANDB_MODE") or "offline"
+        self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), id=ids["wandb"]["id"],
+                              resume="allow", mode=mode, reinit="create_new",
+                              # wandb must not capture the terminal: the progress line and test output stay ours
+                              settings={"console": "off", "silent": True})
+        self.where = f"{run_dir / 'wandb'} ({mode}" + ("; upload with `wandb sync`)" if mode == "offline" else ")")
 
     def log(self, record):
-        prefix = record.get("split", "train")
-        self.run.log({f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
-                     step=record.get("step"))
+        self.run.log(tracker_values(record), step=record.get("step"))
 
     def close(self):
         self.run.finish()
 
 
 class _MlflowTracker(Tracker):
-    def __init__(self, project: str, name: str, config: dict[str, Any], run_dir: Path):
-        import mlflow
+    name = "mlflow"
 
-        self.mlflow = mlflow
-        mlflow.set_experiment(project)
-        mlflow.start_run(run_name=name)
-        mlflow.log_params(_flatten(config))
+    def __init__(self, project: str, name: str, config: dict[str, Any], run_dir: Path, ids: dict[str, Any]):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(run_dir) / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow 3 keeps its file store in maintenance mode and asks for this opt-in to use it.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # The client API, not mlflow's global "active run": two runs in one process stay apart.
+        self.client = MlflowClient(tracking_uri=uri)
+        saved = ids.get("mlflow") or {}
+        self.run_id = saved.get("run_id") if saved.get("tracking_uri") == uri else None
+        if self.run_id is not None:
+            try:
+                self.client.update_run(self.run_id, status="RUNNING")
+            except Exception:  # noqa: BLE001 - the run was deleted from the store: start a new one
+                self.run_id = None
+        if self.run_id is None:
+            experiment = self.client.get_experiment_by_name(project)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+            self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+            # Parameters cannot change once logged, so a resumed run keeps those of its first start.
+            params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
+                self.client.log_batch(self.run_id, params=params[i:i + 100])
+            ids["mlflow"] = {"run_id": self.run_id, "tracking_uri": uri}
+        self.where = uri
 
     def log(self, record):
-        prefix = record.get("split", "train")
-        values = {f"{prefix}_{k}": float(v) for k, v in record.items()
-                  if isinstance(v, (int, float)) and k != "step"}
-        self.mlflow.log_metrics(values, step=int(record.get("step", 0)))
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), int(record.get("step", 0))
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in tracker_values(record).items()])
 
     def close(self):
-        self.mlflow.end_run()
+        self.client.set_terminated(self.run_id)
 
 
 class _TensorboardTracker(Tracker):
-    def __init__(self, project: str, name: str, config: dict[str, Any], run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
+    name = "tensorboard"
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    def __init__(self, project: str, name: str, config: dict[str, Any], run_dir: Path, ids: dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.where = Path(run_dir) / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.where))
 
     def log(self, record):
-        prefix = record.get("split", "train")
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k != "step":
-                self.writer.add_scalar(f"{prefix}/{k}", v, int(record.get("step", 0)))
-        self.writer.flush()
+        step = int(record.get("step", 0))
+        for k, v in tracker_values(record).items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()  # on disk at each record, like metrics.jsonl
 
     def close(self):
         self.writer.close()
@@ -180,12 +261,30 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def make_trackers(names: list[str], project: str, run_name: str, config: dict[str, Any],
                   run_dir: Path) -> list[Tracker]:
-    """Start the requested trackers; a missing package is reported once and skipped (metrics.jsonl stays)."""
+    """Start the requested trackers. One that cannot start (package missing, a bad setting, a server
+    that does not answer) is reported once and skipped: metrics.jsonl has every record anyway."""
+    from slmforge.fileio import write_json_atomic
+    from slmforge.formatting import say
+
+    run_dir = Path(run_dir)
+    ids_path = run_dir / TRACKER_IDS
+    try:
+        ids = json.loads(ids_path.read_text(encoding="utf-8")) if ids_path.is_file() else {}
+    except ValueError:
+        ids = {}
     trackers = []
     for name in names:
         try:
-            trackers.append(_TRACKERS[name](project, run_name, config, run_dir))
+            tracker = _TRACKERS[name](project, run_name, config, run_dir, ids)
         except ImportError as e:
-            print(f"slmforge: tracker {name!r} unavailable ({e}); install slmforge[track]. "
-                  f"Continuing with metrics.jsonl only.", file=sys.stderr)
+            record_event(run_dir, f"tracker {name!r} unavailable ({e}); install slmforge[track]. "
+                                  f"Continuing with metrics.jsonl only.")
+        except Exception as e:  # noqa: BLE001 - any failure of an optional extra must not stop training
+            record_event(run_dir, f"tracker {name!r} failed to start ({type(e).__name__}: {e}); "
+                                  f"continuing with metrics.jsonl only")
+        else:
+            trackers.append(tracker)
+            say(f"tracking with {name}" + (f": {tracker.where}" if tracker.where else ""))
+    if ids:
+        write_json_atomic(ids_path, ids)
     return trackers
