@@ -53,7 +53,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert err == "slmforge: error: model.num_kv_heads: must divide num_heads (8), got 3"
     assert main(["pretrain", "model.family=gpt2"]) == 2
     assert capsys.readouterr().err.strip() == ("slmforge: error: model.family: must be one of 'llama' | 'gemma3' | "
-                                               "'bert' | 'roberta' | 'modernbert', got 'gpt2'")
+                                               "'bert' | 'roberta' | 'modernbert' | 't5' | 'encdec', got 'gpt2'")
     assert main(["pretrain", "model.preset=bert-tiny", "model.sliding_window=4"]) == 2
     assert "model.sliding_window: unknown field" in capsys.readouterr().err
     assert main(["pretrain", "objective.kind=mlm", "objective.mask_rate=1.5"]) == 2
@@ -139,6 +139,8 @@ def test_recipe_sections_are_every_verbs_sections():
     import dataclasses
 
     from slmforge.config import RECIPE_SECTIONS
+    from slmforge.finetune.config import FinetuneConfig
     from slmforge.train.config import PretrainConfig
 
-    assert set(RECIPE_SECTIONS) == {"tokenizer", "data"} | {f.name for f in dataclasses.fields(PretrainConfig)}
+    verbs = {f.name for cls in (PretrainConfig, FinetuneConfig) for f in dataclasses.fields(cls)}
+    assert set(RECIPE_SECTIONS) - {"curate"} == {"tokenizer", "data"} | verbs

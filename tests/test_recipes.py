@@ -12,7 +12,10 @@ from slmforge.tokenizer import TokenizerConfig
 from slmforge.tokenizer import load_config as load_tokenizer_config
 from slmforge.train.config import PretrainConfig
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
+ALL_RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
+# Pipeline recipes (tokenizer, data, pretraining) and fine-tuning recipes (on a pipeline recipe's run).
+RECIPES = [r for r in ALL_RECIPES if "finetune" not in config.read_toml(r)]
+FINETUNE_RECIPES = [r for r in ALL_RECIPES if "finetune" in config.read_toml(r)]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -39,6 +42,10 @@ def test_seed_003_recipe_is_the_gemma3_270m_shape_with_50k_vocabulary():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_tiny_twin_runs_end_to_end(recipe, tmp_path):
     """Each recipe's pipeline with its corpora swapped for a small generated one and a tiny model."""
+    tiny_twin(recipe, tmp_path)
+
+
+def tiny_twin(recipe: Path, tmp_path: Path) -> Path:
     from slmforge.data.prepare import prepare_data
     from slmforge.tokenizer import train_tokenizer
     from slmforge.train.pretrain import pretrain
@@ -71,6 +78,38 @@ def test_recipe_tiny_twin_runs_end_to_end(recipe, tmp_path):
         "tracking.backends=[]", f"train.data={data}", f"train.out_dir={tmp_path / 'run'}"]))
     assert (run / "checkpoints" / "step-000003" / "model.safetensors").is_file()
     assert config.load(PretrainConfig, run / "config.toml").model.family == family
+    return run
+
+
+@pytest.mark.parametrize("recipe", FINETUNE_RECIPES, ids=[r.stem for r in FINETUNE_RECIPES])
+def test_finetune_recipe_tiny_twin_runs_on_its_pipeline_twin(recipe, tmp_path):
+    """Seed 000: the pipeline recipe's tiny twin, then this recipe's LoRA fine-tuning on it (examples
+    made from the twin's corpus, with the recipe's field names), 3 steps."""
+    pytest.importorskip("peft")
+    import json
+
+    from slmforge.finetune.config import FinetuneConfig
+    from slmforge.finetune.run import finetune
+    from slmforge.finetune.tasks import InfillConfig, write_infill_file
+
+    cfg = config.load(FinetuneConfig, recipe)
+    assert cfg.lora.rank > 0 and cfg.train.init_from
+    pipeline = next(r for r in RECIPES if config.load(PretrainConfig, r).train.out_dir == cfg.train.init_from)
+    base = tiny_twin(pipeline, tmp_path)
+    examples = tmp_path / "examples.jsonl"
+    write_infill_file([str(p) for p in tmp_path.glob("*.txt")], examples, InfillConfig(style="blanks", min_words=4))
+    ex = cfg.finetune
+    rows = [json.loads(line) for line in examples.read_text(encoding="utf-8").splitlines()]
+    examples.write_text("".join(json.dumps({ex.prompt_field: r["prompt"], ex.response_field: r["response"]},
+                                           ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    run = finetune(config.load(FinetuneConfig, recipe, [
+        f"train.init_from={base}", f'finetune.train_files=["{examples}"]', "finetune.val_files=[]",
+        "finetune.val_fraction=0.1", "train.seq_len=63", "train.batch_size=4", "train.epochs=0",
+        "train.max_steps=3", "train.device=cpu", "tracking.backends=[]", "finetune.eval_samples=2",
+        "finetune.max_new_tokens=4", f"train.out_dir={tmp_path / 'finetuned'}"]))
+    step = run / "checkpoints" / "step-000003"
+    assert (step / "adapter_model.safetensors").is_file() and (run / "base" / "model.safetensors").is_file()
+    assert "finetune_held_out" in json.loads((step / "eval.json").read_text())
 
 
 def test_seed_001_recipe_is_the_10m_bert_with_its_training_setup():

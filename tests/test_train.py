@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from slmforge import config
 from slmforge.errors import SlmforgeError
 from slmforge.train.config import OptimConfig, PretrainConfig, ScheduleConfig
-from slmforge.train.metrics import read_metrics
+from slmforge.train.metrics import TIMING_FIELDS, read_metrics
 from slmforge.train.optim import learning_rate
 from slmforge.train.pretrain import pretrain
 from slmforge.train.trainer import Trainer
@@ -39,7 +39,7 @@ def test_learns_a_markov_chain_down_to_its_entropy(markov_shards, tmp_path):
 
 
 def _strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "tflops")} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(markov_shards, tmp_path, monkeypatch):
@@ -315,3 +315,25 @@ def test_trainer_equals_a_plain_reference_loop(markov_shards, tmp_path):
         optimizer.zero_grad()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(trained[name], tensor, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_quiet_run_records_hardware_versions_and_training_time(markov_shards, tmp_path, capsys, monkeypatch):
+    """`slmforge --quiet` prints no progress lines; meta.json records what ran where and for how long
+    (training time summed over attempts), and train records carry the elapsed training time."""
+    from slmforge.cli import main
+
+    _, data = markov_shards
+    monkeypatch.setenv("SLMFORGE_QUIET", "")  # restored after the test (main sets it for --quiet)
+    args = ["pretrain", "model.preset=test-tiny", f"train.data={data}", "train.seq_len=32", "train.batch_size=8",
+            "train.log_every=5", "train.save_every=10", f"train.out_dir={tmp_path / 'run'}"]
+    assert main(["--quiet", *args, "train.max_steps=10"]) == 0
+    assert main(["--quiet", *args, "train.max_steps=20"]) == 0  # resumed: time keeps adding up
+    err = capsys.readouterr().err
+    assert all(line.startswith("warning") for line in err.splitlines()), err
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-000020" / "meta.json").read_text())
+    assert meta["hardware"]["device"] == "cpu" and meta["hardware"]["processes"] == 1
+    assert meta["versions"]["torch"] == torch.__version__
+    first = json.loads((tmp_path / "run" / "checkpoints" / "step-000010" / "meta.json").read_text())
+    assert 0 < first["wall_time_s"] < meta["wall_time_s"]
+    elapsed = [r["elapsed_s"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(elapsed) == 4 and elapsed == sorted(elapsed) and elapsed[-1] <= meta["wall_time_s"]

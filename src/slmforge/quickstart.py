@@ -57,10 +57,9 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
         print_table,
         read_documents,
         run_objective,
-        write_report,
     )
     from slmforge.generate import SamplingConfig, generate_text
-    from slmforge.runs import open_run
+    from slmforge.runs import open_run, write_eval_report
     from slmforge.tokenizer import TokenizerConfig, train_tokenizer
     from slmforge.train.config import PretrainConfig
     from slmforge.train.pretrain import pretrain
@@ -107,7 +106,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
                                                    str(path), add_bos)
             for lang, path in held_out.items()}
     print_table(rows)
-    write_report(rows, opened.step_dir / "eval.json")  # where `slmforge eval` writes as well
+    write_eval_report(rows, opened.step_dir / "eval.json")  # where `slmforge eval` writes as well
 
     sampling = SamplingConfig(max_new_tokens=40, temperature=0.8, top_k=50, top_p=0.95,
                               repetition_penalty=1.1, seed=0)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.fileio import read_json
+from slmforge.fileio import read_json, write_json_atomic
 from slmforge.models.registry import ModelConfig, build_model, config_from_dict, family
 
 WEIGHTS = "model.safetensors"
@@ -263,3 +263,11 @@ def find_tokenizer_dir(path: str | Path) -> Path:
         if (candidate / "tokenizer.json").is_file():
             return candidate
     raise SlmforgeError(f"{path}: no tokenizer/ folder with tokenizer.json next to the checkpoint")
+
+
+def write_eval_report(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    """Add `rows` to the eval.json at `path` (a checkpoint folder's): one entry per evaluated set, so a
+    later `eval --text en=...` replaces the `en` entry and keeps the others."""
+    previous = read_json(path, "; delete it to start a new one") if path.is_file() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**(previous if isinstance(previous, dict) else {}), **rows})

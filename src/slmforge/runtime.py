@@ -33,3 +33,34 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return name  # bf16 on CPU is honoured (CPU autocast supports it), though usually slower than fp32
+
+
+# Dense bf16 tensor-core peak FLOP/s per device, from the vendors' datasheets (no sparsity): what MFU
+# divides by. A device not listed gets no MFU rather than a guessed one.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, if it is a GPU this table knows."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def describe(device: torch.device, precision: str, processes: int) -> dict:
+    """Hardware and versions a run records in meta.json (shown by `slmforge report`)."""
+    import os
+    import platform
+
+    import slmforge
+
+    hardware = {"device": str(device), "precision": precision, "processes": processes,
+                "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        hardware.update({"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1)})
+    versions = {"slmforge": slmforge.__version__, "torch": torch.__version__,
+                "python": platform.python_version(), "cuda": torch.version.cuda}
+    return {"hardware": hardware, "versions": versions}

@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
     p.add_argument("--text", action="append", default=[], metavar="[NAME=]FILE",
                    help="UTF-8 text file, one document per line, evaluated exactly (repeatable)")
+    p.add_argument("--examples", action="append", default=[], metavar="[NAME=]FILE",
+                   help="fine-tuned runs: JSONL examples in the run's format; loss on the answers, and exact "
+                        "match / chrF of greedy answers to the first --samples of them (repeatable)")
+    p.add_argument("--samples", type=int, default=16, help="examples answered by generation (--examples)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer (--examples)")
     p.add_argument("--seq-len", type=int, help="context per window (default: the training seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, help="limit the number of batches from --data")
@@ -39,9 +44,8 @@ def _run(args: argparse.Namespace) -> int:
         print_table,
         read_documents,
         run_objective,
-        write_report,
     )
-    from slmforge.runs import open_run
+    from slmforge.runs import open_run, write_eval_report
     from slmforge.runtime import resolve_device
 
     if (args.seq_len is not None and args.seq_len < 1) or args.batch_size < 1:
@@ -52,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     objective = run_objective(run, tokenizer)
     seq_len = args.seq_len or meta.get("seq_len") or model.cfg.max_seq_len
     rows = {}
-    data = Path(args.data) if args.data else (run.data_dir() if not args.text else None)
+    data = Path(args.data) if args.data else (run.data_dir() if not (args.text or args.examples) else None)
     if data is not None and not args.data and not (data / "manifest.json").is_file():
         raise SlmforgeError(f"{data}: the data folder this run trained on ({run.step_dir / 'meta.json'}) is "
                             f"not there; pass --data DIR (a folder made by `slmforge data prepare`) or "
@@ -68,9 +72,20 @@ def _run(args: argparse.Namespace) -> int:
             **evaluate_documents(model, objective, tokenizer, read_documents(path), seq_len, path,
                                  add_bos=meta.get("add_bos", True)),
             "text": path}
+    for item in args.examples:
+        from slmforge.finetune.evaluate import evaluate_example_file, write_samples
+
+        name, _, path = item.rpartition("=")
+        name = name or Path(path).stem
+        rows[name], samples = evaluate_example_file(run, path, args.batch_size, args.samples, args.max_new_tokens)
+        if samples:
+            write_samples(samples, run.step_dir, f"samples-{name}")
+    if not rows:
+        raise SlmforgeError(f"{args.model}: nothing to evaluate: the run recorded no data folder; pass --data DIR, "
+                            f"--text NAME=FILE or (fine-tuned runs) --examples FILE")
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
         print_table(rows)
-    write_report(rows, run.step_dir / "eval.json")
+    write_eval_report(rows, run.step_dir / "eval.json")
     return 0

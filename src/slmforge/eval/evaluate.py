@@ -16,7 +16,6 @@ from slmforge.data.encode import encoded_text_bytes
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
 from slmforge.errors import SlmforgeError
-from slmforge.fileio import read_json, write_json_atomic
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective, mean_loss, summarize
 from slmforge.runs import Run
 
@@ -25,7 +24,7 @@ def run_objective(run: Run, tokenizer=None):
     """The objective a run was trained with (meta.json), or its family's default for older runs."""
     recorded = run.meta.get("objective") or {"kind": DEFAULT_FOR_KIND[run.kind]}
     cfg = config_io.parse(ObjectiveConfig, recorded, "objective")
-    if cfg.kind == "mlm" and tokenizer is None:
+    if cfg.kind in ("mlm", "span") and tokenizer is None:  # mask token / sentinels and eos
         tokenizer = run.tokenizer()
     return build_objective(cfg, run.kind, run.model.cfg.family, tokenizer, where=str(run.step_dir))
 
@@ -129,11 +128,3 @@ def print_table(rows: dict[str, dict[str, float]], out=None) -> None:
         if show_acc:
             line += f"{r['accuracy']:>10.4f}" if "accuracy" in r else f"{'-':>10}"
         out.write(line + "\n")
-
-
-def write_report(rows: dict[str, dict[str, float]], path: Path) -> None:
-    """Add `rows` to the eval.json at `path` (a checkpoint folder's): one entry per evaluated set, so a
-    later `eval --text en=...` replaces the `en` entry and keeps the others."""
-    previous = read_json(path, "; delete it to start a new one") if path.is_file() else {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {**(previous if isinstance(previous, dict) else {}), **rows})

@@ -16,6 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the saved weights (default: float32)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="LoRA runs: write only the adapter, in PEFT's format with transformers' module names "
+                        "(load with PeftModel.from_pretrained onto the export of RUN/base); without it the "
+                        "merged model is exported")
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser(
@@ -31,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> None:
     from slmforge.interop import export_hf
 
+    if args.adapter_only:
+        from slmforge.interop.export_adapter import export_adapter
+
+        out = export_adapter(args.run, args.out, force=args.force)
+        print(f"exported the LoRA adapter of {args.run} -> {out} (PEFT format)")
+        return
     out = export_hf(args.run, args.out, dtype=args.dtype, force=args.force)
     print(f"exported {args.run} -> {out} (Hugging Face format, {args.dtype})")
 

@@ -7,7 +7,8 @@ a run on another number of processes and one with another micro-batch split all 
 
     raw batch    {"tokens": (B, W) int64, "sample_ids": (B,) int64 (unique per epoch and window),
                   "scored": (B, W) bool (optional: positions that count),
-                  "attention_mask": (B, W) (optional: 1 = token, 0 = padding)}
+                  "attention_mask": (B, W) (optional: 1 = token, 0 = padding),
+                  "document_ids": (B, W) (optional: packed examples, attention stays inside each)}
     batch        objective.collate(raw, seed) -> {"input_ids", "targets", ...}
     loss         objective.loss(model, batch) -> (mean loss over targets, {metric: mean over targets})
 """
@@ -59,6 +60,15 @@ def sample_ids(raw: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (not padding) input tokens of a collated batch: what `tokens seen` counts."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "document_ids" in batch:
+        return int((batch["document_ids"] >= 0).sum())
+    return batch["input_ids"].numel()
 
 
 @torch.no_grad()

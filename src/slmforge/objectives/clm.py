@@ -45,12 +45,25 @@ class CausalLM:
         batch = {"input_ids": tokens[:, :-1], "targets": targets}
         if "attention_mask" in raw:
             batch["attention_mask"] = raw["attention_mask"][:, :-1]
+        if "document_ids" in raw:  # packed examples: a document's first token is not predicted from another's
+            documents = raw["document_ids"].long()
+            batch["targets"] = torch.where(documents[:, 1:] == documents[:, :-1], batch["targets"], IGNORE_INDEX)
+            batch["document_ids"] = documents[:, :-1]
+        if "scored" in raw or "document_ids" in raw:
+            # Rows with a target, found here on the host: the head and the loss then run on these rows
+            # only (fine-tuning prompts carry no loss, and need no logits either).
+            batch["target_index"] = (batch["targets"].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
         return batch
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden = model(batch["input_ids"], batch.get("attention_mask"))
-        loss, correct = projection_cross_entropy(model.output_projection(hidden), batch["targets"],
-                                                 with_correct=True)
-        count = (batch["targets"] != IGNORE_INDEX).sum().clamp(min=1)
+        packed = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
+        hidden = model(batch["input_ids"], batch.get("attention_mask"), **packed)
+        targets = batch["targets"]
+        if "target_index" in batch:
+            index = batch["target_index"]
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+            targets = targets.reshape(-1).index_select(0, index)
+        loss, correct = projection_cross_entropy(model.output_projection(hidden), targets, with_correct=True)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         return loss, {"accuracy": correct / count}

@@ -157,7 +157,7 @@ def file_format(path: Path, declared: str) -> tuple[str, str | None]:
     return "text", compression
 
 
-def _open_stream(raw: io.BufferedReader, compression: str | None, path: Path) -> io.BufferedIOBase:
+def open_stream(raw: io.BufferedReader, compression: str | None, path: Path) -> io.BufferedIOBase:
     if compression == "gz":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if compression == "zst":
@@ -270,7 +270,7 @@ class SourceReader:
         with raw:
             self._raw = raw
             try:
-                with _open_stream(raw, compression, path) as stream:
+                with open_stream(raw, compression, path) as stream:
                     _skip_bytes(stream, self._offset, raw)
                     unit = self._text_unit(path, compression, entry) if fmt == "text" else None
                     if fmt == "jsonl":
@@ -493,7 +493,7 @@ def detect_text_unit(path: Path, compression: str | None = None) -> tuple[str, s
     rather than at sentence ends (most lines that continue into the next one are short and end without
     . ! ? । ॥). Otherwise ("line", why): a sentence or a document per line, which stays the unit."""
     try:
-        with open(path, "rb") as raw, _open_stream(raw, compression, path) as stream:
+        with open(path, "rb") as raw, open_stream(raw, compression, path) as stream:
             head = stream.read(DETECT_BYTES)
             complete = len(head) < DETECT_BYTES
     except _corrupt_errors():  # the reader itself reports a damaged file, naming the line

@@ -37,10 +37,12 @@ def step_dir_name(step: int) -> str:
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: dict[str, Any] | None = None,
                     extra_meta: dict[str, Any] | None = None, keep_last: int | None = None,
                     protect: set[str] | frozenset[str] = frozenset(),
-                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                    tensors: dict[str, torch.Tensor] | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Write `run_dir/checkpoints/step-XXXXXX/` and point `latest` at it. Returns the folder.
 
-    `tensors` are the weights when the model's own are sharded (FSDP2 gathers them first)."""
+    `tensors` are the weights when not the model's own state_dict (FSDP2 gathers them first; LoRA
+    merges its adapters); `extra_files` are more files of the step folder (LoRA: the adapter)."""
     model = unwrap(model)
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
     meta = {"step": step, "model": asdict(model.cfg), "slmforge_version": slmforge.__version__,
             **(extra_meta or {})}
     try:
-        _write_step_folder(tmp, tensors, meta, state)
+        _write_step_folder(tmp, tensors, meta, state, extra_files or {})
     except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
         needed = sum(t.numel() * t.element_size() for t in tensors.values()) * (3 if state is not None else 1)
@@ -79,14 +81,35 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
     return final
 
 
+def write_model_folder(folder: Path, model: nn.Module, extra_meta: dict[str, Any]) -> Path:
+    """A weights-only checkpoint folder (model.safetensors, meta.json, checksums.json) outside the
+    step sequence (e.g. a LoRA run's base), written whole under a temporary name or not at all."""
+    model = unwrap(model)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    meta = {"step": 0, "model": asdict(model.cfg), "slmforge_version": slmforge.__version__, **extra_meta}
+    try:
+        _write_step_folder(tmp, tensors, meta, None, {})
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SlmforgeError(f"{folder}: could not write ({type(e).__name__}: {e})") from None
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    return folder
+
+
 def _disk_full(error: BaseException) -> bool:
     text = str(error)
     return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text
 
 
 def _write_step_folder(tmp: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                       state: dict[str, Any] | None) -> None:
+                       state: dict[str, Any] | None, extra_files: dict[str, bytes]) -> None:
     tmp.mkdir()
+    for name, content in extra_files.items():
+        (tmp / name).write_bytes(content)
     save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     make_readable(tmp / WEIGHTS)  # safetensors writes 0600; every other file of the run is 0644
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
+# Fields of a train record that measure the machine rather than the training: they differ between
+# two runs of the same training (compare runs without them).
+TIMING_FIELDS = ("tokens_per_s", "tflops", "mfu", "elapsed_s")
+
+
 class MetricsLog:
     """Append-only JSONL; on resume, records after the checkpoint's step are dropped first."""
 

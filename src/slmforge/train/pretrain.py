@@ -16,21 +16,9 @@ from slmforge.fileio import relative_to
 from slmforge.formatting import say
 from slmforge.models import build_model, family
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
-from slmforge.runtime import resolve_device, resolve_precision
-from slmforge.runs import (
-    find_tokenizer_dir,
-    load_weights,
-    model_config_from_meta,
-    newest_good_checkpoint,
-    read_meta,
-    resolve_checkpoint,
-    run_dir_of,
-    step_folders,
-)
+from slmforge.runtime import resolve_precision
+from slmforge.runs import find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, resolve_checkpoint, run_dir_of
 from slmforge.train.config import PretrainConfig
-from slmforge.train.metrics import MetricsLog, make_trackers
-from slmforge.train.checkpoint import clean_stale
-from slmforge.train.lock import RunLock
 from slmforge.train.resume_check import (
     append_history,
     apply_optimizer_settings,
@@ -38,30 +26,9 @@ from slmforge.train.resume_check import (
     data_fingerprint,
     resume_identity,
 )
-from slmforge.train.parallel import Distributed, barrier, environment, init_distributed, local_device, shutdown
+from slmforge.train.parallel import barrier
+from slmforge.train.session import Session, open_metrics, training_session
 from slmforge.train.trainer import Trainer
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "latest").is_file() or bool(step_folders(run_dir))
-
-
-def resume_point(run_dir: Path, mode: str) -> Path | None:
-    """The intact step folder to resume from (None: start fresh), per train.resume. A damaged newest
-    checkpoint falls back to the newest intact one, saying so; a missing `latest` does not hide the
-    step folders (starting over would wipe metrics.jsonl and overwrite them)."""
-    if not has_checkpoint(run_dir):
-        if mode == "required":
-            raise SlmforgeError(f"train.resume: 'required' but {run_dir} has no checkpoint")
-        return None
-    if mode == "never":
-        raise SlmforgeError(f"train.out_dir: {run_dir} already holds checkpoints; choose another folder "
-                            f"or resume with train.resume=auto")
-    found = newest_good_checkpoint(run_dir, say)
-    if found is None:
-        raise SlmforgeError(f"{run_dir / 'checkpoints'}: no intact checkpoint to resume from (see the warnings "
-                            f"above); start over in another train.out_dir")
-    return found
 
 
 def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
@@ -92,31 +59,16 @@ def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
 def pretrain(cfg: PretrainConfig) -> Path:
     """Train per `cfg` (resuming from its run folder when possible); returns the run folder."""
     loop = cfg.train
-    run_dir = Path(loop.out_dir)
     if not loop.data:
         raise SlmforgeError("train.data: required; point it at a folder made by `slmforge data prepare`")
     read_manifest(loop.data)  # a wrong train.data fails before anything is created
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SlmforgeError(f"train.out_dir: {run_dir} exists and is not a folder")
-    device = local_device(resolve_device(loop.device), environment())
-    where = init_distributed(cfg.parallel, device)
-    lock = RunLock(run_dir).acquire() if where.is_main else None  # one writer per run folder
-    try:
-        if where.is_main:
-            for name in clean_stale(run_dir):
-                say(f"removed {name}, left half-written by an earlier crash")
-        barrier()
-        resume_dir = resume_point(run_dir, loop.resume)
-        return _pretrain(cfg, run_dir, resume_dir, device, where)
-    finally:
-        if lock is not None:
-            lock.release()
-        shutdown()
+    with training_session(loop, cfg.parallel) as session:
+        return _pretrain(cfg, session)
 
 
-def _pretrain(cfg: PretrainConfig, run_dir: Path, resume_dir: Path | None, device: torch.device,
-              where: Distributed) -> Path:
+def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
     loop = cfg.train
+    run_dir, resume_dir, device, where = session.run_dir, session.resume_dir, session.device, session.where
     resume = resume_dir is not None
     precision = resolve_precision(loop.precision, device)
     torch.manual_seed(loop.seed + where.rank)  # dropout differs per rank; weights, data and masks do not
@@ -193,11 +145,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, resume_dir: Path | None, devic
         for block in model.layers:
             block.compile()  # in place: state_dict names stay free of `_orig_mod.`
 
-    metrics = None
-    if where.is_main:  # only rank 0 logs: metrics.jsonl, trackers, plots, the progress line
-        trackers = make_trackers(cfg.tracking.backends, cfg.tracking.project,
-                                 cfg.tracking.run_name or run_dir.name, config_io.to_dict(cfg), run_dir)
-        metrics = MetricsLog(run_dir / "metrics.jsonl", trackers)
+    metrics = open_metrics(cfg.tracking, cfg, session)  # rank 0 only: metrics.jsonl, trackers, plots
     try:
         trainer = Trainer(
             model=model, objective=objective, train_loader=train_loader, loop=loop,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,12 +23,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from slmforge.errors import SlmforgeError
-from slmforge.formatting import duration, human
-from slmforge.objectives.base import mean_loss, summarize, target_tokens
+from slmforge.formatting import duration, human, say
+from slmforge.runtime import describe, peak_flops
+from slmforge.objectives.base import input_tokens, mean_loss, summarize, target_tokens
 from slmforge.runs import load_weights, read_weights, resolve_checkpoint
 from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
-from slmforge.train.metrics import MetricsLog, plot_losses
+from slmforge.train.metrics import MetricsLog, plot_losses, record_event
 from slmforge.train.optim import build_optimizer, learning_rate
 from slmforge.train.parallel import (
     Distributed,
@@ -64,6 +64,8 @@ class TrainState:
     # the checkpoint with the lowest validation loss is never pruned
     best_val_loss: float | None = None
     best_step: int | None = None
+    # seconds spent training, summed over every attempt of the run (not the gaps between them)
+    train_seconds: float = 0.0
 
 
 class Trainer:
@@ -72,8 +74,11 @@ class Trainer:
                  precision: str = "fp32", val_batches: Callable[[], Iterable[dict]] | None = None,
                  val_bytes_per_token: float | None = None, checkpoint_meta: dict[str, Any] | None = None,
                  flops_per_token: float | None = None, seed: int = 0, where: Distributed = Distributed(),
-                 parallel: ParallelConfig | None = None, log=None):
+                 parallel: ParallelConfig | None = None, log=None, checkpoint_format=None):
         self.model = model  # the plain model: what checkpoints hold
+        # How weights go into and come out of a step folder when not as model.state_dict() (LoRA:
+        # merged weights plus the adapter files; see finetune/lora.py). None: the plain way.
+        self.checkpoint_format = checkpoint_format
         self.objective = objective
         self.where = where
         parallel = parallel or ParallelConfig()
@@ -91,11 +96,15 @@ class Trainer:
         self.val_bytes_per_token = val_bytes_per_token
         self.checkpoint_meta = checkpoint_meta or {}
         self.flops_per_token = flops_per_token
+        # Peak of all processes together, for MFU (None where the device's peak is not known).
+        peak = peak_flops(device)
+        self.peak_flops = peak * where.world_size if peak else None
+        self.checkpoint_meta = {**self.checkpoint_meta, **describe(device, precision, where.world_size)}
         self.seed = seed
         self.optimizer = build_optimizer(model, optim, device.type)
         self.state = TrainState()
         self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
-        printer = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        printer = log or say  # say: stderr, silent in quiet mode except warnings
         self.log = printer if where.is_main else (lambda msg: None)
 
     # ------------------------------------------------------------ checkpoint state
@@ -122,15 +131,15 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.optimizer, saved,
                                      options=StateDictOptions(full_state_dict=True))
         if state["loader"]["num_windows"] != self.loader.num_windows and self.loop.allow_config_changes:
-            self.log(f"warning: the data now has {self.loader.num_windows} windows, the checkpoint's had "
-                     f"{state['loader']['num_windows']}: epoch {state['loader']['epoch']} starts over")
+            self.warn(f"the data now has {self.loader.num_windows} windows, the checkpoint's had "
+                      f"{state['loader']['num_windows']}: epoch {state['loader']['epoch']} starts over")
         self.loader.load_state_dict(state["loader"], allow_changes=self.loop.allow_config_changes)
         saved = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(saved) != self.where.world_size:
             # Another number of processes: data order and masks continue exactly (they are global);
             # only dropout noise restarts, from seed + rank + step.
-            self.log(f"resuming {len(saved)}-process state on {self.where.world_size} processes: dropout is "
-                     f"reseeded; data order and masks continue exactly")
+            self.warn(f"resuming {len(saved)}-process state on {self.where.world_size} processes: dropout is "
+                      f"reseeded; data order and masks continue exactly")
             torch.manual_seed(self.seed + self.where.rank + 1_000_003 * self.state.step)
             return
         rng = saved[self.where.rank]
@@ -141,7 +150,9 @@ class Trainer:
 
     def resume_from(self, checkpoint: str | Path) -> None:
         step_dir = resolve_checkpoint(checkpoint)
-        if is_sharded(self.module):  # every rank reads the file and keeps its shard
+        if self.checkpoint_format is not None:
+            self.checkpoint_format.load(self.model, step_dir)
+        elif is_sharded(self.module):  # every rank reads the file and keeps its shard
             set_model_state_dict(self.model, read_weights(self.model, step_dir),
                                  options=StateDictOptions(full_state_dict=True, strict=True))
         else:
@@ -155,7 +166,9 @@ class Trainer:
         """The whole model's tensors on rank 0 (gathered from the shards under FSDP2; a collective)."""
         if is_sharded(self.module):
             return get_model_state_dict(self.model, options=FULL_STATE)
-        return self.model.state_dict() if self.where.is_main else {}
+        if not self.where.is_main:
+            return {}
+        return self.checkpoint_format.tensors(self.model) if self.checkpoint_format else self.model.state_dict()
 
     def save(self) -> Path:
         """Every rank takes part (state gathering); rank 0 writes; all wait until it is on disk."""
@@ -167,14 +180,18 @@ class Trainer:
             raise SlmforgeError(f"step {self.state.step}: weights are not finite ({bad[0] if bad else 'on rank 0'}); "
                                 f"nothing saved, the newest checkpoint in {self.run_dir / 'checkpoints'} is the "
                                 f"last good one")
+        self._count_time()
         state = self.state_dict()
         folder, error = self.run_dir / "checkpoints", None
         if self.where.is_main:
-            meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens}
+            meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens,
+                    "wall_time_s": round(self.state.train_seconds, 3)}
             best = {f"step-{self.state.best_step:06d}"} if self.state.best_step is not None else set()
+            extra = self.checkpoint_format.extra_files(self.model) if self.checkpoint_format else None
             try:
                 folder = save_checkpoint(self.run_dir, self.state.step, self.model, state=state, tensors=weights,
-                                         extra_meta=meta, keep_last=self.loop.keep_last or None, protect=best)
+                                         extra_meta=meta, keep_last=self.loop.keep_last or None, protect=best,
+                                         extra_files=extra)
             except SlmforgeError as e:
                 error = e
         if any_rank(error is not None, self.device):
@@ -191,6 +208,7 @@ class Trainer:
         for _ in range(self.loop.grad_accum):
             batch = self.objective.collate(self.loader.next_batch(), self.seed)
             counts.append(target_tokens(batch))
+            self.state.tokens += input_tokens(batch) * self.where.world_size
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return batches, counts
 
@@ -216,7 +234,6 @@ class Trainer:
                 (loss * count * scale).backward()
             for name, value in {"loss": loss, **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * count
-            self.state.tokens += batch["input_ids"].numel() * self.where.world_size
         names = list(sums)
         reduced = all_reduce_sum(torch.stack([sums[name] for name in names])) / total.clamp(min=1)
         # The norm is logged even without clipping (max_norm=inf measures without scaling).
@@ -301,6 +318,10 @@ class Trainer:
                   "tokens_per_s": tok_s}
         if self.flops_per_token:
             record["tflops"] = tok_s * self.flops_per_token / 1e12
+            if self.peak_flops:
+                record["mfu"] = tok_s * self.flops_per_token / self.peak_flops
+        self._count_time()
+        record["elapsed_s"] = round(self.state.train_seconds, 3)
         if self.metrics is not None:
             self.metrics.write(record)
         self.log(f"step {step:>6}/{self.loop.max_steps} {_bar(step / self.loop.max_steps)} | "
@@ -318,6 +339,7 @@ class Trainer:
             self.log(f"{self.run_dir} already finished {self.state.step} steps; raise train.max_steps to continue")
             return None
         self.model.train()
+        self._clock = time.perf_counter()
         self._window = (time.perf_counter(), self.state.tokens)
         self._run_start = (time.perf_counter(), self.state.step)
         self._last_save = time.monotonic()
@@ -350,6 +372,17 @@ class Trainer:
         self._plot()
         self.log(f"saved {folder}")
         return result
+
+    def _count_time(self) -> None:
+        """Add the seconds since the last count to the run's training time (kept in checkpoints)."""
+        now = time.perf_counter()
+        self.state.train_seconds += now - getattr(self, "_clock", now)
+        self._clock = now
+
+    def warn(self, message: str) -> None:
+        """A warning said once (rank 0) and kept in run/events.jsonl for the report."""
+        if self.where.is_main:
+            record_event(self.run_dir, message, self.state.step)
 
     def _pending_or_logged(self) -> bool:
         return bool(self._pending) or self.state.loss_steps > 0

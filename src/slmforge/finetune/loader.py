@@ -1,0 +1,138 @@
+"""Deterministic, resumable batches of fine-tuning examples, split across ranks.
+
+Examples become rows: with packing, several examples share a row of up to `row_len` tokens (packed
+once, best fit by decreasing length, so rows are nearly full), each token tagged with its example's
+index so attention and positions restart per example; without packing, one example per row, padded
+to the longest row of its batch. Each epoch visits every row once in an order fixed by (seed, epoch);
+a global batch is the next batch_size x world_size rows and rank r takes the r-th block, so the state
+is one global position (as in `data/loader.py`): a run resumes exactly on any number of processes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmforge.errors import SlmforgeError
+from slmforge.finetune.templates import Encoded
+
+
+def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+    """Example indices grouped into rows of at most `row_len` tokens: best fit by decreasing length
+    (each example goes to the fullest row it still fits in). Deterministic; O(n log n)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = row_len, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if room - lengths[i] > 0:
+            bisect.insort(free, (room - lengths[i], row))
+    return [sorted(row) for row in rows]
+
+
+class ExampleLoader:
+    def __init__(self, examples: list[Encoded], row_len: int, batch_size: int, *, packing: bool, pad_id: int,
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, training: bool = True):
+        too_long = [e for e in examples if len(e.ids) > row_len]
+        if too_long:
+            raise SlmforgeError(f"{too_long[0].where}: {len(too_long[0].ids)} tokens, longer than a row of {row_len}")
+        self.examples = examples
+        self.packing, self.pad_id = packing, pad_id
+        self.rows = (pack_rows([len(e.ids) for e in examples], row_len) if packing
+                     else [[i] for i in range(len(examples))])
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.num_windows = len(self.rows)  # the name the trainer's resume check reads
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = self.num_windows // self.global_batch
+        needed = self.global_batch if training else 1
+        if self.num_windows < needed:
+            raise SlmforgeError(f"{len(examples)} examples make {self.num_windows} rows, fewer than a global batch "
+                                f"of {needed}; lower train.batch_size or add examples")
+        self.epoch = 0
+        self.consumed = 0
+        self._order: np.ndarray | None = None
+
+    @property
+    def fill(self) -> float:
+        """Share of row positions that hold example tokens (1.0 = no padding at all)."""
+        longest = max(sum(len(self.examples[i].ids) for i in row) for row in self.rows)
+        used = sum(len(e.ids) for e in self.examples)
+        return used / (len(self.rows) * longest)
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "num_windows": self.num_windows, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, Any], allow_changes: bool = False) -> None:
+        if state["num_windows"] != self.num_windows and not allow_changes:
+            raise SlmforgeError(f"data loader state is for {state['num_windows']} rows, this run has "
+                                f"{self.num_windows}; the examples, train.seq_len or packing changed since "
+                                f"the checkpoint")
+        same = state["num_windows"] == self.num_windows
+        self.epoch, self.consumed, self.seed = state["epoch"], state["consumed"] if same else 0, state["seed"]
+        self._order = None
+
+    # ------------------------------------------------------------ iteration
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+                           if self.shuffle else np.arange(self.num_windows))
+        return self._order
+
+    def _batch(self, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        lengths = [sum(len(self.examples[i].ids) for i in self.rows[r]) for r in rows]
+        width = max(lengths)
+        tokens = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        scored = np.zeros((len(rows), width), dtype=bool)
+        documents = np.full((len(rows), width), -1, dtype=np.int64)
+        for b, r in enumerate(rows):
+            at = 0
+            for i in self.rows[r]:
+                example = self.examples[i]
+                n = len(example.ids)
+                tokens[b, at:at + n], scored[b, at:at + n], documents[b, at:at + n] = example.ids, example.scored, i
+                at += n
+        raw = {"tokens": torch.from_numpy(tokens), "scored": torch.from_numpy(scored),
+               "sample_ids": torch.from_numpy(epoch * self.num_windows + rows.astype(np.int64))}
+        if self.packing:
+            raw["document_ids"] = torch.from_numpy(documents)
+        else:
+            raw["attention_mask"] = torch.from_numpy((documents >= 0).astype(np.int64))
+        return raw
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.consumed + self.global_batch > self.num_windows:
+            self.epoch += 1
+            self.consumed = 0
+            self._order = None
+        start = self.consumed + self.rank * self.batch_size
+        rows = self._epoch_order()[start:start + self.batch_size]
+        self.consumed += self.global_batch
+        return self._batch(rows, self.epoch)
+
+    def epoch_batches(self, limit: int | None = None):
+        """One pass in fixed order (evaluation); every rank yields the same number of batches."""
+        count = -(-self.num_windows // self.global_batch)
+        if limit is not None:
+            count = min(count, limit)
+        for b in range(count):
+            start = b * self.global_batch + self.rank * self.batch_size
+            rows = np.arange(start, min(start + self.batch_size, self.num_windows))
+            if len(rows):
+                yield self._batch(rows, 0)
+            else:  # past the end for this rank only: a row that scores nothing keeps collectives paired
+                empty = self._batch(np.arange(1), 0)
+                yield {**empty, "scored": torch.zeros_like(empty["scored"])}

@@ -1,0 +1,231 @@
+"""`slmforge finetune`: examples in, a fine-tuned decoder out, on the same Trainer and run folder as
+pretraining. The objective is next-token prediction with the prompt tokens unscored; what differs
+from pretraining is the data (examples, packed or padded), the tokenizer (task tokens and a chat
+template added) and the trainable parameters (all, all but frozen patterns, or LoRA adapters)."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slmforge import config as config_io
+from slmforge.errors import SlmforgeError
+from slmforge.finetune.config import FinetuneConfig
+from slmforge.finetune.evaluate import generation_eval, write_samples
+from slmforge.finetune.examples import Skipped, read_examples
+from slmforge.finetune.lora import BASE_DIR, LoraCheckpoints, apply_lora
+from slmforge.finetune.loader import ExampleLoader
+from slmforge.finetune.templates import Encoded, ExampleEncoder, TemplateChoice, choose_template, encode_examples
+from slmforge.finetune.vocab import add_special_tokens, fit_embeddings
+from slmforge.formatting import human, say
+from slmforge.models import build_model, family
+from slmforge.objectives.clm import CausalLM
+from slmforge.runs import (
+    find_tokenizer_dir,
+    load_weights,
+    model_config_from_meta,
+    read_meta,
+    resolve_checkpoint,
+    write_eval_report,
+)
+from slmforge.runtime import resolve_precision
+from slmforge.train.checkpoint import write_model_folder
+from slmforge.train.parallel import barrier
+from slmforge.train.pretrain import resolve_steps
+from slmforge.train.resume_check import append_history, apply_optimizer_settings, check_resumable, resume_identity
+from slmforge.train.session import Session, open_metrics, training_session
+from slmforge.train.trainer import Trainer
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune per `cfg` (resuming from its run folder when possible); returns the run folder."""
+    if cfg.lora.rank and cfg.parallel.strategy == "fsdp":
+        raise SlmforgeError("parallel.strategy: LoRA runs use DDP (the adapters are small); fsdp is for full "
+                            "fine-tuning of models that do not fit one device")
+    with training_session(cfg.train, cfg.parallel) as session:
+        return _finetune(cfg, session)
+
+
+def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
+    loop, ex = cfg.train, cfg.finetune
+    run_dir, resume_dir, device, where = session.run_dir, session.resume_dir, session.device, session.where
+    precision = resolve_precision(loop.precision, device)
+    torch.manual_seed(loop.seed + where.rank)
+
+    tokenizer, choice, new_ids, init_dir = _model_and_tokenizer(cfg, session)
+    if family(cfg.model).kind != "decoder":
+        raise SlmforgeError(f"train.init_from: a {cfg.model.family} encoder; finetune trains decoders on examples "
+                            f"(to continue an encoder's masked-LM training use `slmforge pretrain "
+                            f"train.init_from=...`)")
+    encoder = ExampleEncoder(tokenizer, choice, ex.task)
+    train_examples, val_examples = _examples(cfg, encoder)
+
+    model = build_model(cfg.model, device=device, seed=None if (resume_dir or init_dir) else loop.seed)
+    if resume_dir is None:
+        if init_dir is not None:
+            load_weights(model, init_dir)
+            say(f"initialised weights from {init_dir}")
+            fit_embeddings(model, tokenizer.vocab_size, new_ids)
+    base_meta = _meta(cfg, tokenizer, choice)
+    checkpoint_format = None
+    if cfg.lora.rank:
+        if resume_dir is None and where.is_main:  # the base, once: what resumes load under the adapters
+            write_model_folder(run_dir / BASE_DIR, model, {**base_meta, "role": "LoRA base weights"})
+        barrier()
+        targets = apply_lora(model, cfg.lora)
+        checkpoint_format = LoraCheckpoints(cfg.lora, run_dir)
+        say(f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {len(targets)} modules")
+    else:
+        _freeze(model, ex.freeze)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    row_len = loop.seq_len + 1
+    train_loader = ExampleLoader(train_examples, row_len, loop.batch_size, packing=ex.packing, pad_id=pad_id,
+                                 seed=loop.seed, rank=where.rank, world_size=where.world_size)
+    val_batches = None
+    if val_examples:
+        val_loader = ExampleLoader(val_examples, row_len, loop.eval_batch_size or loop.batch_size,
+                                   packing=ex.packing, pad_id=pad_id, shuffle=False, training=False,
+                                   rank=where.rank, world_size=where.world_size)
+        val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
+    resolve_steps(cfg, train_loader.batches_per_epoch)
+    resolved = config_io.to_dict(cfg)
+    fingerprint = _fingerprint(train_examples, cfg)
+    identity = resume_identity(resolved, where.world_size, fingerprint)
+    if resume_dir is not None:
+        check_resumable(read_meta(resume_dir).get("resume_identity"), identity, resume_dir,
+                        loop.allow_config_changes, say)
+    if where.is_main:
+        config_io.save(cfg, run_dir / "config.toml")
+        append_history(run_dir, resolved, read_meta(resume_dir)["step"] if resume_dir else 0)
+
+    metrics = open_metrics(cfg.tracking, cfg, session)
+    try:
+        trainer = Trainer(
+            model=model, objective=CausalLM(), train_loader=train_loader, loop=loop, optim=cfg.optim,
+            schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device, precision=precision,
+            val_batches=val_batches,
+            checkpoint_meta={**base_meta, "processes": where.world_size, "config": resolved,
+                             "data_fingerprint": fingerprint, "resume_identity": identity,
+                             "dropout_seeds": [loop.seed + r for r in range(where.world_size)]},
+            flops_per_token=cfg.model.flops_per_token(loop.seq_len), seed=loop.seed, where=where,
+            parallel=cfg.parallel, checkpoint_format=checkpoint_format)
+        say(f"run folder {run_dir} | {cfg.model.family} {human(total)} parameters, {human(trainable)} trainable "
+            f"({100 * trainable / total:.2f}%) | {len(train_examples):,} examples in {train_loader.num_windows:,} "
+            f"rows ({'packed' if ex.packing else 'padded'}, {100 * train_loader.fill:.0f}% filled) | "
+            f"{len(val_examples):,} held out | device {device} ({precision})"
+            + (f" | {where.world_size} processes ({trainer.strategy})" if where.active else ""))
+        if resume_dir is not None:
+            trainer.resume_from(resume_dir)
+            apply_optimizer_settings(trainer.optimizer, cfg.optim, say)
+        elif metrics is not None:
+            metrics.truncate_after(0)
+        held_out = trainer.fit()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if where.is_main and ex.eval_samples and (val_examples or train_examples):
+        _evaluate(trainer, val_examples or train_examples, encoder, tokenizer, ex, held_out, run_dir)
+    return run_dir
+
+
+def _model_and_tokenizer(cfg: FinetuneConfig, session: Session):
+    """Model config, the run's tokenizer (task tokens and template added), its template, the ids of
+    tokens added now, and the folder to take weights from (None when resuming or from scratch)."""
+    from slmforge.tokenizer import load_tokenizer
+
+    ex, run_dir = cfg.finetune, session.run_dir
+    if session.resume_dir is not None:  # the run's own tokenizer and (grown) architecture
+        cfg.model = model_config_from_meta(read_meta(session.resume_dir), session.resume_dir)
+        tokenizer = load_tokenizer(run_dir / "tokenizer")
+        choice = choose_template(ex.task, ex.chat_template, tokenizer.meta.get("hf_settings", {}).get("chat_template"))
+        return tokenizer, choice, [], None
+    init_dir = None
+    if cfg.train.init_from:
+        init_dir = resolve_checkpoint(cfg.train.init_from)
+        cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
+        say(f"model config taken from {init_dir}")
+        source = find_tokenizer_dir(init_dir)
+    else:
+        source = Path(ex.tokenizer)
+    base = load_tokenizer(source)
+    choice = choose_template(ex.task, ex.chat_template, base.meta.get("hf_settings", {}).get("chat_template"))
+    tokenizer, new_ids = add_special_tokens(base, choice.added_tokens, choice.source or None)
+    if new_ids:
+        say(f"added {', '.join(choice.added_tokens)} to the tokenizer")
+    if init_dir is None and cfg.model.vocab_size != tokenizer.vocab_size:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    if session.where.is_main:
+        tokenizer.save(run_dir / "tokenizer")
+    barrier()
+    return tokenizer, choice, new_ids, init_dir
+
+
+def _examples(cfg: FinetuneConfig, encoder: ExampleEncoder) -> tuple[list[Encoded], list[Encoded]]:
+    """Encoded training and held-out examples; bad ones fail or are counted, per on_bad_example."""
+    ex, limit = cfg.finetune, cfg.train.seq_len + 1
+    skipped = Skipped()
+    train = encode_examples(read_examples(ex.train_files, ex, skipped), encoder, limit, ex.on_bad_example, skipped)
+    if ex.val_files:
+        val = encode_examples(read_examples(ex.val_files, ex, skipped), encoder, limit, ex.on_bad_example, skipped)
+    elif ex.val_fraction > 0 and len(train) >= 10:
+        order = np.random.default_rng([cfg.train.seed, 7]).permutation(len(train))
+        held = set(order[:max(1, round(ex.val_fraction * len(train)))].tolist())
+        val = [e for i, e in enumerate(train) if i in held]
+        train = [e for i, e in enumerate(train) if i not in held]
+    else:
+        val = []
+    if skipped.total:
+        say(f"skipped {skipped.total} example(s): {skipped.summary()}")
+    if not train:
+        raise SlmforgeError(f"finetune.train_files: no usable examples in {', '.join(ex.train_files)}")
+    return train, val
+
+
+def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatch(name, pattern) for name in names):
+            raise SlmforgeError(f"finetune.freeze: {pattern!r} matches no parameter (names look like {names[1]!r})")
+    for name, param in model.named_parameters():
+        if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+
+
+def _fingerprint(examples: list[Encoded], cfg: FinetuneConfig) -> str:
+    """What the training rows are made of: example ids, scored masks, packing and LoRA settings."""
+    digest = hashlib.sha256(repr((cfg.finetune.packing, config_io.to_dict(cfg.lora))).encode())
+    for e in examples:
+        digest.update(e.ids.tobytes())
+        digest.update(e.scored.tobytes())
+    return digest.hexdigest()
+
+
+def _meta(cfg: FinetuneConfig, tokenizer, choice: TemplateChoice) -> dict:
+    """What eval, generate and export need to know of a fine-tuned checkpoint."""
+    return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.train.seq_len,
+            "add_bos": tokenizer.bos_id is not None, "objective": {"kind": "clm"},
+            "finetune": {"task": cfg.finetune.task, "chat_template": cfg.finetune.chat_template,
+                         "stop_token": choice.stop_token or tokenizer.roles.get("eos"),
+                         "lora": config_io.to_dict(cfg.lora) if cfg.lora.rank else None,
+                         "examples": list(cfg.finetune.train_files)}}
+
+
+def _evaluate(trainer: Trainer, examples: list[Encoded], encoder: ExampleEncoder, tokenizer, ex, held_out,
+              run_dir: Path) -> None:
+    """Held-out loss (from the final validation) and generation metrics into the last checkpoint's
+    eval.json; the sample table into the run folder."""
+    summary, rows = generation_eval(trainer.model, examples[:ex.eval_samples], tokenizer, encoder.stop_id,
+                                    ex.max_new_tokens)
+    write_samples(rows, run_dir)
+    row = {**(held_out or {}), **summary, "step": trainer.state.step}
+    step_dir = resolve_checkpoint(run_dir)
+    write_eval_report({"finetune_held_out" if held_out else "finetune_train_sample": row}, step_dir / "eval.json")
+    shown = f"exact match {summary['exact_match']:.3f}" + (f", chrF {summary['chrf']:.1f}" if "chrf" in summary else "")
+    say(f"answered {summary['examples']} held-out example(s): {shown}; table in {run_dir / 'samples.md'}")

@@ -1,0 +1,163 @@
+"""From an example to text with the spans that carry loss, and from text to ids.
+
+Chat examples go through a Jinja chat template rendered as `transformers`' `apply_chat_template`
+renders it (sandboxed environment, trim_blocks, lstrip_blocks, the tokenizer's special tokens as
+variables), and the rendered text is tokenized whole, without added specials, as transformers does:
+the ids a fine-tuned model sees are the ids `apply_chat_template` gives for the exported tokenizer.
+The response spans are found by rendering each conversation prefix: the text added by an assistant
+turn (its content and the template's end-of-turn marker) is what the loss is computed on.
+
+Fill-in-the-middle examples are <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle <eos>,
+with the loss on the middle and the eos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slmforge.errors import SlmforgeError
+from slmforge.finetune.examples import BadExample, Example, Skipped
+from slmforge.tokenizer.chat import ChatTemplate, ChatTemplateError
+
+CHATML = (
+    "{%- if bos_token %}{{ bos_token }}{% endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# No markers: the prompt, a newline, the response and eos (seed 000's prompt-masked pairs).
+PLAIN = (
+    "{%- if bos_token %}{{ bos_token }}{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{{- message['content'] + eos_token }}"
+    "{%- else %}{{- message['content'] + '\n' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+@dataclass
+class Rendered:
+    text: str
+    scored: list[tuple[int, int]]
+    """Character spans of `text` that carry loss (responses, or the middle)."""
+    answer: str
+    """The reference answer: the last assistant message, or the middle."""
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray
+    scored: np.ndarray
+    """True where the token is a target (a response token)."""
+    prompt_len: int
+    """Tokens before the last answer: the generation prompt in evaluation."""
+    answer: str
+    where: str
+
+
+@dataclass
+class TemplateChoice:
+    source: str
+    """Jinja text (chat) or "" (fim)."""
+    added_tokens: tuple[str, ...]
+    """Special tokens the template needs in the vocabulary (added when missing)."""
+    stop_token: str | None
+    """The token that ends an answer in generation (None: the tokenizer's eos)."""
+
+
+def choose_template(task: str, setting: str, tokenizer_template: str | None) -> TemplateChoice:
+    """The template of finetune.task / finetune.chat_template."""
+    if task == "fim":
+        return TemplateChoice("", FIM_TOKENS, None)
+    if setting == "chatml":
+        return TemplateChoice(CHATML, CHATML_TOKENS, "<|im_end|>")
+    if setting == "plain":
+        return TemplateChoice(PLAIN, (), None)
+    if setting == "tokenizer":
+        if not tokenizer_template:
+            raise SlmforgeError("finetune.chat_template: 'tokenizer' but the tokenizer has no chat template; "
+                                "use chatml, plain, a .jinja file or the template text")
+        return TemplateChoice(tokenizer_template, (), "<|im_end|>" if "<|im_end|>" in tokenizer_template else None)
+    if setting.endswith(".jinja"):
+        path = Path(setting)
+        if not path.is_file():
+            raise SlmforgeError(f"finetune.chat_template: {path} not found")
+        setting = path.read_text(encoding="utf-8")
+    if "{{" not in setting and "{%" not in setting:
+        raise SlmforgeError(f"finetune.chat_template: {setting!r} is neither chatml, plain, tokenizer, a .jinja "
+                            f"file nor Jinja template text")
+    return TemplateChoice(setting, (), "<|im_end|>" if "<|im_end|>" in setting else None)
+
+
+def render_fim(prefix: str, suffix: str, middle: str, bos: str | None, eos: str) -> Rendered:
+    p, s, m = FIM_TOKENS
+    head = f"{bos or ''}{p}{prefix}{s}{suffix}{m}"
+    return Rendered(head + middle + eos, [(len(head), len(head) + len(middle) + len(eos))], middle)
+
+
+class ExampleEncoder:
+    """Example -> ids and scored mask, with the run's tokenizer and template."""
+
+    def __init__(self, tokenizer, choice: TemplateChoice, task: str):
+        self.tokenizer, self.task = tokenizer, task
+        specials = {f"{role}_token": token for role, token in tokenizer.roles.items() if token is not None}
+        self.chat = ChatTemplate(choice.source, specials) if task == "chat" else None
+        if tokenizer.eos_id is None and (task == "fim" or choice.stop_token is None):
+            raise SlmforgeError("the tokenizer has no eos token, which ends every answer in this task; use a "
+                                "tokenizer with one (or finetune.chat_template = \"chatml\")")
+        stop = choice.stop_token or tokenizer.roles["eos"]
+        self.stop_id = tokenizer.token_to_id(stop)
+
+    def render(self, example: Example) -> Rendered:
+        if self.task == "fim":
+            prefix, suffix, middle = example.fim
+            return render_fim(prefix, suffix, middle, self.tokenizer.roles.get("bos"), self.tokenizer.roles["eos"])
+        try:
+            text = self.chat.render(example.messages)
+            spans = self.chat.response_spans(example.messages)
+        except ChatTemplateError as e:
+            raise BadExample(e.reason, str(e)) from None
+        last = example.messages[-1]
+        return Rendered(text, spans, last["content"] if last["role"] == "assistant" else "")
+
+    def encode(self, example: Example) -> Encoded:
+        rendered = self.render(example)
+        encoding = self.tokenizer.backend.encode(rendered.text, add_special_tokens=False)
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        scored = np.zeros(len(ids), dtype=bool)
+        for start, end in rendered.scored:
+            # A token that straddles the start of a response belongs to it: the generation prompt ends
+            # before it, so the model must learn to produce it.
+            scored |= np.array([s < end and e > start for s, e in encoding.offsets], dtype=bool)
+        if not scored.any():
+            raise BadExample("empty response", "the response encodes to no tokens")
+        last_start = rendered.scored[-1][0]
+        prompt_len = next(i for i, (s, e) in enumerate(encoding.offsets) if e > last_start)
+        return Encoded(ids, scored, prompt_len, rendered.answer, example.where)
+
+
+def encode_examples(examples: list[Example], encoder: ExampleEncoder, limit: int, on_bad: str,
+                    skipped: Skipped) -> list[Encoded]:
+    """Encoded examples no longer than `limit` tokens; a bad one fails or is counted, per `on_bad`."""
+    encoded = []
+    for example in examples:
+        try:
+            item = encoder.encode(example)
+            if len(item.ids) > limit:
+                raise BadExample("too long", f"{len(item.ids)} tokens, more than train.seq_len + 1 = {limit}")
+        except BadExample as e:
+            if on_bad == "error":
+                raise SlmforgeError(f"{example.where}: {e} (finetune.on_bad_example = \"skip\" leaves such "
+                                    f"examples out)") from None
+            skipped.add(e.reason, example.where, str(e))
+            continue
+        encoded.append(item)
+    return encoded

@@ -1,0 +1,48 @@
+"""`slmforge export RUN --format hf --adapter-only`: a LoRA run's adapter as a folder that
+`peft.PeftModel.from_pretrained(base, OUT)` loads onto the Hugging Face export of the run's base
+(`slmforge export RUN/base --format hf`): module names mapped to transformers' names, PEFT's config.
+
+The step folders of a LoRA run already hold the adapter under slmforge's module names; this writes
+the same tensors under the names a transformers model has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from slmforge.errors import SlmforgeError
+from slmforge.finetune.config import LoraConfig
+from slmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, PEFT_PREFIX, require_peft
+from slmforge.interop.export import output_dir
+from slmforge.models.hf import decoder as hf_decoder
+from slmforge.runs import model_config_from_meta, read_meta, resolve_checkpoint, run_dir_of
+
+
+def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Path:
+    step_dir = resolve_checkpoint(run)
+    meta = read_meta(step_dir)
+    lora = (meta.get("finetune") or {}).get("lora")
+    if not lora or not (step_dir / ADAPTER_WEIGHTS).is_file():
+        raise SlmforgeError(f"{step_dir}: not a checkpoint of a LoRA run (no {ADAPTER_WEIGHTS}); export the "
+                            f"whole model without --adapter-only")
+    cfg = model_config_from_meta(meta, step_dir)
+    peft = require_peft()
+    tensors = {}
+    for name, tensor in load_file(step_dir / ADAPTER_WEIGHTS).items():
+        module, _, rest = name.removeprefix(PEFT_PREFIX).partition(".lora_")
+        tensors[PEFT_PREFIX + hf_decoder.hf_name(cfg, module + ".weight").removesuffix(".weight") + ".lora_" + rest] = tensor
+    settings = LoraConfig(**lora)
+    # slmforge decoders name their projections as Llama and Gemma do (q_proj ... down_proj).
+    targets = sorted(settings.target_modules)
+    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                             target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                             base_model_name_or_path=str(run_dir_of(step_dir) / BASE_DIR))
+    with output_dir(Path(out), force) as tmp:
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if not (tmp / ADAPTER_CONFIG).is_file():  # pragma: no cover - peft always writes it
+            raise SlmforgeError(f"{tmp}: peft wrote no {ADAPTER_CONFIG}")
+    return Path(out)
+
