@@ -17,16 +17,16 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 
-def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
-    """`slmforge pretrain` under torchrun with `processes` CPU workers (or plainly for 1)."""
+def launch(processes: int, *args: str, verb: str = "pretrain") -> subprocess.CompletedProcess:
+    """`slmforge VERB` under torchrun with `processes` CPU workers (or plainly for 1)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     if processes == 1:
-        command = [sys.executable, "-m", "slmforge", "pretrain", *args]
+        command = [sys.executable, "-m", "slmforge", verb, *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   "-m", "slmforge", "pretrain", *args]
+                   "-m", "slmforge", verb, *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -133,3 +133,35 @@ def test_an_uneven_validation_split_does_not_deadlock(mlm_markov_shards, tmp_pat
     val_two = [r for r in read_metrics(two / "metrics.jsonl") if r["split"] == "val"]
     assert val_one[-1]["tokens"] == val_two[-1]["tokens"]
     assert val_one[-1]["loss"] == pytest.approx(val_two[-1]["loss"], abs=1e-5)
+
+
+def test_two_processes_finetune_with_lora_like_one_with_twice_the_batch(tmp_path):
+    """Fine-tuning (packed examples, prompt-masked loss, LoRA adapters under DDP) is the same training
+    on 1 and 2 processes at the same global batch."""
+    pytest.importorskip("peft")
+    from conftest import word_level_tokenizer
+    from test_finetune import WORDS, reverse_examples, write_jsonl
+
+    word_level_tokenizer(tmp_path / "tok", WORDS)
+    train = write_jsonl(tmp_path / "train.jsonl", reverse_examples(300, seed=3))
+    val = write_jsonl(tmp_path / "val.jsonl", reverse_examples(20, seed=4))
+
+    def args(out, *extra):
+        return (f'finetune.train_files=["{train}"]', f'finetune.val_files=["{val}"]', "finetune.eval_samples=0",
+                "train.seq_len=40", "train.max_steps=8", "train.log_every=1", "train.eval_every=4",
+                "train.save_every=4", "optim.lr=1e-2", "schedule.warmup_steps=2", "train.device=cpu",
+                f"train.out_dir={out}", *extra)
+
+    base = tmp_path / "base"
+    launch(1, *args(base, "model.preset=test-tiny", f"finetune.tokenizer={tmp_path / 'tok'}", "train.batch_size=8"),
+           verb="finetune")
+    lora = (f"train.init_from={base}", "lora.rank=4", "lora.dropout=0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(1, *args(one, *lora, "train.batch_size=8"), verb="finetune")
+    result = launch(2, *args(two, *lora, "train.batch_size=4"), verb="finetune")
+    assert "2 processes (ddp)" in result.stderr
+    assert_same_training(one, two, 8)
+    a = load_file(one / "checkpoints" / "step-000008" / "adapter_model.safetensors")
+    b = load_file(two / "checkpoints" / "step-000008" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -63,11 +63,10 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (not padding) input tokens of a collated batch: what `tokens seen` counts."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    if "document_ids" in batch:
-        return int((batch["document_ids"] >= 0).sum())
+    """Input tokens of a collated batch that are text, not padding: what `tokens seen` counts (an
+    objective that pads says how many in "real_tokens")."""
+    if "real_tokens" in batch:
+        return int(batch["real_tokens"])
     return batch["input_ids"].numel()
 
 

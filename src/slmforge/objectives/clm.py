@@ -49,6 +49,10 @@ class CausalLM:
             documents = raw["document_ids"].long()
             batch["targets"] = torch.where(documents[:, 1:] == documents[:, :-1], batch["targets"], IGNORE_INDEX)
             batch["document_ids"] = documents[:, :-1]
+        if "attention_mask" in raw or "document_ids" in raw:
+            # Tokens seen: (input, next token) pairs of real tokens, whatever the padding width.
+            real = raw["attention_mask"].bool() if "attention_mask" in raw else raw["document_ids"] >= 0
+            batch["real_tokens"] = (real[:, 1:] & real[:, :-1]).sum()
         if "scored" in raw or "document_ids" in raw:
             # Rows with a target, found here on the host: the head and the loss then run on these rows
             # only (fine-tuning prompts carry no loss, and need no logits either).

@@ -201,16 +201,17 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-        """This rank's grad_accum micro-batches, made by the objective from raw windows, and their
-        target counts (counted on the host, before the copy: no device sync)."""
-        batches, counts = [], []
+    def _micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], list[int], int]:
+        """This rank's grad_accum micro-batches, made by the objective from raw windows, their target
+        counts and their real (not padding) input tokens (counted on the host, before the copy: no
+        device sync)."""
+        batches, counts, tokens = [], [], 0
         for _ in range(self.loop.grad_accum):
             batch = self.objective.collate(self.loader.next_batch(), self.seed)
             counts.append(target_tokens(batch))
-            self.state.tokens += input_tokens(batch) * self.where.world_size
+            tokens += input_tokens(batch)
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return batches, counts
+        return batches, counts, tokens
 
     def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step over grad_accum micro-batches on every rank; returns the loss and metrics
@@ -218,11 +219,14 @@ class Trainer:
         lr = learning_rate(self.state.step, self.loop.max_steps, self.optim_cfg, self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches, counts = self._micro_batches()
+        batches, counts, tokens = self._micro_batches()
         # The loss is a mean over the targets of the whole step, whatever the split into ranks and
         # micro-batches: masked LM batches hold different numbers of targets, and a mean of means
         # would weight them wrongly (and make 2 processes differ from 1).
-        total = all_reduce_sum(torch.tensor([float(sum(counts))], device=self.device))
+        # One all-reduce gives the step's targets and input tokens over all ranks (packed or padded
+        # rows hold different numbers of real tokens on each).
+        step_counts = all_reduce_sum(torch.tensor([float(sum(counts)), float(tokens)], device=self.device))
+        total = step_counts[:1]
         scale = self.where.world_size / total.clamp(min=1)  # DDP averages gradients over ranks
         # Sums stay on the device until a log line needs them: reading them every step would make
         # the host wait for the GPU instead of preparing the next batch.
@@ -243,7 +247,9 @@ class Trainer:
         self._lr = lr
         # One host sync per step: a non-finite loss or gradient must not reach the weights. Every rank
         # sees the same all-reduced values, so all of them skip together.
-        if not bool(torch.isfinite(reduced[0]) & torch.isfinite(self._grad_norm)):
+        finite = bool(torch.isfinite(reduced[0]) & torch.isfinite(self._grad_norm))
+        self.state.tokens += int(step_counts[1])  # already on the host side of that sync's wait
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
             self._skip_step(float(reduced[0]))
