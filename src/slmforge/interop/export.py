@@ -1,9 +1,10 @@
 """`slmforge export --format hf`: a run's model as a folder `transformers` loads as-is.
 
     out/
-        config.json              # e.g. Gemma3ForCausalLM, LlamaForCausalLM, BertForMaskedLM, ModernBertForMaskedLM;
+        config.json              # e.g. Gemma3ForCausalLM, LlamaForCausalLM, BertForMaskedLM, ModernBertForMaskedLM,
+                                 # T5ForConditionalGeneration;
                                  # readable by transformers 4.5x and 5.x
-        generation_config.json   # decoders: bos / eos / pad ids of the run's tokenizer
+        generation_config.json   # decoders, encoder-decoders: bos / eos / pad (/ decoder start) ids
         model.safetensors        # transformers' tensor names; tied models store embed_tokens only
         tokenizer.json, tokenizer_config.json, special_tokens_map.json, ...
 
@@ -58,30 +59,41 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: b
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # transformers requires "pt"
         fileio.make_readable(tmp / "model.safetensors")  # safetensors writes 0600
         write_json(tmp / "config.json", config_to_hf(cfg, dtype=dtype, **ids))
-        if family(cfg).kind == "decoder":  # encoders do not generate
+        kind = family(cfg).kind
+        if kind == "decoder":  # encoders do not generate
             write_json(tmp / "generation_config.json", generation_config(**ids))
+        if kind == "encoder-decoder":
+            write_json(tmp / "generation_config.json",
+                       {**generation_config(**ids), "decoder_start_token_id": cfg.decoder_start_token_id})
         copy_tokenizer_files(tokenizer_dir, tmp, model_max_length=cfg.max_seq_len)
-        if family(cfg).kind == "encoder":
+        if kind == "encoder":
             wrap_encoder_inputs(tmp / "tokenizer.json")
+        if kind == "encoder-decoder":
+            wrap_encoder_inputs(tmp / "tokenizer.json", bos=False)
     return out
 
 
-def wrap_encoder_inputs(tokenizer_json: Path) -> None:
+def wrap_encoder_inputs(tokenizer_json: Path, bos: bool = True) -> None:
     """Make `tokenizer(text)` in transformers give `bos text eos` ([CLS] ... [SEP], <s> ... </s>): the
-    layout the encoder was trained on, which fill-mask pipelines and classifiers feed it."""
+    layout the encoder was trained on, which fill-mask pipelines and classifiers feed it. With
+    bos=False, `text eos`: T5's source layout (span corruption ends every source with eos)."""
     from tokenizers import Tokenizer as BackendTokenizer
     from tokenizers import processors
 
     from slmforge.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_json.parent)
-    bos, eos = tokenizer.roles.get("bos"), tokenizer.roles.get("eos")
-    if bos is None or eos is None:
+    bos_token, eos = tokenizer.roles.get("bos") if bos else "", tokenizer.roles.get("eos")
+    if bos_token is None or eos is None:
         return
     backend = BackendTokenizer.from_file(str(tokenizer_json))
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B:1 {eos}:1",
-        special_tokens=[(bos, tokenizer.bos_id), (eos, tokenizer.eos_id)])
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A {eos}", pair=f"{bos_token} $A {eos} $B:1 {eos}:1",
+            special_tokens=[(bos_token, tokenizer.bos_id), (eos, tokenizer.eos_id)])
+    else:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tokenizer.eos_id)])
     text = backend.to_str(pretty=True)
     fileio.write_text_atomic(tokenizer_json, text)
     meta_path = tokenizer_json.parent / "slmforge_tokenizer.json"

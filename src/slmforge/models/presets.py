@@ -3,7 +3,8 @@ config class); anything given beside a preset wins.
 
 Sources: Gemma 3 270M from google/gemma-3-270m's config.json; Llama shapes follow the seed-002
 "150M from scratch" write-up (GQA, RoPE, SwiGLU, pre-norm); BERT, XLM-R and ModernBERT base shapes from
-their config.json files; seed 001's BERT and seed 004's student from their write-ups; the tiny ones
+their config.json files; seed 001's BERT and seed 004's student from their write-ups; T5 v1.1 small/base
+from google/t5-v1_1-* config.json; the tiny ones
 exist for CPU tests.
 """
 
@@ -94,6 +95,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "modernbert-tiny": dict(
         family="modernbert", vocab_size=4096, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96,
         max_seq_len=128, local_window=16, global_every=3,
+    ),
+    # ---- encoder-decoders (span corruption, translation)
+    # T5 v1.1 shapes from google/t5-v1_1-small and -base config.json: gated GELU, d_kv 64, 32 relative
+    # position buckets up to distance 128, untied head, 32,128 ids (32k SentencePiece + 100 sentinels + padding).
+    "t5-small": dict(
+        family="t5", vocab_size=32_128, hidden_size=512, num_layers=8, num_heads=6, head_dim=64,
+        intermediate_size=1024, max_seq_len=512,
+    ),
+    "t5-base": dict(
+        family="t5", vocab_size=32_128, hidden_size=768, num_layers=12, num_heads=12, head_dim=64,
+        intermediate_size=2048, max_seq_len=512,
+    ),
+    # Seed 002's ~150M translator in modern blocks: 9 + 9 layers of the llama-150m width (GQA 12:4, RoPE,
+    # SwiGLU 2048, pre-norm), one 32k embedding shared by encoder, decoder and head: 152M parameters.
+    "encdec-150m": dict(
+        family="encdec", vocab_size=32_000, hidden_size=768, num_layers=9, num_heads=12, num_kv_heads=4,
+        intermediate_size=2048, max_seq_len=512,
+    ),
+    "t5-tiny": dict(
+        family="t5", vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, head_dim=16,
+        intermediate_size=128, max_seq_len=256, relative_buckets=16, relative_max_distance=32,
+    ),
+    "encdec-tiny": dict(
+        family="encdec", vocab_size=4096, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=128, max_seq_len=256,
     ),
 }
 

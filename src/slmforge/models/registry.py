@@ -16,18 +16,21 @@ from torch import nn
 from slmforge.errors import SlmforgeError
 from slmforge.models.decoder import Decoder
 from slmforge.models.decoder_config import DecoderConfig
+from slmforge.models.encdec import EncoderDecoder
+from slmforge.models.encdec_config import EncDecConfig
 from slmforge.models.encoder import Encoder
 from slmforge.models.encoder_config import EncoderConfig
 
-ModelConfig = DecoderConfig | EncoderConfig
+ModelConfig = DecoderConfig | EncoderConfig | EncDecConfig
 """What a recipe's [model] section holds; its `family` (or its preset's) picks the class."""
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    kind: Literal["decoder", "encoder"]
-    """decoder: causal attention, generates text; encoder: bidirectional, fills masks."""
+    kind: Literal["decoder", "encoder", "encoder-decoder"]
+    """decoder: causal attention, generates text; encoder: bidirectional, fills masks; encoder-decoder:
+    encodes a source, generates a target (span corruption, translation)."""
     config_cls: type
     module_cls: type[nn.Module]
     hf_adapter: str
@@ -40,6 +43,8 @@ FAMILIES: dict[str, Family] = {
     "bert": Family("bert", "encoder", EncoderConfig, Encoder, "slmforge.models.hf.encoder"),
     "roberta": Family("roberta", "encoder", EncoderConfig, Encoder, "slmforge.models.hf.encoder"),
     "modernbert": Family("modernbert", "encoder", EncoderConfig, Encoder, "slmforge.models.hf.encoder"),
+    "t5": Family("t5", "encoder-decoder", EncDecConfig, EncoderDecoder, "slmforge.models.hf.t5"),
+    "encdec": Family("encdec", "encoder-decoder", EncDecConfig, EncoderDecoder, "slmforge.models.hf.t5"),
 }
 
 

@@ -1,6 +1,6 @@
 """Objectives: each turns raw token windows into model inputs and targets and computes the loss.
 
-Pretraining (CLM, MLM; later span corruption), distillation and fine-tuning are the same trainer with
+Pretraining (CLM, MLM, span corruption), distillation and fine-tuning are the same trainer with
 another objective. A recipe picks one in its [objective] section by `kind`.
 """
 
@@ -10,25 +10,29 @@ from slmforge.errors import SlmforgeError
 from slmforge.objectives.base import Objective, mean_loss, sample_generator, summarize
 from slmforge.objectives.clm import CausalLM, ClmConfig
 from slmforge.objectives.mlm import MaskedLM, MlmConfig
+from slmforge.objectives.span import SpanConfig, SpanCorruption
 
-ObjectiveConfig = ClmConfig | MlmConfig
+ObjectiveConfig = ClmConfig | MlmConfig | SpanConfig
 """What a recipe's [objective] section holds; `kind` picks the class."""
 
-DEFAULT_FOR_KIND = {"decoder": "clm", "encoder": "mlm"}
+DEFAULT_FOR_KIND = {"decoder": "clm", "encoder": "mlm", "encoder-decoder": "span"}
 
 
 def build_objective(cfg: ObjectiveConfig, model_kind: str, family_name: str, tokenizer=None,
                     where: str = "tokenizer") -> Objective:
     """The objective `cfg` describes, checked against the model it will train."""
-    cls = MaskedLM if isinstance(cfg, MlmConfig) else CausalLM
+    cls = MaskedLM if isinstance(cfg, MlmConfig) else SpanCorruption if isinstance(cfg, SpanConfig) else CausalLM
     if model_kind not in cls.kinds:
         article = "an" if model_kind[0] in "aeiou" else "a"
         raise SlmforgeError(f"objective.kind: {cfg.kind!r} cannot train model family {family_name!r} "
                             f"({article} {model_kind}); use objective.kind = \"{DEFAULT_FOR_KIND[model_kind]}\"")
     if cls is MaskedLM:
         return MaskedLM.for_tokenizer(cfg, tokenizer, where)
+    if cls is SpanCorruption:
+        return SpanCorruption.for_tokenizer(cfg, tokenizer, model_kind, where)
     return CausalLM(cfg)
 
 
-__all__ = ["Objective", "ObjectiveConfig", "ClmConfig", "MlmConfig", "CausalLM", "MaskedLM", "build_objective",
+__all__ = ["Objective", "ObjectiveConfig", "ClmConfig", "MlmConfig", "SpanConfig", "CausalLM", "MaskedLM",
+           "SpanCorruption", "build_objective",
            "sample_generator", "mean_loss", "summarize", "DEFAULT_FOR_KIND"]

@@ -4,6 +4,7 @@ One adapter module per architecture kind, reached through the model registry:
 
     decoder.py   Gemma3ForCausalLM, Gemma3ForConditionalGeneration (text part), LlamaForCausalLM
     encoder.py   BertForMaskedLM, XLMRobertaForMaskedLM / RobertaForMaskedLM, ModernBertForMaskedLM
+    t5.py        T5ForConditionalGeneration (and MT5ForConditionalGeneration, read)
 
 Every adapter offers the same functions on plain dicts and tensors (config.json, safetensors), so
 export and import need no `transformers`:
@@ -28,12 +29,16 @@ from slmforge.models.registry import hf_adapter
 # architecture / model_type -> adapter module, for config.json files we are asked to import
 _ENCODER_ARCHITECTURES = ("BertForMaskedLM", "XLMRobertaForMaskedLM", "RobertaForMaskedLM", "ModernBertForMaskedLM")
 _ENCODER_MODEL_TYPES = ("bert", "xlm-roberta", "roberta", "modernbert")
+_ENCDEC_ARCHITECTURES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
+_ENCDEC_MODEL_TYPES = ("t5", "mt5")
 
 
 def adapter_for_config(hf: dict[str, Any]):
-    """The adapter module that reads this config.json (decoder unless it names an encoder)."""
+    """The adapter module that reads this config.json (decoder unless it names an encoder or T5)."""
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
+    if arch in _ENCDEC_ARCHITECTURES or (arch is None and hf.get("model_type") in _ENCDEC_MODEL_TYPES):
+        return importlib.import_module("slmforge.models.hf.t5")
     if arch in _ENCODER_ARCHITECTURES or (arch is None and hf.get("model_type") in _ENCODER_MODEL_TYPES):
         return importlib.import_module("slmforge.models.hf.encoder")
     return importlib.import_module("slmforge.models.hf.decoder")
