@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from slmforge.models.heads import OutputProjection
 from slmforge.objectives.base import IGNORE_INDEX
 from slmforge.objectives.losses import projection_cross_entropy
 
@@ -59,8 +60,8 @@ class CausalLM:
             batch["target_index"] = (batch["targets"].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
         return batch
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def predictions(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[OutputProjection, torch.Tensor]:
+        """The head at the positions with a target (all, or those of `target_index`), and the targets."""
         packed = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
         hidden = model(batch["input_ids"], batch.get("attention_mask"), **packed)
         targets = batch["targets"]
@@ -68,6 +69,11 @@ class CausalLM:
             index = batch["target_index"]
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
             targets = targets.reshape(-1).index_select(0, index)
-        loss, correct = projection_cross_entropy(model.output_projection(hidden), targets, with_correct=True)
+        return model.output_projection(hidden), targets
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        projection, targets = self.predictions(model, batch)
+        loss, correct = projection_cross_entropy(projection, targets, with_correct=True)
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         return loss, {"accuracy": correct / count}

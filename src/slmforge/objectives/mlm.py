@@ -17,6 +17,7 @@ from torch import nn
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
+from slmforge.models.heads import OutputProjection
 from slmforge.objectives.base import IGNORE_INDEX, sample_generator, sample_ids
 from slmforge.objectives.losses import projection_cross_entropy
 
@@ -150,12 +151,15 @@ class MaskedLM:
 
     # ------------------------------------------------------------ loss
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def predictions(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[OutputProjection, torch.Tensor]:
+        """The head at the masked positions only ((N, d), N ~ 15% of B*T), and their targets."""
         hidden = model(batch["input_ids"], batch.get("attention_mask"))  # (B, T, d)
         targets = batch["targets"]
         where = targets != IGNORE_INDEX
-        # Only masked positions go through the head: (N, d) with N ~ 15% of B*T.
-        projection = model.output_projection(hidden[where])
-        loss, correct = projection_cross_entropy(projection, targets[where], with_correct=True)
-        return loss, {"accuracy": correct / where.sum().clamp(min=1)}
+        return model.output_projection(hidden[where]), targets[where]
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        projection, targets = self.predictions(model, batch)
+        loss, correct = projection_cross_entropy(projection, targets, with_correct=True)
+        return loss, {"accuracy": correct / max(targets.numel(), 1)}

@@ -56,17 +56,20 @@ def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
     return info.get("sha256")
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    """Train per `cfg` (resuming from its run folder when possible); returns the run folder."""
+def pretrain(cfg: PretrainConfig, extend_objective=None) -> Path:
+    """Train per `cfg` (resuming from its run folder when possible); returns the run folder.
+
+    `extend_objective(objective, family, tokenizer, device) -> (objective, meta)` replaces the
+    objective once it is built (distillation adds its teacher) and adds to every checkpoint's meta."""
     loop = cfg.train
     if not loop.data:
         raise SlmforgeError("train.data: required; point it at a folder made by `slmforge data prepare`")
     read_manifest(loop.data)  # a wrong train.data fails before anything is created
     with training_session(loop, cfg.parallel) as session:
-        return _pretrain(cfg, session)
+        return _pretrain(cfg, session, extend_objective)
 
 
-def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
+def _pretrain(cfg: PretrainConfig, session: Session, extend_objective=None) -> Path:
     loop = cfg.train
     run_dir, resume_dir, device, where = session.run_dir, session.resume_dir, session.device, session.where
     resume = resume_dir is not None
@@ -115,6 +118,9 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
     tokenizer = _run_tokenizer(run_dir)
     objective = build_objective(cfg.objective, model_family.kind, model_family.name, tokenizer,
                                 where=f"{loop.data}/manifest.json")
+    extra_meta = {}
+    if extend_objective is not None:
+        objective, extra_meta = extend_objective(objective, model_family, tokenizer, device)
     window = objective.window_tokens(loop.seq_len)
     train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed, window=window,
                                 rank=where.rank, world_size=where.world_size)
@@ -159,7 +165,7 @@ def _pretrain(cfg: PretrainConfig, session: Session) -> Path:
                              "objective": config_io.to_dict(cfg.objective),
                              "processes": where.world_size,
                              "config": resolved, "data_fingerprint": fingerprint, "resume_identity": identity,
-                             "dropout_seeds": [loop.seed + r for r in range(where.world_size)]},
+                             "dropout_seeds": [loop.seed + r for r in range(where.world_size)], **extra_meta},
             flops_per_token=cfg.model.flops_per_token(loop.seq_len), seed=loop.seed,
             where=where, parallel=cfg.parallel,
         )

@@ -217,6 +217,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches on every rank; returns the loss and metrics
         averaged over every target of the step (all ranks, all micro-batches)."""
         lr = learning_rate(self.state.step, self.loop.max_steps, self.optim_cfg, self.schedule)
+        if hasattr(self.objective, "set_progress"):  # scheduled objectives (distillation's alpha and T)
+            self.objective.set_progress(self.state.step, self.loop.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches, counts, tokens = self._micro_batches()

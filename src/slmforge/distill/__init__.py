@@ -1,0 +1,1 @@
+"""Pretraining distillation: a teacher's distributions guide a student during pretraining."""

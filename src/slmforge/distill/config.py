@@ -1,0 +1,58 @@
+"""The [distill] section of `slmforge distill` (the rest of a recipe is a pretraining recipe: the
+student's [model], [objective], data and training loop)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from slmforge.config import require
+from slmforge.objectives.divergence import DIVERGENCES
+from slmforge.train.config import PretrainConfig
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    """The teacher: an slmforge run or checkpoint folder, or a local Hugging Face model folder
+    (config.json, safetensors, tokenizer.json) of a family slmforge supports."""
+    alpha: float = 0.5
+    """Weight of the student's own (hard) loss; the distillation term gets 1 - alpha. 1 = no teacher."""
+    alpha_end: float | None = None
+    """If set, alpha moves linearly from `alpha` to this over the run (e.g. lean on the teacher early)."""
+    temperature: float = 2.0
+    """Softmax temperature T of both distributions in the distillation term."""
+    temperature_end: float | None = None
+    """If set, T moves linearly from `temperature` to this over the run."""
+    divergence: Literal["forward_kl", "reverse_kl", "js", "tv"] = "forward_kl"
+    """forward_kl (Hinton: KL(teacher || student) x T^2), reverse_kl, js (Jensen-Shannon), tv (total
+    variation)."""
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 weights on a GPU that supports it (the teacher needs no gradients), else float32."""
+    chunk_rows: int = 1024
+    """Rows of (student and teacher) logits computed at a time in the distillation term."""
+
+    def validate(self) -> None:
+        require(bool(self.teacher), "teacher", "required: a run folder or a Hugging Face model folder")
+        for name in ("alpha", "alpha_end"):
+            value = getattr(self, name)
+            require(value is None or 0 <= value <= 1, name, f"must be in [0, 1], got {value}")
+        for name in ("temperature", "temperature_end"):
+            value = getattr(self, name)
+            require(value is None or value > 0, name, f"must be positive, got {value}")
+        require(self.divergence in DIVERGENCES, "divergence", f"one of {', '.join(DIVERGENCES)}")
+        require(self.chunk_rows > 0, "chunk_rows", f"must be positive, got {self.chunk_rows}")
+
+    def at(self, progress: float) -> tuple[float, float]:
+        """(alpha, temperature) at `progress` (0 at the first step, 1 at the last)."""
+        alpha = self.alpha if self.alpha_end is None else self.alpha + (self.alpha_end - self.alpha) * progress
+        temperature = (self.temperature if self.temperature_end is None
+                       else self.temperature + (self.temperature_end - self.temperature) * progress)
+        return alpha, temperature
+
+
+@dataclass
+class DistillRunConfig(PretrainConfig):
+    """Sections read by `slmforge distill`: a pretraining recipe plus [distill]."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)

@@ -1,0 +1,60 @@
+"""The student's own objective plus a distillation term:
+
+    loss = alpha * hard + (1 - alpha) * D(teacher || student)
+
+at the positions the student's objective scores (every next token for causal LM, the masked ones
+for masked LM), with both models reading the same (masked) input. Validation measures the student
+alone, on its own objective, so its figures compare with a student trained without a teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slmforge.distill.config import DistillConfig
+from slmforge.distill.teacher import Teacher
+from slmforge.objectives.base import IGNORE_INDEX
+from slmforge.objectives.divergence import chunked_divergence
+from slmforge.objectives.losses import projection_cross_entropy
+
+
+class Distillation:
+    def __init__(self, student, teacher: Teacher, cfg: DistillConfig):
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.name = f"{student.name} + {cfg.divergence} distillation"
+        self.kinds = student.kinds
+        self.metric_names = (*student.metric_names, "hard_loss", "distill_loss")
+        self.bits_per_byte = student.bits_per_byte
+        self.progress = 0.0
+
+    def window_tokens(self, seq_len: int) -> int:
+        return self.student.window_tokens(seq_len)
+
+    def collate(self, raw: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+        return self.student.collate(raw, seed)
+
+    def set_progress(self, step: int, max_steps: int) -> None:
+        """Where scheduled alpha and temperature stand (the trainer calls this before each step)."""
+        self.progress = min(step / max(max_steps - 1, 1), 1.0)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not model.training:  # validation: the student alone
+            return self.student.loss(model, batch)
+        projection, targets = self.student.predictions(model, batch)
+        hard, correct = projection_cross_entropy(projection, targets, with_correct=True)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        alpha, temperature = self.cfg.at(self.progress)
+        if alpha >= 1.0:
+            soft = torch.zeros((), device=hard.device)
+        else:
+            teacher_batch = dict(batch)
+            if not self.teacher.identity:
+                teacher_batch["input_ids"] = self.teacher.to_teacher[batch["input_ids"]]
+            with torch.no_grad():
+                teacher_projection, _ = self.student.predictions(self.teacher.model, teacher_batch)
+            soft = chunked_divergence(projection, teacher_projection, self.cfg.divergence, temperature,
+                                      self.cfg.chunk_rows, None if self.teacher.identity else self.teacher.to_teacher)
+        loss = hard if alpha >= 1.0 else alpha * hard + (1 - alpha) * soft
+        return loss, {"accuracy": correct / count, "hard_loss": hard.detach(), "distill_loss": soft.detach()}

@@ -1,0 +1,165 @@
+"""Distillation: divergences (chunked = unchunked = reference gradients), the mixed objective, the
+vocabulary map, and a distilled student beating the same student trained alone."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmforge import config
+from slmforge.distill.config import DistillConfig, DistillRunConfig
+from slmforge.distill.objective import Distillation
+from slmforge.distill.run import distill
+from slmforge.distill.teacher import Teacher, vocabulary_map
+from slmforge.errors import SlmforgeError
+from slmforge.models.heads import OutputProjection
+from slmforge.objectives.clm import CausalLM
+from slmforge.objectives.divergence import DIVERGENCES, chunked_divergence, row_divergence
+from slmforge.train.config import PretrainConfig
+from slmforge.train.metrics import read_metrics
+from slmforge.train.pretrain import pretrain
+
+
+def projections(seed=0, rows=37, d_s=8, d_t=12, vocab=23, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    student = OutputProjection(torch.randn(rows, d_s, generator=g, requires_grad=True),
+                               torch.randn(vocab, d_s, generator=g, requires_grad=True),
+                               torch.randn(vocab, generator=g, requires_grad=True) if bias else None)
+    teacher = OutputProjection(torch.randn(rows, d_t, generator=g), torch.randn(vocab, d_t, generator=g),
+                               torch.randn(vocab, generator=g))
+    return student, teacher
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_chunked_divergence_equals_the_unchunked_one_in_value_and_gradient(kind):
+    student, teacher = projections()
+    reference = row_divergence(student.logits().float(), teacher.logits().float(), kind, 2.0).mean()
+    expected = torch.autograd.grad(reference, [student.features, student.weight, student.bias])
+    for chunk in (1, 5, 64):
+        value = chunked_divergence(student, teacher, kind, 2.0, chunk_rows=chunk)
+        grads = torch.autograd.grad(value, [student.features, student.weight, student.bias])
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_kl_gradient_is_t_times_q_minus_p():
+    """Hand-computed: d/dz_s [T^2 KL(p || q)] = T (q - p) per row, with p, q at temperature T."""
+    student, teacher = projections(seed=1, bias=False)
+    logits = student.logits().detach().requires_grad_(True)
+    T = 3.0
+    loss = chunked_divergence(OutputProjection(torch.eye(23)[:0], student.weight), teacher, "forward_kl", T) * 0
+    value = row_divergence(logits, teacher.logits(), "forward_kl", T).sum()
+    (grad,) = torch.autograd.grad(value, logits)
+    q, p = F.softmax(logits / T, -1), F.softmax(teacher.logits() / T, -1)
+    torch.testing.assert_close(grad, T * (q - p), rtol=1e-5, atol=1e-6)
+    assert float(loss) == 0.0  # zero rows: zero loss, no error
+
+
+def test_a_student_identical_to_its_teacher_has_zero_divergence():
+    _, teacher = projections(seed=2)
+    same = OutputProjection(teacher.features.clone().requires_grad_(True), teacher.weight.clone(), teacher.bias.clone())
+    for kind in DIVERGENCES:
+        assert abs(float(chunked_divergence(same, teacher, kind, 1.7))) < 1e-6
+
+
+def test_teacher_columns_renormalize_the_teacher_over_the_student_vocabulary():
+    student, teacher = projections(seed=3, vocab=10)
+    _, big = projections(seed=4, vocab=30)
+    columns = torch.tensor([3, 7, 0, 29, 12, 5, 8, 21, 17, 2])
+    value = chunked_divergence(student, big, "forward_kl", 1.0, teacher_columns=columns)
+    kept = big.logits()[:, columns]  # log-softmax over the kept columns = renormalized probabilities
+    reference = row_divergence(student.logits(), kept, "forward_kl", 1.0).mean()
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_one_is_the_plain_objective(mlm_markov_shards, tmp_path):
+    from slmforge.models import build_model, config_from_dict
+
+    cfg = config_from_dict({"preset": "test-tiny", "vocab_size": 21})
+    student, teacher_model = build_model(cfg, "cpu", seed=0), build_model(cfg, "cpu", seed=1)
+    objective = CausalLM()
+    tokens = torch.randint(5, 21, (4, 17), generator=torch.Generator().manual_seed(0))
+    batch = objective.collate({"tokens": tokens})
+    teacher = Teacher(teacher_model, None, "test", torch.arange(21), True)
+    plain, _ = objective.loss(student, batch)
+    mixed, metrics = Distillation(objective, teacher, DistillConfig(teacher="x", alpha=1.0)).loss(student, batch)
+    assert torch.equal(plain, mixed) and float(metrics["distill_loss"]) == 0.0
+    half, metrics = Distillation(objective, teacher, DistillConfig(teacher="x", alpha=0.5)).loss(student, batch)
+    assert float(metrics["distill_loss"]) > 0
+    torch.testing.assert_close(half, 0.5 * plain + 0.5 * metrics["distill_loss"])
+
+
+def test_scheduled_alpha_and_temperature_move_linearly():
+    cfg = DistillConfig(teacher="x", alpha=0.2, alpha_end=0.8, temperature=4.0, temperature_end=1.0)
+    assert cfg.at(0.0) == (0.2, 4.0) and cfg.at(1.0) == pytest.approx((0.8, 1.0))
+    assert cfg.at(0.5) == pytest.approx((0.5, 2.5))
+
+
+def test_vocabularies_without_a_mapping_fail_saying_how_to_trim(tmp_path):
+    from conftest import word_level_tokenizer
+
+    student = word_level_tokenizer(tmp_path / "s", ["a", "b", "zz"])
+    teacher = word_level_tokenizer(tmp_path / "t", ["b", "a", "c"])
+    with pytest.raises(SlmforgeError, match=r"1 of the student's 8 tokens .* 'zz'.* vocabulary cut from the teacher's"):
+        vocabulary_map(student, teacher, "T")
+    subset = word_level_tokenizer(tmp_path / "sub", ["a", "b"])
+    mapping, identity = vocabulary_map(subset, teacher, "T")
+    assert not identity and mapping.tolist() == [0, 1, 2, 3, 4, 6, 5]  # specials by role, words by string
+
+
+# ---------------------------------------------------------------- training
+
+
+def student_config(data, out, seed, *extra):
+    return config.load(DistillRunConfig, overrides=[
+        "model.preset=test-tiny", "model.hidden_size=16", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.intermediate_size=32", "model.num_layers=1", f"train.data={data}", "train.seq_len=32",
+        "train.batch_size=8", "train.max_steps=60", "train.eval_every=0", "train.eval_batches=8",
+        "train.save_every=60", "optim.lr=1e-2", "schedule.warmup_steps=5", f"train.seed={seed}",
+        f"train.out_dir={out}", *extra])
+
+
+def final_val_loss(run) -> float:
+    return [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "val"][-1]["loss"]
+
+
+def test_a_distilled_student_beats_the_same_student_trained_alone(mlm_markov_shards, tmp_path):
+    _, data = mlm_markov_shards
+    teacher = pretrain(config.load(PretrainConfig, overrides=[
+        "model.preset=test-tiny", f"train.data={data}", "train.seq_len=32", "train.batch_size=16",
+        "train.max_steps=300", "train.eval_every=0", "optim.lr=3e-3", "schedule.warmup_steps=20",
+        f"train.out_dir={tmp_path / 'teacher'}"]))
+    margins = []
+    for seed in (1, 2, 3):
+        alone = distill(student_config(data, tmp_path / f"alone{seed}", seed, f"distill.teacher={teacher}",
+                                       "distill.alpha=1.0"))
+        taught = distill(student_config(data, tmp_path / f"taught{seed}", seed, f"distill.teacher={teacher}",
+                                        "distill.alpha=0.0", "distill.temperature=1.0"))
+        margins.append(final_val_loss(alone) - final_val_loss(taught))
+    print(f"held-out loss, alone - distilled, per seed: {', '.join(f'{m:.4f}' for m in margins)}; "
+          f"mean {statistics.mean(margins):.4f}")
+    assert statistics.mean(margins) > 0.01, margins
+    records = [r for r in read_metrics(tmp_path / "taught1" / "metrics.jsonl") if r["split"] == "train"]
+    assert all("distill_loss" in r and "hard_loss" in r for r in records)
+
+
+def test_distill_runs_resumes_and_records_its_teacher(mlm_markov_shards, tmp_path):
+    import json
+
+    _, data = mlm_markov_shards
+    teacher = pretrain(config.load(PretrainConfig, overrides=[
+        "model.preset=test-tiny", f"train.data={data}", "train.seq_len=32", "train.batch_size=8",
+        "train.max_steps=5", f"train.out_dir={tmp_path / 'teacher'}"]))
+    run = distill(student_config(data, tmp_path / "student", 0, f"distill.teacher={teacher}", "train.max_steps=6",
+                                 "train.save_every=3", "distill.divergence=js"))
+    again = distill(student_config(data, tmp_path / "student", 0, f"distill.teacher={teacher}", "train.max_steps=8",
+                                   "train.save_every=3", "distill.divergence=js"))
+    assert again == run
+    meta = json.loads((run / "checkpoints" / "step-000008" / "meta.json").read_text())
+    assert meta["distill"]["teacher"] == str(teacher) and meta["distill"]["divergence"] == "js"
+    with pytest.raises(SlmforgeError, match="distill.teacher: required"):
+        config.load(DistillRunConfig, overrides=[f"train.data={data}"])
