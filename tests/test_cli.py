@@ -139,8 +139,9 @@ def test_recipe_sections_are_every_verbs_sections():
     import dataclasses
 
     from slmforge.config import RECIPE_SECTIONS
+    from slmforge.distill.config import DistillRunConfig
     from slmforge.finetune.config import FinetuneConfig
     from slmforge.train.config import PretrainConfig
 
-    verbs = {f.name for cls in (PretrainConfig, FinetuneConfig) for f in dataclasses.fields(cls)}
+    verbs = {f.name for cls in (PretrainConfig, FinetuneConfig, DistillRunConfig) for f in dataclasses.fields(cls)}
     assert set(RECIPE_SECTIONS) - {"curate"} == {"tokenizer", "data"} | verbs

@@ -154,12 +154,20 @@ def test_distill_runs_resumes_and_records_its_teacher(mlm_markov_shards, tmp_pat
     teacher = pretrain(config.load(PretrainConfig, overrides=[
         "model.preset=test-tiny", f"train.data={data}", "train.seq_len=32", "train.batch_size=8",
         "train.max_steps=5", f"train.out_dir={tmp_path / 'teacher'}"]))
-    run = distill(student_config(data, tmp_path / "student", 0, f"distill.teacher={teacher}", "train.max_steps=6",
-                                 "train.save_every=3", "distill.divergence=js"))
-    again = distill(student_config(data, tmp_path / "student", 0, f"distill.teacher={teacher}", "train.max_steps=8",
-                                   "train.save_every=3", "distill.divergence=js"))
+    text = tmp_path / "markov.txt"
+    text.write_text("".join(" ".join(f"s{(i * 7 + j) % 16}" for j in range(20)) + "\n" for i in range(10)))
+    common = (f"distill.teacher={teacher}", "train.save_every=3", "distill.divergence=js",
+              f"distill.eval_texts.markov={text}")
+    run = distill(student_config(data, tmp_path / "student", 0, "train.max_steps=6", *common))
+    again = distill(student_config(data, tmp_path / "student", 0, "train.max_steps=8", *common))
     assert again == run
     meta = json.loads((run / "checkpoints" / "step-000008" / "meta.json").read_text())
     assert meta["distill"]["teacher"] == str(teacher) and meta["distill"]["divergence"] == "js"
+    report = json.loads((run / "distill_report.json").read_text())
+    assert report["teacher"]["parameters"] > report["student"]["parameters"] and report["compression"] > 1
+    for side in ("teacher", "student"):
+        assert report[side]["markov"]["bpb"] > 0 and report[side]["forward_tokens_per_s"] > 0
+    rows = json.loads((run / "checkpoints" / "step-000008" / "eval.json").read_text())
+    assert rows["markov"]["model"] == "student" and rows["teacher markov"]["model"] == "teacher"
     with pytest.raises(SlmforgeError, match="distill.teacher: required"):
         config.load(DistillRunConfig, overrides=[f"train.data={data}"])

@@ -14,8 +14,9 @@ from slmforge.train.config import PretrainConfig
 
 ALL_RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 # Pipeline recipes (tokenizer, data, pretraining) and fine-tuning recipes (on a pipeline recipe's run).
-RECIPES = [r for r in ALL_RECIPES if "finetune" not in config.read_toml(r)]
+RECIPES = [r for r in ALL_RECIPES if not {"finetune", "distill"} & set(config.read_toml(r))]
 FINETUNE_RECIPES = [r for r in ALL_RECIPES if "finetune" in config.read_toml(r)]
+DISTILL_RECIPES = [r for r in ALL_RECIPES if "distill" in config.read_toml(r)]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -127,3 +128,47 @@ def test_seed_001_recipe_is_the_10m_bert_with_its_training_setup():
             pre.train.seq_len) == (1.0, 3, 8, 16, 128)
     tok = load_tokenizer_config(recipe)
     assert (tok.kind, tok.lowercase, tok.mask, tok.bos, tok.eos) == ("wordpiece", True, "[MASK]", "[CLS]", "[SEP]")
+
+
+@pytest.mark.parametrize("recipe", DISTILL_RECIPES, ids=[r.stem for r in DISTILL_RECIPES])
+def test_distill_recipe_tiny_twin_runs(recipe, tmp_path):
+    """Seed 004's chain on a tiny scale: a random XLM-R-layout teacher (as a Hugging Face folder) over a
+    multilingual tokenizer, cut to Hindi with trim-vocab, the data tokenized with the cut vocabulary,
+    and the recipe's student (its family's tiny preset) distilled for 3 steps, compared at the end."""
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    import torch
+
+    from slmforge.data.prepare import prepare_data
+    from slmforge.distill.config import DistillRunConfig
+    from slmforge.distill.run import distill
+    from slmforge.distill.trim import trim_vocab
+    from slmforge.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = {"hi": "हिन्दी भाषा और साहित्य", "en": "english language and text"}
+    for lang, words in texts.items():
+        (tmp_path / f"{lang}.txt").write_text("".join(f"{words} {i}\n" for i in range(200)), encoding="utf-8")
+    tokenizer = load_tokenizer(train_tokenizer(TokenizerConfig(kind="unigram", vocab_size=300, min_frequency=1,
+                                                               inputs=[str(tmp_path / "hi.txt"), str(tmp_path / "en.txt")]),
+                                               tmp_path / "tok"))
+    hf = transformers.XLMRobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=80,
+                                       pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(0)
+    transformers.XLMRobertaForMaskedLM(hf).save_pretrained(tmp_path / "teacher")
+    tokenizer.save(tmp_path / "teacher")
+    trim_vocab(str(tmp_path / "teacher"), [str(tmp_path / "hi.txt")], str(tmp_path / "teacher-hi"))
+    tree = config.read_toml(recipe)
+    data = prepare_data(load_data_config(recipe, flags={
+        "sources": [{**s, "path": str(tmp_path / "hi.txt")} for s in tree["data"]["sources"]],
+        "tokenizer": str(tmp_path / "teacher-hi" / "tokenizer"), "out": str(tmp_path / "data"), "workers": 1,
+        "val_fraction": 0.1}), show_progress=False)
+    family = config.load(DistillRunConfig, recipe).model.family
+    run = distill(config.load(DistillRunConfig, recipe, [
+        f"model.preset={family}-tiny", "model.max_seq_len=64", "train.seq_len=16", "train.batch_size=4",
+        "train.max_steps=3", "train.device=cpu", "tracking.backends=[]", f"train.data={data}",
+        f"train.out_dir={tmp_path / 'student'}", f"distill.teacher={tmp_path / 'teacher-hi'}",
+        f"distill.eval_texts.hi={tmp_path / 'hi.txt'}", f"distill.eval_texts.en={tmp_path / 'en.txt'}"]))
+    report = json.loads((run / "distill_report.json").read_text())
+    assert {"hi", "en"} <= set(report["student"]) and report["compression"] > 0

@@ -20,6 +20,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(p, "distill.alpha=0.3 distill.temperature=4")
     p.set_defaults(func=_run)
 
+    t = sub.add_parser(
+        "trim-vocab", help="cut a model's (or tokenizer's) vocabulary to the tokens a corpus uses",
+        description="Keep the tokens that --text uses (at least --min-count times), the special tokens and "
+                    "byte tokens; write the cut tokenizer and, if SOURCE holds a model (an slmforge run or a "
+                    "Hugging Face folder), the model with only those embedding and output rows. Prints what "
+                    "was kept and saved; trim_report.json records it.\n\nexample:\n"
+                    "  slmforge trim-vocab hf/xlm-roberta-base --text corpora/hi/ --out runs/xlmr-hi",
+        formatter_class=HelpFormatter)
+    t.add_argument("source", help="run folder, Hugging Face model folder, or tokenizer folder")
+    t.add_argument("--text", action="append", required=True, metavar="PATH",
+                   help="corpus files or folders (text, JSONL, Parquet; repeatable)")
+    t.add_argument("--out", required=True, help="folder to write (a run folder when SOURCE has a model)")
+    t.add_argument("--min-count", type=int, default=1, help="keep tokens used at least this often (default 1)")
+    t.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    t.set_defaults(func=_trim)
+
 
 def _run(args: argparse.Namespace) -> int:
     from slmforge import config
@@ -32,4 +48,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.config:
         config.check_sections(config.read_toml(args.config), args.config)
     print(distill(config.load(DistillRunConfig, args.config, args.overrides)))
+    return 0
+
+
+def _trim(args: argparse.Namespace) -> int:
+    from slmforge.distill.trim import trim_vocab
+    from slmforge.errors import SlmforgeError
+
+    if args.min_count < 1:
+        raise SlmforgeError(f"--min-count: must be at least 1, got {args.min_count}")
+    r = trim_vocab(args.source, args.text, args.out, args.min_count, args.force)
+    line = (f"kept {r['vocab_after']:,} of {r['vocab_before']:,} tokens ({100 * r['kept_share']:.1f}%), covering "
+            f"{100 * r['covered_share']:.2f}% of the corpus's {r['corpus_tokens']:,} tokens; "
+            f"{r['changed_documents']} document(s) now encode differently, {r['unk_tokens_after']} unknown and "
+            f"{r['byte_tokens_after']} byte token(s)")
+    if "parameters_before" in r:
+        line += (f"; parameters {r['parameters_before']:,} -> {r['parameters_after']:,} "
+                 f"({100 * (1 - r['parameters_after'] / r['parameters_before']):.1f}% fewer)")
+    print(line)
+    print(args.out)
     return 0

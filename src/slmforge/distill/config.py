@@ -31,6 +31,9 @@ class DistillConfig:
     """auto: bf16 weights on a GPU that supports it (the teacher needs no gradients), else float32."""
     chunk_rows: int = 1024
     """Rows of (student and teacher) logits computed at a time in the distillation term."""
+    eval_texts: dict[str, str] = field(default_factory=dict)
+    """Texts to compare teacher and student on at the end, by language: {hi = "hi.txt", en = "en.txt"}
+    (loss and perplexity, bits per byte for causal LMs; each model with its own tokenizer)."""
 
     def validate(self) -> None:
         require(bool(self.teacher), "teacher", "required: a run folder or a Hugging Face model folder")

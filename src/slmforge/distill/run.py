@@ -4,6 +4,7 @@ checkpoints, exact resume, trackers, torchrun."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from slmforge import config as config_io
@@ -34,4 +35,13 @@ def distill(cfg: DistillRunConfig) -> Path:
                             "teacher_family": teacher_family.name}}
         return Distillation(objective, teacher, cfg.distill), meta
 
-    return pretrain(cfg, extend_objective=with_teacher)
+    run_dir = pretrain(cfg, extend_objective=with_teacher)
+    if os.environ.get("RANK", "0") == "0":  # one process compares (after the process group is gone)
+        from slmforge.distill.compare import compare_with_teacher
+        from slmforge.runtime import resolve_device
+
+        report = compare_with_teacher(run_dir, cfg, resolve_device(cfg.train.device))
+        say(f"teacher {human(report['teacher']['parameters'])} parameters, student "
+            f"{human(report['student']['parameters'])} ({report['compression']:.1f}x smaller); "
+            f"side by side in {run_dir / 'distill_report.json'}")
+    return run_dir
