@@ -171,3 +171,44 @@ def test_distill_runs_resumes_and_records_its_teacher(mlm_markov_shards, tmp_pat
     assert rows["markov"]["model"] == "student" and rows["teacher markov"]["model"] == "teacher"
     with pytest.raises(SlmforgeError, match="distill.teacher: required"):
         config.load(DistillRunConfig, overrides=[f"train.data={data}"])
+
+
+def test_topk_forward_kl_with_every_token_is_the_full_forward_kl():
+    student, teacher = projections(seed=5, vocab=23)
+    ids = torch.arange(23).expand(37, 23).contiguous()
+    full = chunked_divergence(student, teacher, "forward_kl", 2.0, chunk_rows=8)
+    grads_full = torch.autograd.grad(full, [student.features, student.weight])
+    from slmforge.objectives.divergence import topk_forward_kl
+
+    top = topk_forward_kl(student, ids, teacher.logits().detach(), 2.0, chunk_rows=5)
+    grads_top = torch.autograd.grad(top, [student.features, student.weight])
+    torch.testing.assert_close(top, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_top, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_from_the_teacher_cache_follows_the_online_teacher(mlm_markov_shards, tmp_path, capsys):
+    """A cache of every token's logit (k = vocabulary) is the online teacher up to float16 storage; a
+    cache built for another seed is refused."""
+    from slmforge.cli import main
+
+    _, data = mlm_markov_shards
+    teacher = pretrain(config.load(PretrainConfig, overrides=[
+        "model.preset=test-tiny", f"train.data={data}", "train.seq_len=32", "train.batch_size=8",
+        "train.max_steps=20", f"train.out_dir={tmp_path / 'teacher'}"]))
+    common = ["model.preset=test-tiny", "model.num_layers=1", f"train.data={data}", "train.seq_len=32",
+              "train.batch_size=8", "train.max_steps=12", "train.log_every=1", "train.eval_every=0",
+              f"distill.teacher={teacher}", "distill.alpha=0.3", "distill.temperature=2", "distill.top_k=21"]
+    assert main(["distill", *common, "--build-cache", str(tmp_path / "cache")]) == 0
+    online = distill(config.load(DistillRunConfig, overrides=[*common, f"train.out_dir={tmp_path / 'online'}"]))
+    cached = distill(config.load(DistillRunConfig, overrides=[
+        *common, f"distill.teacher_cache={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'cached'}"]))
+    a = [r for r in read_metrics(online / "metrics.jsonl") if r["split"] == "train"]
+    b = [r for r in read_metrics(cached / "metrics.jsonl") if r["split"] == "train"]
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        assert x["distill_loss"] == pytest.approx(y["distill_loss"], rel=3e-3, abs=1e-4), (x, y)
+        assert x["hard_loss"] == pytest.approx(y["hard_loss"], rel=3e-3), (x, y)
+    with pytest.raises(SlmforgeError, match="built for another seed"):
+        distill(config.load(DistillRunConfig, overrides=[
+            *common, "train.seed=7", f"distill.teacher_cache={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'x'}"]))

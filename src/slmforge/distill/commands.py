@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "train.out_dir=runs/student",
         formatter_class=HelpFormatter)
     add_config_arguments(p, "distill.alpha=0.3 distill.temperature=4")
+    p.add_argument("--build-cache", metavar="DIR",
+                   help="do not train: run the teacher once over every sample the run will see and keep its top-k "
+                        "logits (distill.top_k) in DIR; then train with distill.teacher_cache=DIR")
+    p.add_argument("--processes", type=int, default=1,
+                   help="with --build-cache: the number of processes the run will train on (samples per step)")
     p.set_defaults(func=_run)
 
     t = sub.add_parser(
@@ -47,7 +52,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.config:
         config.check_sections(config.read_toml(args.config), args.config)
-    print(distill(config.load(DistillRunConfig, args.config, args.overrides)))
+    cfg = config.load(DistillRunConfig, args.config, args.overrides)
+    if args.build_cache:
+        from slmforge.distill.run import build_teacher_cache
+
+        print(build_teacher_cache(cfg, args.build_cache, args.processes))
+        return 0
+    print(distill(cfg))
     return 0
 
 

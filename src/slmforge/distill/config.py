@@ -31,6 +31,11 @@ class DistillConfig:
     """auto: bf16 weights on a GPU that supports it (the teacher needs no gradients), else float32."""
     chunk_rows: int = 1024
     """Rows of (student and teacher) logits computed at a time in the distillation term."""
+    top_k: int = 32
+    """Teacher logits kept per position in the offline cache (`slmforge distill --build-cache`)."""
+    teacher_cache: str = ""
+    """A folder written by `--build-cache`: train from the teacher's cached top-k logits (forward KL over
+    them) instead of running the teacher."""
     eval_texts: dict[str, str] = field(default_factory=dict)
     """Texts to compare teacher and student on at the end, by language: {hi = "hi.txt", en = "en.txt"}
     (loss and perplexity, bits per byte for causal LMs; each model with its own tokenizer)."""
@@ -45,6 +50,9 @@ class DistillConfig:
             require(value is None or value > 0, name, f"must be positive, got {value}")
         require(self.divergence in DIVERGENCES, "divergence", f"one of {', '.join(DIVERGENCES)}")
         require(self.chunk_rows > 0, "chunk_rows", f"must be positive, got {self.chunk_rows}")
+        require(self.top_k > 0, "top_k", f"must be positive, got {self.top_k}")
+        require(not self.teacher_cache or self.divergence == "forward_kl", "divergence",
+                "a teacher cache holds top-k logits, which give forward_kl only")
 
     def at(self, progress: float) -> tuple[float, float]:
         """(alpha, temperature) at `progress` (0 at the first step, 1 at the last)."""

@@ -12,16 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slmforge.distill.cache import TeacherCache
 from slmforge.distill.config import DistillConfig
 from slmforge.distill.teacher import Teacher
-from slmforge.objectives.base import IGNORE_INDEX
-from slmforge.objectives.divergence import chunked_divergence
+from slmforge.errors import SlmforgeError
+from slmforge.objectives.base import IGNORE_INDEX, sample_ids
+from slmforge.objectives.divergence import chunked_divergence, topk_forward_kl
 from slmforge.objectives.losses import projection_cross_entropy
 
 
 class Distillation:
-    def __init__(self, student, teacher: Teacher, cfg: DistillConfig):
-        self.student, self.teacher, self.cfg = student, teacher, cfg
+    def __init__(self, student, teacher: Teacher | None, cfg: DistillConfig, cache: TeacherCache | None = None):
+        self.student, self.teacher, self.cfg, self.cache = student, teacher, cfg, cache
         self.name = f"{student.name} + {cfg.divergence} distillation"
         self.kinds = student.kinds
         self.metric_names = (*student.metric_names, "hard_loss", "distill_loss")
@@ -32,7 +34,10 @@ class Distillation:
         return self.student.window_tokens(seq_len)
 
     def collate(self, raw: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-        return self.student.collate(raw, seed)
+        batch = self.student.collate(raw, seed)
+        if self.cache is not None:  # the cache is read by sample
+            batch["sample_ids"] = sample_ids(raw)
+        return batch
 
     def set_progress(self, step: int, max_steps: int) -> None:
         """Where scheduled alpha and temperature stand (the trainer calls this before each step)."""
@@ -48,6 +53,13 @@ class Distillation:
         alpha, temperature = self.cfg.at(self.progress)
         if alpha >= 1.0:
             soft = torch.zeros((), device=hard.device)
+        elif self.cache is not None:
+            ids, logits = self.cache.lookup(batch["sample_ids"].cpu())
+            rows = projection.features.numel() // projection.features.shape[-1]
+            if ids.shape[0] != rows:
+                raise SlmforgeError(f"distill.teacher_cache: {ids.shape[0]} cached positions for a batch that scores "
+                                    f"{rows}; the cache was built for other masks or data")
+            soft = topk_forward_kl(projection, ids, logits, temperature, self.cfg.chunk_rows)
         else:
             teacher_batch = dict(batch)
             if not self.teacher.identity:

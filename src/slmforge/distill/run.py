@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from slmforge import config as config_io
+from slmforge.distill.cache import TeacherCache, build_cache, describe_cache, epochs_needed
 from slmforge.distill.config import DistillRunConfig
 from slmforge.distill.objective import Distillation
 from slmforge.distill.teacher import load_teacher
@@ -17,22 +18,29 @@ from slmforge.models import family
 from slmforge.train.pretrain import pretrain
 
 
+def cache_identity(cfg: DistillRunConfig, manifest: dict) -> dict:
+    """What a teacher cache depends on: the teacher, the data, the masks (objective, seed, windows)."""
+    from slmforge.train.resume_check import data_fingerprint
+
+    return {"teacher": str(cfg.distill.teacher), "data_fingerprint": data_fingerprint(manifest),
+            "objective": config_io.to_dict(cfg.objective), "seq_len": cfg.train.seq_len, "seed": cfg.train.seed}
+
+
 def distill(cfg: DistillRunConfig) -> Path:
     def with_teacher(objective, student_family, tokenizer, device):
+        from slmforge.data.shards import read_manifest
+
         if tokenizer is None:
             raise SlmforgeError(f"train.data: {cfg.train.data} names no tokenizer; distillation maps the student's "
                                 f"tokens to the teacher's by their strings")
-        teacher = load_teacher(cfg.distill.teacher, device, cfg.distill.teacher_dtype, tokenizer)
-        teacher_family = family(teacher.model.cfg)
-        if teacher_family.kind != student_family.kind:
-            raise SlmforgeError(f"distill.teacher: a {teacher_family.name} {teacher_family.kind} cannot teach a "
-                                f"{student_family.name} {student_family.kind} (both must predict the same positions)")
-        size = sum(p.numel() for p in teacher.model.parameters())
-        say(f"teacher {cfg.distill.teacher}: {teacher_family.name}, {human(size)} parameters, "
-            f"{next(teacher.model.parameters()).dtype}; {cfg.distill.divergence}, alpha {cfg.distill.alpha:g}, "
-            f"T {cfg.distill.temperature:g}")
-        meta = {"distill": {**config_io.to_dict(cfg.distill), "teacher_parameters": size,
-                            "teacher_family": teacher_family.name}}
+        meta = {"distill": config_io.to_dict(cfg.distill)}
+        if cfg.distill.teacher_cache:
+            cache = TeacherCache(cfg.distill.teacher_cache, cache_identity(cfg, read_manifest(cfg.train.data)), device)
+            describe_cache(Path(cfg.distill.teacher_cache))
+            return Distillation(objective, None, cfg.distill, cache), meta
+        teacher = _teacher(cfg, student_family, tokenizer, device)
+        meta["distill"].update({"teacher_parameters": sum(p.numel() for p in teacher.model.parameters()),
+                                "teacher_family": teacher.model.cfg.family})
         return Distillation(objective, teacher, cfg.distill), meta
 
     run_dir = pretrain(cfg, extend_objective=with_teacher)
@@ -45,3 +53,46 @@ def distill(cfg: DistillRunConfig) -> Path:
             f"{human(report['student']['parameters'])} ({report['compression']:.1f}x smaller); "
             f"side by side in {run_dir / 'distill_report.json'}")
     return run_dir
+
+
+def _teacher(cfg: DistillRunConfig, student_family, tokenizer, device):
+    teacher = load_teacher(cfg.distill.teacher, device, cfg.distill.teacher_dtype, tokenizer)
+    teacher_family = family(teacher.model.cfg)
+    if teacher_family.kind != student_family.kind:
+        raise SlmforgeError(f"distill.teacher: a {teacher_family.name} {teacher_family.kind} cannot teach a "
+                            f"{student_family.name} {student_family.kind} (both must predict the same positions)")
+    size = sum(p.numel() for p in teacher.model.parameters())
+    say(f"teacher {cfg.distill.teacher}: {teacher_family.name}, {human(size)} parameters, "
+        f"{next(teacher.model.parameters()).dtype}; {cfg.distill.divergence}, alpha {cfg.distill.alpha:g}, "
+        f"T {cfg.distill.temperature:g}")
+    return teacher
+
+
+def build_teacher_cache(cfg: DistillRunConfig, out: str, processes: int = 1) -> Path:
+    """`slmforge distill --build-cache DIR`: the teacher's top-k logits for every sample the run will
+    train on (with `processes` processes), in one pass, without training."""
+    from slmforge.data.loader import WindowLoader
+    from slmforge.data.shards import ShardSet, manifest_tokenizer_dir
+    from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
+    from slmforge.runtime import resolve_device
+    from slmforge.tokenizer import load_tokenizer
+    from slmforge.train.pretrain import resolve_steps
+
+    loop = cfg.train
+    shards = ShardSet(loop.data, loop.train_split)
+    tokenizer = load_tokenizer(manifest_tokenizer_dir(Path(loop.data), shards.manifest))
+    student = family(cfg.model)
+    if cfg.objective is None:
+        cfg.objective = config_io.parse(ObjectiveConfig, {"kind": DEFAULT_FOR_KIND[student.kind]}, "objective")
+    objective = build_objective(cfg.objective, student.kind, student.name, tokenizer, where=f"{loop.data}")
+    window = objective.window_tokens(loop.seq_len)
+    loader = WindowLoader(shards, loop.seq_len, loop.batch_size * processes, seed=loop.seed, window=window)
+    resolve_steps(cfg, loader.batches_per_epoch)
+    epochs = epochs_needed(loop.max_steps, loop.batch_size * processes, loop.grad_accum, loader.num_windows)
+    device = resolve_device(loop.device)
+    teacher = _teacher(cfg, student, tokenizer, device)
+    say(f"caching the teacher's top-{cfg.distill.top_k} logits for {epochs} epoch(s) of {loader.num_windows:,} "
+        f"windows")
+    folder = build_cache(Path(out), loader, objective, teacher, cfg.distill.top_k, epochs, loop.seed,
+                         cache_identity(cfg, shards.manifest), device)
+    return describe_cache(folder)

@@ -45,9 +45,11 @@ def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 class _ChunkedDivergence(torch.autograd.Function):
+    """Sum over row chunks of `chunk_loss(start, stop, student_logits)`, the student's logits made
+    (and differentiated) one chunk at a time; the mean over rows is returned."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, student_cap,
-                teacher_cap, kind, temperature, chunk_rows, need_grad):
+    def forward(ctx, hidden, weight, bias, chunk_loss, student_cap, chunk_rows, need_grad):
         rows = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_grad else None
@@ -55,17 +57,15 @@ class _ChunkedDivergence(torch.autograd.Function):
         grad_bias = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
                      if need_grad and bias is not None else None)
         for start in range(0, rows, chunk_rows):
-            h = hidden[start:start + chunk_rows]
-            with torch.no_grad():
-                teacher = _softcap(F.linear(teacher_hidden[start:start + chunk_rows], teacher_weight,
-                                            teacher_bias).float(), teacher_cap)
+            stop = min(start + chunk_rows, rows)
+            h = hidden[start:stop]
             raw = F.linear(h, weight, bias).float().detach().requires_grad_(need_grad)
             with torch.enable_grad() if need_grad else torch.no_grad():
-                part = row_divergence(_softcap(raw, student_cap), teacher, kind, temperature).sum()
+                part = chunk_loss(start, stop, _softcap(raw, student_cap))
             total += part.detach()
             if need_grad:
                 (grad_raw,) = torch.autograd.grad(part, raw)
-                grad_hidden[start:start + chunk_rows] = (grad_raw.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start:stop] = (grad_raw.to(weight.dtype) @ weight).to(hidden.dtype)
                 grad_weight.addmm_(grad_raw.t(), h.float())
                 if grad_bias is not None:
                     grad_bias += grad_raw.sum(0)
@@ -80,8 +80,14 @@ class _ChunkedDivergence(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (grad_hidden * grad_output, grad_weight * grad_output,
-                grad_bias * grad_output if ctx.has_bias else None,
-                None, None, None, None, None, None, None, None, None)
+                grad_bias * grad_output if ctx.has_bias else None, None, None, None, None)
+
+
+def _apply(student, chunk_loss, chunk_rows: int) -> torch.Tensor:
+    hidden = student.features.reshape(-1, student.features.shape[-1])
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or student.weight.requires_grad)
+    return _ChunkedDivergence.apply(hidden, student.weight, student.bias, chunk_loss, student.softcap, chunk_rows,
+                                    need_grad)
 
 
 def chunked_divergence(student, teacher, kind: str = "forward_kl", temperature: float = 1.0,
@@ -98,9 +104,27 @@ def chunked_divergence(student, teacher, kind: str = "forward_kl", temperature: 
         t_bias = t_bias.index_select(0, teacher_columns) if t_bias is not None else None
     if t_weight.shape[0] != student.weight.shape[0]:
         raise ValueError(f"the teacher scores {t_weight.shape[0]} tokens, the student {student.weight.shape[0]}")
-    hidden = student.features.reshape(-1, student.features.shape[-1])
     teacher_hidden = teacher.features.reshape(-1, teacher.features.shape[-1]).detach()
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or student.weight.requires_grad)
-    return _ChunkedDivergence.apply(hidden, student.weight, student.bias, teacher_hidden, t_weight.detach(),
-                                    t_bias.detach() if t_bias is not None else None, student.softcap,
-                                    teacher.softcap, kind, float(temperature), chunk_rows, need_grad)
+    t_weight, t_bias = t_weight.detach(), t_bias.detach() if t_bias is not None else None
+
+    def chunk_loss(start: int, stop: int, student_logits: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = _softcap(F.linear(teacher_hidden[start:stop], t_weight, t_bias).float(), teacher.softcap)
+        return row_divergence(student_logits, teacher_logits, kind, float(temperature)).sum()
+
+    return _apply(student, chunk_loss, chunk_rows)
+
+
+def topk_forward_kl(student, teacher_ids: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                    chunk_rows: int = 1024) -> torch.Tensor:
+    """Forward KL x T^2 against a teacher known by its top-k logits per row (an offline cache): the
+    teacher's distribution is its softmax over those k tokens; the student's log-probabilities are
+    those of its full softmax at the same tokens."""
+    T = float(temperature)
+
+    def chunk_loss(start: int, stop: int, student_logits: torch.Tensor) -> torch.Tensor:
+        log_q = F.log_softmax(student_logits / T, dim=-1).gather(-1, teacher_ids[start:stop])
+        log_p = F.log_softmax(teacher_logits[start:stop] / T, dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum() * T * T
+
+    return _apply(student, chunk_loss, chunk_rows)
