@@ -19,7 +19,7 @@ from slmforge.errors import SlmforgeError
 from slmforge.objectives.clm import CausalLM
 from slmforge.train.config import PretrainConfig
 from slmforge.train.lock import RunLock
-from slmforge.train.metrics import read_metrics
+from slmforge.train.metrics import TIMING_FIELDS, read_metrics
 from slmforge.train.pretrain import pretrain
 
 
@@ -94,13 +94,16 @@ def test_the_best_checkpoint_survives_pruning(markov_shards, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
     # The trainer protects the step with the lowest validation loss, and records it.
     _, data = markov_shards
-    run = pretrain(run_config(data, tmp_path / "run", "train.max_steps=20", "train.save_every=5",
-                              "train.keep_last=1", "train.eval_every=5", "train.eval_batches=2"))
+    run = pretrain(run_config(data, tmp_path / "run", "train.max_steps=20", "train.save_every=7",
+                              "train.keep_last=1", "train.eval_every=3", "train.eval_batches=2"))
     val = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "val"]
     best = min(val, key=lambda r: r["loss"])["step"]
     state = torch.load(run / "checkpoints" / "step-000020" / "state.pt", weights_only=True)
     assert state["trainer"]["best_step"] == best
-    assert (run / "checkpoints" / f"step-{best:06d}").is_dir()
+    # Saved when it became the best, although no save step (7, 14) falls on an evaluation (3, 6, ...).
+    assert (run / "checkpoints" / f"step-{best:06d}").is_dir() and best % 7 != 0
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert kept == sorted({f"step-{best:06d}", "step-000020"}), kept
 
 
 def test_sigusr1_saves_and_training_goes_on(markov_shards, tmp_path):
@@ -266,3 +269,44 @@ def test_allowed_changes_reach_the_data_loader(markov_shards, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resuming with changed train.seq_len 64 -> 32" in err and "epoch 0 starts over" in err
     assert (run / "checkpoints" / "step-000008").is_dir()
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_around_checkpoint_writes_never_loses_the_run(markov_shards, tmp_path):
+    """A run that saves every step (a 1M-parameter model: writing a checkpoint takes about as long as a
+    step, so kills often land inside a write) is killed with SIGKILL at random moments six times, then
+    run to the end with the same command: weights and metrics equal a straight run's, bitwise."""
+    import random
+
+    _, data = markov_shards
+    args = [f"train.data={data}", "model.preset=llama-tiny", "train.seq_len=32", "train.batch_size=8",
+            "train.max_steps=40", "train.save_every=1", "train.keep_last=2", "train.log_every=2",
+            "train.eval_every=10", "train.eval_batches=2", "optim.lr=1e-3", "schedule.warmup_steps=5"]
+    command = [sys.executable, "-m", "slmforge", "--quiet", "pretrain", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command + [f"train.out_dir={tmp_path / 'straight'}"], check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    latest = killed / "checkpoints" / "latest"
+    rng = random.Random(0)
+    during_write = 0
+    for _ in range(6):
+        before = latest.read_text() if latest.is_file() else ""
+        proc = subprocess.Popen(command + [f"train.out_dir={killed}"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while (not latest.is_file() or latest.read_text() == before) and time.time() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        during_write += any(killed.glob("checkpoints/*.partial"))
+        proc.kill()
+        proc.wait()
+        if latest.is_file() and latest.read_text().strip() == "step-000040":
+            break  # finished before this kill; nothing left to interrupt
+    subprocess.run(command + [f"train.out_dir={killed}"], check=True, env=env, capture_output=True)
+    print(f"{during_write} of the kills came while a checkpoint was being written")
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-000040" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "step-000040" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == strip(read_metrics(killed / "metrics.jsonl"))

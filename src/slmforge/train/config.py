@@ -94,6 +94,9 @@ class TrainLoopConfig:
     keep_last: int = 3
     """Checkpoints kept on disk (older step folders are deleted; the best by validation loss is kept
     too); 0 keeps all."""
+    save_best: bool = True
+    """Also save when validation reaches a new best between save_every steps, so the best model is
+    always on disk (and kept through pruning), not only when an evaluation falls on a save step."""
     save_every_minutes: float = 0
     """Also save when this many minutes passed since the last checkpoint (0 = off): bounds the work a
     crash can cost whatever the step time."""
@@ -167,6 +170,7 @@ class PretrainConfig:
         data = dict(data)
         prepared = data.pop("data", None)
         data.pop("tokenizer", None)
+        data.pop("curate", None)
         # An [objective] section without `kind` gets the model's: clm for decoders, mlm for encoders.
         # Without the section, pretrain decides once the model is known (init_from may replace it).
         objective = data.get("objective")

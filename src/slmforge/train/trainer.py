@@ -359,8 +359,10 @@ class Trainer:
                 step = self.state.step
                 if (step % loop.log_every == 0 or step == loop.max_steps) and self._pending_or_logged():
                     self._log_train(step)
+                best_unsaved = False
                 if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
                     self.evaluate()
+                    best_unsaved = loop.save_best and self.state.best_step == step
                 stop, save_now = self._boundary_requests(signals)
                 if step == loop.max_steps:
                     break
@@ -373,7 +375,7 @@ class Trainer:
                     message = f"{what}: saved {folder}; run the same command to resume"
                     self.log(message)
                     raise StopRequested(message, SIGNAL_EXIT_CODES.get(name, 143))
-                if save_now or (loop.save_every and step % loop.save_every == 0):
+                if save_now or best_unsaved or (loop.save_every and step % loop.save_every == 0):
                     self.save()
         result = self.evaluate()
         folder = self.save()
