@@ -165,3 +165,20 @@ def test_two_processes_finetune_with_lora_like_one_with_twice_the_batch(tmp_path
     b = load_file(two / "checkpoints" / "step-000008" / "adapter_model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_two_processes_distill_like_one_with_twice_the_batch(mlm_markov_shards, tmp_path):
+    """Distillation (a frozen teacher beside the DDP-wrapped student, masked LM) is the same training on
+    1 and 2 processes at the same global batch."""
+    _, data = mlm_markov_shards
+    teacher = tmp_path / "teacher"
+    launch(1, *common(data, teacher, "model.preset=bert-tiny", "train.batch_size=8", "train.max_steps=6"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    student = ("model.preset=bert-tiny", "model.num_layers=1", "model.dropout=0", f"distill.teacher={teacher}",
+               "distill.alpha=0.5")
+    launch(1, *common(data, one, *student, "train.batch_size=8"), verb="distill")
+    result = launch(2, *common(data, two, *student, "train.batch_size=4"), verb="distill")
+    assert "2 processes (ddp)" in result.stderr
+    assert_same_training(one, two, 12)
+    for x, y in zip(train_records(one), train_records(two), strict=True):
+        assert x["distill_loss"] == pytest.approx(y["distill_loss"], abs=1e-5)
