@@ -212,3 +212,44 @@ def test_training_from_the_teacher_cache_follows_the_online_teacher(mlm_markov_s
     with pytest.raises(SlmforgeError, match="built for another seed"):
         distill(config.load(DistillRunConfig, overrides=[
             *common, "train.seed=7", f"distill.teacher_cache={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'x'}"]))
+
+
+def test_hidden_state_matching_trains_its_projection_and_resumes_exactly(mlm_markov_shards, tmp_path, monkeypatch):
+    """Student width 16, teacher 32: a learned projection maps one to the other; it is optimized with
+    the student (the hidden-state distance falls) and saved with the trainer state, so a crashed and
+    resumed run ends bitwise equal to a straight one."""
+    from slmforge.distill.objective import hidden_distance
+    from slmforge.train.trainer import Trainer
+
+    features = torch.randn(5, 8)
+    assert float(hidden_distance(features, features, None, "cosine")) < 1e-6
+    assert float(hidden_distance(features, features, None, "mse")) == 0.0
+
+    _, data = mlm_markov_shards
+    teacher = pretrain(config.load(PretrainConfig, overrides=[
+        "model.preset=test-tiny", f"train.data={data}", "train.seq_len=32", "train.batch_size=8",
+        "train.max_steps=5", f"train.out_dir={tmp_path / 'teacher'}"]))
+    common = (f"distill.teacher={teacher}", "distill.hidden_weight=1.0", "distill.hidden_loss=mse",
+              "train.max_steps=16", "train.save_every=8", "train.log_every=4")
+    straight = distill(student_config(data, tmp_path / "straight", 0, *common))
+    losses = [r["hidden_loss"] for r in read_metrics(straight / "metrics.jsonl") if r["split"] == "train"]
+    assert losses[-1] < losses[0], losses
+    original_step = Trainer.train_step
+
+    def crash_at_11(self):
+        if self.state.step == 11:
+            raise RuntimeError("simulated crash")
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_11)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        distill(student_config(data, tmp_path / "resumed", 0, *common))
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    resumed = distill(student_config(data, tmp_path / "resumed", 0, *common))
+    from safetensors.torch import load_file
+
+    a = load_file(straight / "checkpoints" / "step-000016" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step-000016" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(resumed / "checkpoints" / "step-000016" / "state.pt", weights_only=True)
+    assert state["objective_parameters"]["weight"].shape == (32, 16)

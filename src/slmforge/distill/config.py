@@ -31,6 +31,12 @@ class DistillConfig:
     """auto: bf16 weights on a GPU that supports it (the teacher needs no gradients), else float32."""
     chunk_rows: int = 1024
     """Rows of (student and teacher) logits computed at a time in the distillation term."""
+    hidden_weight: float = 0.0
+    """Weight of a hidden-state term added to the loss (0 = off): the student's features before its
+    output head are matched to the teacher's at the scored positions, through a learned linear
+    projection when their widths differ (trained with the student, kept in the trainer state)."""
+    hidden_loss: Literal["cosine", "mse"] = "cosine"
+    """cosine: 1 - cosine similarity; mse: mean squared difference."""
     top_k: int = 32
     """Teacher logits kept per position in the offline cache (`slmforge distill --build-cache`)."""
     teacher_cache: str = ""
@@ -51,6 +57,9 @@ class DistillConfig:
         require(self.divergence in DIVERGENCES, "divergence", f"one of {', '.join(DIVERGENCES)}")
         require(self.chunk_rows > 0, "chunk_rows", f"must be positive, got {self.chunk_rows}")
         require(self.top_k > 0, "top_k", f"must be positive, got {self.top_k}")
+        require(self.hidden_weight >= 0, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
+        require(not (self.teacher_cache and self.hidden_weight), "hidden_weight",
+                "needs the teacher's hidden states, which a teacher cache does not hold")
         require(not self.teacher_cache or self.divergence == "forward_kl", "divergence",
                 "a teacher cache holds top-k logits, which give forward_kl only")
 

@@ -22,11 +22,15 @@ from slmforge.objectives.losses import projection_cross_entropy
 
 
 class Distillation:
-    def __init__(self, student, teacher: Teacher | None, cfg: DistillConfig, cache: TeacherCache | None = None):
+    def __init__(self, student, teacher: Teacher | None, cfg: DistillConfig, cache: TeacherCache | None = None,
+                 projection: nn.Module | None = None):
         self.student, self.teacher, self.cfg, self.cache = student, teacher, cfg, cache
+        self.projection = projection
+        """student features -> teacher width, for hidden-state matching (None: same width, or off)."""
         self.name = f"{student.name} + {cfg.divergence} distillation"
         self.kinds = student.kinds
-        self.metric_names = (*student.metric_names, "hard_loss", "distill_loss")
+        self.metric_names = (*student.metric_names, "hard_loss", "distill_loss",
+                             *(("hidden_loss",) if cfg.hidden_weight else ()))
         self.bits_per_byte = student.bits_per_byte
         self.progress = 0.0
 
@@ -38,6 +42,18 @@ class Distillation:
         if self.cache is not None:  # the cache is read by sample
             batch["sample_ids"] = sample_ids(raw)
         return batch
+
+    def _teacher_predictions(self, batch: dict[str, torch.Tensor]):
+        teacher_batch = dict(batch)
+        if not self.teacher.identity:
+            teacher_batch["input_ids"] = self.teacher.to_teacher[batch["input_ids"]]
+        with torch.no_grad():
+            projection, _ = self.student.predictions(self.teacher.model, teacher_batch)
+        return projection
+
+    def trainable_module(self) -> nn.Module | None:
+        """Parameters trained beside the student (the trainer optimizes and saves them)."""
+        return self.projection
 
     def set_progress(self, step: int, max_steps: int) -> None:
         """Where scheduled alpha and temperature stand (the trainer calls this before each step)."""
@@ -51,6 +67,9 @@ class Distillation:
         hard, correct = projection_cross_entropy(projection, targets, with_correct=True)
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         alpha, temperature = self.cfg.at(self.progress)
+        teacher_projection = None
+        if self.cfg.hidden_weight:
+            teacher_projection = self._teacher_predictions(batch)
         if alpha >= 1.0:
             soft = torch.zeros((), device=hard.device)
         elif self.cache is not None:
@@ -61,12 +80,28 @@ class Distillation:
                                     f"{rows}; the cache was built for other masks or data")
             soft = topk_forward_kl(projection, ids, logits, temperature, self.cfg.chunk_rows)
         else:
-            teacher_batch = dict(batch)
-            if not self.teacher.identity:
-                teacher_batch["input_ids"] = self.teacher.to_teacher[batch["input_ids"]]
-            with torch.no_grad():
-                teacher_projection, _ = self.student.predictions(self.teacher.model, teacher_batch)
+            if teacher_projection is None:
+                teacher_projection = self._teacher_predictions(batch)
             soft = chunked_divergence(projection, teacher_projection, self.cfg.divergence, temperature,
                                       self.cfg.chunk_rows, None if self.teacher.identity else self.teacher.to_teacher)
         loss = hard if alpha >= 1.0 else alpha * hard + (1 - alpha) * soft
-        return loss, {"accuracy": correct / count, "hard_loss": hard.detach(), "distill_loss": soft.detach()}
+        metrics = {"accuracy": correct / count, "hard_loss": hard.detach(), "distill_loss": soft.detach()}
+        if self.cfg.hidden_weight:
+            matched = hidden_distance(projection.features, teacher_projection.features, self.projection,
+                                      self.cfg.hidden_loss)
+            loss = loss + self.cfg.hidden_weight * matched
+            metrics["hidden_loss"] = matched.detach()
+        return loss, metrics
+
+
+def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, projection: nn.Module | None,
+                    kind: str) -> torch.Tensor:
+    """Mean distance between the student's features (projected to the teacher's width) and the
+    teacher's, row by row: 1 - cosine similarity, or the mean squared difference."""
+    student = student.reshape(-1, student.shape[-1]).float()
+    teacher = teacher.reshape(-1, teacher.shape[-1]).float().detach()
+    if projection is not None:
+        student = projection(student)
+    if kind == "cosine":
+        return (1 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1)).mean()
+    return ((student - teacher) ** 2).mean()

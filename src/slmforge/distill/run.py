@@ -41,7 +41,7 @@ def distill(cfg: DistillRunConfig) -> Path:
         teacher = _teacher(cfg, student_family, tokenizer, device)
         meta["distill"].update({"teacher_parameters": sum(p.numel() for p in teacher.model.parameters()),
                                 "teacher_family": teacher.model.cfg.family})
-        return Distillation(objective, teacher, cfg.distill), meta
+        return Distillation(objective, teacher, cfg.distill, projection=_projection(cfg, teacher, device)), meta
 
     run_dir = pretrain(cfg, extend_objective=with_teacher)
     if os.environ.get("RANK", "0") == "0":  # one process compares (after the process group is gone)
@@ -96,3 +96,21 @@ def build_teacher_cache(cfg: DistillRunConfig, out: str, processes: int = 1) -> 
     folder = build_cache(Path(out), loader, objective, teacher, cfg.distill.top_k, epochs, loop.seed,
                          cache_identity(cfg, shards.manifest), device)
     return describe_cache(folder)
+
+
+def _projection(cfg: DistillRunConfig, teacher, device):
+    """A linear map from the student's feature width to the teacher's, for hidden-state matching when
+    the widths differ (seeded: the same start on every rank and every run)."""
+    if not cfg.distill.hidden_weight:
+        return None
+    student_width, teacher_width = cfg.model.hidden_size, teacher.model.cfg.hidden_size
+    if student_width == teacher_width:
+        return None
+    import torch
+
+    projection = torch.nn.Linear(student_width, teacher_width, bias=False)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    with torch.no_grad():
+        projection.weight.copy_(torch.randn(teacher_width, student_width, generator=generator) / student_width ** 0.5)
+    say(f"hidden states matched through a learned {student_width} -> {teacher_width} projection")
+    return projection.to(device)

@@ -116,9 +116,20 @@ class ObjectiveModule(nn.Module):
         super().__init__()
         self.model = model
         self.objective = objective
+        # Parameters an objective trains beside the model (distillation's hidden-state projection)
+        # are registered here, so DDP averages their gradients too.
+        extra = objective_parameters(objective)
+        if extra is not None:
+            self.objective_parameters = extra
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.objective.loss(self.model, batch)
+
+
+def objective_parameters(objective) -> nn.Module | None:
+    """The module of parameters `objective` trains beside the model, if it has any."""
+    trainable = getattr(objective, "trainable_module", None)
+    return trainable() if callable(trainable) else None
 
 
 def strategy_for(cfg: ParallelConfig, where: Distributed) -> str:

@@ -41,6 +41,7 @@ from slmforge.train.parallel import (
     gather_objects,
     is_sharded,
     no_gradient_sync,
+    objective_parameters,
     strategy_for,
     wrap,
 )
@@ -101,7 +102,14 @@ class Trainer:
         self.peak_flops = peak * where.world_size if peak else None
         self.checkpoint_meta = {**self.checkpoint_meta, **describe(device, precision, where.world_size)}
         self.seed = seed
-        self.optimizer = build_optimizer(model, optim, device.type)
+        # What owns the optimizer's parameters: the model, plus parameters the objective trains beside
+        # it (distillation's hidden-state projection), which are saved in the trainer state.
+        self.objective_parameters = objective_parameters(objective)
+        if self.objective_parameters is not None and is_sharded(self.module):
+            raise SlmforgeError("parallel.strategy: an objective with parameters of its own (distill.hidden_weight) "
+                                "trains under DDP or on one process, not FSDP2")
+        self.owner = model if self.objective_parameters is None else _ModelAndObjective(model, self.objective_parameters)
+        self.optimizer = build_optimizer(self.owner, optim, device.type)
         self.state = TrainState()
         self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         printer = log or say  # say: stderr, silent in quiet mode except warnings
@@ -118,17 +126,25 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
-        return {"trainer": vars(self.state).copy(), "optimizer": optimizer,
-                "loader": self.loader.state_dict(), "rng": gather_objects(rng)}
+        optimizer = get_optimizer_state_dict(self.owner, self.optimizer, options=FULL_STATE)
+        state = {"trainer": vars(self.state).copy(), "optimizer": optimizer,
+                 "loader": self.loader.state_dict(), "rng": gather_objects(rng)}
+        if self.objective_parameters is not None:
+            state["objective_parameters"] = {k: v.detach().cpu() for k, v in self.objective_parameters.state_dict().items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = TrainState(**{"metric_sums": {}, **state["trainer"]})
+        if self.objective_parameters is not None:
+            if "objective_parameters" not in state:
+                raise SlmforgeError("the checkpoint has no state for the objective's own parameters (it was written "
+                                    "without distill.hidden_weight); resume with the settings it was written with")
+            self.objective_parameters.load_state_dict(state["objective_parameters"])
         saved = state["optimizer"]
         if all(isinstance(key, int) for key in saved.get("state", {})):  # written before names were used
             self.optimizer.load_state_dict(saved)
         else:
-            set_optimizer_state_dict(self.model, self.optimizer, saved,
+            set_optimizer_state_dict(self.owner, self.optimizer, saved,
                                      options=StateDictOptions(full_state_dict=True))
         if state["loader"]["num_windows"] != self.loader.num_windows and self.loop.allow_config_changes:
             self.warn(f"the data now has {self.loader.num_windows} windows, the checkpoint's had "
@@ -288,7 +304,7 @@ class Trainer:
         self._pending = []
 
     def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for p in self.owner.parameters() if p.requires_grad]
 
     def evaluate(self) -> dict[str, float] | None:
         """Validation over this rank's share of the fixed batches, combined over ranks."""
@@ -413,3 +429,13 @@ class Trainer:
 def _bar(fraction: float, width: int = 20) -> str:
     filled = int(round(fraction * width))
     return f"{100 * fraction:3.0f}% [{'#' * filled}{'.' * (width - filled)}]"
+
+
+class _ModelAndObjective(nn.Module):
+    """The model and an objective's own parameters as one module: what the optimizer's state is keyed
+    by when the objective trains parameters of its own."""
+
+    def __init__(self, model: nn.Module, objective_parameters: nn.Module):
+        super().__init__()
+        self.model = model
+        self.objective = objective_parameters
