@@ -33,6 +33,9 @@ def distill(cfg: DistillRunConfig) -> Path:
         if tokenizer is None:
             raise SlmforgeError(f"train.data: {cfg.train.data} names no tokenizer; distillation maps the student's "
                                 f"tokens to the teacher's by their strings")
+        if not hasattr(objective, "predictions"):
+            raise SlmforgeError(f"objective.kind: {objective.name!r} has no token-level predictions to distil; "
+                                f"distillation trains clm (decoders) and mlm (encoders) students")
         meta = {"distill": config_io.to_dict(cfg.distill)}
         if cfg.distill.teacher_cache:
             cache = TeacherCache(cfg.distill.teacher_cache, cache_identity(cfg, read_manifest(cfg.train.data)), device)
