@@ -5,6 +5,7 @@ made with other settings is refused."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -273,6 +274,35 @@ def test_resume_after_sigkill_gives_identical_bytes(setup, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()
     assert (out / PROGRESS).exists() and not (out / "manifest.json").exists()
+    prepare_data(load_config(cfg_path), show_progress=False)
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
+def test_a_killed_worker_stops_the_run_in_one_line_and_it_resumes(setup, tmp_path):
+    """A worker process killed mid-run (the OOM killer) ends `data prepare` with one clear error instead
+    of a hang, and the same command then finishes with the bytes of an uninterrupted run."""
+    reference = prepare_data(config_for(setup, tmp_path / "ref", shard_tokens=1500), show_progress=False)
+    out = tmp_path / "out"
+    cfg_path = tmp_path / "data.toml"
+    cfg_path.write_text(tomli_w.dumps({"data": config.to_dict(config_for(setup, out, shard_tokens=1500, workers=2))}))
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from slmforge.cli import main
+        from slmforge.data import encode, prepare
+        prepare.BATCH_DOCUMENTS = 64
+        original = encode._worker_encode
+        calls = [0]
+        def dying(texts):
+            calls[0] += 1
+            if calls[0] == 4 and os.getpid() != {os.getpid()}:
+                os.kill(os.getpid(), signal.SIGKILL)  # a worker killed from outside
+            return original(texts)
+        encode._worker_encode = dying
+        sys.exit(main(["data", "prepare", "-c", {str(cfg_path)!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "an encoding worker process died" in result.stderr and "Traceback" not in result.stderr
     prepare_data(load_config(cfg_path), show_progress=False)
     assert folder_bytes(out) == folder_bytes(reference)
 

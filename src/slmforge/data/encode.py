@@ -16,6 +16,8 @@ import signal
 import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,9 +192,27 @@ def _worker_init(encoder: DocumentEncoder) -> None:
     global _worker_encoder
     # Ctrl-C is the parent's to handle: it stops the pool and keeps the last checkpoint.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     # One thread per worker: the processes already use every core, more threads would thrash.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_encoder = encoder
+
+
+def _die_with_parent() -> None:
+    """Linux: be killed when the parent dies (kill -9, OOM). A worker waiting for its next batch would
+    otherwise wait forever, holding the terminal's pipes open."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the request took effect
+        os._exit(1)
 
 
 def _worker_encode(texts: list[str]) -> EncodedBatch:
@@ -209,7 +229,11 @@ def default_workers() -> int:
 
 class EncoderPool:
     """Runs a DocumentEncoder over batches on `workers` processes; `workers = 1` runs in-process
-    (where the tokenizers library may still use its own threads)."""
+    (where the tokenizers library may still use its own threads).
+
+    A worker that dies (killed, out of memory) breaks the pool: the next result raises one clear
+    error instead of waiting forever for a batch no process will finish (multiprocessing.Pool would
+    quietly replace the worker and hang)."""
 
     def __init__(self, encoder: DocumentEncoder, workers: int):
         self.encoder = encoder
@@ -224,7 +248,8 @@ class EncoderPool:
             previous = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             try:
-                self._pool = context.Pool(workers, initializer=_worker_init, initargs=(encoder,))
+                self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                 initargs=(encoder,))
             finally:
                 if previous is None:
                     del os.environ["TOKENIZERS_PARALLELISM"]
@@ -239,24 +264,31 @@ class EncoderPool:
             return
         pending: collections.deque = collections.deque()
         for tag, texts in jobs:
-            pending.append((tag, self._pool.apply_async(_worker_encode, (texts,))))
+            pending.append((tag, self._submit(texts)))
             if len(pending) >= 2 * self.workers:
                 tag0, result = pending.popleft()
-                yield tag0, result.get()
+                yield tag0, self._result(result)
         while pending:
             tag0, result = pending.popleft()
-            yield tag0, result.get()
+            yield tag0, self._result(result)
+
+    def _submit(self, texts: list[str]):
+        try:
+            return self._pool.submit(_worker_encode, texts)
+        except BrokenProcessPool:
+            raise _worker_died() from None
+
+    def _result(self, future) -> EncodedBatch:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise _worker_died() from None
 
     def close(self) -> None:
-        """Let the workers finish what is in flight (at most 2 x workers batches) and exit.
-
-        Never Pool.terminate(): killing forked workers while the pool's task thread is writing to
-        their queue can leave that thread blocked on the queue lock forever (seen here in a test that
-        interrupts a run), so an interrupted prepare would hang instead of stopping.
-        """
+        """Let the workers finish what is in flight (at most 2 x workers batches) and exit; after a
+        worker died, stop the others without waiting for work nobody will collect."""
         if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> EncoderPool:
@@ -264,3 +296,9 @@ class EncoderPool:
 
     def __exit__(self, *_: Any) -> None:
         self.close()
+
+
+def _worker_died() -> SlmforgeError:
+    return SlmforgeError("data prepare: an encoding worker process died (killed, or out of memory?); the shards "
+                         "finished so far are kept: run the same command to resume (data.workers fewer if memory "
+                         "ran out)")
