@@ -30,7 +30,11 @@ def test_readme_has_toml_examples():
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_toml_example_validates(block):
     tree = tomllib.loads(block)
-    assert set(tree) <= {"tokenizer", "data"} | PRETRAIN_SECTIONS, set(tree)
+    assert set(tree) <= {"tokenizer", "data", "curate"} | PRETRAIN_SECTIONS, set(tree)
+    if "curate" in tree:  # needs the `curate` extra's packages only to run, not to check its config
+        from slmforge.curate.config import CurateConfig
+
+        config.from_dict(CurateConfig, tree["curate"], "curate")
     if "tokenizer" in tree:
         config.from_dict(TokenizerConfig, tree["tokenizer"], "tokenizer")
     if "data" in tree:

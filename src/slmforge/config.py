@@ -237,10 +237,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 # Every section a recipe file may hold, over all verbs ([tokenizer]: tokenizer train, [data]: data
-# prepare, the rest: pretrain). A verb reads its own and skips the others, so a misspelled one
-# (`[trian]`) would be skipped silently without this list; tests keep it equal to the config classes.
-RECIPE_SECTIONS = ("tokenizer", "data", "model", "objective", "optim", "schedule", "train", "tracking",
-                   "parallel")
+# prepare, [curate]: data curate, [pairs]: data pairs, [finetune] [lora]: finetune, [distill]: distill,
+# the rest: pretrain and the training verbs). A verb reads its own and skips the others, so a misspelled
+# one (`[trian]`) would be skipped silently without this list; tests keep it equal to the config classes.
+RECIPE_SECTIONS = ("tokenizer", "data", "curate", "pairs", "model", "objective", "optim", "schedule", "train",
+                   "tracking", "parallel", "finetune", "lora", "distill")
 
 
 def check_sections(tree: dict[str, Any], path: str | Path) -> None:
