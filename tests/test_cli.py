@@ -144,4 +144,4 @@ def test_recipe_sections_are_every_verbs_sections():
     from slmforge.train.config import PretrainConfig
 
     verbs = {f.name for cls in (PretrainConfig, FinetuneConfig, DistillRunConfig) for f in dataclasses.fields(cls)}
-    assert set(RECIPE_SECTIONS) - {"curate"} == {"tokenizer", "data"} | verbs
+    assert set(RECIPE_SECTIONS) - {"curate", "pairs"} == {"tokenizer", "data"} | verbs

@@ -84,33 +84,70 @@ def tiny_twin(recipe: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("recipe", FINETUNE_RECIPES, ids=[r.stem for r in FINETUNE_RECIPES])
 def test_finetune_recipe_tiny_twin_runs_on_its_pipeline_twin(recipe, tmp_path):
-    """Seed 000: the pipeline recipe's tiny twin, then this recipe's LoRA fine-tuning on it (examples
-    made from the twin's corpus, with the recipe's field names), 3 steps."""
-    pytest.importorskip("peft")
+    """The pipeline recipe's tiny twin, then this recipe's fine-tuning on it, 3 steps: seed 000's LoRA
+    on examples made from the twin's corpus (with the recipe's field names); seed 002's translation on
+    real German-English pairs made by `data pairs` from the Plone catalogues."""
     import json
 
     from slmforge.finetune.config import FinetuneConfig
     from slmforge.finetune.run import finetune
-    from slmforge.finetune.tasks import InfillConfig, write_infill_file
 
     cfg = config.load(FinetuneConfig, recipe)
-    assert cfg.lora.rank > 0 and cfg.train.init_from
+    assert cfg.train.init_from
     pipeline = next(r for r in RECIPES if config.load(PretrainConfig, r).train.out_dir == cfg.train.init_from)
     base = tiny_twin(pipeline, tmp_path)
+    if cfg.finetune.task == "translate":
+        pytest.importorskip("plone.app.locales")
+        files = _translation_pairs_twin(recipe, tmp_path)
+    else:
+        pytest.importorskip("peft")
+        assert cfg.lora.rank > 0
+        files = _chat_examples_twin(cfg, tmp_path)
+    run = finetune(config.load(FinetuneConfig, recipe, [
+        f"train.init_from={base}", *files, "train.seq_len=63", "train.batch_size=4", "train.epochs=0",
+        "train.max_steps=3", "train.device=cpu", "tracking.backends=[]", "finetune.eval_samples=2",
+        "finetune.max_new_tokens=4", f"train.out_dir={tmp_path / 'finetuned'}"]))
+    step = run / "checkpoints" / "step-000003"
+    if cfg.lora.rank:
+        assert (step / "adapter_model.safetensors").is_file() and (run / "base" / "model.safetensors").is_file()
+    held_out = json.loads((step / "eval.json").read_text())["finetune_held_out"]
+    if cfg.finetune.task == "translate":
+        assert {"bleu", "chrf"} <= set(held_out)
+        assert config.load(PretrainConfig, base / "config.toml").objective.kind == "span"
+        # The held-out test pairs: loss on the targets, BLEU and chrF, into the step's eval.json.
+        from slmforge.cli import main
+
+        assert main(["eval", str(run), "--examples", f"test={tmp_path / 'pairs' / 'test.jsonl'}", "--samples", "3",
+                     "--max-new-tokens", "4"]) == 0
+        test = json.loads((step / "eval.json").read_text())["test"]
+        assert test["answered"] == 3 and {"loss", "bleu", "chrf"} <= set(test)
+
+
+def _chat_examples_twin(cfg, tmp_path: Path) -> list[str]:
+    import json
+
+    from slmforge.finetune.tasks import InfillConfig, write_infill_file
+
     examples = tmp_path / "examples.jsonl"
     write_infill_file([str(p) for p in tmp_path.glob("*.txt")], examples, InfillConfig(style="blanks", min_words=4))
     ex = cfg.finetune
     rows = [json.loads(line) for line in examples.read_text(encoding="utf-8").splitlines()]
     examples.write_text("".join(json.dumps({ex.prompt_field: r["prompt"], ex.response_field: r["response"]},
                                            ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    run = finetune(config.load(FinetuneConfig, recipe, [
-        f"train.init_from={base}", f'finetune.train_files=["{examples}"]', "finetune.val_files=[]",
-        "finetune.val_fraction=0.1", "train.seq_len=63", "train.batch_size=4", "train.epochs=0",
-        "train.max_steps=3", "train.device=cpu", "tracking.backends=[]", "finetune.eval_samples=2",
-        "finetune.max_new_tokens=4", f"train.out_dir={tmp_path / 'finetuned'}"]))
-    step = run / "checkpoints" / "step-000003"
-    assert (step / "adapter_model.safetensors").is_file() and (run / "base" / "model.safetensors").is_file()
-    assert "finetune_held_out" in json.loads((step / "eval.json").read_text())
+    return [f'finetune.train_files=["{examples}"]', "finetune.val_files=[]", "finetune.val_fraction=0.1"]
+
+
+def _translation_pairs_twin(recipe: Path, tmp_path: Path) -> list[str]:
+    """The recipe's [pairs] filters on the Plone German-English pairs, short ones only."""
+    from slmforge.data.pairs import load_config as load_pairs_config
+    from slmforge.data.pairs import make_pairs
+
+    out = tmp_path / "pairs"
+    cfg = load_pairs_config(recipe, ["pairs.max_length=6", "pairs.test_size=50", "pairs.val_size=20"],
+                            {"inputs": [{"path": "plone:de", "swap": True}], "out": str(out)})
+    report = make_pairs(cfg)
+    assert report["splits"]["train"] > 500 and report["dropped"]["empty"] > 0
+    return [f'finetune.train_files=["{out / "train.jsonl"}"]', f'finetune.val_files=["{out / "val.jsonl"}"]']
 
 
 def test_seed_001_recipe_is_the_10m_bert_with_its_training_setup():

@@ -21,10 +21,14 @@ COMMAND_MODULES = [
     "slmforge.tokenizer.commands",
     "slmforge.data.commands",
     "slmforge.train.commands",
+    "slmforge.distill.commands",
+    "slmforge.finetune.commands",
     "slmforge.eval.commands",
     "slmforge.generate",
+    "slmforge.translate",
     "slmforge.fill_mask",
     "slmforge.interop.commands",
+    "slmforge.report.commands",
 ]
 
 
@@ -55,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `slmforge VERB --help` for a verb's arguments. Start with `slmforge quickstart`.",
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress or status lines (warnings and errors still show); results still print")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -90,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if args.quiet:  # read by formatting.say and the progress displays, also in worker processes
+        import os
+
+        os.environ["SLMFORGE_QUIET"] = "1"
     try:
         result = args.func(args)
     except SlmforgeError as e:

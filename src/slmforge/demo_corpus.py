@@ -80,6 +80,24 @@ def plone_sentences(locale: str) -> tuple[list[str], list[str]]:
     return translated, english
 
 
+def plone_pairs(locale: str) -> list[tuple[str, str]]:
+    """(English original, its translation into `locale`) of every translated, non-fuzzy Plone message:
+    human translations, so a small real parallel corpus (about 3,500 English-German pairs)."""
+    folder = _package_dir("plone.app.locales") / "locales" / locale / "LC_MESSAGES"
+    if not folder.is_dir():
+        raise SlmforgeError(f"plone.app.locales has no {locale!r} catalogues ({folder})")
+    _package_dir("polib")
+    import polib
+
+    pairs = []
+    for po in sorted(folder.glob("*.po")):
+        for entry in polib.pofile(str(po), encoding="utf-8"):
+            if not entry.msgid or entry.fuzzy or entry.obsolete or not entry.msgstr:
+                continue  # plural entries (msgstr_plural) have no single translation: left out
+            pairs.append((_clean(_english_of(entry)), _clean(entry.msgstr)))
+    return pairs
+
+
 @lru_cache(maxsize=1)
 def _udhr_languages() -> dict:
     _package_dir("gflanguages")  # a clear error when the package is missing

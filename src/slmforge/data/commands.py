@@ -12,7 +12,8 @@ def register(subparsers: Any) -> None:
     from slmforge.cli import HelpFormatter, add_config_arguments
 
     data = subparsers.add_parser("data", help="turn raw text into token shards",
-                                 description="Data verbs: `slmforge data prepare --help`.",
+                                 description="Data verbs: `slmforge data curate --help`, "
+                                             "`slmforge data prepare --help`.",
                                  formatter_class=HelpFormatter)
     verbs = data.add_subparsers(dest="data_verb", metavar="SUBVERB")
     data.set_defaults(func=lambda args: data.print_help())
@@ -33,6 +34,40 @@ def register(subparsers: Any) -> None:
     prepare.add_argument("--out", metavar="DIR", help="output folder (data.out)")
     prepare.set_defaults(func=_prepare)
 
+    curate = verbs.add_parser(
+        "curate", formatter_class=HelpFormatter,
+        help="clean raw text: normalize, identify script and language, filter, redact, deduplicate",
+        description="Run the [curate] stages over raw JSONL / text / Parquet (datatrove pipeline, all "
+                    "cores or Slurm) into out/data/<lang>/*.jsonl.gz plus report.json and report.html. "
+                    "Interrupted? Rerun the same command: finished tasks are skipped. "
+                    "Needs pip install 'slmforge[curate]'.",
+        epilog="examples:\n"
+               "  slmforge data curate --input raw/hi/ --out curated/hi curate.language.keep='[\"hi\"]'\n"
+               "  slmforge data curate -c recipes/gemma3-270m-hindi.toml curate.workers=8")
+    add_config_arguments(curate, "curate.workers=4 curate.on_bad_file=fail")
+    curate.add_argument("--input", nargs="+", action="extend", metavar="PATH",
+                        help="raw text (file, folder or glob); replaces curate.inputs")
+    curate.add_argument("--out", metavar="DIR", help="output folder (curate.out)")
+    curate.set_defaults(func=_curate)
+
+    pairs = verbs.add_parser(
+        "pairs", formatter_class=HelpFormatter,
+        help="clean parallel text (JSONL, TSV, aligned files) into train/val/test pair files for translation",
+        description="Read the [pairs] sources, drop empty, too short/long, badly proportioned and duplicate pairs "
+                    "(counted), hold out test and validation pairs by seed and write train.jsonl, val.jsonl, "
+                    "test.jsonl and report.json to the output folder (what `slmforge finetune` with "
+                    "finetune.task = \"translate\" reads).",
+        epilog="examples:\n"
+               "  slmforge data pairs --input europarl.de-en.tsv --out corpora/de-en-pairs\n"
+               "  slmforge data pairs --input plone:de --swap --out corpora/plone-de-en pairs.test_size=300\n"
+               "  slmforge data pairs -c recipes/encdec-150m-de-en-translate.toml")
+    add_config_arguments(pairs, "pairs.max_ratio=2.5 pairs.test_size=2000")
+    pairs.add_argument("--input", nargs="+", action="extend", metavar="PATH",
+                       help="pair files (JSONL, TSV) or plone:LOCALE; replaces pairs.inputs")
+    pairs.add_argument("--swap", action="store_true", help="with --input: exchange source and target")
+    pairs.add_argument("--out", metavar="DIR", help="output folder (pairs.out)")
+    pairs.set_defaults(func=_pairs)
+
 
 def _prepare(args: argparse.Namespace) -> int:
     from slmforge.data.prepare import SECTION, DataConfig, load_config, prepare_data
@@ -50,4 +85,44 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.out:
         flags["out"] = args.out
     prepare_data(load_config(args.config, args.overrides, flags))
+    return 0
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from slmforge.curate.config import SECTION, CurateConfig, InputConfig, load_config
+
+    if args.show_fields:
+        print("\n".join(config.describe(CurateConfig, SECTION)
+                        + config.describe(InputConfig, f"{SECTION}.inputs[]")))
+        return 0
+    flags: dict[str, Any] = {}
+    if args.input:
+        flags["inputs"] = [{"path": p} for p in args.input]
+    if args.out:
+        flags["out"] = args.out
+    cfg = load_config(args.config, args.overrides, flags)
+    from slmforge.curate.pipeline import curate, require_datatrove
+
+    require_datatrove()
+    curate(cfg)
+    return 0
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    from slmforge.data.pairs import SECTION, PairsConfig, PairSourceConfig, load_config, make_pairs, summary
+    from slmforge.errors import SlmforgeError
+
+    if args.show_fields:
+        print("\n".join(config.describe(PairsConfig, SECTION)
+                        + config.describe(PairSourceConfig, f"{SECTION}.inputs[]")))
+        return 0
+    flags: dict[str, Any] = {}
+    if args.swap and not args.input:
+        raise SlmforgeError("--swap applies to --input; in a config, set swap = true on each input")
+    if args.input:
+        flags["inputs"] = [{"path": p, "swap": args.swap} for p in args.input]
+    if args.out:
+        flags["out"] = args.out
+    cfg = load_config(args.config, args.overrides, flags)
+    print(summary(make_pairs(cfg), cfg.out))
     return 0

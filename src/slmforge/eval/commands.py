@@ -53,10 +53,11 @@ def _run(args: argparse.Namespace) -> int:
     run = open_run(args.model, device=resolve_device(args.device, "--device"))
     model, meta = run.model, run.meta
     tokenizer = run.tokenizer() if args.text else None
-    objective = run_objective(run, tokenizer)
     seq_len = args.seq_len or meta.get("seq_len") or model.cfg.max_seq_len
     rows = {}
     data = Path(args.data) if args.data else (run.data_dir() if not (args.text or args.examples) else None)
+    # The run's training objective scores --data and --text; --examples brings its own format.
+    objective = run_objective(run, tokenizer) if data is not None or args.text else None
     if data is not None and not args.data and not (data / "manifest.json").is_file():
         raise SlmforgeError(f"{data}: the data folder this run trained on ({run.step_dir / 'meta.json'}) is "
                             f"not there; pass --data DIR (a folder made by `slmforge data prepare`) or "

@@ -18,9 +18,11 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class ExamplesConfig:
     """[finetune]: what the model is fine-tuned on and how examples become tokens."""
 
-    task: Literal["chat", "fim"] = "chat"
+    task: Literal["chat", "fim", "translate"] = "chat"
     """chat: prompt -> response (instructions, clarification, masked-word infilling), loss on the
-    response only; fim: fill-in-the-middle for decoders (prefix, suffix -> middle), loss on the middle."""
+    response only; fim: fill-in-the-middle for decoders (prefix, suffix -> middle), loss on the middle;
+    translate: source/target pairs (src_field, tgt_field), for encoder-decoders (source -> encoder,
+    target -> decoder) and decoders (translate_prompt in the chat template, loss on the target)."""
     train_files: list[str] = field(default_factory=list)
     """JSONL files of training examples (one JSON object per line; .gz/.zst allowed)."""
     val_files: list[str] = field(default_factory=list)
@@ -37,6 +39,13 @@ class ExamplesConfig:
     prefix_field: str = "prefix"
     suffix_field: str = "suffix"
     middle_field: str = "middle"
+    src_field: str = "src"
+    """translate: the field holding the source sentence (as `slmforge data pairs` writes it)."""
+    tgt_field: str = "tgt"
+    """translate: the field holding the target sentence."""
+    translate_prompt: str = "Translate:\n{src}"
+    """translate, decoders: the user turn a source becomes ({src} is replaced by it); the target is the
+    assistant's answer in finetune.chat_template."""
     system_prompt: str = ""
     """A system message put before every chat example that has none."""
     chat_template: str = "chatml"
@@ -54,8 +63,8 @@ class ExamplesConfig:
     freeze: list[str] = field(default_factory=list)
     """Full fine-tuning: parameter-name patterns (fnmatch, e.g. "embed.*", "layers.0.*") kept frozen."""
     eval_samples: int = 16
-    """Held-out examples answered by greedy generation at the end: exact match, chrF and a table of
-    prompts, references and outputs in the run folder (0 = off)."""
+    """Held-out examples answered by greedy generation at the end: exact match, chrF (and BLEU for
+    translate) and a table of prompts, references and outputs in the run folder (0 = off)."""
     max_new_tokens: int = 128
     """Longest generated answer in that evaluation."""
 
@@ -65,8 +74,10 @@ class ExamplesConfig:
         require(self.eval_samples >= 0, "eval_samples", f"must be >= 0, got {self.eval_samples}")
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
         for name in ("prompt_field", "response_field", "messages_field", "prefix_field", "suffix_field",
-                     "middle_field"):
+                     "middle_field", "src_field", "tgt_field"):
             require(bool(getattr(self, name)), name, "must not be empty")
+        require(self.task != "translate" or "{src}" in self.translate_prompt, "translate_prompt",
+                f"must contain {{src}} (where the source goes), got {self.translate_prompt!r}")
 
 
 @dataclass
@@ -117,6 +128,6 @@ class FinetuneConfig:
     def expand_config(cls, data: dict) -> dict:
         """Config-loading hook: other verbs' sections of a shared recipe file are not ours."""
         data = dict(data)
-        for section in ("data", "tokenizer", "objective", "curate"):
+        for section in ("data", "tokenizer", "objective", "curate", "pairs"):
             data.pop(section, None)
         return data

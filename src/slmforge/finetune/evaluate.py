@@ -1,5 +1,6 @@
 """Answer held-out examples by greedy generation and compare with the references: exact match and
-chrF (sacrebleu, when installed), plus a table of prompts, references and outputs a person can read."""
+chrF (sacrebleu, when installed; BLEU too for translation), plus a table of prompts, references and
+outputs a person can read. Encoder-decoders translate their held-out pairs in padded batches."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from slmforge.fileio import write_text_atomic
-from slmforge.finetune.templates import Encoded
+from slmforge.finetune.templates import Encoded, EncodedPair
 from slmforge.generate import SamplingConfig, generate_ids
 
 
@@ -37,24 +38,64 @@ def chrf(outputs: list[str], references: list[str]) -> float | None:
     return CHRF().corpus_score(outputs, [references]).score
 
 
+def bleu(outputs: list[str], references: list[str]) -> float | None:
+    """Corpus BLEU (0-100, sacrebleu's default 13a tokenization); None without sacrebleu."""
+    try:
+        from sacrebleu.metrics import BLEU
+    except ImportError:
+        return None
+    return BLEU().corpus_score(outputs, [references]).score
+
+
 def generation_eval(model: nn.Module, examples: list[Encoded], tokenizer, stop_id: int | None,
-                    max_new_tokens: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """({"examples", "exact_match", "chrf"}, per-example rows) over `examples`."""
+                    max_new_tokens: int, translate: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """({"examples", "exact_match", "chrf", "bleu" (translate)}, per-example rows) over `examples`."""
     was_training = model.training
     model.eval()
     rows = []
     for example in examples:
         output = answer(model, example, stop_id, max_new_tokens, tokenizer)
         prompt = tokenizer.decode(example.ids[:example.prompt_len].tolist(), skip_special=False)
-        rows.append({"where": example.where, "prompt": prompt, "reference": example.answer, "output": output,
-                     "exact": output.strip() == example.answer.strip()})
+        rows.append(_row(example.where, prompt, example.answer, output))
     model.train(was_training)
+    return _summary(rows, translate), rows
+
+
+def pair_generation_eval(model: nn.Module, pairs: list[EncodedPair], tokenizer, max_new_tokens: int,
+                         batch_size: int = 16) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """An encoder-decoder's greedy translations of `pairs`' sources, in padded batches: exact match,
+    chrF and BLEU against the references, and per-pair rows."""
+    from slmforge.seq2seq_generate import Seq2SeqConfig
+    from slmforge.translate import translate_ids
+
+    was_training = model.training
+    model.eval()
+    cfg = Seq2SeqConfig(max_new_tokens=max_new_tokens)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    rows = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        outputs = translate_ids(model, [p.source.tolist() for p in batch], cfg, tokenizer.eos_id, pad)
+        rows += [_row(p.where, p.prompt, p.answer, tokenizer.decode(ids)) for p, ids in zip(batch, outputs)]
+    model.train(was_training)
+    return _summary(rows, translate=True), rows
+
+
+def _row(where: str, prompt: str, reference: str, output: str) -> dict[str, Any]:
+    return {"where": where, "prompt": prompt, "reference": reference, "output": output,
+            "exact": output.strip() == reference.strip()}
+
+
+def _summary(rows: list[dict[str, Any]], translate: bool) -> dict[str, Any]:
     summary: dict[str, Any] = {"examples": len(rows),
                                "exact_match": sum(r["exact"] for r in rows) / max(len(rows), 1)}
-    score = chrf([r["output"] for r in rows], [r["reference"] for r in rows])
+    outputs, references = [r["output"] for r in rows], [r["reference"] for r in rows]
+    score = chrf(outputs, references)
     if score is not None:
         summary["chrf"] = score
-    return summary, rows
+    if translate and (score := bleu(outputs, references)) is not None:
+        summary["bleu"] = score
+    return summary
 
 
 def write_samples(rows: list[dict[str, Any]], folder: Path, name: str = "samples") -> None:
@@ -71,16 +112,18 @@ def write_samples(rows: list[dict[str, Any]], folder: Path, name: str = "samples
 def evaluate_example_file(run, path: str, batch_size: int, samples: int, max_new_tokens: int
                           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`slmforge eval RUN --examples FILE`: a fine-tuned run's loss on the answers of FILE's examples
-    (formatted with the run's own template and field names) and its generated answers to the first
-    `samples` of them."""
+    (formatted with the run's own template and field names; an encoder-decoder's translation pairs as
+    it trained on them) and its generated answers to the first `samples` of them (with BLEU and chrF
+    for translation)."""
     from slmforge import config as config_io
     from slmforge.errors import SlmforgeError
     from slmforge.finetune.config import ExamplesConfig
     from slmforge.finetune.examples import Skipped, read_examples
-    from slmforge.finetune.loader import ExampleLoader
-    from slmforge.finetune.templates import ExampleEncoder, choose_template, encode_examples
+    from slmforge.finetune.loader import ExampleLoader, PairLoader
+    from slmforge.finetune.templates import ExampleEncoder, PairEncoder, choose_template, encode_examples
     from slmforge.objectives import mean_loss, summarize
     from slmforge.objectives.clm import CausalLM
+    from slmforge.objectives.seq2seq import Seq2Seq
     from slmforge.tokenizer.chat import tokenizer_chat_template
 
     finetuned = run.meta.get("finetune")
@@ -90,22 +133,36 @@ def evaluate_example_file(run, path: str, batch_size: int, samples: int, max_new
                             f"evaluate it with --data or --text")
     cfg = config_io.from_dict(ExamplesConfig, {**settings, "train_files": [path], "val_files": []}, "finetune")
     tokenizer = run.tokenizer()
-    template = tokenizer_chat_template(tokenizer)
-    choice = choose_template(cfg.task, "tokenizer" if template else cfg.chat_template, template)
-    encoder = ExampleEncoder(tokenizer, choice, cfg.task)
     skipped = Skipped()
-    limit = run.meta.get("seq_len", run.model.cfg.max_seq_len) + 1
-    examples = encode_examples(read_examples([path], cfg, skipped), encoder, limit, cfg.on_bad_example, skipped)
+    seq_len = run.meta.get("seq_len", run.model.cfg.max_seq_len)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    if run.kind == "encoder-decoder":  # translation pairs: source -> encoder, target -> decoder
+        encoder = PairEncoder(tokenizer)
+        examples = encode_examples(read_examples([path], cfg, skipped), encoder, seq_len, cfg.on_bad_example,
+                                   skipped, "the run's seq_len")
+        objective = Seq2Seq()
+        loader = PairLoader(examples, batch_size, pad_id=pad_id, shuffle=False, training=False) if examples else None
+    else:
+        template = tokenizer_chat_template(tokenizer)
+        choice = choose_template(cfg.task, "tokenizer" if template else cfg.chat_template, template)
+        encoder = ExampleEncoder(tokenizer, choice, cfg.task)
+        examples = encode_examples(read_examples([path], cfg, skipped), encoder, seq_len + 1, cfg.on_bad_example,
+                                   skipped)
+        objective = CausalLM()
+        loader = (ExampleLoader(examples, seq_len + 1, batch_size, packing=True, pad_id=pad_id, shuffle=False,
+                                training=False) if examples else None)
     if not examples:
         raise SlmforgeError(f"{path}: no usable examples ({skipped.summary() or 'empty'})")
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    loader = ExampleLoader(examples, limit, batch_size, packing=True, pad_id=pad_id, shuffle=False, training=False)
-    means, tokens = mean_loss(run.model, CausalLM(), loader.epoch_batches(), run.device)
+    means, tokens = mean_loss(run.model, objective, loader.epoch_batches(), run.device)
     row: dict[str, Any] = {**summarize(means, None), "tokens": tokens, "examples_file": path,
                            "skipped": skipped.total}
     sample_rows: list[dict[str, Any]] = []
     if samples:
-        summary, sample_rows = generation_eval(run.model, examples[:samples], tokenizer, encoder.stop_id,
-                                               max_new_tokens)
+        if run.kind == "encoder-decoder":
+            summary, sample_rows = pair_generation_eval(run.model, examples[:samples], tokenizer, max_new_tokens,
+                                                        batch_size)
+        else:
+            summary, sample_rows = generation_eval(run.model, examples[:samples], tokenizer, encoder.stop_id,
+                                                   max_new_tokens, translate=cfg.task == "translate")
         row.update({"answered": summary["examples"], **{k: v for k, v in summary.items() if k != "examples"}})
     return row, sample_rows

@@ -1,6 +1,7 @@
-"""Fine-tuning examples from JSONL: chat (prompt/response pairs or role/content messages) or
-fill-in-the-middle (prefix, suffix, middle). A bad line names its file and line; with
-on_bad_example = "skip" it is counted by reason instead, and the counts are reported."""
+"""Fine-tuning examples from JSONL: chat (prompt/response pairs or role/content messages),
+fill-in-the-middle (prefix, suffix, middle) or translation pairs (source, target). A bad line names
+its file and line; with on_bad_example = "skip" it is counted by reason instead, and the counts are
+reported."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class Example:
     """chat: [{"role": "user" | "assistant" | "system", "content": ...}, ...]"""
     fim: tuple[str, str, str] | None = None
     """fill-in-the-middle: (prefix, suffix, middle)"""
+    pair: tuple[str, str] | None = None
+    """translate: (source, target); `messages` holds the same as a prompt/answer turn for decoders"""
 
 
 class BadExample(ValueError):
@@ -98,6 +101,14 @@ def _bad(cfg: ExamplesConfig, skipped: Skipped, where: str, reason: str, detail:
 
 
 def parse_example(record: dict, cfg: ExamplesConfig, where: str) -> Example:
+    if cfg.task == "translate":
+        source, target = _text_field(record, cfg.src_field), _text_field(record, cfg.tgt_field)
+        for name, text in ((cfg.src_field, source), (cfg.tgt_field, target)):
+            if not text.strip():
+                raise BadExample("empty side", f"field {name!r} is empty: not a translation pair")
+        prompt = cfg.translate_prompt.replace("{src}", source)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
+        return Example(where, messages=messages, pair=(source, target))
     if cfg.task == "fim":
         parts = tuple(_text_field(record, name) for name in (cfg.prefix_field, cfg.suffix_field, cfg.middle_field))
         if not parts[2].strip():

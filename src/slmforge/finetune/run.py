@@ -1,7 +1,9 @@
-"""`slmforge finetune`: examples in, a fine-tuned decoder out, on the same Trainer and run folder as
-pretraining. The objective is next-token prediction with the prompt tokens unscored; what differs
-from pretraining is the data (examples, packed or padded), the tokenizer (task tokens and a chat
-template added) and the trainable parameters (all, all but frozen patterns, or LoRA adapters)."""
+"""`slmforge finetune`: examples in, a fine-tuned model out, on the same Trainer and run folder as
+pretraining. For a decoder the objective is next-token prediction with the prompt tokens unscored; for
+an encoder-decoder (finetune.task = "translate") it is sequence-to-sequence (source -> encoder, target
+-> decoder, objectives/seq2seq.py). What differs from pretraining is the data (examples, packed or
+padded; pairs), the tokenizer (task tokens and a chat template added, for decoders) and the trainable
+parameters (all, all but frozen patterns, or LoRA adapters)."""
 
 from __future__ import annotations
 
@@ -15,15 +17,24 @@ import torch
 from slmforge import config as config_io
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import FinetuneConfig
-from slmforge.finetune.evaluate import generation_eval, write_samples
+from slmforge.finetune.evaluate import generation_eval, pair_generation_eval, write_samples
 from slmforge.finetune.examples import Skipped, read_examples
 from slmforge.finetune.lora import BASE_DIR, LoraCheckpoints, apply_lora
-from slmforge.finetune.loader import ExampleLoader
-from slmforge.finetune.templates import Encoded, ExampleEncoder, TemplateChoice, choose_template, encode_examples
+from slmforge.finetune.loader import ExampleLoader, PairLoader
+from slmforge.finetune.templates import (
+    Encoded,
+    EncodedPair,
+    ExampleEncoder,
+    PairEncoder,
+    TemplateChoice,
+    choose_template,
+    encode_examples,
+)
 from slmforge.finetune.vocab import add_special_tokens, fit_embeddings
 from slmforge.formatting import human, say
 from slmforge.models import build_model, family
 from slmforge.objectives.clm import CausalLM
+from slmforge.objectives.seq2seq import Seq2Seq
 from slmforge.runs import (
     find_tokenizer_dir,
     load_weights,
@@ -57,12 +68,9 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     torch.manual_seed(loop.seed + where.rank)
 
     tokenizer, choice, new_ids, init_dir = _model_and_tokenizer(cfg, session)
-    if family(cfg.model).kind != "decoder":
-        raise SlmforgeError(f"train.init_from: a {cfg.model.family} encoder; finetune trains decoders on examples "
-                            f"(to continue an encoder's masked-LM training use `slmforge pretrain "
-                            f"train.init_from=...`)")
-    encoder = ExampleEncoder(tokenizer, choice, ex.task)
-    train_examples, val_examples = _examples(cfg, encoder)
+    seq2seq = family(cfg.model).kind == "encoder-decoder"
+    encoder = PairEncoder(tokenizer) if seq2seq else ExampleEncoder(tokenizer, choice, ex.task)
+    train_examples, val_examples = _examples(cfg, encoder, seq2seq)
 
     model = build_model(cfg.model, device=device, seed=None if (resume_dir or init_dir) else loop.seed)
     if resume_dir is None:
@@ -81,18 +89,26 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         say(f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {len(targets)} modules")
     else:
         _freeze(model, ex.freeze)
+    if loop.compile:
+        for block in model.layers:
+            block.compile()  # in place: state_dict names stay free of `_orig_mod.`
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    row_len = loop.seq_len + 1
-    train_loader = ExampleLoader(train_examples, row_len, loop.batch_size, packing=ex.packing, pad_id=pad_id,
-                                 seed=loop.seed, rank=where.rank, world_size=where.world_size)
+    split = dict(rank=where.rank, world_size=where.world_size)
+    if seq2seq:
+        objective = Seq2Seq()
+        make_loader = lambda examples, size, **kw: PairLoader(  # noqa: E731
+            examples, size, pad_id=pad_id, **split, **kw)
+    else:
+        objective = CausalLM()
+        make_loader = lambda examples, size, **kw: ExampleLoader(  # noqa: E731
+            examples, loop.seq_len + 1, size, packing=ex.packing, pad_id=pad_id, **split, **kw)
+    train_loader = make_loader(train_examples, loop.batch_size, seed=loop.seed)
     val_batches = None
     if val_examples:
-        val_loader = ExampleLoader(val_examples, row_len, loop.eval_batch_size or loop.batch_size,
-                                   packing=ex.packing, pad_id=pad_id, shuffle=False, training=False,
-                                   rank=where.rank, world_size=where.world_size)
+        val_loader = make_loader(val_examples, loop.eval_batch_size or loop.batch_size, shuffle=False, training=False)
         val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
     resolve_steps(cfg, train_loader.batches_per_epoch)
     resolved = config_io.to_dict(cfg)
@@ -108,7 +124,7 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     metrics = open_metrics(cfg.tracking, cfg, session)
     try:
         trainer = Trainer(
-            model=model, objective=CausalLM(), train_loader=train_loader, loop=loop, optim=cfg.optim,
+            model=model, objective=objective, train_loader=train_loader, loop=loop, optim=cfg.optim,
             schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device, precision=precision,
             val_batches=val_batches,
             checkpoint_meta={**base_meta, "processes": where.world_size, "config": resolved,
@@ -118,7 +134,8 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
             parallel=cfg.parallel, checkpoint_format=checkpoint_format)
         say(f"run folder {run_dir} | {cfg.model.family} {human(total)} parameters, {human(trainable)} trainable "
             f"({100 * trainable / total:.2f}%) | {len(train_examples):,} examples in {train_loader.num_windows:,} "
-            f"rows ({'packed' if ex.packing else 'padded'}, {100 * train_loader.fill:.0f}% filled) | "
+            f"rows ({'padded pairs' if seq2seq else 'packed' if ex.packing else 'padded'}, "
+            f"{100 * train_loader.fill:.0f}% filled) | "
             f"{len(val_examples):,} held out | device {device} ({precision})"
             + (f" | {where.world_size} processes ({trainer.strategy})" if where.active else ""))
         if resume_dir is not None:
@@ -144,8 +161,7 @@ def _model_and_tokenizer(cfg: FinetuneConfig, session: Session):
     if session.resume_dir is not None:  # the run's own tokenizer and (grown) architecture
         cfg.model = model_config_from_meta(read_meta(session.resume_dir), session.resume_dir)
         tokenizer = load_tokenizer(run_dir / "tokenizer")
-        choice = choose_template(ex.task, ex.chat_template, tokenizer.meta.get("hf_settings", {}).get("chat_template"))
-        return tokenizer, choice, [], None
+        return tokenizer, _template(cfg, tokenizer), [], None
     init_dir = None
     if cfg.train.init_from:
         init_dir = resolve_checkpoint(cfg.train.init_from)
@@ -155,7 +171,7 @@ def _model_and_tokenizer(cfg: FinetuneConfig, session: Session):
     else:
         source = Path(ex.tokenizer)
     base = load_tokenizer(source)
-    choice = choose_template(ex.task, ex.chat_template, base.meta.get("hf_settings", {}).get("chat_template"))
+    choice = _template(cfg, base)
     tokenizer, new_ids = add_special_tokens(base, choice.added_tokens, choice.source or None)
     if new_ids:
         say(f"added {', '.join(choice.added_tokens)} to the tokenizer")
@@ -167,13 +183,36 @@ def _model_and_tokenizer(cfg: FinetuneConfig, session: Session):
     return tokenizer, choice, new_ids, init_dir
 
 
-def _examples(cfg: FinetuneConfig, encoder: ExampleEncoder) -> tuple[list[Encoded], list[Encoded]]:
-    """Encoded training and held-out examples; bad ones fail or are counted, per on_bad_example."""
-    ex, limit = cfg.finetune, cfg.train.seq_len + 1
+def _template(cfg: FinetuneConfig, tokenizer) -> TemplateChoice:
+    """The task's template; encoder-decoders take sources and targets as they are, with no template
+    (and a task other than translate is refused for them, as every task is for encoders)."""
+    ex, kind = cfg.finetune, family(cfg.model).kind
+    if kind == "encoder":
+        raise SlmforgeError(f"train.init_from: a {cfg.model.family} encoder; finetune trains decoders and "
+                            f"encoder-decoders (to continue an encoder's masked-LM training use `slmforge "
+                            f"pretrain train.init_from=...`)")
+    if kind == "encoder-decoder":
+        if ex.task != "translate":
+            raise SlmforgeError(f"finetune.task: {ex.task!r} is for decoders; a {cfg.model.family} encoder-decoder "
+                                f"fine-tunes with finetune.task = \"translate\" (source -> encoder, target -> decoder)")
+        return TemplateChoice("", (), None)
+    return choose_template(ex.task, ex.chat_template, tokenizer.meta.get("hf_settings", {}).get("chat_template"))
+
+
+def _examples(cfg: FinetuneConfig, encoder: ExampleEncoder | PairEncoder, seq2seq: bool = False
+              ) -> tuple[list[Encoded], list[Encoded]] | tuple[list[EncodedPair], list[EncodedPair]]:
+    """Encoded training and held-out examples; bad ones fail or are counted, per on_bad_example.
+    A decoder's example must fit a row of train.seq_len + 1 tokens, each side of a pair train.seq_len."""
+    ex = cfg.finetune
+    limit, name = (cfg.train.seq_len, "train.seq_len") if seq2seq else (cfg.train.seq_len + 1, "train.seq_len + 1")
     skipped = Skipped()
-    train = encode_examples(read_examples(ex.train_files, ex, skipped), encoder, limit, ex.on_bad_example, skipped)
+
+    def encode(files: list[str]):
+        return encode_examples(read_examples(files, ex, skipped), encoder, limit, ex.on_bad_example, skipped, name)
+
+    train = encode(ex.train_files)
     if ex.val_files:
-        val = encode_examples(read_examples(ex.val_files, ex, skipped), encoder, limit, ex.on_bad_example, skipped)
+        val = encode(ex.val_files)
     elif ex.val_fraction > 0 and len(train) >= 10:
         order = np.random.default_rng([cfg.train.seed, 7]).permutation(len(train))
         held = set(order[:max(1, round(ex.val_fraction * len(train)))].tolist())
@@ -198,34 +237,43 @@ def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
             param.requires_grad_(False)
 
 
-def _fingerprint(examples: list[Encoded], cfg: FinetuneConfig) -> str:
-    """What the training rows are made of: example ids, scored masks, packing and LoRA settings."""
+def _fingerprint(examples: list[Encoded] | list[EncodedPair], cfg: FinetuneConfig) -> str:
+    """What the training rows are made of: example ids, scored masks (or sources and targets),
+    packing and LoRA settings."""
     digest = hashlib.sha256(repr((cfg.finetune.packing, config_io.to_dict(cfg.lora))).encode())
     for e in examples:
-        digest.update(e.ids.tobytes())
-        digest.update(e.scored.tobytes())
+        for array in ((e.source, e.target) if isinstance(e, EncodedPair) else (e.ids, e.scored)):
+            digest.update(array.tobytes())
     return digest.hexdigest()
 
 
 def _meta(cfg: FinetuneConfig, tokenizer, choice: TemplateChoice) -> dict:
-    """What eval, generate and export need to know of a fine-tuned checkpoint."""
+    """What eval, generate, translate and export need to know of a fine-tuned checkpoint. An
+    encoder-decoder records no objective: `eval` scores it with its family's (span corruption), the
+    pretraining form it keeps; the translation figures are the generation eval's."""
+    seq2seq = family(cfg.model).kind == "encoder-decoder"
     return {"tokenizer_sha256": tokenizer.sha256, "seq_len": cfg.train.seq_len,
-            "add_bos": tokenizer.bos_id is not None, "objective": {"kind": "clm"},
-            "finetune": {"task": cfg.finetune.task, "chat_template": cfg.finetune.chat_template,
+            "add_bos": tokenizer.bos_id is not None and not seq2seq,
+            **({} if seq2seq else {"objective": {"kind": "clm"}}),
+            "finetune": {"task": cfg.finetune.task, "chat_template": None if seq2seq else cfg.finetune.chat_template,
                          "stop_token": choice.stop_token or tokenizer.roles.get("eos"),
                          "lora": config_io.to_dict(cfg.lora) if cfg.lora.rank else None,
                          "examples": list(cfg.finetune.train_files)}}
 
 
-def _evaluate(trainer: Trainer, examples: list[Encoded], encoder: ExampleEncoder, tokenizer, ex, held_out,
-              run_dir: Path) -> None:
+def _evaluate(trainer: Trainer, examples: list[Encoded] | list[EncodedPair], encoder: ExampleEncoder | PairEncoder,
+              tokenizer, ex, held_out, run_dir: Path) -> None:
     """Held-out loss (from the final validation) and generation metrics into the last checkpoint's
     eval.json; the sample table into the run folder."""
-    summary, rows = generation_eval(trainer.model, examples[:ex.eval_samples], tokenizer, encoder.stop_id,
-                                    ex.max_new_tokens)
+    if isinstance(encoder, PairEncoder):
+        summary, rows = pair_generation_eval(trainer.model, examples[:ex.eval_samples], tokenizer, ex.max_new_tokens)
+    else:
+        summary, rows = generation_eval(trainer.model, examples[:ex.eval_samples], tokenizer, encoder.stop_id,
+                                        ex.max_new_tokens, translate=ex.task == "translate")
     write_samples(rows, run_dir)
     row = {**(held_out or {}), **summary, "step": trainer.state.step}
     step_dir = resolve_checkpoint(run_dir)
     write_eval_report({"finetune_held_out" if held_out else "finetune_train_sample": row}, step_dir / "eval.json")
-    shown = f"exact match {summary['exact_match']:.3f}" + (f", chrF {summary['chrf']:.1f}" if "chrf" in summary else "")
+    shown = f"exact match {summary['exact_match']:.3f}" + "".join(
+        f", {label} {summary[key]:.1f}" for key, label in (("chrf", "chrF"), ("bleu", "BLEU")) if key in summary)
     say(f"answered {summary['examples']} held-out example(s): {shown}; table in {run_dir / 'samples.md'}")

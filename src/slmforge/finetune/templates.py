@@ -9,6 +9,10 @@ turn (its content and the template's end-of-turn marker) is what the loss is com
 
 Fill-in-the-middle examples are <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle <eos>,
 with the loss on the middle and the eos.
+
+Translation pairs for an encoder-decoder are two sequences, `source eos` for the encoder and `target
+eos` for the decoder (the layout span corruption pretrained on and `slmforge translate` feeds); for a
+decoder they are a chat turn (finetune.translate_prompt) answered by the target.
 """
 
 from __future__ import annotations
@@ -62,6 +66,50 @@ class Encoded:
     answer: str
     where: str
 
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class EncodedPair:
+    """A translation pair for an encoder-decoder: every target token carries loss."""
+
+    source: np.ndarray
+    """Source ids and eos: the encoder's input."""
+    target: np.ndarray
+    """Target ids and eos: what the decoder predicts (behind the decoder start token)."""
+    prompt: str
+    """The source text, for tables of samples."""
+    answer: str
+    """The reference translation."""
+    where: str
+
+    @property
+    def length(self) -> int:
+        """The longer side: each must fit the model (train.seq_len)."""
+        return max(len(self.source), len(self.target))
+
+
+class PairEncoder:
+    """Example (task translate) -> EncodedPair, with the run's tokenizer."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.eos_id is None:
+            raise SlmforgeError("the tokenizer has no eos token, which ends every source and target of an "
+                                "encoder-decoder; use a tokenizer with one")
+        self.tokenizer = tokenizer
+        self.stop_id = tokenizer.eos_id
+
+    def encode(self, example: Example) -> EncodedPair:
+        source, target = example.pair
+        eos = [self.tokenizer.eos_id]
+        source_ids, target_ids = self.tokenizer.encode(source), self.tokenizer.encode(target)
+        if not target_ids:
+            raise BadExample("empty side", "the target encodes to no tokens")
+        return EncodedPair(np.asarray(source_ids + eos, dtype=np.int64), np.asarray(target_ids + eos, dtype=np.int64),
+                           source, target, example.where)
+
 
 @dataclass
 class TemplateChoice:
@@ -109,7 +157,7 @@ class ExampleEncoder:
     def __init__(self, tokenizer, choice: TemplateChoice, task: str):
         self.tokenizer, self.task = tokenizer, task
         specials = {f"{role}_token": token for role, token in tokenizer.roles.items() if token is not None}
-        self.chat = ChatTemplate(choice.source, specials) if task == "chat" else None
+        self.chat = ChatTemplate(choice.source, specials) if task in ("chat", "translate") else None
         if tokenizer.eos_id is None and (task == "fim" or choice.stop_token is None):
             raise SlmforgeError("the tokenizer has no eos token, which ends every answer in this task; use a "
                                 "tokenizer with one (or finetune.chat_template = \"chatml\")")
@@ -144,15 +192,15 @@ class ExampleEncoder:
         return Encoded(ids, scored, prompt_len, rendered.answer, example.where)
 
 
-def encode_examples(examples: list[Example], encoder: ExampleEncoder, limit: int, on_bad: str,
-                    skipped: Skipped) -> list[Encoded]:
+def encode_examples(examples: list[Example], encoder: ExampleEncoder | PairEncoder, limit: int, on_bad: str,
+                    skipped: Skipped, limit_name: str = "train.seq_len + 1") -> list[Encoded] | list[EncodedPair]:
     """Encoded examples no longer than `limit` tokens; a bad one fails or is counted, per `on_bad`."""
     encoded = []
     for example in examples:
         try:
             item = encoder.encode(example)
-            if len(item.ids) > limit:
-                raise BadExample("too long", f"{len(item.ids)} tokens, more than train.seq_len + 1 = {limit}")
+            if item.length > limit:
+                raise BadExample("too long", f"{item.length} tokens, more than {limit_name} = {limit}")
         except BadExample as e:
             if on_bad == "error":
                 raise SlmforgeError(f"{example.where}: {e} (finetune.on_bad_example = \"skip\" leaves such "

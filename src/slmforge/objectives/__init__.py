@@ -10,10 +10,12 @@ from slmforge.errors import SlmforgeError
 from slmforge.objectives.base import Objective, mean_loss, sample_generator, summarize
 from slmforge.objectives.clm import CausalLM, ClmConfig
 from slmforge.objectives.mlm import MaskedLM, MlmConfig
+from slmforge.objectives.seq2seq import Seq2Seq
 from slmforge.objectives.span import SpanConfig, SpanCorruption
 
 ObjectiveConfig = ClmConfig | MlmConfig | SpanConfig
-"""What a recipe's [objective] section holds; `kind` picks the class."""
+"""What a recipe's [objective] section holds; `kind` picks the class. (Seq2Seq, translation pairs for
+encoder-decoders, has no section: `slmforge finetune` with finetune.task = "translate" uses it.)"""
 
 DEFAULT_FOR_KIND = {"decoder": "clm", "encoder": "mlm", "encoder-decoder": "span"}
 
@@ -34,5 +36,5 @@ def build_objective(cfg: ObjectiveConfig, model_kind: str, family_name: str, tok
 
 
 __all__ = ["Objective", "ObjectiveConfig", "ClmConfig", "MlmConfig", "SpanConfig", "CausalLM", "MaskedLM",
-           "SpanCorruption", "build_objective",
+           "SpanCorruption", "Seq2Seq", "build_objective",
            "sample_generator", "mean_loss", "summarize", "DEFAULT_FOR_KIND"]
