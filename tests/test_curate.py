@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from browser import Page, needs_chromium
 
 pytest.importorskip("datatrove")
 pytest.importorskip("py3langid")
@@ -544,3 +545,19 @@ def test_readme_curate_examples_validate():
     for block in blocks:
         tree = config.tomllib.loads(block)
         config.from_dict(CurateConfig, tree["curate"], "curate")
+
+
+@needs_chromium
+def test_the_curate_report_opens_in_a_real_browser_without_errors(tmp_path):
+    """The HTML report of a real run, in headless Chromium: no console error, no request leaving the
+    page, and the bar charts drawn (not a blank page)."""
+    out = curate(curate_cfg(tmp_path, _corpus(tmp_path), language={"candidates": list(CLEAN)}), show_progress=False)
+    page = Page(tmp_path / "chromium-profile")
+    try:
+        page.open((out / "report.html").as_uri())
+        assert page.problems() == []
+        assert page.evaluate("document.querySelectorAll('.bar').length") >= 5
+        shot = page.screenshot()
+        assert shot.std() > 0.05 and (shot.mean(axis=-1) < 0.9).mean() > 0.01
+    finally:
+        page.close()

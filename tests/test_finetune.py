@@ -358,3 +358,18 @@ def test_lora_exports_merged_and_as_a_peft_adapter_with_equal_logits(tmp_path):
 
     with pytest.raises(SlmforgeError, match="not a checkpoint of a LoRA run"):
         export_adapter(base, tmp_path / "nope")
+
+
+def test_freeze_patterns_keep_those_parameters_bitwise_and_train_the_rest(tmp_path):
+    base = finetune(finetune_config(tmp_path, "train.max_steps=2", f"train.out_dir={tmp_path / 'base'}",
+                                    "finetune.eval_samples=0"))
+    run = finetune(finetune_config(tmp_path, f"train.init_from={base}", "train.max_steps=4", "finetune.eval_samples=0",
+                                   'finetune.freeze=["embed.*", "layers.0.*"]', f"train.out_dir={tmp_path / 'frozen'}"))
+    start = load_file(base / "checkpoints" / "step-000002" / "model.safetensors")
+    end = load_file(run / "checkpoints" / "step-000004" / "model.safetensors")
+    for name in start:
+        frozen = name.startswith(("embed.", "layers.0."))
+        assert torch.equal(start[name], end[name]) == frozen, name
+    with pytest.raises(SlmforgeError, match=r"finetune.freeze: 'layer.*' matches no parameter"):
+        finetune(finetune_config(tmp_path, f"train.init_from={base}", 'finetune.freeze=["layer.*"]',
+                                 f"train.out_dir={tmp_path / 'typo'}"))
