@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from slmforge import config
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import ExamplesConfig, FinetuneConfig
-from slmforge.finetune.examples import Example, Skipped, read_examples
+from slmforge.finetune.examples import Skipped, read_examples
 from slmforge.finetune.loader import ExampleLoader, pack_rows
 from slmforge.finetune.run import finetune
 from slmforge.finetune.templates import ExampleEncoder, choose_template
@@ -373,3 +373,28 @@ def test_freeze_patterns_keep_those_parameters_bitwise_and_train_the_rest(tmp_pa
     with pytest.raises(SlmforgeError, match=r"finetune.freeze: 'layer.*' matches no parameter"):
         finetune(finetune_config(tmp_path, f"train.init_from={base}", 'finetune.freeze=["layer.*"]',
                                  f"train.out_dir={tmp_path / 'typo'}"))
+
+
+def test_a_template_whose_stop_token_is_not_a_token_is_refused(chat_tokenizer):
+    from slmforge.finetune.templates import TemplateChoice
+
+    tokenizer, _ = chat_tokenizer
+    base = word_level_tokenizer_without_chat(tokenizer)
+    with pytest.raises(SlmforgeError, match="ends answers with '<\\|im_end\\|>', which is not a token"):
+        ExampleEncoder(base, TemplateChoice("{{ messages }}<|im_end|>", (), "<|im_end|>"), "chat")
+
+
+def word_level_tokenizer_without_chat(tokenizer):
+    """The tokenizer as it was before the chat markers were added."""
+    from tokenizers import Tokenizer as Backend
+
+    from slmforge.tokenizer import Tokenizer
+
+    data = json.loads(tokenizer.backend.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if "im_" not in t["content"]]
+    return Tokenizer(Backend.from_str(json.dumps(data)), dict(tokenizer.roles))
+
+
+def test_rows_longer_than_the_models_context_are_refused(tmp_path):
+    with pytest.raises(SlmforgeError, match="train.seq_len: 100 exceeds the model's context, model.max_seq_len = 64"):
+        finetune(finetune_config(tmp_path, "train.seq_len=100", "train.max_steps=1"))

@@ -37,16 +37,21 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 # Dense bf16 tensor-core peak FLOP/s per device, from the vendors' datasheets (no sparsity): what MFU
 # divides by. A device not listed gets no MFU rather than a guessed one.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12,
+                   "RTX 3090": 71e12}
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, if it is a GPU this table knows."""
     if device.type != "cuda":
         return None
+    import re
+
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    # The first key that stands as whole words in the name (L4 is not L40S; H100 PCIe before H100).
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items()
+                 if re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", name)), None)
 
 
 def describe(device: torch.device, precision: str, processes: int) -> dict:

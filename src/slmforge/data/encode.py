@@ -250,6 +250,9 @@ class EncoderPool:
             try:
                 self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                                  initargs=(encoder,))
+                # With fork, the pool starts all its workers at the first task, from this (the main)
+                # thread: do it now, while the environment above is set for them to inherit.
+                self._pool.submit(os.getpid).result()
             finally:
                 if previous is None:
                     del os.environ["TOKENIZERS_PARALLELISM"]

@@ -28,6 +28,7 @@ import torch
 
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
+from slmforge.objectives.base import IGNORE_INDEX
 
 META = "meta.json"
 
@@ -75,12 +76,15 @@ def build_cache(out: Path, loader, objective, teacher, k: int, epochs: int, seed
 
 def _rows_per_sample(batch: dict[str, torch.Tensor], count: int) -> np.ndarray:
     """Scored positions per sample, in the order `predictions` returns them (row-major)."""
-    scored = (batch["targets"] != -100).reshape(count, -1)
+    scored = (batch["targets"] != IGNORE_INDEX).reshape(count, -1)
     return scored.sum(1).cpu().numpy()
 
 
 def epochs_needed(max_steps: int, global_batch: int, grad_accum: int, windows: int) -> int:
-    return max(1, math.ceil(max_steps * global_batch * grad_accum / max(windows, 1)))
+    """Epochs a run of `max_steps` reaches: each epoch gives windows // global_batch micro-batches
+    (the loader drops the remainder)."""
+    per_epoch = max(windows // max(global_batch, 1), 1)
+    return max(1, math.ceil(max_steps * grad_accum / per_epoch))
 
 
 class TeacherCache:

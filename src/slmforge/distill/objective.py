@@ -31,6 +31,7 @@ class Distillation:
         self.kinds = student.kinds
         self.metric_names = (*student.metric_names, "hard_loss", "distill_loss",
                              *(("hidden_loss",) if cfg.hidden_weight else ()))
+        self.eval_metric_names = student.metric_names  # validation measures the student alone
         self.bits_per_byte = student.bits_per_byte
         self.progress = 0.0
 

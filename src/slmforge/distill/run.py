@@ -22,8 +22,28 @@ def cache_identity(cfg: DistillRunConfig, manifest: dict) -> dict:
     """What a teacher cache depends on: the teacher, the data, the masks (objective, seed, windows)."""
     from slmforge.train.resume_check import data_fingerprint
 
-    return {"teacher": str(cfg.distill.teacher), "data_fingerprint": data_fingerprint(manifest),
+    return {"teacher": str(cfg.distill.teacher), "teacher_weights": teacher_fingerprint(cfg.distill.teacher),
+            "data_fingerprint": data_fingerprint(manifest),
             "objective": config_io.to_dict(cfg.objective), "seq_len": cfg.train.seq_len, "seed": cfg.train.seed}
+
+
+def teacher_fingerprint(path: str) -> str:
+    """What the teacher's weights are, cheaply: the checksums its step folder recorded, or the names,
+    sizes and modification times of a Hugging Face folder's weight files (a teacher run that trained on
+    at the same path is a different teacher)."""
+    import hashlib
+
+    folder = Path(path)
+    if (folder / "config.json").is_file() and not (folder / "checkpoints").is_dir():
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        text = repr([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    else:
+        from slmforge.runs import CHECKSUMS, WEIGHTS, resolve_checkpoint
+
+        step = resolve_checkpoint(folder)
+        listed = step / CHECKSUMS
+        text = listed.read_text(encoding="utf-8") if listed.is_file() else repr((step.name, (step / WEIGHTS).stat().st_size))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def distill(cfg: DistillRunConfig) -> Path:

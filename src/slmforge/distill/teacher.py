@@ -52,6 +52,9 @@ def load_teacher(path: str, device: torch.device, dtype: str, student_tokenizer)
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
     to_teacher, identity = vocabulary_map(student_tokenizer, tokenizer, path)
+    # A teacher with more embedding rows than tokenizer ids (padded, as many HF checkpoints are) scores
+    # the extra rows too: select the student's tokens from it like from a larger vocabulary.
+    identity = identity and model.cfg.vocab_size == len(to_teacher)
     if not identity:
         say(f"teacher {path}: its vocabulary of {tokenizer.vocab_size:,} holds all {len(to_teacher):,} student "
             f"tokens; its distribution is renormalized over them")

@@ -77,8 +77,9 @@ def read_examples(paths: list[str], cfg: ExamplesConfig, skipped: Skipped) -> li
     examples: list[Example] = []
     for name in paths:
         path = Path(name)
-        before = len(examples)
+        lines = 0
         for number, text in read_lines(path):
+            lines += 1
             where = f"{path}:{number}"
             try:
                 record = json.loads(text)
@@ -89,8 +90,8 @@ def read_examples(paths: list[str], cfg: ExamplesConfig, skipped: Skipped) -> li
                 _bad(cfg, skipped, where, "invalid JSON", f"invalid JSON ({e.msg}, column {e.colno})")
             except BadExample as e:
                 _bad(cfg, skipped, where, e.reason, str(e))
-        if len(examples) == before and skipped.total == 0:
-            raise SlmforgeError(f"{path}: no examples in this file (empty?)")
+        if lines == 0:
+            raise SlmforgeError(f"{path}: no examples in this file (empty)")
     return examples
 
 
@@ -157,4 +158,6 @@ def _messages(record: dict, cfg: ExamplesConfig) -> list[dict[str, str]]:
         raise BadExample("no assistant message", "no assistant message: nothing to learn")
     if not any(m["content"].strip() for m in answers):
         raise BadExample("empty response", "every assistant message is empty: nothing to learn")
+    if messages[-1]["role"] != "assistant":  # a trailing turn would be text nobody answers
+        raise BadExample("ends without an answer", "the last message is not the assistant's")
     return messages

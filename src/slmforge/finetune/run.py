@@ -69,6 +69,9 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
 
     tokenizer, choice, new_ids, init_dir = _model_and_tokenizer(cfg, session)
     seq2seq = family(cfg.model).kind == "encoder-decoder"
+    if not seq2seq and loop.seq_len > cfg.model.max_seq_len:
+        raise SlmforgeError(f"train.seq_len: {loop.seq_len} exceeds the model's context, model.max_seq_len = "
+                            f"{cfg.model.max_seq_len}; lower train.seq_len")
     encoder = PairEncoder(tokenizer) if seq2seq else ExampleEncoder(tokenizer, choice, ex.task)
     train_examples, val_examples = _examples(cfg, encoder, seq2seq)
 
@@ -84,6 +87,10 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         if resume_dir is None and where.is_main:  # the base, once: what resumes load under the adapters
             write_model_folder(run_dir / BASE_DIR, model, {**base_meta, "role": "LoRA base weights"})
         barrier()
+        if new_ids:
+            say(f"warning: LoRA trains adapters only, so the {len(new_ids)} token(s) added for this task keep the "
+                f"embedding they start with (the mean); finetune.chat_template = \"plain\" adds none, full "
+                f"fine-tuning trains them")
         targets = apply_lora(model, cfg.lora)
         checkpoint_format = LoraCheckpoints(cfg.lora, run_dir)
         say(f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {len(targets)} modules")
@@ -220,6 +227,9 @@ def _examples(cfg: FinetuneConfig, encoder: ExampleEncoder | PairEncoder, seq2se
         train = [e for i, e in enumerate(train) if i not in held]
     else:
         val = []
+        if ex.val_fraction > 0:
+            say(f"warning: only {len(train)} training examples: none held out for validation (give "
+                f"finetune.val_files to validate anyway)")
     if skipped.total:
         say(f"skipped {skipped.total} example(s): {skipped.summary()}")
     if not train:

@@ -163,6 +163,10 @@ class ExampleEncoder:
                                 "tokenizer with one (or finetune.chat_template = \"chatml\")")
         stop = choice.stop_token or tokenizer.roles["eos"]
         self.stop_id = tokenizer.token_to_id(stop)
+        if self.stop_id is None:
+            raise SlmforgeError(f"finetune.chat_template: it ends answers with {stop!r}, which is not a token of the "
+                                f"tokenizer, so generation could not stop there; use chatml (which adds it) or a "
+                                f"template that ends answers with eos_token")
 
     def render(self, example: Example) -> Rendered:
         if self.task == "fim":

@@ -17,6 +17,7 @@ from slmforge.finetune.config import LoraConfig
 from slmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, PEFT_PREFIX, require_peft
 from slmforge.interop.export import output_dir
 from slmforge.models.hf import decoder as hf_decoder
+from slmforge.models.registry import family
 from slmforge.runs import model_config_from_meta, read_meta, resolve_checkpoint, run_dir_of
 
 
@@ -28,6 +29,9 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Pat
         raise SlmforgeError(f"{step_dir}: not a checkpoint of a LoRA run (no {ADAPTER_WEIGHTS}); export the "
                             f"whole model without --adapter-only")
     cfg = model_config_from_meta(meta, step_dir)
+    if family(cfg).kind != "decoder":
+        raise SlmforgeError(f"{step_dir}: --adapter-only writes decoders' adapters (transformers' causal-LM names); "
+                            f"export the merged {cfg.family} model without it")
     peft = require_peft()
     tensors = {}
     for name, tensor in load_file(step_dir / ADAPTER_WEIGHTS).items():

@@ -80,7 +80,10 @@ def mean_loss(model: nn.Module, objective: Objective, raw_batches: Iterable[dict
     model is wrapped for several processes (the wrapper's forward gathers sharded weights)."""
     was_training = model.training
     model.eval()
-    totals = {"loss": 0.0, **{name: 0.0 for name in objective.metric_names}}
+    # An objective whose evaluation reports fewer metrics than its training (distillation measures the
+    # student alone) names them in eval_metric_names.
+    names = getattr(objective, "eval_metric_names", objective.metric_names)
+    totals = {"loss": 0.0, **{name: 0.0 for name in names}}
     tokens = 0
     try:
         for raw in raw_batches:

@@ -15,6 +15,8 @@ The teacher is constant: its logits are made inside the forward pass, and the st
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,9 @@ def row_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k
         return (log_q.exp() * (log_q - log_p)).sum(-1) * scale
     if kind == "js":
         p, q = log_p.exp(), log_q.exp()
-        log_m = torch.log((p + q) / 2).clamp(min=torch.finfo(p.dtype).min)
+        # log((p + q) / 2) from the logs: finite (with finite gradients) where both probabilities
+        # underflow to 0, which a log of the sum is not.
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2)
         return 0.5 * ((p * (log_p - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1)) * scale
     if kind == "tv":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)

@@ -13,7 +13,30 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2**25  # logits per chunk: 128 MB in fp32
+# Rows per chunk when the caller does not say: a chunk's fp32 logits take rows x vocab x 4 bytes. Larger
+# chunks mean fewer passes over the (vocab, d) weight and its gradient (each chunk reads the weight twice
+# and adds into the full weight gradient once), smaller ones less memory. Measured in issue 17 at
+# vocab 262,144: 1,024-2,048 rows beat plain logits + cross-entropy; 128 rows (the old 128 MB budget)
+# spent most of the time re-reading the weight. The budget per device kind is the logits' bytes.
+CHUNK_BYTES = {"cuda": 2 * 2**30, "cpu": 1 * 2**30}
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 8192
+
+
+def default_chunk_rows(vocab_size: int, device: torch.device | str) -> int:
+    """Rows per chunk for a vocabulary on a device kind: the fp32 logits of one chunk fill the device's
+    budget in CHUNK_BYTES, clamped to [MIN_CHUNK_ROWS, MAX_CHUNK_ROWS] (256-8192 rows)."""
+    kind = torch.device(device).type
+    rows = CHUNK_BYTES.get(kind, CHUNK_BYTES["cpu"]) // (4 * vocab_size)
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows)))
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when autocast is on for this device (as `h @ W.T` would get), else
+    the wider of the two inputs' dtypes."""
+    kind = hidden.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -26,50 +49,49 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
         need_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         need_bias_grad = grad_enabled and bias is not None and ctx.needs_input_grad[2]
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32 for softmax and sums
-        valid = targets != IGNORE_INDEX
-        count = valid.sum()
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight_grad else None
-        grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias_grad else None
-        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start:start + chunk_rows]
-            t = targets[start:start + chunk_rows]
-            ok = valid[start:start + chunk_rows]
-            logits = h @ weight.t()  # (n, V)
-            if bias is not None:
-                logits = logits + bias.to(logits.dtype)
-            logits = logits.to(acc)
-            cap_slope = None
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-                if need_hidden_grad or need_weight_grad or need_bias_grad:  # d(cap tanh(z/cap))/dz = 1 - tanh^2
-                    cap_slope = 1.0 - (logits / softcap) ** 2
-            safe_t = torch.where(ok, t, 0)
-            target_logit = logits.gather(1, safe_t[:, None])[:, 0]
-            # One exp pass, in place: the buffer of logits becomes the softmax, which is the gradient
-            # (minus the one-hot target) that backward needs.
-            row_max = logits.amax(dim=-1, keepdim=True)
-            correct += ((target_logit >= row_max[:, 0]) & ok).sum()  # the target is (one of) the argmax
-            grad = logits.sub_(row_max).exp_()
-            row_sum = grad.sum(dim=-1, keepdim=True)
-            log_norm = (row_max + row_sum.log())[:, 0]
-            total += torch.where(ok, log_norm - target_logit, 0.0).sum()
-            if need_hidden_grad or need_weight_grad or need_bias_grad:
-                grad.div_(row_sum)
-                grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                grad.mul_(ok[:, None])
-                if cap_slope is not None:
-                    grad.mul_(cap_slope)
-                grad = grad.to(h.dtype)
+        need_grad = need_hidden_grad or need_weight_grad or need_bias_grad
+        compute = _compute_dtype(hidden, weight)
+        acc = torch.promote_types(compute, torch.float32)  # at least fp32 for softmax and sums
+        # Cast once per call, then run with autocast off. Under autocast `h @ weight.t()` would cast the
+        # whole (V, d) weight again for every chunk: `.t()` is a view, and autocast's cast cache only
+        # keeps casts of leaf tensors. The same holds for the backward product with the weight.
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute)  # (V, d)
+            x = hidden.to(compute)  # (N, d)
+            b = bias.to(acc) if bias is not None else None
+            valid = targets != IGNORE_INDEX
+            count = valid.sum()
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+            grad_hidden = torch.empty_like(x) if need_hidden_grad else None
+            # The weight gradient is accumulated in place in fp32: one (V, d) buffer for the whole call,
+            # never a fresh fp32 copy per chunk.
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight_grad else None
+            grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias_grad else None
+            for start in range(0, x.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h, t, ok = x[rows], targets[rows], valid[rows]
+                logits = h @ w.t()  # (n, V) in the compute dtype
+                logits = logits.to(acc) if logits.dtype != acc else logits
+                if b is not None:
+                    logits += b
+                loss_sum, hits, grad = _chunk_loss(logits, t, ok, softcap, need_grad)
+                total += loss_sum
+                correct += hits
+                if not need_grad:
+                    del logits, grad
+                    continue
+                grad = grad.to(compute)  # (n, V): d(loss sum)/d(logits before the cap)
                 if need_hidden_grad:
-                    grad_hidden[start:start + chunk_rows] = grad @ weight.to(h.dtype)
+                    torch.mm(grad, w, out=grad_hidden[rows])
                 if need_weight_grad:
-                    grad_weight += (grad.t() @ h).to(acc)
+                    if grad_weight.dtype == compute:
+                        grad_weight.addmm_(grad.t(), h)
+                    else:  # bf16 product added into the fp32 sum in place (CPU has no mixed-dtype addmm)
+                        grad_weight.add_(grad.t() @ h)
                 if need_bias_grad:
                     grad_bias += grad.sum(0, dtype=acc)
+                del logits, grad  # free this chunk's (n, V) buffers before the next chunk allocates its own
         denominator = count.clamp(min=1).to(acc)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None), denominator)
         ctx.has = (need_hidden_grad, need_weight_grad, need_bias_grad)
@@ -82,8 +104,46 @@ class _LinearCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         denominator = saved.pop()
         scale = grad_loss / denominator
-        grads = [(saved.pop(0) * scale).to(dtype) if has else None for has, dtype in zip(ctx.has, ctx.dtypes)]
+        grads = []
+        for has, dtype in zip(ctx.has, ctx.dtypes):
+            if not has:
+                grads.append(None)
+                continue
+            g = saved.pop(0)
+            # Scale in place when the buffer is already the parameter's dtype (no second (V, d) copy).
+            grads.append(g.mul_(scale.to(g.dtype)) if g.dtype == dtype else (g * scale).to(dtype))
         return grads[0], grads[1], grads[2], None, None, None, None
+
+
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, ok: torch.Tensor, softcap: float | None,
+                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For fp32 logits (n, V) of one chunk: summed loss over `ok` rows, how many targets are the argmax,
+    and (with need_grad) the gradient of the summed loss with respect to the logits before the softcap,
+    written into the logits' own buffer (softmax minus one-hot, times the cap's slope)."""
+    cap_slope = None
+    if softcap is not None:
+        squashed = logits.div_(softcap).tanh_()  # in place: the chunk's one (n, V) buffer
+        if need_grad:  # d(cap tanh(z/cap))/dz = 1 - tanh^2
+            cap_slope = 1.0 - squashed * squashed
+        logits = squashed.mul_(softcap)
+    safe_t = torch.where(ok, targets, 0)
+    target_logit = logits.gather(1, safe_t[:, None])[:, 0]
+    # One exp pass, in place: the buffer of logits becomes the softmax, which is the gradient
+    # (minus the one-hot target) that backward needs.
+    row_max = logits.amax(dim=-1, keepdim=True)
+    hits = ((target_logit >= row_max[:, 0]) & ok).sum()  # the target is (one of) the argmax
+    grad = logits.sub_(row_max).exp_()
+    row_sum = grad.sum(dim=-1, keepdim=True)
+    log_norm = (row_max + row_sum.log())[:, 0]
+    loss_sum = torch.where(ok, log_norm - target_logit, 0.0).sum()
+    if not need_grad:
+        return loss_sum, hits, None
+    grad.div_(row_sum)
+    grad[torch.arange(len(targets), device=targets.device), safe_t] -= 1.0
+    grad.mul_(ok[:, None])
+    if cap_slope is not None:
+        grad.mul_(cap_slope)
+    return loss_sum, hits, grad
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -92,22 +152,27 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Mean cross-entropy of softmax(hidden @ weight.T + bias) against targets, ignoring IGNORE_INDEX.
 
     hidden (..., d), targets (...). Equal in value and gradient to
-    F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100). With `with_correct`,
-    also returns how many targets are the argmax (accuracy at no extra pass over the vocabulary).
+    F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100), with the matmuls in
+    autocast's dtype when autocast is on (weight cast once per call) and softmax, sums and the weight
+    gradient in fp32. `chunk_rows` rows of logits exist at a time (default: `default_chunk_rows`).
+    With `with_correct`, also returns how many targets are the argmax (no extra pass over the vocabulary).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        chunk_rows = default_chunk_rows(weight.shape[0], hidden.device)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     loss, correct = _LinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, chunk_rows,
                                               torch.is_grad_enabled())
     return (loss, correct) if with_correct else loss
 
 
-def projection_cross_entropy(projection, targets: torch.Tensor, with_correct: bool = False):
+def projection_cross_entropy(projection, targets: torch.Tensor, with_correct: bool = False,
+                             chunk_rows: int | None = None):
     """`linear_cross_entropy` of a model's `OutputProjection` (features, weight, bias, softcap)."""
     return linear_cross_entropy(projection.features, projection.weight, targets, softcap=projection.softcap,
-                                bias=projection.bias, with_correct=with_correct)
+                                chunk_rows=chunk_rows, bias=projection.bias, with_correct=with_correct)
 
 
 def reference_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,18 @@ class ChatTemplate:
             raise TemplateError(message)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        def strftime_now(format: str) -> str:
+            import datetime
+
+            return datetime.datetime.now().strftime(format)
+
+        env.filters["tojson"] = tojson  # transformers' filter and globals, with their arguments
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
         try:
             self.template = env.from_string(source)
         except TemplateError as e:
@@ -47,6 +57,9 @@ class ChatTemplate:
                                         **self.special_tokens)
         except self._error as e:
             raise ChatTemplateError("template error", f"the chat template refused this conversation ({e})") from None
+        except (TypeError, KeyError, AttributeError, ValueError) as e:  # a template reading a field the data lacks
+            raise ChatTemplateError("template error", f"the chat template failed on this conversation "
+                                                      f"({type(e).__name__}: {e})") from None
 
     def response_spans(self, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
         """Character spans of render(messages) that each assistant turn adds (its content and the

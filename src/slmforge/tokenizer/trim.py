@@ -127,15 +127,17 @@ def _trim_bpe(model: dict, keep_ids: set[int]) -> tuple[list[int], dict]:
     vocab = model["vocab"]
     by_id = {i: t for t, i in vocab.items()}
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    made_from = {a + b: (a, b) for a, b in merges}
+    made_from: dict[str, list[tuple[str, str]]] = {}
+    for a, b in merges:  # a token may be made by several merges; whichever BPE applies must survive
+        made_from.setdefault(a + b, []).append((a, b))
     keep_tokens = {by_id[i] for i in keep_ids if i in by_id}
     stack = list(keep_tokens)
     while stack:  # everything a kept token is merged from is kept too
-        parts = made_from.get(stack.pop())
-        for part in parts or ():
-            if part not in keep_tokens and part in vocab:
-                keep_tokens.add(part)
-                stack.append(part)
+        for pair in made_from.get(stack.pop(), ()):
+            for part in pair:
+                if part not in keep_tokens and part in vocab:
+                    keep_tokens.add(part)
+                    stack.append(part)
     kept = sorted((vocab[t], t) for t in keep_tokens)
     new_vocab = {t: new for new, (_, t) in enumerate(kept)}
     new_merges = [[a, b] for a, b in merges if a in new_vocab and b in new_vocab and a + b in new_vocab]

@@ -243,7 +243,9 @@ class Trainer:
         # would weight them wrongly (and make 2 processes differ from 1).
         # One all-reduce gives the step's targets and input tokens over all ranks (packed or padded
         # rows hold different numbers of real tokens on each).
-        step_counts = all_reduce_sum(torch.tensor([float(sum(counts)), float(tokens)], device=self.device))
+        exact = torch.float64 if self.device.type != "mps" else torch.float32  # MPS has no float64
+        step_counts = all_reduce_sum(torch.tensor([float(sum(counts)), float(tokens)], dtype=exact,
+                                                  device=self.device))
         total = step_counts[:1]
         scale = self.where.world_size / total.clamp(min=1)  # DDP averages gradients over ranks
         # Sums stay on the device until a log line needs them: reading them every step would make
