@@ -13,7 +13,7 @@ import torch
 
 from slmforge import config as config_io
 from slmforge.distill.config import DistillRunConfig
-from slmforge.distill.teacher import load_teacher
+from slmforge.distill.teacher import is_hf_folder, load_teacher
 from slmforge.eval.evaluate import evaluate_documents, print_table, read_documents, run_objective
 from slmforge.fileio import write_json_atomic
 from slmforge.models import family
@@ -79,7 +79,7 @@ def compare_with_teacher(run_dir: Path, cfg: DistillRunConfig, device: torch.dev
 
 
 def _teacher_weights(path: Path) -> Path:
-    if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+    if is_hf_folder(path):
         return path
     from slmforge.runs import resolve_checkpoint
 

@@ -11,7 +11,7 @@ from slmforge import config as config_io
 from slmforge.distill.cache import TeacherCache, build_cache, describe_cache, epochs_needed
 from slmforge.distill.config import DistillRunConfig
 from slmforge.distill.objective import Distillation
-from slmforge.distill.teacher import load_teacher
+from slmforge.distill.teacher import is_hf_folder, load_teacher
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import human, say
 from slmforge.models import family
@@ -34,7 +34,7 @@ def teacher_fingerprint(path: str) -> str:
     import hashlib
 
     folder = Path(path)
-    if (folder / "config.json").is_file() and not (folder / "checkpoints").is_dir():
+    if is_hf_folder(folder):
         files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
         text = repr([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     else:

@@ -31,23 +31,32 @@ class Teacher:
     """The vocabularies are the same (no translation, no renormalization needed)."""
 
 
-def load_teacher(path: str, device: torch.device, dtype: str, student_tokenizer) -> Teacher:
+def is_hf_folder(folder: Path) -> bool:
+    """A Hugging Face model folder (config.json beside the weights), not an slmforge run."""
+    return (folder / "config.json").is_file() and not (folder / "checkpoints").is_dir()
+
+
+def load_model_and_tokenizer(path: str | Path):
+    """(model, tokenizer) of a Hugging Face model folder or an slmforge run or checkpoint folder."""
     from slmforge.tokenizer import load_tokenizer
 
     folder = Path(path)
-    if (folder / "config.json").is_file() and not (folder / "checkpoints").is_dir():
-        from slmforge.interop.import_hf import load_hf_weights
+    if is_hf_folder(folder):
         from slmforge.interop.export import read_json
+        from slmforge.interop.import_hf import load_hf_weights
         from slmforge.models.hf import config_from_hf, is_multimodal
 
         hf = read_json(folder / "config.json")
         model = load_hf_weights(folder, config_from_hf(hf, where=str(folder / "config.json")), is_multimodal(hf))
-        tokenizer = load_tokenizer(folder)
-    else:
-        from slmforge.runs import find_tokenizer_dir, load_model
+        return model, load_tokenizer(folder)
+    from slmforge.runs import find_tokenizer_dir, load_model
 
-        model, _, _ = load_model(folder)
-        tokenizer = load_tokenizer(find_tokenizer_dir(folder))
+    model, _, _ = load_model(folder)
+    return model, load_tokenizer(find_tokenizer_dir(folder))
+
+
+def load_teacher(path: str, device: torch.device, dtype: str, student_tokenizer) -> Teacher:
+    model, tokenizer = load_model_and_tokenizer(path)
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from slmforge.distill.teacher import is_hf_folder, load_model_and_tokenizer
 from slmforge.errors import SlmforgeError
 from slmforge.fileio import write_json_atomic
 
@@ -58,21 +59,10 @@ def trim_vocab(source: str, texts: list[str], out: str, min_count: int = 1, forc
     from slmforge.train.checkpoint import save_checkpoint
 
     folder = Path(source)
-    model, tokenizer = None, None
-    if (folder / "config.json").is_file() and not (folder / "checkpoints").is_dir():
-        from slmforge.interop.export import read_json
-        from slmforge.interop.import_hf import load_hf_weights
-        from slmforge.models.hf import config_from_hf, is_multimodal
-
-        hf = read_json(folder / "config.json")
-        model = load_hf_weights(folder, config_from_hf(hf, where=str(folder / "config.json")), is_multimodal(hf))
-        tokenizer = load_tokenizer(folder)
-    elif (folder / "checkpoints").is_dir() or (folder / "model.safetensors").is_file():
-        from slmforge.runs import find_tokenizer_dir, load_model
-
-        model, _, _ = load_model(folder)
-        tokenizer = load_tokenizer(find_tokenizer_dir(folder))
-    else:
+    model = None
+    if is_hf_folder(folder) or (folder / "checkpoints").is_dir() or (folder / "model.safetensors").is_file():
+        model, tokenizer = load_model_and_tokenizer(folder)
+    else:  # a tokenizer folder alone
         tokenizer = load_tokenizer(folder)
     cut, trimmed = trim_tokenizer(tokenizer, read_corpus(texts), min_count)
     report = {"source": str(source), "texts": list(texts), "min_count": min_count, **trimmed.as_dict()}

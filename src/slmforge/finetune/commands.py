@@ -9,7 +9,7 @@ from slmforge.cli import HelpFormatter, add_config_arguments
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "finetune", help="fine-tune a decoder on examples: prompt-masked SFT, chat, infilling; full or LoRA",
+        "finetune", help="fine-tune on examples: prompt-masked SFT, chat, infilling (decoders), translation (both); full or LoRA",
         description="Fine-tune from a TOML config (sections finetune, lora, optim, schedule, train, tracking, "
                     "parallel) with key.sub=value overrides. Re-running the same command resumes.\n\nexamples:\n"
                     "  slmforge finetune train.init_from=runs/base finetune.train_files=[\"qa.jsonl\"] "

@@ -120,7 +120,7 @@ class ObjectiveModule(nn.Module):
         # are registered here, so DDP averages their gradients too.
         extra = objective_parameters(objective)
         if extra is not None:
-            self.objective_parameters = extra
+            self.objective_module = extra
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.objective.loss(self.model, batch)

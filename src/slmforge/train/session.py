@@ -1,4 +1,4 @@
-"""What every training verb (pretrain, finetune, later distill) does around its Trainer: one device
+"""What every training verb (pretrain, finetune; distill runs through pretrain) does around its Trainer: one device
 per process, the process group, one writer per run folder, leftovers of a crash cleared, and the
 checkpoint to resume from chosen; then the run's metrics log and trackers on rank 0."""
 
