@@ -111,3 +111,18 @@ def test_eval_layout_follows_training_bos_choice():
                                                               [False, True, True, False, True, True])
     assert document_stream(tok, ["ab", "c"], add_bos=False) == ([12, 2, 11, 2], [True] * 4)
     assert backend.encode_special_tokens is False  # the caller's tokenizer is left as it was
+
+
+def test_decoding_threads_are_chosen_and_restored(model):
+    """Issue 17 (b): a small model decodes on one CPU thread (unless `threads` says otherwise), and the
+    process's setting is restored afterwards."""
+    from slmforge.generate import decode_threads
+
+    assert decode_threads(model, 1, torch.device("cpu")) == 1
+    before = torch.get_num_threads()
+    seen = []
+    for threads in (0, 2):
+        cfg = SamplingConfig(max_new_tokens=3, temperature=0, stop_at_eos=False, threads=threads)
+        generate_ids(model, torch.tensor([[1, 2]]), cfg, on_token=lambda _: seen.append(torch.get_num_threads()))
+        assert torch.get_num_threads() == before
+    assert seen == [1, 1, 1, 2, 2, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,12 +33,19 @@ class SamplingConfig:
     """Stop a sequence when it produces the end-of-sequence token."""
     seed: int | None = None
     """Seed for sampling; the same seed, model and prompt give the same text."""
+    threads: int = 0
+    """CPU intra-op threads while decoding; 0 = choose: one thread when a decoding step is small (see
+    `decode_threads`), else torch's default. Ignored on GPUs."""
+    window_cache: bool = True
+    """Sliding-window layers cache only their window (a ring) and attend to it alone; false keeps every
+    token on every layer (same tokens, slower and larger on long contexts)."""
 
     def validate(self) -> None:
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
         require(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.threads >= 0, "threads", f"must be >= 0 (0 = choose), got {self.threads}")
         require(self.repetition_penalty > 0, "repetition_penalty",
                 f"must be positive, got {self.repetition_penalty}")
 
@@ -90,10 +98,54 @@ def next_token(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig,
 @torch.no_grad()
 def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None = None,
                  on_token: Callable[[int], None] | None = None, use_cache: bool = True) -> torch.Tensor:
-    """Continue `prompt` (B, T) and return (B, T + new). `on_token` sees batch row 0's tokens as they come."""
+    """Continue `prompt` (B, T) and return (B, T + new). `on_token` sees batch row 0's tokens as they come.
+
+    An encoder-decoder reads `prompt` as its source and returns the source followed by the target
+    (see `seq2seq_generate` for beams and the cached cross-attention)."""
+    if family(model.cfg).kind == "encoder-decoder":
+        return _generate_encdec(model, prompt, cfg, eos_id, on_token, use_cache)
     if family(model.cfg).kind != "decoder":
         raise SlmforgeError(f"model family {model.cfg.family!r} is an encoder: it fills masks rather than "
                             f"continuing text; use `slmforge fill-mask`")
+    threads = cfg.threads or decode_threads(model, prompt.shape[0], prompt.device)
+    with cpu_threads(threads if prompt.device.type == "cpu" else None):
+        return _decode(model, prompt, cfg, eos_id, on_token, use_cache)
+
+
+# CPU decoding of a small model is a chain of tiny matmuls: with several intra-op threads every op pays
+# to wake and join them, and on shared cores one descheduled thread stalls every op. Issue 17 measured
+# the same llama-tiny run at 0.13 s with 1 thread and 7.8 s with 2 on 2 busy cores (and 0.66 s vs 37 s).
+# Below this many FLOPs per decoding step one thread is used; above it torch's default (all cores).
+# Measured only on 2 shared cores, where one thread won up to ~27 MFLOP a step (gemma3-tiny, batch 8);
+# the bound is kept low so that mid-size models (30M+ parameters) keep every core on a quiet machine.
+SINGLE_THREAD_STEP_FLOPS = 64e6
+
+
+def decode_threads(model: Decoder, batch_size: int, device: torch.device) -> int:
+    """Intra-op threads for decoding on `device`: 1 on CPU when one step (2 FLOPs per parameter per row,
+    the output layer included) is below SINGLE_THREAD_STEP_FLOPS, else torch's current setting."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    step_flops = 2 * batch_size * model.cfg.num_parameters()
+    return 1 if step_flops < SINGLE_THREAD_STEP_FLOPS else torch.get_num_threads()
+
+
+@contextmanager
+def cpu_threads(threads: int | None):
+    """torch.set_num_threads(threads) for the duration, restored after (None: leave as is)."""
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _decode(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None,
+            on_token: Callable[[int], None] | None, use_cache: bool) -> torch.Tensor:
     model.eval()
     device = prompt.device
     generator = None
@@ -106,7 +158,7 @@ def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_
     steps = min(cfg.max_new_tokens, room)
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps) if use_cache else None
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps, ring=cfg.window_cache) if use_cache else None
     step_input = prompt
     for _ in range(steps):
         hidden = model(step_input if use_cache else tokens, cache=cache)
@@ -119,19 +171,40 @@ def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_
         step_input = chosen[:, None]
         if on_token is not None and not (eos_id is not None and int(chosen[0]) == eos_id):
             on_token(int(chosen[0]))
-        if bool(finished.all()):
+        if eos_id is not None and cfg.stop_at_eos and bool(finished.all()):  # a host sync: only when it can stop
             break
     return tokens
 
 
+def _generate_encdec(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None,
+                     on_token: Callable[[int], None] | None, use_cache: bool) -> torch.Tensor:
+    from dataclasses import fields
+
+    from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
+
+    shared = {f.name: getattr(cfg, f.name) for f in fields(SamplingConfig) if f.name in Seq2SeqConfig.__dataclass_fields__}
+    target = generate_seq2seq(model, prompt, Seq2SeqConfig(**shared), eos_id=eos_id, use_cache=use_cache,
+                              choose=next_token)
+    if on_token is not None:  # the whole target at once: the encoder-decoder path does not stream
+        for token in target[0].tolist():
+            if token == eos_id:
+                break
+            on_token(token)
+    return torch.cat([prompt, target], dim=1)
+
+
 def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, stream: bool = False,
-                  out=sys.stdout, add_bos: bool = True) -> str:
+                  out=None, add_bos: bool = True, stop_id: int | None = None) -> str:
     """Continue a text prompt; with `stream`, characters are written to `out` as they are decoded.
 
-    `add_bos` must match how the model was trained (the checkpoint's meta.json records it)."""
+    `add_bos` must match how the model was trained (the checkpoint's meta.json records it); `stop_id`
+    ends the answer (default: eos; a chat model's end-of-turn token)."""
+    stop_id = stop_id if stop_id is not None else tokenizer.eos_id
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt)
-    if add_bos and tokenizer.bos_id is not None:
+    if family(model.cfg).kind == "encoder-decoder":  # a source as span corruption made them: text eos
+        ids = ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+    elif add_bos and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
     on_token = None
@@ -141,13 +214,13 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
         def on_token(token_id: int) -> None:
             piece = decoder.step(token_id)
             if piece:
-                out.write(piece)
-                out.flush()
+                (out or sys.stdout).write(piece)  # looked up now: a default bound at import goes stale
+                (out or sys.stdout).flush()
 
-    tokens = generate_ids(model, prompt_ids, cfg, eos_id=tokenizer.eos_id, on_token=on_token)
+    tokens = generate_ids(model, prompt_ids, cfg, eos_id=stop_id, on_token=on_token)
     new = tokens[0, len(ids):].tolist()
-    if tokenizer.eos_id is not None and tokenizer.eos_id in new:
-        new = new[:new.index(tokenizer.eos_id)]
+    if stop_id is not None and stop_id in new:
+        new = new[:new.index(stop_id)]
     return tokenizer.decode(new)
 
 
@@ -162,6 +235,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", "-p", action="append", help="prompt text (repeatable); default: read stdin")
     p.add_argument("--num-samples", "-n", type=int, default=1, help="samples per prompt")
     p.add_argument("--device", default="auto")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user turn in the run's chat template (fine-tuned runs) and stop "
+                        "at the end of the answer")
+    p.add_argument("--system", default="", help="with --chat: a system message before the prompt")
     p.add_argument("--json", action="store_true",
                    help="print one JSON list of {prompt, sample, seed, completion} instead of streaming text")
     p.add_argument("overrides", nargs="*", metavar="field=value",
@@ -186,12 +263,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise SlmforgeError(f"--num-samples: must be at least 1, got {args.num_samples}")
     run = open_run(args.model, device=resolve_device(args.device, "--device"))
-    if run.kind != "decoder":
+    if run.kind == "encoder":
         raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} encoder fills masks rather than continuing "
                             f"text; use `slmforge fill-mask {args.model} \"text with [MASK]\"`")
     model, meta = run.model, run.meta
     tokenizer = run.tokenizer()
     prompts = args.prompt or [read_prompt(sys.stdin)]
+    add_bos, stop_id = meta.get("add_bos", True), None
+    if args.chat:
+        from slmforge.tokenizer.chat import chat_prompt
+
+        prompts = [chat_prompt(tokenizer, p, args.system) for p in prompts]
+        add_bos = False  # the template places bos itself
+        stop = (meta.get("finetune") or {}).get("stop_token")
+        stop_id = tokenizer.token_to_id(stop) if stop else None
     base_seed = sampling.seed
     results = []
     for prompt in prompts:
@@ -199,11 +284,11 @@ def _run(args: argparse.Namespace) -> int:
             # sample i of every prompt uses seed + i: the same prompt and seed give the same text
             sampling.seed = None if base_seed is None else base_seed + i
             if args.json:
-                text = generate_text(model, tokenizer, prompt, sampling, add_bos=meta.get("add_bos", True))
+                text = generate_text(model, tokenizer, prompt, sampling, add_bos=add_bos, stop_id=stop_id)
                 results.append({"prompt": prompt, "sample": i, "seed": sampling.seed, "completion": text})
                 continue
             sys.stdout.write(prompt)
-            generate_text(model, tokenizer, prompt, sampling, stream=True, add_bos=meta.get("add_bos", True))
+            generate_text(model, tokenizer, prompt, sampling, stream=True, add_bos=add_bos, stop_id=stop_id)
             sys.stdout.write("\n\n")
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slmforge.models.decoder_config import DecoderConfig
+from slmforge.models.documents import document_causal_mask, document_positions
 from slmforge.models.heads import OutputProjection
 from slmforge.models.layers import (
     Attention,
@@ -18,6 +19,7 @@ from slmforge.models.layers import (
     causal_mask,
     rope_cos_sin,
     rope_inverse_frequencies,
+    window_mask,
 )
 
 
@@ -101,13 +103,18 @@ class Decoder(Float32Buffers, nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, hidden) for token ids (B, T).
 
         `attention_mask` (B, S), 1 = token, 0 = padding, covers the cached tokens and the new ones
         (S = cache position + T), as in transformers. Positions count real tokens only, so left- and
         right-padded rows get the same positions as unpadded ones.
+
+        `document_ids` (B, T) packs several documents into a row (training only): positions restart
+        and attention stays within each document (see `models/documents.py`).
         """
+        if document_ids is not None:
+            return self._forward_packed(input_ids, document_ids, cache)
         cfg = self.cfg
         B, T = input_ids.shape
         start = cache.position if cache is not None else 0
@@ -131,12 +138,35 @@ class Decoder(Float32Buffers, nn.Module):
         masks = {False: causal_mask(T, start, None, device, padding)}
         if self.has_local_layers:
             tables[True] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
-            masks[True] = causal_mask(T, start, cfg.sliding_window, device, padding)
+            if cache is not None and cache.window is not None:  # ring caches: keys in slot order
+                masks[True] = window_mask(T, start, cache.window_key_positions(T, device), cache.window, padding)
+            else:
+                masks[True] = causal_mask(T, start, cfg.sliding_window, device, padding)
         for block in self.layers:
             cos, sin = tables[block.sliding]
             x = block(x, cos, sin, masks[block.sliding], cache)
         if cache is not None:
             cache.position += T
+        return self.norm(x)
+
+    def _forward_packed(self, input_ids: torch.Tensor, document_ids: torch.Tensor,
+                        cache: KVCache | None) -> torch.Tensor:
+        if cache is not None:
+            raise ValueError("document_ids (packed rows) is for training; decoding with a cache takes one document")
+        if document_ids.shape != input_ids.shape:
+            raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}, expected {tuple(input_ids.shape)}")
+        x = self.embed(input_ids)
+        if self.cfg.embed_scale:
+            x = x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype)
+        positions = document_positions(document_ids)
+        tables = {False: rope_cos_sin(self.inv_freq_global, positions, x.dtype)}
+        masks = {False: document_causal_mask(document_ids)}
+        if self.has_local_layers:
+            tables[True] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
+            masks[True] = document_causal_mask(document_ids, self.cfg.sliding_window)
+        for block in self.layers:
+            cos, sin = tables[block.sliding]
+            x = block(x, cos, sin, masks[block.sliding], None)
         return self.norm(x)
 
     def output_projection(self, hidden: torch.Tensor) -> OutputProjection:
@@ -148,8 +178,12 @@ class Decoder(Float32Buffers, nn.Module):
         """Logits (..., vocab) for hidden states (..., hidden)."""
         return self.output_projection(hidden).logits()
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, ring: bool = True) -> KVCache:
+        """Keys/values for decoding up to `max_len` tokens. With `ring` (the default), sliding-window
+        layers keep only their window (a ring buffer) and decoding attends to it alone; ring=False keeps
+        every token on every layer (the plain path, kept for checks)."""
         param = self.embed.weight
         cfg = self.cfg
+        sliding = [block.sliding for block in self.layers]
         return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch_size, max_len or cfg.max_seq_len,
-                       param.device, param.dtype)
+                       param.device, param.dtype, window=cfg.sliding_window if ring else None, sliding=sliding)

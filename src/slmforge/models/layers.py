@@ -7,7 +7,7 @@ Blocks take their sizes as arguments rather than a family's config, so the decod
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -115,26 +115,65 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, shape (B, kv_heads, max_len, head_dim) each.
+    """Preallocated keys/values per layer: (B, kv_heads, max_len, head_dim) for full-attention layers.
 
+    With `window` and `sliding` (one flag per layer), each sliding-window layer keeps a ring of the last
+    `window` keys/values instead, (B, kv_heads, window, head_dim): position p lives in slot p % window.
+    A sliding layer never needs older keys, so its memory stays constant and decoding attends to at
+    most `window` keys rather than to the whole context (with a mask) as a full cache would.
     `position` counts tokens already stored; the decoder advances it after a forward pass.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, batch_size: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+                 device: torch.device, dtype: torch.dtype, window: int | None = None,
+                 sliding: Sequence[bool] | None = None):
+        ring = window is not None and sliding is not None and window < max_len
+        self.ring = [bool(ring and sliding[layer]) for layer in range(num_layers)]
+        self.window = window if ring else None
+        shapes = [(batch_size, num_kv_heads, window if is_ring else max_len, head_dim) for is_ring in self.ring]
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.max_len = max_len
         self.position = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (B, kv_heads, T, hd) and return what the layer attends to: the cached
+        prefix and the new tokens, in position order for a full layer; for a ring layer, the keys at
+        `window_key_positions(T)` (slot order, which attention does not care about given the mask)."""
         start, end = self.position, self.position + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        if not self.ring[layer]:
+            self.keys[layer][:, :, start:end] = k
+            self.values[layer][:, :, start:end] = v
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        keys, values, window = self.keys[layer], self.values[layer], self.window
+        if k.shape[2] == 1:  # decoding: overwrite the oldest slot, attend to the ring
+            keys[:, :, start % window] = k[:, :, 0]
+            values[:, :, start % window] = v[:, :, 0]
+            filled = min(end, window)
+            return keys[:, :, :filled], values[:, :, :filled]
+        # prefill (or a chunk): the stored window, then every new token; then keep the newest `window`.
+        filled = min(start, window)
+        out_k = torch.cat([keys[:, :, :filled], k], dim=2) if filled else k
+        out_v = torch.cat([values[:, :, :filled], v], dim=2) if filled else v
+        keep = min(k.shape[2], window)
+        slots = torch.arange(end - keep, end, device=k.device) % window
+        keys.index_copy_(2, slots, k[:, :, -keep:])
+        values.index_copy_(2, slots, v[:, :, -keep:])
+        return out_k, out_v
+
+    def window_key_positions(self, new_tokens: int, device: torch.device) -> torch.Tensor:
+        """Positions (S,) of the keys a ring layer's `update` returns for `new_tokens` starting at
+        `position`. Slot s holds the newest stored position p with p % window == s."""
+        start, window = self.position, self.window
+        stored = start + 1 if new_tokens == 1 else start  # decoding writes before it attends
+        slots = torch.arange(min(stored, window), device=device)
+        newest = stored - 1
+        slot_positions = newest - (newest - slots) % window
+        if new_tokens == 1:
+            return slot_positions
+        return torch.cat([slot_positions, torch.arange(start, start + new_tokens, device=device)])
 
 
 class Attention(nn.Module):
@@ -206,6 +245,24 @@ def causal_mask(q_len: int, start: int, window: int | None, device: torch.device
     if key_padding is None:
         return mask
     return _with_padding(mask, key_padding, query_pos == key_pos)
+
+
+def window_mask(q_len: int, start: int, key_positions: torch.Tensor, window: int,
+                key_padding: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Mask for a ring-cached sliding layer: queries at start..start+T over keys at `key_positions` (S,)
+    (see KVCache.window_key_positions): (T, S), or (B, 1, T, S) with `key_padding` (B, start + T).
+    None when plain causal attention is exact (single-token decoding, or a first prefill no longer than
+    the window, without padding)."""
+    if key_padding is None and q_len == 1:
+        return None  # the ring holds exactly the window (or fewer tokens): all visible, all in the past
+    if key_padding is None and start == 0 and q_len <= window:
+        return None  # a first prefill within the window: plain causal attention (SDPA's is_causal)
+    query_pos = torch.arange(start, start + q_len, device=key_positions.device)[:, None]
+    key_pos = key_positions[None, :]
+    mask = (key_pos <= query_pos) & (query_pos - key_pos < window)
+    if key_padding is None:
+        return mask
+    return _with_padding(mask, key_padding[:, key_positions], query_pos == key_pos)
 
 
 def bidirectional_mask(length: int, window: int | None, device: torch.device,

@@ -1,0 +1,132 @@
+"""The chunked linear cross-entropy against the plain `F.cross_entropy(h @ W.T + b)`: bf16 autocast,
+bias and softcap, chunk sizes, and the weight cast once per call (issue 17)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from slmforge.objectives.losses import default_chunk_rows, linear_cross_entropy
+
+
+def plain_loss(hidden, weight, targets, bias=None, softcap=None):
+    logits = F.linear(hidden, weight, bias)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, weight.shape[0]), targets.reshape(-1), ignore_index=-100)
+
+
+def make_inputs(dtype=torch.float32, with_bias=False, vocab=300, d=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 37, d, generator=generator, dtype=dtype).requires_grad_()
+    weight = (torch.randn(vocab, d, generator=generator, dtype=dtype) * 0.3).requires_grad_()
+    bias = (torch.randn(vocab, generator=generator, dtype=dtype) * 0.5).requires_grad_() if with_bias else None
+    targets = torch.randint(0, vocab, (2, 37), generator=generator)
+    targets[1, :9] = -100
+    return hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 16, 74, 500])
+def test_matches_plain_loss_in_float64(softcap, with_bias, chunk_rows):
+    hidden, weight, bias, targets = make_inputs(torch.float64, with_bias)
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap, chunk_rows=chunk_rows, bias=bias)
+    grads = torch.autograd.grad(loss, inputs)
+    ref = plain_loss(hidden, weight, targets, bias, softcap)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_plain_loss_under_bf16_autocast(softcap, with_bias):
+    """fp32 parameters, bf16 autocast as in training: the loss and every gradient agree with autograd
+    through the plain path within bf16 rounding, and come back in the parameters' dtype."""
+    hidden, weight, bias, targets = make_inputs(torch.float32, with_bias)
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap, chunk_rows=16, bias=bias)
+        ref = plain_loss(hidden, weight, targets, bias, softcap)
+    grads = torch.autograd.grad(loss, inputs)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-3, atol=2e-3)
+    for g, r, p in zip(grads, ref_grads, inputs):
+        assert g.dtype == p.dtype == torch.float32
+        # bf16 has 8 bits of mantissa: compare relative to the gradient's scale.
+        assert (g - r).abs().max() <= 2e-2 * r.abs().max(), (g - r).abs().max() / r.abs().max()
+    # And the bf16 numbers are a rounding of the fp32 ones, not something else.
+    exact = plain_loss(hidden.detach().double(), weight.detach().double(), targets,
+                       None if bias is None else bias.detach().double(), softcap)
+    assert abs(float(loss.detach()) - float(exact)) < 2e-2
+
+
+def test_bf16_parameters_without_autocast():
+    hidden, weight, _, targets = make_inputs(torch.bfloat16)
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=10)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(plain_loss(hidden, weight, targets), (hidden, weight))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - r.float()).abs().max() <= 3e-2 * r.float().abs().max()
+
+
+class _CountCasts(TorchDispatchMode):
+    """Counts copies that produce a tensor of `shape` (casts and clones of the weight)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.clone, torch.ops.aten.copy_) \
+                and isinstance(out, torch.Tensor) and out.shape == self.shape:
+            self.count += 1
+        return out
+
+
+def test_weight_is_cast_once_per_call_under_autocast():
+    """Issue 17 (a): `h @ weight.t()` under autocast cast the whole weight again for every chunk."""
+    hidden, weight, _, targets = make_inputs(torch.float32, vocab=300, d=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _CountCasts(weight.shape) as counter:
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=8)  # 10 chunks
+    assert counter.count == 1
+    with _CountCasts(weight.shape) as counter:
+        loss.backward()
+    assert counter.count == 0  # the fp32 weight gradient is scaled in place, not copied
+
+
+def test_no_grad_evaluation_matches_and_counts_hits():
+    hidden, weight, bias, targets = make_inputs(torch.float64, with_bias=True)
+    with torch.no_grad():
+        loss, correct = linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_rows=7, with_correct=True)
+        logits = F.linear(hidden, weight, bias)
+    torch.testing.assert_close(loss, plain_loss(hidden, weight, targets, bias))
+    valid = targets != -100
+    assert int(correct) == int(((logits.argmax(-1) == targets) & valid).sum())
+
+
+def test_default_chunk_rows_by_device_and_vocabulary():
+    assert default_chunk_rows(262_144, "cpu") == 1024
+    assert default_chunk_rows(262_144, "cuda") == 2048
+    assert default_chunk_rows(50_304, "cuda") == 8192  # clamped
+    assert default_chunk_rows(10_000_000, "cpu") == 256  # clamped
+    with pytest.raises(ValueError, match="chunk_rows"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), chunk_rows=0)
+
+
+def test_a_second_backward_is_refused_not_wrong():
+    hidden, weight, _, targets = make_inputs(torch.float32)
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
