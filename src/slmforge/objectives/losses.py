@@ -156,6 +156,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     autocast's dtype when autocast is on (weight cast once per call) and softmax, sums and the weight
     gradient in fp32. `chunk_rows` rows of logits exist at a time (default: `default_chunk_rows`).
     With `with_correct`, also returns how many targets are the argmax (no extra pass over the vocabulary).
+    The gradients are formed in the forward pass and scaled in place by backward, so backward runs once
+    per forward: a second one (retain_graph) is refused by autograd's in-place check, never wrong.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
