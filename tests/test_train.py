@@ -150,7 +150,9 @@ def test_missing_tracker_package_is_reported_once_and_training_continues(markov_
                                                                          capsys):
     import sys
 
-    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
+    # `import mlflow` (and its submodules, which another test may have imported) raise ImportError
+    for name in ["mlflow", "mlflow.tracking", "mlflow.entities", *[m for m in sys.modules if m.startswith("mlflow.")]]:
+        monkeypatch.setitem(sys.modules, name, None)
     _, data = markov_shards
     pretrain(run_config(data, tmp_path / "run", "train.max_steps=3", "tracking.backends=['mlflow']"))
     err = capsys.readouterr().err
