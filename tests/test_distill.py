@@ -197,7 +197,7 @@ def test_training_from_the_teacher_cache_follows_the_online_teacher(mlm_markov_s
     _, data = mlm_markov_shards
     teacher = pretrain(config.load(PretrainConfig, overrides=[
         "model.preset=test-tiny", f"train.data={data}", "train.seq_len=32", "train.batch_size=8",
-        "train.max_steps=20", f"train.out_dir={tmp_path / 'teacher'}"]))
+        "train.max_steps=20", "model.max_seq_len=32", f"train.out_dir={tmp_path / 'teacher'}"]))
     common = ["model.preset=test-tiny", "model.num_layers=1", f"train.data={data}", "train.seq_len=32",
               "train.batch_size=8", "train.max_steps=12", "train.log_every=1", "train.eval_every=0",
               f"distill.teacher={teacher}", "distill.alpha=0.3", "distill.temperature=2", "distill.top_k=21"]
@@ -211,6 +211,16 @@ def test_training_from_the_teacher_cache_follows_the_online_teacher(mlm_markov_s
     for x, y in zip(a, b):
         assert x["distill_loss"] == pytest.approx(y["distill_loss"], rel=3e-3, abs=1e-4), (x, y)
         assert x["hard_loss"] == pytest.approx(y["hard_loss"], rel=3e-3), (x, y)
+    with pytest.raises(SlmforgeError, match=r"covers 1 epoch\(s\) of the data, this run reaches \d+"):
+        distill(config.load(DistillRunConfig, overrides=[
+            *common, "train.max_steps=500", f"distill.teacher_cache={tmp_path / 'cache'}",
+            f"train.out_dir={tmp_path / 'long'}"]))
+    assert not (tmp_path / "long" / "checkpoints").exists()  # refused before training
+    with pytest.raises(SlmforgeError, match="distill.eval_texts.hi: nope.txt: no such file"):
+        distill(config.load(DistillRunConfig, overrides=[*common, "distill.eval_texts.hi=nope.txt"]))
+    with pytest.raises(SlmforgeError, match="train.seq_len: 40 exceeds the teacher's context"):
+        distill(config.load(DistillRunConfig, overrides=[*common, "train.seq_len=40", "model.max_seq_len=64",
+                                                         f"train.out_dir={tmp_path / 'wide'}"]))
     with pytest.raises(SlmforgeError, match="built for another seed"):
         distill(config.load(DistillRunConfig, overrides=[
             *common, "train.seed=7", f"distill.teacher_cache={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'x'}"]))

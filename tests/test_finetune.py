@@ -398,3 +398,15 @@ def word_level_tokenizer_without_chat(tokenizer):
 def test_rows_longer_than_the_models_context_are_refused(tmp_path):
     with pytest.raises(SlmforgeError, match="train.seq_len: 100 exceeds the model's context, model.max_seq_len = 64"):
         finetune(finetune_config(tmp_path, "train.seq_len=100", "train.max_steps=1"))
+
+
+def test_make_infill_refuses_utf16_and_counts_lines_that_are_not_utf8(tmp_path, capsys):
+    from slmforge.finetune.tasks import InfillConfig, write_infill_file
+
+    text = "हिन्दी भाषा और साहित्य का इतिहास बहुत पुराना है\n" * 3
+    (tmp_path / "utf16.txt").write_bytes(text.encode("utf-16"))
+    with pytest.raises(SlmforgeError, match=r"utf16.txt: UTF-16 text .* iconv -f UTF-16 -t UTF-8"):
+        write_infill_file([str(tmp_path / "utf16.txt")], tmp_path / "out.jsonl", InfillConfig())
+    (tmp_path / "mixed.txt").write_bytes(text.encode() + b"caf\xe9 au lait avec du sucre et du lait\n")
+    assert write_infill_file([str(tmp_path / "mixed.txt")], tmp_path / "out.jsonl", InfillConfig()) == 3
+    assert "mixed.txt: 1 invalid_utf8" in capsys.readouterr().err

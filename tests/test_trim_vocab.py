@@ -116,3 +116,18 @@ def test_trim_vocab_writes_a_run_that_teaches_through_distill(corpus, tmp_path, 
         f"train.out_dir={tmp_path / 'student'}"]))
     meta = json.loads((run / "checkpoints" / "step-000003" / "meta.json").read_text())
     assert meta["distill"]["teacher_family"] == "roberta"
+
+
+def test_tokens_added_beyond_the_models_vocabulary_are_kept(corpus, tmp_path):
+    """A fine-tuned tokenizer's chat markers sit past the model vocabulary's ids; they stay, after it."""
+    from slmforge.finetune.vocab import add_special_tokens
+
+    base = load_tokenizer(train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=400, min_frequency=1,
+                                                          inputs=[str(corpus / "mixed.txt")]), tmp_path / "tok"))
+    chat, added = add_special_tokens(base, ("<|im_start|>", "<|im_end|>"), None)
+    assert added == [base.vocab_size, base.vocab_size + 1]
+    cut, report = trim_tokenizer(chat, HINDI)
+    assert report.changed_documents == 0
+    assert cut.token_to_id("<|im_end|>") == cut.vocab_size - 1 and report.kept_ids[-2:] == added
+    text = "<|im_start|>" + HINDI[0] + "<|im_end|>"
+    assert [cut.id_to_token(i) for i in cut.encode(text)] == [chat.id_to_token(i) for i in chat.encode(text)]

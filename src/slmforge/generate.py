@@ -269,26 +269,28 @@ def _run(args: argparse.Namespace) -> int:
     model, meta = run.model, run.meta
     tokenizer = run.tokenizer()
     prompts = args.prompt or [read_prompt(sys.stdin)]
+    inputs = prompts  # what the model reads: the prompts, or with --chat their rendered turns
     add_bos, stop_id = meta.get("add_bos", True), None
     if args.chat:
         from slmforge.tokenizer.chat import chat_prompt
 
-        prompts = [chat_prompt(tokenizer, p, args.system) for p in prompts]
+        inputs = [chat_prompt(tokenizer, p, args.system) for p in prompts]
         add_bos = False  # the template places bos itself
         stop = (meta.get("finetune") or {}).get("stop_token")
         stop_id = tokenizer.token_to_id(stop) if stop else None
     base_seed = sampling.seed
     results = []
-    for prompt in prompts:
+    for prompt, text_in in zip(prompts, inputs):
         for i in range(args.num_samples):
             # sample i of every prompt uses seed + i: the same prompt and seed give the same text
             sampling.seed = None if base_seed is None else base_seed + i
             if args.json:
-                text = generate_text(model, tokenizer, prompt, sampling, add_bos=add_bos, stop_id=stop_id)
+                text = generate_text(model, tokenizer, text_in, sampling, add_bos=add_bos, stop_id=stop_id)
                 results.append({"prompt": prompt, "sample": i, "seed": sampling.seed, "completion": text})
                 continue
-            sys.stdout.write(prompt)
-            generate_text(model, tokenizer, prompt, sampling, stream=True, add_bos=add_bos, stop_id=stop_id)
+            if not args.chat:  # a continuation reads on from its prompt; a chat answer stands alone
+                sys.stdout.write(prompt)
+            generate_text(model, tokenizer, text_in, sampling, stream=True, add_bos=add_bos, stop_id=stop_id)
             sys.stdout.write("\n\n")
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))

@@ -292,10 +292,16 @@ def curate(cfg: CurateConfig, show_progress: bool = True) -> Path:
     if cfg.datatrove_logs:
         return _curate(cfg, show_progress)
     logger.disable("datatrove")  # its per-task banners and stats would bury our progress lines
+    bars = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # and so would the progress bars of its dedup steps
     try:
         return _curate(cfg, show_progress)
     finally:
         logger.enable("datatrove")
+        if bars is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = bars
 
 
 def _curate(cfg: CurateConfig, show_progress: bool) -> Path:

@@ -657,6 +657,10 @@ class TaskProgress(PipelineStep):
         self.enabled = enabled
 
     def _say(self, rank: int, world_size: int, kept: int, start: float, final: bool = False) -> None:
+        from slmforge.formatting import quiet
+
+        if quiet():  # `slmforge --quiet`, inherited by the worker processes
+            return
         elapsed = max(time.monotonic() - start, 1e-9)
         read = self.reader.read_docs
         line = (f"curate: task {rank + 1}/{world_size}{' done' if final else ''}: {read:,} docs read, "

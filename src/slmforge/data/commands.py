@@ -104,7 +104,7 @@ def _curate(args: argparse.Namespace) -> int:
     from slmforge.curate.pipeline import curate, require_datatrove
 
     require_datatrove()
-    curate(cfg)
+    print(curate(cfg))  # the result on stdout, also in quiet mode: the curated corpus's folder
     return 0
 
 

@@ -96,6 +96,10 @@ class TeacherCache:
             raise SlmforgeError(f"distill.teacher_cache: {folder} holds no cache (no {META}); build it with "
                                 f"`slmforge distill -c RECIPE --build-cache`")
         self.meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        missing = [key for key in identity if key not in self.meta]
+        if missing:
+            raise SlmforgeError(f"distill.teacher_cache: {folder} was made by an older slmforge (it records no "
+                                f"{missing[0]}); build it again with `--build-cache`")
         changed = [key for key, value in identity.items() if self.meta.get(key) != value]
         if changed:
             raise SlmforgeError(f"distill.teacher_cache: {folder} was built for another {', '.join(changed)}; build "

@@ -4,6 +4,7 @@ checkpoints, exact resume, trackers, torchrun."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -46,7 +47,23 @@ def teacher_fingerprint(path: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def required_epochs(cfg: DistillRunConfig, objective, processes: int) -> int:
+    """Epochs of the training data a run reaches (what a teacher cache must cover)."""
+    from slmforge.data.loader import WindowLoader
+    from slmforge.data.shards import ShardSet
+
+    loop = cfg.train
+    loader = WindowLoader(ShardSet(loop.data, loop.train_split), loop.seq_len, loop.batch_size * processes,
+                          seed=loop.seed, window=objective.window_tokens(loop.seq_len))
+    steps = (math.ceil(loop.epochs * loader.batches_per_epoch / loop.grad_accum) if loop.epochs else loop.max_steps)
+    return epochs_needed(steps, loop.batch_size * processes, loop.grad_accum, loader.num_windows)
+
+
 def distill(cfg: DistillRunConfig) -> Path:
+    for lang, path in cfg.distill.eval_texts.items():  # before hours of training, not after
+        if not Path(path).is_file():
+            raise SlmforgeError(f"distill.eval_texts.{lang}: {path}: no such file")
+
     def with_teacher(objective, student_family, tokenizer, device):
         from slmforge.data.shards import read_manifest
 
@@ -59,9 +76,17 @@ def distill(cfg: DistillRunConfig) -> Path:
         meta = {"distill": config_io.to_dict(cfg.distill)}
         if cfg.distill.teacher_cache:
             cache = TeacherCache(cfg.distill.teacher_cache, cache_identity(cfg, read_manifest(cfg.train.data)), device)
+            needed = required_epochs(cfg, objective, int(os.environ.get("WORLD_SIZE", "1")))
+            if cache.meta["epochs"] < needed:
+                raise SlmforgeError(f"distill.teacher_cache: {cfg.distill.teacher_cache} covers {cache.meta['epochs']} "
+                                    f"epoch(s) of the data, this run reaches {needed}; build it again for this "
+                                    f"train.max_steps (and --processes)")
             describe_cache(Path(cfg.distill.teacher_cache))
             return Distillation(objective, None, cfg.distill, cache), meta
         teacher = _teacher(cfg, student_family, tokenizer, device)
+        if cfg.train.seq_len > teacher.model.cfg.max_seq_len:
+            raise SlmforgeError(f"train.seq_len: {cfg.train.seq_len} exceeds the teacher's context "
+                                f"({teacher.model.cfg.max_seq_len} tokens); the teacher reads what the student reads")
         meta["distill"].update({"teacher_parameters": sum(p.numel() for p in teacher.model.parameters()),
                                 "teacher_family": teacher.model.cfg.family})
         return Distillation(objective, teacher, cfg.distill, projection=_projection(cfg, teacher, device)), meta
@@ -111,7 +136,7 @@ def build_teacher_cache(cfg: DistillRunConfig, out: str, processes: int = 1) -> 
     window = objective.window_tokens(loop.seq_len)
     loader = WindowLoader(shards, loop.seq_len, loop.batch_size * processes, seed=loop.seed, window=window)
     resolve_steps(cfg, loader.batches_per_epoch)
-    epochs = epochs_needed(loop.max_steps, loop.batch_size * processes, loop.grad_accum, loader.num_windows)
+    epochs = required_epochs(cfg, objective, processes)
     device = resolve_device(loop.device)
     teacher = _teacher(cfg, student, tokenizer, device)
     say(f"caching the teacher's top-{cfg.distill.top_k} logits for {epochs} epoch(s) of {loader.num_windows:,} "

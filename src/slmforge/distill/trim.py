@@ -23,9 +23,16 @@ VOCAB_TENSORS = ("embed.weight", "lm_head.weight", "head.bias")
 
 
 def read_corpus(paths: list[str]) -> list[str]:
-    from slmforge.text.sources import SourceConfig, iter_documents
+    """The documents of `paths`; lines that are not UTF-8 (or empty) are counted and said."""
+    from slmforge.formatting import say
+    from slmforge.text.sources import ReadStats, SourceConfig, iter_documents
 
-    documents = [text for path in paths for text in iter_documents(SourceConfig(path=path))]
+    documents = []
+    for path in paths:
+        stats = ReadStats()
+        documents += list(iter_documents(SourceConfig(path=path), stats))
+        if stats.skipped.get("invalid_utf8"):
+            say(f"warning: {path}: skipped {stats.describe_skips()}")
     if not documents:
         raise SlmforgeError(f"{', '.join(paths)}: no text to measure the vocabulary on")
     return documents

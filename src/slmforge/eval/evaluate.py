@@ -114,17 +114,19 @@ def read_text_file(path: str | Path) -> str:
         raise SlmforgeError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from None
 
 
+# Optional columns, in order: (metric, header, format); shown when any row has the metric.
+COLUMNS = (("bpb", "bpb", ".4f"), ("accuracy", "accuracy", ".4f"), ("exact_match", "exact", ".3f"),
+           ("chrf", "chrF", ".1f"), ("bleu", "BLEU", ".1f"), ("skipped", "skipped", "d"))
+
+
 def print_table(rows: dict[str, dict[str, float]], out=None) -> None:
-    """One row per evaluated set; columns the metrics any row has (bpb for causal LMs, accuracy...)."""
+    """One row per evaluated set; columns the metrics any row has (bits per byte for causal LMs,
+    accuracy, and exact match / chrF / BLEU / skipped examples for fine-tuned runs' --examples)."""
     out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
-    show_bpb = any("bpb" in r for r in rows.values())
-    show_acc = any("accuracy" in r for r in rows.values())
-    out.write(f"{'set':<24}{'tokens':>10}{'loss':>10}{'ppl':>12}" + (f"{'bpb':>10}" if show_bpb else "")
-              + (f"{'accuracy':>10}" if show_acc else "") + "\n")
+    shown = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
+    out.write(f"{'set':<24}{'tokens':>10}{'loss':>10}{'ppl':>12}" + "".join(f"{h:>10}" for _, h, _ in shown) + "\n")
     for name, r in rows.items():
         line = f"{name:<24}{int(r.get('tokens', 0)):>10}{r['loss']:>10.4f}{r['ppl']:>12.3f}"
-        if show_bpb:
-            line += f"{r['bpb']:>10.4f}" if "bpb" in r else f"{'-':>10}"
-        if show_acc:
-            line += f"{r['accuracy']:>10.4f}" if "accuracy" in r else f"{'-':>10}"
+        for metric, _, fmt in shown:
+            line += f"{r[metric]:>10{fmt}}" if metric in r else f"{'-':>10}"
         out.write(line + "\n")

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import LoraConfig
-from slmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_DIR, PEFT_PREFIX, require_peft
+from slmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, require_peft
 from slmforge.interop.export import output_dir
 from slmforge.models.hf import decoder as hf_decoder
 from slmforge.models.registry import family
-from slmforge.runs import model_config_from_meta, read_meta, resolve_checkpoint, run_dir_of
+from slmforge.runs import model_config_from_meta, read_meta, resolve_checkpoint
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -42,7 +42,8 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Pat
     targets = sorted(settings.target_modules)
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                             base_model_name_or_path=str(run_dir_of(step_dir) / BASE_DIR))
+                             # the base is the export of RUN/base: where the user puts it is theirs to say
+                             base_model_name_or_path=None)
     with output_dir(Path(out), force) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config.save_pretrained(tmp)

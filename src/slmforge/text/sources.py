@@ -320,6 +320,11 @@ class SourceReader:
     def _lines(self, stream: io.BufferedIOBase) -> Iterator[bytes]:
         """Raw lines without their line ending; advances offset/line as it goes."""
         for raw_line in stream:
+            if self._offset == 0 and raw_line.startswith((b"\xff\xfe", b"\xfe\xff")):
+                # UTF-16 (Windows' "Unicode"): its ASCII and Devanagari code units are mostly valid
+                # UTF-8 bytes, so it would pass line by line as text full of NULs.
+                raise SlmforgeError(f"{self.files[self._file]}: UTF-16 text (it starts with a UTF-16 byte order "
+                                    f"mark); convert it: iconv -f UTF-16 -t UTF-8 IN > OUT")
             if self._offset == 0 and raw_line.startswith(b"\xef\xbb\xbf"):
                 raw_line = raw_line[3:]  # a UTF-8 byte order mark is not text
                 self._offset = 3

@@ -92,6 +92,10 @@ def trim_tokenizer(tokenizer, documents: list[str], min_count: int = 1):
         keep, model = _trim_vocab_dict(model, used | always)
     else:
         raise SlmforgeError(f"tokenizer trim: a {kind} model cannot be cut (BPE, Unigram, WordPiece, WordLevel can)")
+    # Added tokens outside the model's vocabulary (chat markers added for fine-tuning, an HF tokenizer's
+    # extras) follow the kept ones, in their order.
+    kept = set(keep)
+    keep = keep + sorted(t["id"] for t in data.get("added_tokens", []) if t["id"] not in kept)
     new_id = {old: new for new, old in enumerate(keep)}
     data["model"] = model
     for token in data.get("added_tokens", []):
