@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -339,3 +340,43 @@ def test_quiet_run_records_hardware_versions_and_training_time(markov_shards, tm
     assert 0 < first["wall_time_s"] < meta["wall_time_s"]
     elapsed = [r["elapsed_s"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
     assert len(elapsed) == 4 and elapsed == sorted(elapsed) and elapsed[-1] <= meta["wall_time_s"]
+
+
+def test_documents_option_keeps_documents_apart_inside_a_window(tmp_path):
+    """objective.documents: a window holding the end of one document and the start of the next computes
+    the second exactly as if it were alone, and its first token is not predicted from the first."""
+    from conftest import word_level_tokenizer, write_shards
+
+    from slmforge.fileio import write_json_atomic
+    from slmforge.models import build_model, config_from_dict
+    from slmforge.objectives.clm import CausalLM, ClmConfig
+
+    tokenizer = word_level_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(10)])
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    objective = CausalLM.for_tokenizer(ClmConfig(documents=True), tokenizer)
+    window = torch.tensor([[7, 8, eos, bos, 9, 10, 11, eos, bos, 12]])
+    batch = objective.collate({"tokens": window})
+    assert batch["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 2]]
+    assert batch["targets"].tolist() == [[8, eos, -100, 9, 10, 11, eos, -100, 12]]
+    model = build_model(config_from_dict({"preset": "test-tiny", "vocab_size": tokenizer.vocab_size}), seed=0).eval()
+    with torch.no_grad():
+        together = model(batch["input_ids"], document_ids=batch["document_ids"])[0, 3:8]
+        alone = model(window[:, 3:8])[0]
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SlmforgeError, match="objective.documents: needs the eos token"):
+        CausalLM.for_tokenizer(ClmConfig(documents=True), None)
+
+    rng = np.random.default_rng(0)
+    documents = [np.array([bos, *rng.integers(5, 15, size=rng.integers(5, 30)), eos]) for _ in range(400)]
+    data = write_shards(tmp_path / "data", {"train": documents[:360], "val": documents[360:]},
+                        vocab_size=tokenizer.vocab_size)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"] = {"path": str(tmp_path / "tok"), "sha256": tokenizer.sha256}
+    manifest["bos_id"] = bos
+    write_json_atomic(data / "manifest.json", manifest)
+    run = pretrain(run_config(data, tmp_path / "run", "train.max_steps=6", "train.seq_len=32",
+                              "train.batch_size=4", "objective.documents=true"))
+    assert config.load(PretrainConfig, run / "config.toml").objective.documents
+    from slmforge.cli import main
+
+    assert main(["eval", str(run), "--json"]) == 0  # evaluated as trained: documents apart

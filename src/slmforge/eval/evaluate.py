@@ -24,7 +24,8 @@ def run_objective(run: Run, tokenizer=None):
     """The objective a run was trained with (meta.json), or its family's default for older runs."""
     recorded = run.meta.get("objective") or {"kind": DEFAULT_FOR_KIND[run.kind]}
     cfg = config_io.parse(ObjectiveConfig, recorded, "objective")
-    if cfg.kind in ("mlm", "span") and tokenizer is None:  # mask token / sentinels and eos
+    # mask token / sentinels and eos; eos also where causal LM keeps documents apart
+    if (cfg.kind in ("mlm", "span") or getattr(cfg, "documents", False)) and tokenizer is None:
         tokenizer = run.tokenizer()
     return build_objective(cfg, run.kind, run.model.cfg.family, tokenizer, where=str(run.step_dir))
 

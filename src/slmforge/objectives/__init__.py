@@ -32,7 +32,7 @@ def build_objective(cfg: ObjectiveConfig, model_kind: str, family_name: str, tok
         return MaskedLM.for_tokenizer(cfg, tokenizer, where)
     if cls is SpanCorruption:
         return SpanCorruption.for_tokenizer(cfg, tokenizer, model_kind, where)
-    return CausalLM(cfg)
+    return CausalLM.for_tokenizer(cfg, tokenizer, where)
 
 
 __all__ = ["Objective", "ObjectiveConfig", "ClmConfig", "MlmConfig", "SpanConfig", "CausalLM", "MaskedLM",

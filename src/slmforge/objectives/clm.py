@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from slmforge.errors import SlmforgeError
 from slmforge.models.heads import OutputProjection
 from slmforge.objectives.base import IGNORE_INDEX
 from slmforge.objectives.losses import projection_cross_entropy
@@ -19,6 +20,10 @@ class ClmConfig:
 
     kind: Literal["clm"] = "clm"
     """clm: next-token prediction (decoders)."""
+    documents: bool = False
+    """Keep documents apart inside a training window: attention and positions restart after every eos,
+    as if each document were alone (and a document's first token is not predicted from the previous
+    document). Off: a window is one stream of text, as GPT-2 and most pretraining runs treat it."""
 
 
 class CausalLM:
@@ -32,8 +37,16 @@ class CausalLM:
     metric_names = ("accuracy",)
     bits_per_byte = True
 
-    def __init__(self, cfg: ClmConfig | None = None):
+    def __init__(self, cfg: ClmConfig | None = None, eos_id: int | None = None):
         self.cfg = cfg or ClmConfig()
+        self.eos_id = eos_id
+
+    @classmethod
+    def for_tokenizer(cls, cfg: ClmConfig, tokenizer, where: str = "tokenizer") -> "CausalLM":
+        if cfg.documents and (tokenizer is None or tokenizer.eos_id is None):
+            raise SlmforgeError(f"objective.documents: needs the eos token that ends each document, and {where} "
+                                f"names a tokenizer without one")
+        return cls(cfg, tokenizer.eos_id if tokenizer is not None else None)
 
     def window_tokens(self, seq_len: int) -> int:
         return seq_len + 1
@@ -44,6 +57,9 @@ class CausalLM:
         if "scored" in raw:
             targets = torch.where(raw["scored"][:, 1:], targets, IGNORE_INDEX)
         batch = {"input_ids": tokens[:, :-1], "targets": targets}
+        if self.cfg.documents and "document_ids" not in raw:
+            ends = tokens == self.eos_id  # an eos belongs to the document it ends
+            raw = {**raw, "document_ids": ends.long().cumsum(1) - ends.long()}
         if "attention_mask" in raw:
             batch["attention_mask"] = raw["attention_mask"][:, :-1]
         if "document_ids" in raw:  # packed examples: a document's first token is not predicted from another's

@@ -226,6 +226,8 @@ class Trainer:
             batch = self.objective.collate(self.loader.next_batch(), self.seed)
             counts.append(target_tokens(batch))
             tokens += input_tokens(batch)
+            if self.device.type == "cuda":  # page-locked: the copy runs while the GPU works on the step before
+                batch = {k: v.pin_memory() for k, v in batch.items()}
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return batches, counts, tokens
 
