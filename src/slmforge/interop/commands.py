@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser(
-        "import-hf", help="read a local Hugging Face checkpoint (Gemma 3 text, Llama) into a run folder",
+        "import-hf", help="read a local Hugging Face checkpoint (Llama, Gemma 3, BERT, XLM-R, ModernBERT, T5) into a run folder",
         description="Convert a local Hugging Face model folder (e.g. a downloaded google/gemma-3-270m) into "
                     "an slmforge run folder to continue pretraining or fine-tune (train.init_from=OUT).")
     p.add_argument("hf_dir", metavar="DIR", help="folder with config.json, *.safetensors and tokenizer files")

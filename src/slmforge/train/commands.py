@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.list_presets:
         for name in sorted(PRESETS):
             cfg = config_from_dict({"preset": name})
-            print(f"{name:<22} {cfg.family:<10} {family(cfg).kind:<8} {human(cfg.num_parameters()):>7} params  "
+            print(f"{name:<22} {cfg.family:<10} {family(cfg).kind:<15} {human(cfg.num_parameters()):>7} params  "
                   f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
                   f"vocab {cfg.vocab_size}")
         return 0
