@@ -145,3 +145,16 @@ def test_recipe_sections_are_every_verbs_sections():
 
     verbs = {f.name for cls in (PretrainConfig, FinetuneConfig, DistillRunConfig) for f in dataclasses.fields(cls)}
     assert set(RECIPE_SECTIONS) - {"curate", "pairs"} == {"tokenizer", "data"} | verbs
+
+
+def test_output_piped_into_head_stops_quietly():
+    """`slmforge ... | head -1`: the reader leaves early; no traceback, the shell's 141 (SIGPIPE)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "slmforge", "pretrain", "--list-presets"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 141) and "Traceback" not in err, err

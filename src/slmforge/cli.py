@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except SlmforgeError as e:
         print(f"slmforge: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `slmforge ... | head`: the reader left; stop quietly (Python's documented way: point stdout
+        # at /dev/null so the interpreter's final flush does not fail again).
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
