@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         # at /dev/null so the interpreter's final flush does not fail again).
         import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no real file (captured)
+            pass
         return 141
     except OSError as e:
         if e.errno != errno.ENOSPC:
