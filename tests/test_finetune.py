@@ -410,3 +410,10 @@ def test_make_infill_refuses_utf16_and_counts_lines_that_are_not_utf8(tmp_path, 
     (tmp_path / "mixed.txt").write_bytes(text.encode() + b"caf\xe9 au lait avec du sucre et du lait\n")
     assert write_infill_file([str(tmp_path / "mixed.txt")], tmp_path / "out.jsonl", InfillConfig()) == 3
     assert "mixed.txt: 1 invalid_utf8" in capsys.readouterr().err
+
+
+def test_resuming_with_another_lora_setting_names_it(tmp_path):
+    run = finetune(finetune_config(tmp_path, "train.max_steps=2", "finetune.eval_samples=0"))
+    with pytest.raises(SlmforgeError, match=r"resuming with changes .*\(lora.rank 0 -> 4\)"):
+        finetune(finetune_config(tmp_path, "train.max_steps=4", "finetune.eval_samples=0", "lora.rank=4",
+                                 f"train.out_dir={run}"))

@@ -121,6 +121,8 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     resolved = config_io.to_dict(cfg)
     fingerprint = _fingerprint(train_examples, cfg)
     identity = resume_identity(resolved, where.world_size, fingerprint)
+    # Named apart from the data, so a resume with another LoRA setting or packing says so.
+    identity.update({"finetune.packing": ex.packing, "lora": config_io.to_dict(cfg.lora)})
     if resume_dir is not None:
         check_resumable(read_meta(resume_dir).get("resume_identity"), identity, resume_dir,
                         loop.allow_config_changes, say)
@@ -248,9 +250,8 @@ def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
 
 
 def _fingerprint(examples: list[Encoded] | list[EncodedPair], cfg: FinetuneConfig) -> str:
-    """What the training rows are made of: example ids, scored masks (or sources and targets),
-    packing and LoRA settings."""
-    digest = hashlib.sha256(repr((cfg.finetune.packing, config_io.to_dict(cfg.lora))).encode())
+    """What the training rows are made of: example ids and scored masks (or sources and targets)."""
+    digest = hashlib.sha256()
     for e in examples:
         for array in ((e.source, e.target) if isinstance(e, EncodedPair) else (e.ids, e.scored)):
             digest.update(array.tobytes())

@@ -24,7 +24,7 @@ from slmforge.errors import SlmforgeError
 
 # Dotted fields whose change would make the resumed run differ from one trained straight through.
 EXACTNESS_FIELDS = ("train.seed", "train.seq_len", "train.global_batch", "train.global_micro_batch", "objective",
-                    "train.train_split", "data_fingerprint")
+                    "train.train_split", "data_fingerprint", "finetune.packing", "lora")
 
 
 def data_fingerprint(manifest: dict[str, Any]) -> str:
@@ -60,7 +60,7 @@ def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], where
     changed = [name for name in EXACTNESS_FIELDS if name in saved and saved[name] != current.get(name)]
     if not changed:
         return
-    shown = ", ".join(f"{name} {_short(saved[name])} -> {_short(current.get(name))}" for name in changed)
+    shown = ", ".join(_change(name, saved[name], current.get(name)) for name in changed)
     if not allow:
         raise SlmforgeError(f"{where}: resuming with changes that make the run differ from an uninterrupted one "
                             f"({shown}); undo them, start a new train.out_dir, or set "
@@ -94,3 +94,11 @@ def append_history(run_dir: Path, config: dict[str, Any], resumed_from: int) -> 
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
     return text if len(text) <= 40 else text[:12] + "..."
+
+
+def _change(name: str, before: Any, after: Any) -> str:
+    """`name old -> new`; for two tables, only the fields that differ (`lora.rank 0 -> 4`)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        return ", ".join(f"{name}.{k} {_short(before.get(k))} -> {_short(after.get(k))}" for k in keys)
+    return f"{name} {_short(before)} -> {_short(after)}"
