@@ -83,10 +83,10 @@ class PairsConfig:
     """Longest allowed ratio of the longer side to the shorter (0 = no ratio filter)."""
     dedup: bool = True
     """Drop repeated (source, target) pairs (whitespace differences aside)."""
-    test_size: int = 1000
-    """Pairs held out for the final test (BLEU / chrF)."""
-    val_size: int = 500
-    """Pairs held out for validation during fine-tuning."""
+    test_size: int | None = None
+    """Pairs held out for the final test (BLEU / chrF); unset: 10% of the clean pairs, at most 1,000."""
+    val_size: int | None = None
+    """Pairs held out for validation during fine-tuning; unset: 5% of the clean pairs, at most 500."""
     seed: int = 0
     """Seed of the shuffle that picks the held-out pairs."""
     on_bad_line: Literal["error", "skip"] = "error"
@@ -101,7 +101,7 @@ class PairsConfig:
                 f"must be >= min_length ({self.min_length}), got {self.max_length}")
         require(self.max_ratio == 0 or self.max_ratio >= 1, "max_ratio",
                 f"must be 0 (off) or >= 1, got {self.max_ratio}")
-        require(self.test_size >= 0 and self.val_size >= 0, "test_size", "split sizes must be >= 0")
+        require((self.test_size or 0) >= 0 and (self.val_size or 0) >= 0, "test_size", "split sizes must be >= 0")
 
 
 def load_config(path: str | None, overrides: list[str] | None, flags: dict[str, Any] | None = None) -> PairsConfig:
@@ -256,15 +256,18 @@ def filter_pairs(pairs: Iterator[tuple[str, str, str]], cfg: PairsConfig, droppe
 def split_pairs(pairs: list[tuple[str, str, str]], cfg: PairsConfig, dropped: Counter
                 ) -> dict[str, list[tuple[str, str, str]]]:
     """test, val and train by a seeded shuffle; train and val lose pairs whose source is a test source."""
-    held = cfg.test_size + cfg.val_size
+    # By default a share of the corpus, so a small one keeps most of its pairs for training.
+    test_size = cfg.test_size if cfg.test_size is not None else min(1000, len(pairs) // 10)
+    val_size = cfg.val_size if cfg.val_size is not None else min(500, len(pairs) // 20)
+    held = test_size + val_size
     if held >= len(pairs):
         raise SlmforgeError(f"pairs.test_size + pairs.val_size = {held} leave no training pairs out of "
                             f"{len(pairs)} clean ones; lower them")
     order = np.random.default_rng(cfg.seed).permutation(len(pairs))
-    test = [pairs[i] for i in sorted(order[:cfg.test_size])]
+    test = [pairs[i] for i in sorted(order[:test_size])]
     test_sources = {" ".join(p[0].split()) for p in test}
     splits = {"test": test}
-    for name, chosen in (("val", order[cfg.test_size:held]), ("train", order[held:])):
+    for name, chosen in (("val", order[test_size:held]), ("train", order[held:])):
         rows = [pairs[i] for i in sorted(chosen)]
         kept = [p for p in rows if " ".join(p[0].split()) not in test_sources]
         if len(rows) > len(kept):
