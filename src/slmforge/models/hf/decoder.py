@@ -34,9 +34,8 @@ from typing import Any
 
 import torch
 
-from slmforge.config import validate as validate_config
-from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.models.hf.reader import ConfigReader
+from slmforge.errors import SlmforgeError
+from slmforge.models.hf.reader import ConfigReader, checked_config
 from slmforge.models.decoder_config import DecoderConfig
 
 ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -274,14 +273,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderCon
                       final_logit_softcap=get.optional("final_logit_softcapping"))
         fields.update(_gemma3_layers(get, fields["num_layers"], where))
         fields.update(_gemma3_rope(get, fields["max_seq_len"], where))
-    cfg = DecoderConfig(**fields)
-    try:
-        validate_config(cfg, "model")
-    except ConfigError as e:
-        ours, _, why = str(e).partition(": ")
-        theirs = _HF_FIELD_NAMES.get(ours.removeprefix("model."), "")
-        raise SlmforgeError(f"{where}: {theirs + ' ' if theirs else ''}({ours}): {why}") from None
-    return cfg
+    return checked_config(DecoderConfig(**fields), where, _HF_FIELD_NAMES)
 
 
 # For error messages: our field -> the config.json field it came from.

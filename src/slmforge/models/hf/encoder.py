@@ -57,9 +57,8 @@ from typing import Any
 
 import torch
 
-from slmforge.config import validate as validate_config
-from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.models.hf.reader import ConfigReader
+from slmforge.errors import SlmforgeError
+from slmforge.models.hf.reader import ConfigReader, checked_config
 from slmforge.models.encoder_config import EncoderConfig
 
 ARCHITECTURES = {"bert": "BertForMaskedLM", "roberta": "XLMRobertaForMaskedLM",
@@ -283,14 +282,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> EncoderCon
         init_std=get("initializer_range"),
     )
     fields.update(_modernbert_config(get) if family == "modernbert" else _bert_config(get, family))
-    cfg = EncoderConfig(**fields)
-    try:
-        validate_config(cfg, "model")
-    except ConfigError as e:
-        ours, _, why = str(e).partition(": ")
-        theirs = _HF_FIELD_NAMES.get(ours.removeprefix("model."), "")
-        raise SlmforgeError(f"{where}: {theirs + ' ' if theirs else ''}({ours}): {why}") from None
-    return cfg
+    return checked_config(EncoderConfig(**fields), where, _HF_FIELD_NAMES)
 
 
 # For error messages: our field -> the config.json field it came from.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from slmforge.errors import SlmforgeError
+from slmforge.config import validate as validate_config
+from slmforge.errors import ConfigError, SlmforgeError
 
 
 class ConfigReader:
@@ -39,3 +40,15 @@ class ConfigReader:
     def reject_truthy(self, key: str, why: str) -> None:
         if self.data.get(key):
             raise SlmforgeError(f"{self.where}: {key}={self.data[key]!r}: {why}")
+
+
+def checked_config(cfg: Any, where: str, hf_names: dict[str, str]) -> Any:
+    """`cfg` validated; a refusal names the config.json field it came from (`hf_names`: our field ->
+    theirs) beside ours, so the user can find it in the file they have."""
+    try:
+        validate_config(cfg, "model")
+    except ConfigError as e:
+        ours, _, why = str(e).partition(": ")
+        theirs = hf_names.get(ours.removeprefix("model."), "")
+        raise SlmforgeError(f"{where}: {theirs + ' ' if theirs else ''}({ours}): {why}") from None
+    return cfg
