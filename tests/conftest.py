@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,32 @@ def mlm_markov_shards(tmp_path):
     manifest["pad_id"] = tokenizer.pad_id
     write_json_atomic(folder / "manifest.json", manifest)
     return source, folder
+
+
+@contextmanager
+def crash_at_step(monkeypatch, step: int):
+    """Training fails when it reaches `step` inside the block (as a crash would there); the block
+    expects that failure. Outside it, training runs as usual again."""
+    from slmforge.train.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def crashing(self):
+        if self.state.step == step:
+            raise RuntimeError("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+    finally:
+        monkeypatch.setattr(Trainer, "train_step", original)
+
+
+def untimed(run: Path) -> list[dict]:
+    """A run's metrics.jsonl without the wall-clock fields (tokens/s, elapsed time), which no two runs
+    share: what a resumed run must reproduce exactly."""
+    from slmforge.train.metrics import TIMING_FIELDS, read_metrics
+
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_metrics(run / "metrics.jsonl")]

@@ -231,7 +231,7 @@ def test_hidden_state_matching_trains_its_projection_and_resumes_exactly(mlm_mar
     the student (the hidden-state distance falls) and saved with the trainer state, so a crashed and
     resumed run ends bitwise equal to a straight one."""
     from slmforge.distill.objective import hidden_distance
-    from slmforge.train.trainer import Trainer
+    from conftest import crash_at_step
 
     features = torch.randn(5, 8)
     assert float(hidden_distance(features, features, None, "cosine")) < 1e-6
@@ -246,17 +246,8 @@ def test_hidden_state_matching_trains_its_projection_and_resumes_exactly(mlm_mar
     straight = distill(student_config(data, tmp_path / "straight", 0, *common))
     losses = [r["hidden_loss"] for r in read_metrics(straight / "metrics.jsonl") if r["split"] == "train"]
     assert losses[-1] < losses[0], losses
-    original_step = Trainer.train_step
-
-    def crash_at_11(self):
-        if self.state.step == 11:
-            raise RuntimeError("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_11)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 11):
         distill(student_config(data, tmp_path / "resumed", 0, *common))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
     resumed = distill(student_config(data, tmp_path / "resumed", 0, *common))
     from safetensors.torch import load_file
 

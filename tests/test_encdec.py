@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import crash_at_step, untimed
 from slmforge import config
 from slmforge.errors import SlmforgeError
 from slmforge.models import EncDecConfig, build_model
 from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
 from slmforge.train.config import PretrainConfig
-from slmforge.train.metrics import TIMING_FIELDS, read_metrics
+from slmforge.train.metrics import read_metrics
 from slmforge.train.pretrain import pretrain
-from slmforge.train.trainer import Trainer
 
 TOLERANCE_FP32 = 1e-4
 VOCAB = 64
@@ -359,29 +359,15 @@ def test_span_resume_after_a_crash_is_bitwise_equal(span_shards, tmp_path, monke
     common = ("train.max_steps=24", "train.save_every=8", "train.eval_every=8", "model.dropout=0.1",
               "train.grad_accum=2", "train.batch_size=8")
     pretrain(span_config(span_shards, tmp_path / "straight", *common))
-    original_step = Trainer.train_step
-
-    def crash_at_13(self):
-        if self.state.step == 13:
-            raise RuntimeError("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_13)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 13):
         pretrain(span_config(span_shards, tmp_path / "resumed", *common))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
     pretrain(span_config(span_shards, tmp_path / "resumed", *common))  # resumes from step 8
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-000024" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000024" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-
-    def strip(records):
-        return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-
-    assert strip(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
-        strip(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    assert untimed(tmp_path / "straight") == untimed(tmp_path / "resumed")
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import word_level_tokenizer
+from conftest import crash_at_step, word_level_tokenizer
 from safetensors.torch import load_file
 
 from slmforge import config
@@ -197,7 +197,6 @@ def test_untrained_model_does_not_reverse_words(tmp_path):
 
 def test_lora_trains_only_adapters_and_resumes_exactly(tmp_path, monkeypatch):
     pytest.importorskip("peft")
-    from slmforge.train.trainer import Trainer
 
     base = finetune(finetune_config(tmp_path, "train.max_steps=10", f"train.out_dir={tmp_path / 'base'}",
                                     "finetune.eval_samples=0"))
@@ -205,17 +204,8 @@ def test_lora_trains_only_adapters_and_resumes_exactly(tmp_path, monkeypatch):
               "finetune.eval_samples=0", "optim.lr=1e-2")
     straight = finetune(finetune_config(tmp_path, *common, f"train.out_dir={tmp_path / 'straight'}"))
 
-    original_step = Trainer.train_step
-
-    def crash_at_14(self):
-        if self.state.step == 14:
-            raise RuntimeError("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_14)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 14):
         finetune(finetune_config(tmp_path, *common, f"train.out_dir={tmp_path / 'resumed'}"))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
     resumed = finetune(finetune_config(tmp_path, *common, f"train.out_dir={tmp_path / 'resumed'}"))
 
     final = "checkpoints/step-000020"

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import crash_at_step, untimed
 from slmforge import config
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
@@ -14,9 +15,8 @@ from slmforge.errors import SlmforgeError
 from slmforge.objectives.base import EVAL_SEED
 from slmforge.objectives.mlm import MaskedLM, MlmConfig, word_start_table
 from slmforge.train.config import PretrainConfig
-from slmforge.train.metrics import TIMING_FIELDS, read_metrics
+from slmforge.train.metrics import read_metrics
 from slmforge.train.pretrain import pretrain
-from slmforge.train.trainer import Trainer
 
 SPECIAL = {0, 1, 2, 3, 4}
 MASK = 4
@@ -193,29 +193,15 @@ def test_mlm_resume_after_a_crash_is_bitwise_equal(mlm_markov_shards, tmp_path, 
     common = ("train.max_steps=30", "train.save_every=10", "train.eval_every=10", "model.dropout=0.1",
               "objective.mask_token_share=0.8", "objective.random_token_share=0.1", "train.grad_accum=2")
     pretrain(mlm_config(data, tmp_path / "straight", *common))
-    original_step = Trainer.train_step
-
-    def crash_at_17(self):
-        if self.state.step == 17:
-            raise RuntimeError("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_17)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 17):
         pretrain(mlm_config(data, tmp_path / "resumed", *common))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
     pretrain(mlm_config(data, tmp_path / "resumed", *common))
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-000030" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000030" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-
-    def strip(records):
-        return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-
-    assert strip(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
-        strip(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    assert untimed(tmp_path / "straight") == untimed(tmp_path / "resumed")
 
 
 def test_a_tokenizer_without_a_mask_token_is_one_line_naming_the_fix(tmp_path):

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import crash_at_step, untimed
 from slmforge import config
 from slmforge.errors import SlmforgeError
 from slmforge.train.config import OptimConfig, PretrainConfig, ScheduleConfig
-from slmforge.train.metrics import TIMING_FIELDS, read_metrics
+from slmforge.train.metrics import read_metrics
 from slmforge.train.optim import learning_rate
 from slmforge.train.pretrain import pretrain
-from slmforge.train.trainer import Trainer
 
 
 def run_config(data, out, *extra) -> PretrainConfig:
@@ -39,34 +39,20 @@ def test_learns_a_markov_chain_down_to_its_entropy(markov_shards, tmp_path):
     assert final["bpb"] == pytest.approx(final["loss"] / math.log(2), rel=1e-6)  # 1 "byte" per token here
 
 
-def _strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-
-
 def test_resume_after_a_crash_equals_an_uninterrupted_run(markov_shards, tmp_path, monkeypatch):
     _, data = markov_shards
     common = ("train.max_steps=40", "train.save_every=20", "train.eval_every=20", "model.dropout=0.1")
     pretrain(run_config(data, tmp_path / "straight", *common))
 
-    original_step = Trainer.train_step
-
-    def crash_at_27(self):
-        if self.state.step == 27:
-            raise RuntimeError("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_27)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 27):
         pretrain(run_config(data, tmp_path / "resumed", *common))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
     pretrain(run_config(data, tmp_path / "resumed", *common))  # same command: resumes from step 20
 
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-000040" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000040" / "model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert _strip_timing(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
-        _strip_timing(read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+    assert untimed(tmp_path / "straight") == untimed(tmp_path / "resumed")
 
 
 def test_run_folder_layout(markov_shards, tmp_path):
@@ -199,8 +185,7 @@ def test_resume_after_a_signal_equals_an_uninterrupted_run(markov_shards, tmp_pa
     b = load_file(stopped / "checkpoints" / "step-000400" / "model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert _strip_timing(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
-        _strip_timing(read_metrics(stopped / "metrics.jsonl"))
+    assert untimed(tmp_path / "straight") == untimed(stopped)
 
 
 def test_init_from_refuses_data_made_with_another_tokenizer(tmp_path):

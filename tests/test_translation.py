@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import word_level_tokenizer
+from conftest import crash_at_step, untimed, word_level_tokenizer
 from safetensors.torch import load_file
 
 from slmforge import config
@@ -154,33 +154,16 @@ def test_pair_batches_are_bucketed_by_length_and_visit_every_pair_once_per_epoch
 
 
 def test_translation_finetuning_killed_and_resumed_ends_bitwise_equal(tmp_path, monkeypatch):
-    from slmforge.train.trainer import Trainer
 
     common = ("train.max_steps=16", "train.save_every=8", "finetune.eval_samples=0", "model.dropout=0.1")
     straight = finetune(translate_config(tmp_path, *common, f"train.out_dir={tmp_path / 'straight'}", examples=400))
-    original_step = Trainer.train_step
-
-    def crash_at_11(self):
-        if self.state.step == 11:
-            raise RuntimeError("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_11)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step(monkeypatch, 11):
         finetune(translate_config(tmp_path, *common, f"train.out_dir={tmp_path / 'resumed'}", examples=400))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
     resumed = finetune(translate_config(tmp_path, *common, f"train.out_dir={tmp_path / 'resumed'}", examples=400))
     a = load_file(straight / "checkpoints" / "step-000016" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "step-000016" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert untimed(straight) == untimed(resumed) and len(untimed(straight)) >= 3
-
-
-def untimed(run: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields (tokens/s, elapsed time), which no two runs share."""
-    from slmforge.train.metrics import TIMING_FIELDS, read_metrics
-
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_metrics(run / "metrics.jsonl")]
 
 
 def test_lora_on_an_encoder_decoder_trains_adapters_on_both_halves_and_the_figure_overlays_runs(tmp_path):

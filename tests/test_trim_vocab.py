@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from slmforge.distill.trim import cut_model, trim_vocab
+from slmforge.distill.trim import cut_model
 from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 from slmforge.tokenizer.trim import trim_tokenizer
 
