@@ -279,6 +279,14 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
         raise ConfigError(_file_prefix(path, e, overrides)) from None
 
 
+def load_recipe(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """A training verb's config from a recipe file and overrides; a misspelled section ([trian]) is
+    named with the one probably meant."""
+    if path is not None:
+        check_sections(read_toml(path), path)
+    return load(cls, path, overrides)
+
+
 def load_section(cls: type[T], section: str, path: str | Path | None = None,
                  overrides: list[str] | None = None, flags: dict[str, Any] | None = None) -> T:
     """One section of a recipe file (e.g. `[tokenizer]`), then `flags`, then `section.field=value`

@@ -50,9 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.show_fields:
         print("\n".join(config.describe(DistillRunConfig)))
         return 0
-    if args.config:
-        config.check_sections(config.read_toml(args.config), args.config)
-    cfg = config.load(DistillRunConfig, args.config, args.overrides)
+    cfg = config.load_recipe(DistillRunConfig, args.config, args.overrides)
     if args.build_cache:
         from slmforge.distill.run import build_teacher_cache
 

@@ -44,9 +44,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.show_fields:
         print("\n".join(config.describe(FinetuneConfig)))
         return 0
-    if args.config:
-        config.check_sections(config.read_toml(args.config), args.config)
-    print(finetune(config.load(FinetuneConfig, args.config, args.overrides)))
+    print(finetune(config.load_recipe(FinetuneConfig, args.config, args.overrides)))
     return 0
 
 

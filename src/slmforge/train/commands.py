@@ -39,9 +39,7 @@ def _run(args: argparse.Namespace) -> int:
                   f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
                   f"vocab {cfg.vocab_size}")
         return 0
-    if args.config:  # a misspelled section ([trian]) is named with the one probably meant
-        config.check_sections(config.read_toml(args.config), args.config)
-    cfg = config.load(PretrainConfig, args.config, args.overrides)
+    cfg = config.load_recipe(PretrainConfig, args.config, args.overrides)
     run_dir = pretrain(cfg)
     print(run_dir)
     return 0
