@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slmforge.data.loader import GlobalOrder
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.templates import Encoded, EncodedPair
 from slmforge.objectives.base import IGNORE_INDEX
@@ -44,77 +45,23 @@ def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
-class RowLoader:
-    """The epoch order, global position and rank split of rows; subclasses make batches of rows."""
+class RowLoader(GlobalOrder):
+    """Rows of examples in the global order of `data/loader.py`; subclasses make batches of rows."""
 
     def __init__(self, rows: list[list[int]], batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1, training: bool = True, examples: int = 0):
         self.rows = rows
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
         self.num_windows = len(self.rows)  # the name the trainer's resume check reads
-        self.global_batch = batch_size * world_size
-        self.batches_per_epoch = self.num_windows // self.global_batch
+        self._start(batch_size, seed, shuffle, rank, world_size)
         needed = self.global_batch if training else 1
         if self.num_windows < needed:
             raise SlmforgeError(f"{examples} examples make {self.num_windows} rows, fewer than a global batch "
                                 f"of {needed}; lower train.batch_size or add examples")
-        self.epoch = 0
-        self.consumed = 0
-        self._order: np.ndarray | None = None
-
-    def _batch(self, rows: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def _unscored(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`batch` with nothing scored (a filler batch past the end, for one rank)."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------ state
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
-                "num_windows": self.num_windows, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, Any], allow_changes: bool = False) -> None:
-        if state["num_windows"] != self.num_windows and not allow_changes:
-            raise SlmforgeError(f"data loader state is for {state['num_windows']} rows, this run has "
-                                f"{self.num_windows}; the examples, train.seq_len or packing changed since "
-                                f"the checkpoint")
-        same = state["num_windows"] == self.num_windows
-        self.epoch, self.consumed, self.seed = state["epoch"], state["consumed"] if same else 0, state["seed"]
-        self._order = None
-
-    # ------------------------------------------------------------ iteration
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order is None:
-            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
-                           if self.shuffle else np.arange(self.num_windows))
-        return self._order
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.consumed + self.global_batch > self.num_windows:
-            self.epoch += 1
-            self.consumed = 0
-            self._order = None
-        start = self.consumed + self.rank * self.batch_size
-        rows = self._epoch_order()[start:start + self.batch_size]
-        self.consumed += self.global_batch
-        return self._batch(rows, self.epoch)
-
-    def epoch_batches(self, limit: int | None = None):
-        """One pass in fixed order (evaluation); every rank yields the same number of batches."""
-        count = -(-self.num_windows // self.global_batch)
-        if limit is not None:
-            count = min(count, limit)
-        for b in range(count):
-            start = b * self.global_batch + self.rank * self.batch_size
-            rows = np.arange(start, min(start + self.batch_size, self.num_windows))
-            if len(rows):
-                yield self._batch(rows, 0)
-            else:  # past the end for this rank only: a row that scores nothing keeps collectives paired
-                yield self._unscored(self._batch(np.arange(1), 0))
+        self._restore(state, state["consumed"], allow_changes,
+                      f"data loader state is for {state['num_windows']} rows, this run has {self.num_windows}; "
+                      f"the examples, train.seq_len or packing changed since the checkpoint")
 
 
 class ExampleLoader(RowLoader):
