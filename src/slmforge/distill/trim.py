@@ -25,14 +25,9 @@ VOCAB_TENSORS = ("embed.weight", "lm_head.weight", "head.bias")
 def read_corpus(paths: list[str]) -> list[str]:
     """The documents of `paths`; lines that are not UTF-8 (or empty) are counted and said."""
     from slmforge.formatting import say
-    from slmforge.text.sources import ReadStats, SourceConfig, iter_documents
+    from slmforge.text.sources import documents_of
 
-    documents = []
-    for path in paths:
-        stats = ReadStats()
-        documents += list(iter_documents(SourceConfig(path=path), stats))
-        if stats.skipped.get("invalid_utf8"):
-            say(f"warning: {path}: skipped {stats.describe_skips()}")
+    documents = list(documents_of(paths, say))
     if not documents:
         raise SlmforgeError(f"{', '.join(paths)}: no text to measure the vocabulary on")
     return documents

@@ -42,9 +42,10 @@ def require_peft():
     return peft
 
 
-def peft_config(cfg: LoraConfig, targets: list[str] | None = None):
+def peft_config(cfg: LoraConfig, targets: list[str] | None = None, **fields):
+    """peft's LoraConfig for `cfg` (adapters on `targets`, default cfg.target_modules), plus `fields`."""
     return require_peft().LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                     target_modules=list(targets or cfg.target_modules), bias="none")
+                                     target_modules=list(targets or cfg.target_modules), bias="none", **fields)
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 from slmforge.errors import SlmforgeError
 from slmforge.fileio import write_text_atomic
 from slmforge.formatting import say
-from slmforge.text.sources import ReadStats, SourceConfig, iter_documents
+from slmforge.text.sources import documents_of
 
 BLANK = "____"
 
@@ -91,18 +91,7 @@ def write_infill_file(inputs: list[str], out: str | Path, cfg: InfillConfig) -> 
     if cfg.min_words < 3 or cfg.span_words < 1 or cfg.spans < 1:
         raise SlmforgeError("--min-words must be >= 3, --span-words and --spans >= 1")
 
-    skipped = []
-
-    def documents() -> Iterator[str]:
-        for path in inputs:
-            stats = ReadStats()
-            yield from iter_documents(SourceConfig(path=path), stats)
-            if stats.skipped.get("invalid_utf8"):
-                skipped.append(f"{path}: {stats.describe_skips()}")
-
-    lines = [json.dumps(e, ensure_ascii=False) + "\n" for e in infill_examples(documents(), cfg)]
-    for note in skipped:
-        say(f"warning: skipped {note}")
+    lines = [json.dumps(e, ensure_ascii=False) + "\n" for e in infill_examples(documents_of(inputs, say), cfg)]
     if not lines:
         raise SlmforgeError(f"{', '.join(inputs)}: no document has {cfg.min_words} words or more")
     write_text_atomic(out, "".join(lines))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import LoraConfig
-from slmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, require_peft
+from slmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, peft_config, require_peft
 from slmforge.interop.export import output_dir
 from slmforge.models.hf import decoder as hf_decoder
 from slmforge.models.registry import family
@@ -32,7 +32,7 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Pat
     if family(cfg).kind != "decoder":
         raise SlmforgeError(f"{step_dir}: --adapter-only writes decoders' adapters (transformers' causal-LM names); "
                             f"export the merged {cfg.family} model without it")
-    peft = require_peft()
+    require_peft()  # before any work: the one-line install hint
     tensors = {}
     for name, tensor in load_file(step_dir / ADAPTER_WEIGHTS).items():
         module, _, rest = name.removeprefix(PEFT_PREFIX).partition(".lora_")
@@ -40,10 +40,8 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Pat
     settings = LoraConfig(**lora)
     # slmforge decoders name their projections as Llama and Gemma do (q_proj ... down_proj).
     targets = sorted(settings.target_modules)
-    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                             target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                             # the base is the export of RUN/base: where the user puts it is theirs to say
-                             base_model_name_or_path=None)
+    # No base_model_name_or_path: the base is the export of RUN/base, wherever the user puts it.
+    config = peft_config(settings, targets, task_type="CAUSAL_LM")
     with output_dir(Path(out), force) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config.save_pretrained(tmp)

@@ -570,3 +570,12 @@ def iter_documents(source: SourceConfig, stats: ReadStats | None = None) -> Iter
     """
     return iter(SourceReader(source, stats))
 
+
+def documents_of(paths: list[str], say) -> Iterator[str]:
+    """The documents of several sources (files, folders, globs), one after the other; a source's lines
+    that are not UTF-8 are said when it has been read (skipped, never silently)."""
+    for path in paths:
+        stats = ReadStats()
+        yield from iter_documents(SourceConfig(path=path), stats)
+        if stats.skipped.get("invalid_utf8"):
+            say(f"warning: skipped {path}: {stats.describe_skips()}")
