@@ -156,8 +156,7 @@ class ExampleEncoder:
 
     def __init__(self, tokenizer, choice: TemplateChoice, task: str):
         self.tokenizer, self.task = tokenizer, task
-        specials = {f"{role}_token": token for role, token in tokenizer.roles.items() if token is not None}
-        self.chat = ChatTemplate(choice.source, specials) if task in ("chat", "translate") else None
+        self.chat = ChatTemplate.for_tokenizer(choice.source, tokenizer) if task in ("chat", "translate") else None
         if tokenizer.eos_id is None and (task == "fim" or choice.stop_token is None):
             raise SlmforgeError("the tokenizer has no eos token, which ends every answer in this task; use a "
                                 "tokenizer with one (or finetune.chat_template = \"chatml\")")

@@ -51,6 +51,11 @@ class ChatTemplate:
         self.special_tokens = special_tokens
         self._error = TemplateError
 
+    @classmethod
+    def for_tokenizer(cls, source: str, tokenizer) -> "ChatTemplate":
+        """The template with `tokenizer`'s special tokens as its variables (bos_token, eos_token, ...)."""
+        return cls(source, {f"{role}_token": token for role, token in tokenizer.roles.items() if token is not None})
+
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -90,9 +95,8 @@ def chat_prompt(tokenizer, text: str, system: str = "") -> str:
     if not source:
         raise SlmforgeError("--chat: this run's tokenizer has no chat template (fine-tune with `slmforge "
                             "finetune` first, or leave out --chat)")
-    specials = {f"{role}_token": token for role, token in tokenizer.roles.items() if token is not None}
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     try:
-        return ChatTemplate(source, specials).render(messages, add_generation_prompt=True)
+        return ChatTemplate.for_tokenizer(source, tokenizer).render(messages, add_generation_prompt=True)
     except ChatTemplateError as e:
         raise SlmforgeError(f"--chat: {e}") from None
