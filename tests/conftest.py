@@ -146,3 +146,23 @@ def untimed(run: Path) -> list[dict]:
     from slmforge.train.metrics import TIMING_FIELDS, read_metrics
 
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_metrics(run / "metrics.jsonl")]
+
+
+def launch(processes: int, *args: str, verb: str = "pretrain"):
+    """`slmforge VERB ARGS` under torchrun with `processes` CPU workers (gloo), or plainly for 1; the
+    completed process (asserted to have succeeded)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    if processes == 1:
+        command = [sys.executable, "-m", "slmforge", verb, *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                   "-m", "slmforge", verb, *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -4,6 +4,7 @@ run continues on another number of processes."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,25 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import launch
+from slmforge.runs import check_integrity, checkpoint_tensors
 from slmforge.train.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
-
-
-def launch(processes: int, *args: str, verb: str = "pretrain") -> subprocess.CompletedProcess:
-    """`slmforge VERB` under torchrun with `processes` CPU workers (or plainly for 1)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    if processes == 1:
-        command = [sys.executable, "-m", "slmforge", verb, *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   "-m", "slmforge", verb, *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def train_records(run):
@@ -41,8 +29,8 @@ def assert_same_training(a, b, step: int, atol: float = 1e-5):
         assert x["step"] == y["step"] and x["tokens"] == y["tokens"]
         assert x["loss"] == pytest.approx(y["loss"], abs=atol), (x, y)
         assert x["accuracy"] == pytest.approx(y["accuracy"], abs=atol), (x, y)
-    weights_a = load_file(a / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
-    weights_b = load_file(b / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+    weights_a = checkpoint_tensors(a / "checkpoints" / f"step-{step:06d}")
+    weights_b = checkpoint_tensors(b / "checkpoints" / f"step-{step:06d}")
     for name in weights_a:
         torch.testing.assert_close(weights_a[name], weights_b[name], atol=atol, rtol=1e-4, msg=name)
 
@@ -88,30 +76,44 @@ def test_a_run_continues_on_another_number_of_processes(markov_shards, tmp_path)
     for run, first, second in ((two_then_one, 2, 1), (one_then_two, 1, 2)):
         launch(first, *common(data, run, "model.preset=test-tiny", f"train.batch_size={8 // first}"))
         # Go back to the step-6 checkpoint, as if the first job had died after it.
-        import shutil
-
         shutil.rmtree(run / "checkpoints" / "step-000012")
         (run / "checkpoints" / "latest").write_text("step-000006\n")
         launch(second, *common(data, run, "model.preset=test-tiny", f"train.batch_size={8 // second}"))
         assert_same_training(straight, run, 12)
 
 
-def test_fsdp2_trains_like_ddp_and_its_checkpoint_resumes_on_one_process(mlm_markov_shards, tmp_path):
-    """FSDP2 shards parameters, gradients and optimizer state; its checkpoints are the same plain
-    safetensors + full optimizer state, so a sharded run continues on a single process."""
+def test_fsdp2_trains_like_ddp_and_its_sharded_checkpoints_resume_on_two_and_one_processes(mlm_markov_shards,
+                                                                                         tmp_path):
+    """FSDP2 shards parameters, gradients and optimizer state, and each rank writes its own shard of
+    them (torch.distributed.checkpoint, in the background here): the run resumes on 2 processes and on
+    1 (DCP reshards), continuing the DDP run's curve, and eval/export read the folder whole."""
     _, data = mlm_markov_shards
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     model = ("model.preset=modernbert-tiny", "train.batch_size=4", "train.grad_accum=2")
     launch(2, *common(data, ddp, *model, "parallel.strategy=ddp"))
-    result = launch(2, *common(data, fsdp, *model, "parallel.strategy=fsdp"))
+    result = launch(2, *common(data, fsdp, *model, "parallel.strategy=fsdp", "parallel.async_checkpoint=true"))
     assert "2 processes (fsdp)" in result.stderr
+    for step in (6, 12):
+        folder = fsdp / "checkpoints" / f"step-{step:06d}"
+        assert (folder / "sharded" / ".metadata").is_file() and not (folder / "model.safetensors").exists()
+        assert check_integrity(folder) is None
     assert_same_training(ddp, fsdp, 12)
-    import shutil
-
-    shutil.rmtree(fsdp / "checkpoints" / "step-000012")
-    (fsdp / "checkpoints" / "latest").write_text("step-000006\n")
-    launch(1, *common(data, fsdp, "model.preset=modernbert-tiny", "train.batch_size=8", "train.grad_accum=2"))
-    assert_same_training(ddp, fsdp, 12)
+    for processes, batch in ((2, 4), (1, 8)):  # the same global batch
+        shutil.rmtree(fsdp / "checkpoints" / "step-000012")
+        (fsdp / "checkpoints" / "latest").write_text("step-000006\n")
+        launch(processes, *common(data, fsdp, "model.preset=modernbert-tiny", f"train.batch_size={batch}",
+                                  "train.grad_accum=2", "parallel.strategy=fsdp"))
+        assert_same_training(ddp, fsdp, 12)
+    # 1 process writes a full checkpoint; FSDP2 on 2 processes continues from it and writes sharded ones
+    assert (fsdp / "checkpoints" / "step-000012" / "model.safetensors").is_file()
+    launch(2, *common(data, fsdp, *model, "parallel.strategy=fsdp", "train.max_steps=14"))
+    assert (fsdp / "checkpoints" / "step-000014" / "sharded" / ".metadata").is_file()
+    launch(2, *common(data, ddp, *model, "parallel.strategy=ddp", "train.max_steps=14"))
+    assert_same_training(ddp, fsdp, 14)
+    exported = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "slmforge", "export", str(fsdp), "--format", "hf", "--out", str(exported)],
+                   check=True, capture_output=True)
+    assert (exported / "model.safetensors").is_file()
 
 
 def test_an_uneven_validation_split_does_not_deadlock(mlm_markov_shards, tmp_path):
@@ -182,3 +184,51 @@ def test_two_processes_distill_like_one_with_twice_the_batch(mlm_markov_shards, 
     assert_same_training(one, two, 12)
     for x, y in zip(train_records(one), train_records(two), strict=True):
         assert x["distill_loss"] == pytest.approx(y["distill_loss"], abs=1e-5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_together(commands: list[tuple[list[str], dict[str, str]]]) -> list[subprocess.CompletedProcess]:
+    """Start every (command, extra environment) at once, as a cluster starts its nodes' tasks."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    running = [subprocess.Popen(command, env={**base, "OMP_NUM_THREADS": "1", **extra}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for command, extra in commands]
+    results = []
+    for process in running:
+        out, err = process.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return results
+
+
+def test_two_nodes_and_slurm_tasks_train_like_one_process(markov_shards, tmp_path):
+    """Two torchrun 'nodes' meeting through a c10d rendezvous, and two tasks started the way `srun`
+    starts them (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, MASTER_ADDR from the batch script), each
+    train the same model as one process with twice the batch."""
+    _, data = markov_shards
+    one, nodes, slurm = tmp_path / "one", tmp_path / "nodes", tmp_path / "slurm"
+    launch(1, *common(data, one, "model.preset=test-tiny", "train.batch_size=8"))
+    port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=slmforge-test"]
+    args = ["-m", "slmforge", "pretrain", *common(data, nodes, "model.preset=test-tiny", "train.batch_size=4")]
+    results = run_together([(torchrun + [f"--node-rank={rank}"] + args, {}) for rank in (0, 1)])
+    assert any("2 processes (ddp)" in r.stderr for r in results)
+    assert_same_training(one, nodes, 12)
+
+    port = free_port()
+    args = [sys.executable, "-m", "slmforge", "pretrain", *common(data, slurm, "model.preset=test-tiny",
+                                                                   "train.batch_size=4")]
+    tasks = [(args, {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    results = run_together(tasks)
+    assert "2 processes (ddp)" in results[0].stderr
+    assert_same_training(one, slurm, 12)

@@ -6,7 +6,9 @@ family, its tokenizer.
       metrics.jsonl, plots/          # written by training
       tokenizer/                     # the tokenizer the data was made with
       checkpoints/step-000500/       # model.safetensors, meta.json (model config, family, step, ...),
-                                     # state.pt (trainer state; absent in weights-only folders)
+                                     # state.pt (trainer state; absent in weights-only folders);
+                                     # FSDP2 runs: sharded/ (torch.distributed.checkpoint) instead of
+                                     # model.safetensors, holding the weights and the optimizer state
       checkpoints/latest             # names the newest complete step folder
 
 Any verb that needs a model accepts a run folder, its `checkpoints/` folder or one step folder.
@@ -33,6 +35,7 @@ WEIGHTS = "model.safetensors"
 META = "meta.json"
 STATE = "state.pt"
 CHECKSUMS = "checksums.json"  # sizes and SHA-256 of the other files, written last
+SHARDED = "sharded"  # a torch.distributed.checkpoint folder: {"model": ..., "optimizer": ...}, one file per rank
 
 
 @dataclass
@@ -84,17 +87,26 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_sharded_checkpoint(step_dir: Path) -> bool:
+    """A step folder written by FSDP2 ranks with torch.distributed.checkpoint (no model.safetensors)."""
+    return (step_dir / SHARDED / ".metadata").is_file()
+
+
+def has_weights(step_dir: Path) -> bool:
+    return (step_dir / WEIGHTS).is_file() or is_sharded_checkpoint(step_dir)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder, its `checkpoints/` folder, or a step folder -> the step folder to load."""
     path = Path(path)
-    if (path / WEIGHTS).is_file():
+    if has_weights(path):
         return path
     for root in (path / "checkpoints", path):
         latest = root / "latest"
         if latest.is_file():
             step = root / latest.read_text(encoding="utf-8").strip()
-            if not (step / WEIGHTS).is_file():
-                raise SlmforgeError(f"{latest}: points to {step.name}, which has no {WEIGHTS}")
+            if not has_weights(step):
+                raise SlmforgeError(f"{latest}: points to {step.name}, which has no {WEIGHTS} or {SHARDED}/")
             return step
     if not path.exists():
         raise SlmforgeError(f"{path}: no such run or checkpoint folder")
@@ -114,6 +126,8 @@ def check_integrity(step_dir: Path) -> str | None:
     written), or None. Folders from before checksums existed are judged by their files being there."""
     listed = step_dir / CHECKSUMS
     if not listed.is_file():
+        if is_sharded_checkpoint(step_dir):
+            return f"{CHECKSUMS} is missing (a sharded checkpoint gets it last, when every rank has written)"
         missing = [name for name in (WEIGHTS, META) if not (step_dir / name).is_file()]
         return f"{missing[0]} is missing" if missing else None
     try:
@@ -191,29 +205,91 @@ def load_weights(model: nn.Module, step_dir: Path) -> None:
 def read_weights(model: nn.Module, step_dir: Path) -> dict[str, torch.Tensor]:
     """A step folder's tensors, checked against what `model` expects (names, shapes, finite values).
     Shapes are global ones, so a sharded (FSDP2) model is checked like a whole one."""
-    path = step_dir / WEIGHTS
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise SlmforgeError(f"{path}: cannot read weights ({e})") from None
-    model = unwrap(model)
-    expected = model.state_dict()
-    for name, tensor in expected.items():
-        if name not in tensors:
-            raise SlmforgeError(f"{path}: missing tensor {name}")
-        if tensors[name].shape != tensor.shape:
-            raise SlmforgeError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                f"the model expects {tuple(tensor.shape)}")
+    tensors = checkpoint_tensors(step_dir)
+    where = step_dir / (SHARDED if is_sharded_checkpoint(step_dir) else WEIGHTS)
+    _check_names_and_shapes(where, tensors, unwrap(model).state_dict())
+    for name, tensor in tensors.items():
         # Damaged tensor bodies keep their shape: without this, eval prints a table of nan and
         # generate dies inside torch.multinomial.
-        if tensors[name].is_floating_point() and not bool(torch.isfinite(tensors[name]).all()):
-            bad = int((~torch.isfinite(tensors[name])).sum())
-            raise SlmforgeError(f"{path}: tensor {name} has {bad:,} non-finite value(s) (nan or inf); "
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise SlmforgeError(f"{where}: tensor {name} has {bad:,} non-finite value(s) (nan or inf); "
                                 f"the checkpoint is damaged")
-    unexpected = sorted(set(tensors) - set(expected))
+    return tensors
+
+
+def checkpoint_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of a step folder as whole tensors by plain names: model.safetensors, or a sharded
+    folder read on this one process whatever number of ranks wrote it."""
+    if is_sharded_checkpoint(step_dir):
+        folder = step_dir / SHARDED
+        return read_sharded(folder, "model", sharded_tensors(folder, "model"))
+    path = step_dir / WEIGHTS
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise SlmforgeError(f"{path}: cannot read weights ({e})") from None
+
+
+def _check_names_and_shapes(path: Path, stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    for name, tensor in expected.items():
+        if name not in stored:
+            raise SlmforgeError(f"{path}: missing tensor {name}")
+        if stored[name].shape != tensor.shape:
+            raise SlmforgeError(f"{path}: tensor {name} has shape {tuple(stored[name].shape)}, "
+                                f"the model expects {tuple(tensor.shape)}")
+    unexpected = sorted(set(stored) - set(expected))
     if unexpected:
         raise SlmforgeError(f"{path}: unexpected tensor {unexpected[0]} (a different architecture?)")
-    return tensors
+
+
+def sharded_tensors(folder: Path, prefix: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Name (without `prefix.`) -> (global shape, dtype) of the tensors a torch.distributed.checkpoint
+    folder holds under `prefix`, from its .metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # pickle / OS errors of a damaged .metadata
+        raise SlmforgeError(f"{folder / '.metadata'}: cannot read ({type(e).__name__}: {e})") from None
+    return {key[len(prefix) + 1:]: (item.size, item.properties.dtype)
+            for key, item in metadata.state_dict_metadata.items()
+            if key.startswith(prefix + ".") and hasattr(item, "properties")}
+
+
+def read_sharded(folder: Path, prefix: str, wanted: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Whole tensors (name -> (shape, dtype), see `sharded_tensors`) from the `prefix` part of a
+    torch.distributed.checkpoint folder, read by this process alone (no process group involved)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    target = {prefix: {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in wanted.items()}}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(target, checkpoint_id=str(folder), no_dist=True)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise sharded_read_error(folder, e) from None
+    return target[prefix]
+
+
+def dcp_failure(error: BaseException) -> BaseException:
+    """DCP wraps each rank's failure in a CheckpointException; the first wrapped one says what happened."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, CheckpointException) and error.failures:
+        inner = next(iter(error.failures.values()))  # (exception, stack summary)
+        return inner[0] if isinstance(inner, tuple) else inner
+    return error
+
+
+def sharded_read_error(folder: Path, error: BaseException) -> SlmforgeError:
+    cause = dcp_failure(error)
+    lines = str(cause).strip().splitlines()
+    return SlmforgeError(f"{folder}: cannot read the sharded checkpoint ({type(cause).__name__}: "
+                         f"{lines[0] if lines else ''})")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Path, dict[str, Any]]:

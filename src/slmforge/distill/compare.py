@@ -18,11 +18,16 @@ from slmforge.eval.evaluate import evaluate_documents, print_table, read_documen
 from slmforge.fileio import write_json_atomic
 from slmforge.models import family
 from slmforge.objectives import ObjectiveConfig, build_objective
-from slmforge.runs import open_run, write_eval_report
+from slmforge.runs import SHARDED, WEIGHTS, is_sharded_checkpoint, open_run, sharded_tensors, write_eval_report
 
 
 def weights_bytes(path: Path) -> int:
-    """Bytes of a model's weight files (a step folder's model.safetensors, or an HF folder's shards)."""
+    """Bytes of a model's weights: a step folder's model.safetensors (or, sharded, its model tensors),
+    or an HF folder's shards."""
+    if is_sharded_checkpoint(path):
+        return sum(shape.numel() * dtype.itemsize for shape, dtype in sharded_tensors(path / SHARDED, "model").values())
+    if (path / WEIGHTS).is_file():
+        path = path / WEIGHTS
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     return sum(f.stat().st_size for f in files)
 
@@ -50,7 +55,7 @@ def compare_with_teacher(run_dir: Path, cfg: DistillRunConfig, device: torch.dev
     objective_cfg = config_io.parse(ObjectiveConfig, student.meta["objective"], "objective")
     sides = {
         "student": (student.model, tokenizer, run_objective(student, tokenizer),
-                    weights_bytes(student.step_dir / "model.safetensors")),
+                    weights_bytes(student.step_dir)),
         "teacher": (teacher.model, teacher.tokenizer,
                     build_objective(objective_cfg, family(teacher.model.cfg).kind, teacher.model.cfg.family,
                                     teacher.tokenizer, where=cfg.distill.teacher),
@@ -83,4 +88,4 @@ def _teacher_weights(path: Path) -> Path:
         return path
     from slmforge.runs import resolve_checkpoint
 
-    return resolve_checkpoint(path) / "model.safetensors"
+    return resolve_checkpoint(path)

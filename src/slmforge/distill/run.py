@@ -43,7 +43,8 @@ def teacher_fingerprint(path: str) -> str:
 
         step = resolve_checkpoint(folder)
         listed = step / CHECKSUMS
-        text = listed.read_text(encoding="utf-8") if listed.is_file() else repr((step.name, (step / WEIGHTS).stat().st_size))
+        text = (listed.read_text(encoding="utf-8") if listed.is_file()
+                else repr((step.name, (step / WEIGHTS).stat().st_size if (step / WEIGHTS).is_file() else None)))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -51,20 +51,37 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, *, state: 
     shutil.rmtree(tmp, ignore_errors=True)
     source = tensors if tensors is not None else model.state_dict()
     tensors = {name: t.detach().contiguous().cpu() for name, t in source.items()}
-    meta = {"step": step, "model": asdict(model.cfg), "slmforge_version": slmforge.__version__,
-            **(extra_meta or {})}
+    meta = step_meta(step, model, extra_meta)
     try:
         _write_step_folder(tmp, tensors, meta, state, extra_files or {})
+        seal_folder(tmp)
     except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
         needed = sum(t.numel() * t.element_size() for t in tensors.values()) * (3 if state is not None else 1)
-        free = shutil.disk_usage(root).free
-        if _disk_full(e) or free < needed:
-            raise SlmforgeError(f"{root}: disk full while writing {final.name} (needs about {needed / 2**20:,.0f} "
-                                f"MiB, {free / 2**20:,.0f} MiB free); the previous checkpoint is intact: free space "
-                                f"and run the same command to resume") from None
-        raise SlmforgeError(f"{root}: could not write {final.name} ({type(e).__name__}: {e}); the previous "
-                            f"checkpoint is intact") from None
+        raise write_error(root, final.name, e, needed) from None
+    return commit_step_folder(root, tmp, final, keep_last, protect)
+
+
+def step_meta(step: int, model: nn.Module, extra_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """meta.json of a step folder: the step, the model config (what builds the model again), versions."""
+    return {"step": step, "model": asdict(unwrap(model).cfg), "slmforge_version": slmforge.__version__,
+            **(extra_meta or {})}
+
+
+def write_error(root: Path, name: str, error: BaseException, needed: int) -> SlmforgeError:
+    """The one-line error of a failed checkpoint write: a full disk says how much room it needs."""
+    free = shutil.disk_usage(root).free
+    if _disk_full(error) or free < needed:
+        return SlmforgeError(f"{root}: disk full while writing {name} (needs about {needed / 2**20:,.0f} MiB, "
+                             f"{free / 2**20:,.0f} MiB free); the previous checkpoint is intact: free space "
+                             f"and run the same command to resume")
+    return SlmforgeError(f"{root}: could not write {name} ({type(error).__name__}: {error}); the previous "
+                         f"checkpoint is intact")
+
+
+def commit_step_folder(root: Path, tmp: Path, final: Path, keep_last: int | None = None,
+                       protect: set[str] | frozenset[str] = frozenset()) -> Path:
+    """Rename a sealed `step-N.partial` to `step-N`, point `latest` at it, prune older step folders."""
     old = None
     if final.exists():  # re-saving a step: move the old copy aside first so `latest` never dangles long
         old = root / (final.name + ".old")
@@ -88,9 +105,10 @@ def write_model_folder(folder: Path, model: nn.Module, extra_meta: dict[str, Any
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    meta = {"step": 0, "model": asdict(model.cfg), "slmforge_version": slmforge.__version__, **extra_meta}
+    meta = step_meta(0, model, extra_meta)
     try:
         _write_step_folder(tmp, tensors, meta, None, {})
+        seal_folder(tmp)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SlmforgeError(f"{folder}: could not write ({type(e).__name__}: {e})") from None
@@ -113,16 +131,30 @@ def _write_step_folder(tmp: Path, tensors: dict[str, torch.Tensor], meta: dict[s
     save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     make_readable(tmp / WEIGHTS)  # safetensors writes 0600; every other file of the run is 0644
     (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_small_files(tmp, meta, state)
+
+
+def write_small_files(folder: Path, meta: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """meta.json, and state.pt when training (the trainer, loader and RNG state)."""
+    (folder / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     if state is not None:
-        torch.save(state, tmp / STATE)
-    # Written last: sizes and SHA-256 of every file, checked on resume (flipped bits, truncation).
-    checksums = {path.name: file_digest(path) for path in sorted(tmp.iterdir())}
-    (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=2) + "\n", encoding="utf-8")
-    _fsync_tree(tmp)
+        torch.save(state, folder / STATE)
+
+
+def seal_folder(folder: Path) -> None:
+    """Write checksums.json last: size and SHA-256 of every file (those of sub-folders too, by relative
+    path), checked on resume against flipped bits and truncation; then make it all durable."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    checksums = {path.relative_to(folder).as_posix(): file_digest(path) for path in files}
+    (folder / CHECKSUMS).write_text(json.dumps(checksums, indent=2) + "\n", encoding="utf-8")
+    _fsync_tree(folder)
 
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
+        if path.is_dir():
+            _fsync_tree(path)
+            continue
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(folder)

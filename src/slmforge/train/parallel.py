@@ -42,9 +42,18 @@ class ParallelConfig:
     """How long a collective may wait (e.g. ranks waiting while rank 0 writes a large checkpoint)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (less memory, ~30% more compute)."""
+    checkpoint: Literal["auto", "sharded", "full"] = "auto"
+    """FSDP2 checkpoints: sharded = every rank writes its shard with torch.distributed.checkpoint (nothing
+    gathered on one rank; resumes on any number of processes); full = rank 0 gathers one
+    model.safetensors. auto = sharded under fsdp. DDP and single-process runs always write full ones."""
+    async_checkpoint: bool = False
+    """Sharded checkpoints: copy to CPU memory at the step boundary, then write in a background thread
+    while training goes on."""
 
     def validate(self) -> None:
         require(self.timeout_minutes > 0, "timeout_minutes", f"must be positive, got {self.timeout_minutes}")
+        require(not (self.async_checkpoint and self.checkpoint == "full"), "async_checkpoint",
+                "applies to sharded checkpoints; set parallel.checkpoint = \"sharded\" (or \"auto\" with fsdp)")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from slmforge.errors import SlmforgeError
 from slmforge.formatting import duration, human, say
 from slmforge.runtime import describe, peak_flops
 from slmforge.objectives.base import input_tokens, mean_loss, summarize, target_tokens
-from slmforge.runs import load_weights, read_weights, resolve_checkpoint
+from slmforge.runs import is_sharded_checkpoint, load_weights, read_weights, resolve_checkpoint
 from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
 from slmforge.train.metrics import MetricsLog, plot_losses, record_event
@@ -45,6 +45,7 @@ from slmforge.train.parallel import (
     strategy_for,
     wrap,
 )
+from slmforge.train.sharded import ShardedCheckpoints, first_non_finite, load_sharded
 from slmforge.train.signals import SIGNAL_EXIT_CODES, RunSignals, StopRequested
 
 # Whole (unsharded) tensors, on the CPU, on rank 0: what a checkpoint holds under every strategy.
@@ -110,6 +111,10 @@ class Trainer:
                                 "trains under DDP or on one process, not FSDP2")
         self.owner = model if self.objective_parameters is None else _ModelAndObjective(model, self.objective_parameters)
         self.optimizer = build_optimizer(self.owner, optim, device.type)
+        # FSDP2 runs write sharded step folders (every rank its shard); the rest one model.safetensors.
+        self.sharded = (ShardedCheckpoints(self.run_dir, where, device, parallel.async_checkpoint)
+                        if self.strategy == "fsdp" and parallel.checkpoint != "full" and checkpoint_format is None
+                        else None)
         self.state = TrainState()
         self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         printer = log or say  # say: stderr, silent in quiet mode except warnings
@@ -117,18 +122,19 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoint state
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, optimizer: bool = True) -> dict[str, Any]:
         """Trainer, optimizer, loader and every rank's RNG (a collective: all ranks call it).
 
         The optimizer state is the full one keyed by parameter names, whatever the strategy, so a
-        checkpoint resumes on one process, under DDP or under FSDP2, with any number of processes."""
+        checkpoint resumes on one process, under DDP or under FSDP2, with any number of processes
+        (sharded checkpoints keep it in their shards instead: optimizer=False)."""
         self._collect_losses()
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        optimizer = get_optimizer_state_dict(self.owner, self.optimizer, options=FULL_STATE)
-        state = {"trainer": vars(self.state).copy(), "optimizer": optimizer,
-                 "loader": self.loader.state_dict(), "rng": gather_objects(rng)}
+        state = {"trainer": vars(self.state).copy(), "loader": self.loader.state_dict(), "rng": gather_objects(rng)}
+        if optimizer:
+            state["optimizer"] = get_optimizer_state_dict(self.owner, self.optimizer, options=FULL_STATE)
         if self.objective_parameters is not None:
             state["objective_parameters"] = {k: v.detach().cpu() for k, v in self.objective_parameters.state_dict().items()}
         return state
@@ -140,10 +146,10 @@ class Trainer:
                 raise SlmforgeError("the checkpoint has no state for the objective's own parameters (it was written "
                                     "without distill.hidden_weight); resume with the settings it was written with")
             self.objective_parameters.load_state_dict(state["objective_parameters"])
-        saved = state["optimizer"]
-        if all(isinstance(key, int) for key in saved.get("state", {})):  # written before names were used
+        saved = state.get("optimizer")  # absent from sharded checkpoints: loaded with the weights
+        if saved is not None and all(isinstance(key, int) for key in saved.get("state", {})):  # before names
             self.optimizer.load_state_dict(saved)
-        else:
+        elif saved is not None:
             set_optimizer_state_dict(self.owner, self.optimizer, saved,
                                      options=StateDictOptions(full_state_dict=True))
         if state["loader"]["num_windows"] != self.loader.num_windows and self.loop.allow_config_changes:
@@ -166,7 +172,12 @@ class Trainer:
 
     def resume_from(self, checkpoint: str | Path) -> None:
         step_dir = resolve_checkpoint(checkpoint)
-        if self.checkpoint_format is not None:
+        if is_sharded_checkpoint(step_dir):  # any strategy, any number of processes: DCP reshards
+            if self.checkpoint_format is not None or self.objective_parameters is not None:
+                raise SlmforgeError(f"{step_dir}: a sharded (FSDP2) checkpoint resumes plain training only, not "
+                                    f"LoRA or an objective with parameters of its own")
+            load_sharded(step_dir, self.model, self.optimizer)
+        elif self.checkpoint_format is not None:
             self.checkpoint_format.load(self.model, step_dir)
         elif is_sharded(self.module):  # every rank reads the file and keeps its shard
             set_model_state_dict(self.model, read_weights(self.model, step_dir),
@@ -188,6 +199,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Every rank takes part (state gathering); rank 0 writes; all wait until it is on disk."""
+        if self.sharded is not None:
+            return self._save_sharded()
         weights = self._full_weights()
         bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         # Decided together: rank 0 alone holds the gathered weights, and a rank that raised alone would
@@ -214,6 +227,28 @@ class Trainer:
             raise error or SlmforgeError(f"rank 0 could not write the step-{self.state.step} checkpoint (see its error)")
         self._last_save = time.monotonic()
         return folder
+
+    def _save_sharded(self) -> Path:
+        """Every rank writes its shard (in the background with parallel.async_checkpoint)."""
+        bad = first_non_finite(self.model)
+        if any_rank(bad is not None, self.device):
+            raise SlmforgeError(f"step {self.state.step}: weights are not finite ({bad or 'on another rank'}); "
+                                f"nothing saved, the newest checkpoint in {self.run_dir / 'checkpoints'} is the "
+                                f"last good one")
+        self._count_time()
+        state = self.state_dict(optimizer=False)
+        meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens,
+                "wall_time_s": round(self.state.train_seconds, 3)}
+        best = {f"step-{self.state.best_step:06d}"} if self.state.best_step is not None else set()
+        folder = self.sharded.save(self.state.step, self.model, self.optimizer, state, meta,
+                                   self.loop.keep_last or None, best)
+        self._last_save = time.monotonic()
+        return folder
+
+    def finish_saving(self) -> None:
+        """Wait for a background checkpoint write and seal it (all ranks)."""
+        if self.sharded is not None:
+            self.sharded.wait()
 
     # ------------------------------------------------------------ the loop
 
@@ -376,6 +411,8 @@ class Trainer:
                 result = self.train_step()
                 if result is not None:
                     self._pending.append(result)
+                if self.sharded is not None:
+                    self.sharded.poll()  # seal a finished background write
                 step = self.state.step
                 if (step % loop.log_every == 0 or step == loop.max_steps) and self._pending_or_logged():
                     self._log_train(step)
@@ -389,6 +426,7 @@ class Trainer:
                 if stop:
                     # A step boundary: weights, optimizer, loader and RNG agree, so the resume is exact.
                     folder = self.save()
+                    self.finish_saving()
                     self._plot()
                     name = signals.stop_signal or "SIGTERM"  # another rank may have been the one signalled
                     what = "interrupted" if name == "SIGINT" else f"terminated ({name})"
@@ -399,6 +437,7 @@ class Trainer:
                     self.save()
         result = self.evaluate()
         folder = self.save()
+        self.finish_saving()
         self._plot()
         self.log(f"saved {folder}")
         return result

@@ -1,0 +1,180 @@
+"""Sharded checkpoints for FSDP2 runs: every rank writes its own shard of the weights and the AdamW
+state with torch.distributed.checkpoint (DCP), nothing is gathered on rank 0, and a run resumes on any
+number of processes (DCP reshards on load); one process reads the folder whole for eval and export.
+
+    run/checkpoints/step-000500/
+        sharded/.metadata, sharded/__0_0.distcp, ...   # {"model": ..., "optimizer": ...}, one file per rank
+        meta.json, state.pt                            # as in every step folder (state.pt without optimizer)
+        checksums.json                                 # every file above, sub-folder included; written last
+
+The folder is written as `step-N.partial` and renamed like any step folder (train/checkpoint.py), so a
+crash mid-write leaves the previous checkpoint as the newest. With `parallel.async_checkpoint` the
+tensors are copied to CPU memory at the step boundary and written by a background thread while
+training goes on; the folder is sealed and `latest` moved when the write is done (at the latest,
+before the next save and at the end of the run). The checkpoints folder must be one shared
+filesystem for all nodes, as for any DCP checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from slmforge.errors import SlmforgeError
+from slmforge.runs import SHARDED, dcp_failure, sharded_read_error, sharded_tensors
+from slmforge.train.checkpoint import commit_step_folder, seal_folder, step_dir_name, step_meta, \
+    write_error, write_small_files
+from slmforge.train.parallel import Distributed, any_rank, barrier
+
+
+@dataclass
+class _Pending:
+    future: Any  # what dcp.async_save returned on this rank
+    tmp: Path
+    final: Path
+    keep_last: int | None
+    protect: set[str]
+    needed: int
+
+
+class ShardedCheckpoints:
+    """Writes a run's sharded step folders; all ranks call `save` and `wait` together."""
+
+    def __init__(self, run_dir: Path, where: Distributed, device: torch.device, background: bool):
+        self.root = Path(run_dir) / "checkpoints"
+        self.where, self.device = where, device
+        self.background = background
+        self._pending: _Pending | None = None
+        # Background writes run their collectives in another thread: on a group of their own, and a
+        # gloo one, so they never interleave with training's NCCL collectives.
+        self._group = dist.new_group(backend="gloo") if background and dist.is_initialized() else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+             extra_meta: dict[str, Any], keep_last: int | None, protect: set[str]) -> Path:
+        """Write step-N (every rank its shard). Returns the folder it will have once committed."""
+        self.wait()  # one write at a time: the previous one is sealed before the next starts
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (final.name + ".partial")
+        content = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        needed = 3 * sum(_local_bytes(t) for t in content["model"].values()) * self.where.world_size
+        error = None
+        if self.where.is_main:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                write_small_files(tmp, step_meta(step, model, extra_meta), state)
+            except Exception as e:
+                error = write_error(self.root, final.name, e, needed)
+        self._agree(error, final.name)
+        barrier()
+        try:
+            if self.background:
+                future = dcp.async_save(content, checkpoint_id=str(tmp / SHARDED), process_group=self._group,
+                                        no_dist=not self.where.active)
+                self._pending = _Pending(future, tmp, final, keep_last, set(protect), needed)
+                return final
+            dcp.save(content, checkpoint_id=str(tmp / SHARDED), no_dist=not self.where.active)
+        except (Exception, CheckpointException) as e:  # CheckpointException is not an Exception
+            error = write_error(self.root, final.name, dcp_failure(e), needed)
+        self._agree(error, final.name, tmp)
+        self._commit(tmp, final, keep_last, set(protect), needed)
+        return final
+
+    def poll(self) -> None:
+        """Rank 0 seals and commits a finished background write (no collective: may be called any time)."""
+        pending = self._pending
+        if pending is None or not pending.future.done():
+            return
+        if not self.where.active:
+            self.wait()
+        elif self.where.is_main and pending.tmp is not None and pending.future.exception() is None:
+            self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect, pending.needed)
+            pending.tmp = None  # committed; `wait` only collects the other ranks' results
+
+    def wait(self) -> Path | None:
+        """Finish the background write, if any (all ranks together). Returns the committed folder."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        error = None
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as e:
+            error = write_error(self.root, pending.final.name, dcp_failure(e), pending.needed)
+        self._agree(error, pending.final.name, pending.tmp)
+        if pending.tmp is not None:
+            self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect, pending.needed)
+        return pending.final
+
+    def _commit(self, tmp: Path, final: Path, keep_last: int | None, protect: set[str], needed: int) -> None:
+        if not self.where.is_main:
+            return
+        try:
+            seal_folder(tmp)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(self.root, final.name, e, needed) from None
+        commit_step_folder(self.root, tmp, final, keep_last, protect)
+
+    def _agree(self, error: SlmforgeError | None, name: str, tmp: Path | None = None) -> None:
+        """Raise on every rank when any failed, removing the half-written folder (rank 0)."""
+        if any_rank(error is not None, self.device):
+            if self.where.is_main and tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise error or SlmforgeError(f"{self.root}: another rank could not write {name} (see its error); "
+                                         f"the previous checkpoint is intact")
+
+
+def load_sharded(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Fill `model` (sharded by FSDP2 or whole) and `optimizer` from a sharded step folder written by
+    any number of ranks. Under a process group every rank takes part; alone, this process reads all."""
+    folder = step_dir / SHARDED
+    stored = sharded_tensors(folder, "model")
+    content = {"model": get_model_state_dict(model)}
+    for name, tensor in content["model"].items():
+        if name not in stored:
+            raise SlmforgeError(f"{folder}: missing tensor {name}")
+        if tuple(stored[name][0]) != tuple(tensor.shape):
+            raise SlmforgeError(f"{folder}: tensor {name} has shape {tuple(stored[name][0])}, the model expects "
+                                f"{tuple(tensor.shape)}")
+    if optimizer is not None:
+        content["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(content, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:
+        raise sharded_read_error(folder, e) from None
+    set_model_state_dict(model, content["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, content["optimizer"])
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of a parameter whose local shard holds nan or inf, or None (no gathering)."""
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
