@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch intra-op threads (default: torch's choice, printed in the report)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="training/decoding precision (default: the shape set's: float32 on cpu, bf16 on gpu)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every block, on both sides")
+    parser.add_argument("--compile", action="store_true",
+                        help="training: torch.compile every block, on both sides; decoding: add slmforge's compiled "
+                             "static decode (compile=true) as a third side, which --device cuda always does")
     parser.add_argument("--match", help="only training and decoding cases whose name contains this text")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per measurement (default: the shape set's)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
@@ -62,8 +64,9 @@ def main(argv: list[str] | None = None, log=print) -> list:
     if args.match:
         shapes = dataclasses.replace(shapes, training=[c for c in shapes.training if args.match in c.name],
                                      decoding=[c for c in shapes.decoding if args.match in c.name])
+    compiled_decode = args.compile or device.type == "cuda"  # CUDA graphs: what issue 17's GPU target is about
     env = {**environment(device), "shapes": shapes.name, "dtype": shapes.dtype, "compile": args.compile,
-           "rounds": shapes.rounds}
+           "compiled_decode": compiled_decode, "rounds": shapes.rounds}
     log(f"{env['date']}: {device} ({env['device_name']}), torch {env['torch']}, transformers {env['transformers']}, "
         f"{env['threads']} threads of {env['cpu_count']} cores, shapes {shapes.name}, {shapes.dtype}, "
         f"{shapes.rounds} interleaved rounds (medians)")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None, log=print) -> list:
     if "training" in args.only:
         rows += training.run(shapes, device, args.compile, log)
     if "decoding" in args.only:
-        rows += decoding.run(shapes, device, log)
+        rows += decoding.run(shapes, device, log, compiled=compiled_decode)
     if "loss" in args.only:
         rows += loss.run(shapes, device, log)
     if "data" in args.only:

@@ -46,6 +46,17 @@ def test_smoke_run_measures_everything_and_writes_the_report(suite, tmp_path):
     assert any("ratio" in line for line in lines)
 
 
+@pytest.mark.slow
+def test_compiled_decoding_is_a_third_side_with_the_same_tokens(suite, tmp_path):
+    """`--compile` (always on with --device cuda) adds slmforge's compiled static decode to decoding."""
+    rows = suite.main(["--shapes", "smoke", "--device", "cpu", "--only", "decoding", "--compile", "--out",
+                       str(tmp_path)], log=lambda line: None)
+    compiled = [row for row in rows if row.metric == "new tokens/s, compiled static decode"]
+    assert len(compiled) == 2 and all(row.slmforge > 0 and row.baseline > 0 for row in compiled)
+    assert all(row.extra["same_as_cached"] and row.extra["identical_prefix"] == row.extra["new_tokens"]
+               and row.extra["compile_s"] > 0 for row in compiled)
+
+
 def test_gpu_shapes_are_the_ones_the_issue_names(suite):
     from benchmarks.models import model_config
     from benchmarks.shapes import SHAPES

@@ -130,3 +130,59 @@ def test_a_second_backward_is_refused_not_wrong():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
+
+
+def test_head_loss_uses_the_configured_chunk_rows_and_equals_the_plain_loss(monkeypatch):
+    """train.loss_chunk_rows reaches the chunked loss: 7-row chunks (a ragged last one) give the plain
+    loss and gradient, and the chunk loop really runs in 7-row steps."""
+    from slmforge.models.heads import OutputProjection
+    from slmforge.objectives import losses
+    from slmforge.objectives.losses import HeadLoss
+
+    hidden, weight, _, targets = make_inputs()
+    seen = []
+    original = losses._chunk_loss
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.shape[0])
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "_chunk_loss", spy)
+    loss, correct = HeadLoss(chunk_rows=7)(OutputProjection(hidden, weight, None, None), targets)
+    assert set(seen[:-1]) == {7} and 0 < seen[-1] <= 7
+    expected = plain_loss(hidden, weight, targets)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    (expected_grad,) = torch.autograd.grad(plain_loss(hidden, weight, targets), hidden)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_liger_kernel_is_refused_off_cuda_in_one_line():
+    from slmforge.errors import SlmforgeError
+    from slmforge.objectives.losses import HeadLoss
+
+    with pytest.raises(SlmforgeError, match="train.loss_kernel: 'liger' runs Triton kernels on CUDA only"):
+        HeadLoss("liger").check(torch.device("cpu"))
+    HeadLoss("chunked").check(torch.device("cpu"))  # the default runs anywhere
+
+
+def test_trainer_hands_the_loss_settings_to_the_objective(markov_shards, tmp_path):
+    from slmforge import config
+    from slmforge.errors import ConfigError
+    from slmforge.train.config import PretrainConfig
+    from slmforge.train.pretrain import pretrain
+    from slmforge.train.metrics import read_metrics
+
+    _, data = markov_shards
+    losses_by_rows = {}
+    for rows in ("default", 5):
+        extra = [] if rows == "default" else [f"train.loss_chunk_rows={rows}"]
+        pretrain(config.load(PretrainConfig, overrides=[
+            f"train.data={data}", f"train.out_dir={tmp_path / str(rows)}", "model.preset=test-tiny",
+            "train.seq_len=16", "train.batch_size=4", "train.max_steps=3", "train.log_every=1",
+            "train.eval_every=0", "train.device=cpu", *extra]))
+        losses_by_rows[rows] = [r["loss"] for r in read_metrics(tmp_path / str(rows) / "metrics.jsonl")
+                                if r["split"] == "train"]
+    assert losses_by_rows["default"] == pytest.approx(losses_by_rows[5], abs=1e-5)
+    with pytest.raises(ConfigError, match="loss_chunk_rows"):
+        config.load(PretrainConfig, overrides=["train.loss_chunk_rows=0"])

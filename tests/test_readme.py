@@ -20,7 +20,7 @@ else:  # pragma: no cover
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"```toml\n(.*?)```", README, re.S)
-PRETRAIN_SECTIONS = {"model", "objective", "optim", "schedule", "train", "tracking"}
+PRETRAIN_SECTIONS = {"model", "objective", "optim", "schedule", "train", "tracking", "parallel"}
 
 
 def test_readme_has_toml_examples():

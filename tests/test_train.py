@@ -212,17 +212,27 @@ def test_init_from_refuses_data_made_with_another_tokenizer(tmp_path):
             f"train.init_from={tmp_path / 'run-a'}"]))
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_saves_plain_names(markov_shards, tmp_path):
-    """train.compile=true compiles each block in place (CPU inductor here): same numbers, clean names."""
+    """train.compile compiles in place (CPU inductor here), per block or the whole step's forward (model
+    and chunked loss in one graph): same numbers, clean names."""
     _, data = markov_shards
-    for name, flag in (("eager", "false"), ("compiled", "true")):
+    for name, value in (("eager", "false"), ("blocks", "true"), ("model", "model")):
         pretrain(run_config(data, tmp_path / name, "train.max_steps=3", "train.batch_size=4",
-                            f"train.compile={flag}"))
+                            f"train.compile={value}"))
     eager = load_file(tmp_path / "eager" / "checkpoints" / "step-000003" / "model.safetensors")
-    compiled = load_file(tmp_path / "compiled" / "checkpoints" / "step-000003" / "model.safetensors")
-    assert compiled.keys() == eager.keys() and not any("_orig_mod" in k for k in compiled)
-    for key in eager:
-        torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4)
+    for name in ("blocks", "model"):
+        compiled = load_file(tmp_path / name / "checkpoints" / "step-000003" / "model.safetensors")
+        assert compiled.keys() == eager.keys() and not any("_orig_mod" in k for k in compiled)
+        for key in eager:
+            torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
+
+
+def test_whole_model_compile_is_refused_with_fsdp():
+    from slmforge.train.parallel import ObjectiveModule, compile_for_training
+
+    with pytest.raises(SlmforgeError, match='train.compile: "model" cannot be combined'):
+        compile_for_training(ObjectiveModule(torch.nn.Linear(2, 2), None), "model", "fsdp")
 
 
 def test_resume_accepts_a_tokenizer_folder_not_written_by_slmforge(tmp_path):

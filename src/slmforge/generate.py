@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -13,7 +15,7 @@ import torch
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
-from slmforge.models import Decoder
+from slmforge.models import Decoder, KVCache
 from slmforge.models.registry import family
 
 
@@ -39,6 +41,15 @@ class SamplingConfig:
     window_cache: bool = True
     """Sliding-window layers cache only their window (a ring) and attend to it alone; false keeps every
     token on every layer (same tokens, slower and larger on long contexts)."""
+    static_cache: bool = False
+    """Decode with fixed shapes: after the prompt, each step attends to the whole preallocated cache through
+    a mask computed from the position held on the device (`Decoder.decode_step`). Same tokens; on its own
+    no faster (it attends to unused slots too): it is the step `compile` compiles, kept to check it."""
+    compile: bool = False
+    """Compile the static decoding step (implies static_cache) with torch.compile: CUDA graphs on GPUs
+    (mode reduce-overhead), inductor's default mode on CPU. The first generation pays the compile (10-20 s
+    for a tiny model on CPU); later ones reuse it (the first new batch size or 256-token cache bucket
+    compiles once more). Same tokens as the default path."""
 
     def validate(self) -> None:
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
@@ -158,11 +169,10 @@ def _decode(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: i
     steps = min(cfg.max_new_tokens, room)
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps, ring=cfg.window_cache) if use_cache else None
+    next_logits = _next_logits(model, prompt, prompt.shape[1] + steps, cfg, use_cache)
     step_input = prompt
     for _ in range(steps):
-        hidden = model(step_input if use_cache else tokens, cache=cache)
-        logits = model.logits(hidden[:, -1])  # project only the last position: (B, V), not (B, T, V)
+        logits = next_logits(tokens, step_input)
         chosen = next_token(logits, tokens, cfg, generator)
         if eos_id is not None and cfg.stop_at_eos:
             chosen = torch.where(finished, torch.full_like(chosen, eos_id), chosen)
@@ -176,11 +186,102 @@ def _decode(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: i
     return tokens
 
 
+def _next_logits(model: Decoder, prompt: torch.Tensor, length: int, cfg: SamplingConfig,
+                 use_cache: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What one decoding step runs: (every token so far (B, t), the new ones) -> next-token logits (B, V).
+    Only the last position is projected: (B, V), not (B, T, V)."""
+    if not use_cache:  # the plain path the others are checked against: the whole context every step
+        return lambda tokens, new: model.logits(model(tokens)[:, -1])
+    if cfg.static_cache or cfg.compile:
+        return StaticDecoding(model, prompt.shape[0], length, cfg.window_cache, cfg.compile, prompt.device)
+    cache = model.new_cache(prompt.shape[0], length, ring=cfg.window_cache)
+    return lambda tokens, new: model.logits(model(new, cache=cache)[:, -1])
+
+
+# ---------------------------------------------------------------- static (compiled) decoding, issue 17
+
+# The static step's cache is allocated by this many tokens at a time (up to max_seq_len), so that
+# generations of different lengths share one compiled step (and one set of CUDA graphs).
+STATIC_CACHE_BUCKET = 256
+
+
+def _static_step(model: Decoder, input_ids: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) for one new token per row (B, 1): the function torch.compile traces."""
+    return model.logits(model.decode_step(input_ids, cache, position)[:, -1])
+
+
+@functools.cache
+def compiled_static_step(device_type: str) -> Callable:
+    """`_static_step` compiled once per process and device type; dynamo keeps one graph per model and
+    shape set. On CUDA, mode reduce-overhead replays the step as CUDA graphs: decoding a small model on
+    a GPU is bound by kernel launches, not FLOPs. On CPU inductor's default mode fuses the elementwise
+    work and drops most per-op Python overhead. fullgraph: a graph break is an error, never a silent
+    half-compiled step."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(_static_step, mode=mode, fullgraph=True)
+
+
+# A compiled step keeps its cache from one generation to the next (per model, the latest shape only):
+# CUDA graphs record the cache's addresses, and new buffers every generation would re-record them.
+# So two generations with one model must not run at the same time (threads) with compile=true.
+_static_caches: "weakref.WeakKeyDictionary[Decoder, tuple[tuple, KVCache]]" = weakref.WeakKeyDictionary()
+
+
+class StaticDecoding:
+    """Prefill, then one-token steps with fixed shapes. The prompt goes through the ordinary cached
+    forward (its length differs from call to call); every later step goes through `Decoder.decode_step`
+    with the position as a 0-dim tensor on the device, compiled with `compile`. The cache holds
+    `length` tokens rounded up to STATIC_CACHE_BUCKET (at most max_seq_len)."""
+
+    def __init__(self, model: Decoder, batch_size: int, length: int, ring: bool, compile: bool,
+                 device: torch.device):
+        self.model, self.device = model, device
+        max_len = max(length, min(-(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET, model.cfg.max_seq_len))
+        self.cache = self._cache(batch_size, max_len, ring, compile)
+        self.step = compiled_static_step(device.type) if compile else _static_step
+        self.graphs = compile and device.type == "cuda"
+        self.position: torch.Tensor | None = None
+
+    def _cache(self, batch_size: int, max_len: int, ring: bool, compile: bool) -> KVCache:
+        if not compile:
+            return self.model.new_cache(batch_size, max_len, ring=ring)
+        weight = self.model.embed.weight
+        key = (batch_size, max_len, ring, weight.dtype, weight.device)
+        kept_key, cache = _static_caches.get(self.model, (None, None))
+        if kept_key != key:
+            _static_caches.pop(self.model, None)  # free the old buffers before allocating new ones
+            cache = self.model.new_cache(batch_size, max_len, ring=ring)
+            if self.device.type == "cuda":  # CUDA graphs may then write the buffers in place (no copies)
+                for buffer in cache.keys + cache.values:
+                    torch._dynamo.mark_static_address(buffer)
+            _static_caches[self.model] = (key, cache)
+        cache.position = 0  # what an earlier generation left beyond the prompt is masked, then overwritten
+        return cache
+
+    def __call__(self, tokens: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if self.position is None:  # the prompt: the ordinary cached forward fills the same buffers
+            logits = self.model.logits(self.model(new, cache=self.cache)[:, -1])
+            self.position = torch.tensor(self.cache.position, device=self.device)
+            return logits
+        if self.graphs:  # a new replay may overwrite the last step's logits: next_token has read them
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.step(self.model, new, self.cache, self.position)
+        self.position += 1
+        self.cache.position += 1
+        return logits
+
+
 def _generate_encdec(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None,
                      on_token: Callable[[int], None] | None, use_cache: bool) -> torch.Tensor:
     from dataclasses import fields
 
     from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
+
+    if cfg.compile or cfg.static_cache:
+        from slmforge.formatting import say
+
+        say("note: static_cache and compile apply to decoder-only models; the encoder-decoder decodes with "
+            "its own cache, uncompiled")
 
     shared = {f.name: getattr(cfg, f.name) for f in fields(SamplingConfig) if f.name in Seq2SeqConfig.__dataclass_fields__}
     target = generate_seq2seq(model, prompt, Seq2SeqConfig(**shared), eos_id=eos_id, use_cache=use_cache,
@@ -230,7 +331,9 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache, streaming)",
                        description="Generate text from a run or checkpoint folder. Sampling fields: "
-                                   "max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed.")
+                                   "max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed; "
+                                   "threads, window_cache, static_cache, compile (compile=true: a compiled "
+                                   "decoding step, CUDA graphs on GPUs; the first generation pays the compile).")
     p.add_argument("model", help="run folder or checkpoint folder")
     p.add_argument("--prompt", "-p", action="append", help="prompt text (repeatable); default: read stdin")
     p.add_argument("--num-samples", "-n", type=int, default=1, help="samples per prompt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from slmforge.errors import ConfigError
+from slmforge.formatting import say
 
 
 def resolve_device(name: str = "auto", field: str = "train.device") -> torch.device:
@@ -33,6 +34,25 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return name  # bf16 on CPU is honoured (CPU autocast supports it), though usually slower than fp32
+
+
+def apply_attention(model: torch.nn.Module, name: str, device: torch.device) -> None:
+    """train.attention: the attention kernel of a decoder's training passes (`Decoder.set_attention`).
+    torch 2.13 refuses FlexAttention's backward pass on CPU and MPS (flex_attention._validate_device),
+    so there this says so and training keeps SDPA."""
+    if name == "sdpa":
+        return
+    if not hasattr(model, "set_attention"):
+        raise ConfigError(f"train.attention: {name} is implemented for decoders, not {type(model).__name__}; "
+                          f"use sdpa")
+    if device.type in ("cpu", "mps"):
+        say(f"warning: train.attention={name}: torch {torch.__version__} has no FlexAttention backward pass on "
+            f"{device.type}; training with sdpa (the same numbers)")
+        return
+    try:
+        model.set_attention(name)
+    except ValueError as error:
+        raise ConfigError(f"train.attention: {error}") from None
 
 
 # Dense bf16 tensor-core peak FLOP/s per device, from the vendors' datasheets (no sparsity): what MFU

@@ -18,7 +18,6 @@ from slmforge.distill.teacher import Teacher
 from slmforge.errors import SlmforgeError
 from slmforge.objectives.base import IGNORE_INDEX, sample_ids
 from slmforge.objectives.divergence import chunked_divergence, topk_forward_kl
-from slmforge.objectives.losses import projection_cross_entropy
 
 
 class Distillation:
@@ -34,6 +33,15 @@ class Distillation:
         self.eval_metric_names = student.metric_names  # validation measures the student alone
         self.bits_per_byte = student.bits_per_byte
         self.progress = 0.0
+
+    @property
+    def head_loss(self):
+        """The student objective's loss kernel (the trainer sets it, as for any objective)."""
+        return self.student.head_loss
+
+    @head_loss.setter
+    def head_loss(self, value) -> None:
+        self.student.head_loss = value
 
     def window_tokens(self, seq_len: int) -> int:
         return self.student.window_tokens(seq_len)
@@ -65,7 +73,7 @@ class Distillation:
         if not model.training:  # validation: the student alone
             return self.student.loss(model, batch)
         projection, targets = self.student.predictions(model, batch)
-        hard, correct = projection_cross_entropy(projection, targets, with_correct=True)
+        hard, correct = self.student.head_loss(projection, targets)
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         alpha, temperature = self.cfg.at(self.progress)
         teacher_projection = None

@@ -43,7 +43,7 @@ from slmforge.runs import (
     resolve_checkpoint,
     write_eval_report,
 )
-from slmforge.runtime import resolve_precision
+from slmforge.runtime import apply_attention, resolve_precision
 from slmforge.train.checkpoint import write_model_folder
 from slmforge.train.parallel import barrier
 from slmforge.train.pretrain import resolve_steps
@@ -96,9 +96,7 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         say(f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {len(targets)} modules")
     else:
         _freeze(model, ex.freeze)
-    if loop.compile:
-        for block in model.layers:
-            block.compile()  # in place: state_dict names stay free of `_orig_mod.`
+    apply_attention(model, loop.attention, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 

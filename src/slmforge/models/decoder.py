@@ -9,6 +9,7 @@ from torch import nn
 
 from slmforge.models.decoder_config import DecoderConfig
 from slmforge.models.documents import document_causal_mask, document_positions
+from slmforge.models.flex import block_masks
 from slmforge.models.heads import OutputProjection
 from slmforge.models.layers import (
     Attention,
@@ -71,6 +72,8 @@ class Decoder(Float32Buffers, nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq_global", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("inv_freq_local", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.attention = "sdpa"  # the kernel of passes without a cache: see set_attention
+        self.block_masks = block_masks
 
     # ------------------------------------------------------------ initialisation
 
@@ -102,6 +105,14 @@ class Decoder(Float32Buffers, nn.Module):
 
     # ------------------------------------------------------------ forward
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, hidden), scaled where the family scales them."""
+        x = self.embed(input_ids)
+        if self.cfg.embed_scale:
+            # Gemma multiplies by sqrt(d) rounded to the activation dtype (transformers' normalizer).
+            x = x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, hidden) for token ids (B, T).
@@ -120,10 +131,7 @@ class Decoder(Float32Buffers, nn.Module):
         start = cache.position if cache is not None else 0
         if start + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {cfg.max_seq_len}")
-        x = self.embed(input_ids)
-        if cfg.embed_scale:
-            # Gemma multiplies by sqrt(d) rounded to the activation dtype (transformers' normalizer).
-            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+        x = self.embed_tokens(input_ids)
         device = input_ids.device
         if attention_mask is None:
             positions = torch.arange(start, start + T, device=device)  # (T,)
@@ -135,12 +143,14 @@ class Decoder(Float32Buffers, nn.Module):
             padding = attention_mask.bool()
             positions = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
         tables = {False: rope_cos_sin(self.inv_freq_global, positions, x.dtype)}
-        masks = {False: causal_mask(T, start, None, device, padding)}
+        flex = cache is None and self.attention == "flex"
+        masks = (self.block_masks(T, device, cfg.sliding_window if self.has_local_layers else None, key_padding=padding)
+                 if flex else {False: causal_mask(T, start, None, device, padding)})
         if self.has_local_layers:
             tables[True] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
             if cache is not None and cache.window is not None:  # ring caches: keys in slot order
                 masks[True] = window_mask(T, start, cache.window_key_positions(T, device), cache.window, padding)
-            else:
+            elif not flex:
                 masks[True] = causal_mask(T, start, cfg.sliding_window, device, padding)
         for block in self.layers:
             cos, sin = tables[block.sliding]
@@ -155,19 +165,44 @@ class Decoder(Float32Buffers, nn.Module):
             raise ValueError("document_ids (packed rows) is for training; decoding with a cache takes one document")
         if document_ids.shape != input_ids.shape:
             raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}, expected {tuple(input_ids.shape)}")
-        x = self.embed(input_ids)
-        if self.cfg.embed_scale:
-            x = x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype)
+        x = self.embed_tokens(input_ids)
         positions = document_positions(document_ids)
         tables = {False: rope_cos_sin(self.inv_freq_global, positions, x.dtype)}
-        masks = {False: document_causal_mask(document_ids)}
+        window = self.cfg.sliding_window if self.has_local_layers else None
+        if self.attention == "flex":
+            masks = self.block_masks(input_ids.shape[1], input_ids.device, window, document_ids=document_ids)
+        else:
+            masks = {False: document_causal_mask(document_ids)}
+            if window is not None:
+                masks[True] = document_causal_mask(document_ids, window)
         if self.has_local_layers:
             tables[True] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
-            masks[True] = document_causal_mask(document_ids, self.cfg.sliding_window)
         for block in self.layers:
             cos, sin = tables[block.sliding]
             x = block(x, cos, sin, masks[block.sliding], None)
         return self.norm(x)
+
+    def set_attention(self, kernel: str) -> None:
+        """The attention kernel of passes without a cache (training, evaluation). "sdpa": sliding
+        windows, packed documents and padding reach SDPA as a boolean (T, T) mask, which also rules
+        out its flash kernel. "flex": they reach FlexAttention as a block mask made from the same rule
+        (models/flex.py), one per layer kind and pass, so fully masked tiles are skipped and no (T, T)
+        mask is needed. Full causal layers keep SDPA's is_causal and decoding with a cache keeps SDPA
+        either way; both kernels compute the same function (tests/test_flex_attention.py).
+
+        Set by the training loop (`train.attention`), not by DecoderConfig: the choice changes how the
+        model runs, not what it is, so checkpoints, resuming and Hugging Face export do not carry it."""
+        if kernel not in ("sdpa", "flex"):
+            raise ValueError(f"attention kernel must be sdpa or flex, got {kernel!r}")
+        if kernel == "flex" and self.cfg.dropout > 0:
+            raise ValueError(f"FlexAttention has no attention dropout and this model has dropout {self.cfg.dropout}")
+        self.attention = kernel
+        if kernel == "flex":
+            # Block masks are built outside any graph torch.compile traces (train.compile = "model"),
+            # by their own compiled builder, and enter the model's graph as inputs, as with per-block
+            # compiling: built inside it, inductor found no CPU kernel for flex_attention (torch 2.13).
+            # Wrapped here rather than at import: torch.compiler.disable imports dynamo (~1 s).
+            self.block_masks = torch.compiler.disable(block_masks)
 
     def output_projection(self, hidden: torch.Tensor) -> OutputProjection:
         """The head as a value: final hidden states times the (tied or separate) output matrix."""
@@ -187,3 +222,32 @@ class Decoder(Float32Buffers, nn.Module):
         sliding = [block.sliding for block in self.layers]
         return KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, batch_size, max_len or cfg.max_seq_len,
                        param.device, param.dtype, window=cfg.sliding_window if ring else None, sliding=sliding)
+
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache, position: torch.Tensor,
+                    key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, 1, hidden) for one new token per row (B, 1) at `position`, a
+        0-dim long tensor (the tokens already in `cache`), with every shape fixed for the whole
+        generation: each layer attends to its whole buffer (max_len keys, or the ring's window) through
+        a mask computed from `position`, and writes its keys/values in place (`KVCache.at`). This is the
+        step `generate` compiles (issue 17); `forward` with the cache stays the prefill. The same states
+        as `forward(input_ids, cache=cache)` at that position; `cache.position` is left to the caller.
+
+        `key_padding` (B, max_len), 1 = token, is `attention_mask` laid over the whole buffer (what lies
+        beyond `position` is ignored)."""
+        x = self.embed_tokens(input_ids)
+        if key_padding is None:
+            positions = position.reshape(1)  # (1,)
+        else:  # the real tokens up to this one, as forward counts them: (B, 1)
+            upto = torch.arange(cache.max_len, device=position.device) <= position
+            positions = ((key_padding.bool() & upto).sum(-1, keepdim=True) - 1).clamp(min=0)
+        tables = {False: rope_cos_sin(self.inv_freq_global, positions, x.dtype)}
+        masks = {False: cache.step_mask(False, position, None, key_padding)}
+        if self.has_local_layers:
+            ring = cache.window is not None  # sliding layers have rings, or full buffers and a window mask
+            tables[True] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
+            masks[True] = cache.step_mask(ring, position, None if ring else self.cfg.sliding_window, key_padding)
+        step = cache.at(position)
+        for block in self.layers:
+            cos, sin = tables[block.sliding]
+            x = block(x, cos, sin, masks[block.sliding], step)
+        return self.norm(x)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmforge.models.flex import BlockMask, attend
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32.
@@ -175,12 +177,62 @@ class KVCache:
             return slot_positions
         return torch.cat([slot_positions, torch.arange(start, start + new_tokens, device=device)])
 
+    # Static decoding (issue 17): one token per step with tensor shapes fixed for the whole generation,
+    # so that a compiled step (CUDA graphs included) is traced once, not once per position.
+
+    def at(self, position: torch.Tensor) -> "KVCacheStep":
+        """The cache as one decoding step at `position` (a 0-dim long tensor) sees it."""
+        return KVCacheStep(self, position)
+
+    def step_mask(self, ring: bool, position: torch.Tensor, window: int | None = None,
+                  key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask (1, 1, 1, S), or (B, 1, 1, S) with `key_padding`, for one new token at `position` over a
+        whole layer buffer as `KVCacheStep.update` returns it: S = max_len for a full buffer, `window`
+        for a ring. Computed from the tensor, so its shape is the same at every step. `window` limits a
+        full buffer to a sliding window (window_cache=false); `key_padding` (B, max_len) is True (1) at
+        real tokens, indexed by position, as `attention_mask` is."""
+        if ring:  # slot s holds the newest position p <= position with p % window == s (< 0: not yet)
+            slots = torch.arange(self.window, device=position.device)
+            key_pos = position - (position - slots) % self.window
+        else:  # slot s holds position s
+            key_pos = torch.arange(self.max_len, device=position.device)
+        mask = (key_pos >= 0) & (key_pos <= position)
+        if window is not None:
+            mask &= position - key_pos < window  # the token itself counts towards the window
+        if key_padding is None:
+            return mask[None, None, None]
+        real = key_padding.bool().gather(1, key_pos.clamp(min=0).expand(key_padding.shape[0], -1))
+        # the new token always sees itself (as in _with_padding): a row with no key would give NaN
+        return ((mask & real) | (key_pos == position))[:, None, None]
+
+
+class KVCacheStep:
+    """A `KVCache` at a tensor position, for `Decoder.decode_step`: `update` writes one token's keys and
+    values in place (index_copy_ at `position`, or at `position % window` in a ring) and returns the
+    whole buffers, (B, kv_heads, max_len or window, hd), whose unused slots `KVCache.step_mask` hides.
+
+    Duck-types `KVCache.update` for `Attention`. `position` is a tensor here, not an int: no Python
+    value changes from one step to the next, so nothing in the step's graph does."""
+
+    def __init__(self, cache: KVCache, position: torch.Tensor):
+        self.cache = cache
+        self.position = position
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.cache
+        keys, values = cache.keys[layer], cache.values[layer]
+        slot = (self.position % cache.window if cache.ring[layer] else self.position).reshape(1)
+        keys.index_copy_(2, slot, k.to(keys.dtype))  # k: (B, kv_heads, 1, hd)
+        values.index_copy_(2, slot, v.to(values.dtype))
+        return keys, values
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional QK-norm, biases and rotary positions.
 
     `causal` decoders use SDPA's is_causal when no mask is needed (no materialised score matrix);
-    encoders attend both ways and pass a mask only for padding or local windows.
+    encoders attend both ways and pass a mask only for padding or local windows. A FlexAttention
+    BlockMask in place of a boolean mask (Decoder.set_attention("flex")) runs flex_attention instead.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, layer: int,
@@ -207,6 +259,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, BlockMask):  # FlexAttention's block mask (models/flex.py): training, no cache
+            y = attend(q, k, v, mask, self.scale)  # (B, nh, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         prefix = cache is not None and cache.position > 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd) with S = position + T

@@ -11,7 +11,7 @@ from torch import nn
 from slmforge.errors import SlmforgeError
 from slmforge.models.heads import OutputProjection
 from slmforge.objectives.base import IGNORE_INDEX
-from slmforge.objectives.losses import projection_cross_entropy
+from slmforge.objectives.losses import HeadLoss
 
 
 @dataclass
@@ -34,6 +34,7 @@ class CausalLM:
 
     name = "clm"
     kinds = ("decoder",)
+    head_loss = HeadLoss()  # the trainer sets train.loss_kernel / loss_chunk_rows
     metric_names = ("accuracy",)
     bits_per_byte = True
 
@@ -90,6 +91,6 @@ class CausalLM:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         projection, targets = self.predictions(model, batch)
-        loss, correct = projection_cross_entropy(projection, targets, with_correct=True)
+        loss, correct = self.head_loss(projection, targets)
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         return loss, {"accuracy": correct / count}

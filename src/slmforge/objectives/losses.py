@@ -9,8 +9,13 @@ written in plain PyTorch.
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from slmforge.errors import SlmforgeError
 
 IGNORE_INDEX = -100
 # Rows per chunk when the caller does not say: a chunk's fp32 logits take rows x vocab x 4 bytes. Larger
@@ -175,6 +180,47 @@ def projection_cross_entropy(projection, targets: torch.Tensor, with_correct: bo
     """`linear_cross_entropy` of a model's `OutputProjection` (features, weight, bias, softcap)."""
     return linear_cross_entropy(projection.features, projection.weight, targets, softcap=projection.softcap,
                                 chunk_rows=chunk_rows, bias=projection.bias, with_correct=with_correct)
+
+
+@dataclass(frozen=True)
+class HeadLoss:
+    """How training computes the output layer and its cross-entropy (`train.loss_kernel`,
+    `train.loss_chunk_rows`); objectives call it with their projection and targets and get the mean
+    loss and the number of targets that are the argmax.
+
+    chunked: `linear_cross_entropy` above, any device. liger: Liger-Kernel's fused linear
+    cross-entropy (Triton, CUDA only; `pip install liger-kernel`), for comparison on GPUs."""
+
+    kernel: str = "chunked"
+    chunk_rows: int | None = None
+
+    def check(self, device: torch.device) -> None:
+        """One line, before training starts, if the kernel cannot run here."""
+        if self.kernel != "liger":
+            return
+        if device.type != "cuda":
+            raise SlmforgeError(f"train.loss_kernel: 'liger' runs Triton kernels on CUDA only, not on {device.type}; "
+                                f"use train.loss_kernel = \"chunked\"")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise SlmforgeError("train.loss_kernel: 'liger' needs the liger-kernel package (pip install liger-kernel)")
+
+    def __call__(self, projection, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel == "liger":
+            return _liger_cross_entropy(projection, targets)
+        return projection_cross_entropy(projection, targets, with_correct=True, chunk_rows=self.chunk_rows)
+
+
+def _liger_cross_entropy(projection, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    features = projection.features.reshape(-1, projection.features.shape[-1])
+    targets = targets.reshape(-1)
+    out = liger_fused_linear_cross_entropy(features, projection.weight, targets, bias=projection.bias,
+                                           ignore_index=IGNORE_INDEX, softcap=projection.softcap,
+                                           return_token_accuracy=True)
+    # Liger reports the accuracy over the scored targets; the objectives want the count.
+    correct = out.token_accuracy.detach().float() * (targets != IGNORE_INDEX).sum()
+    return out.loss, correct
 
 
 def reference_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

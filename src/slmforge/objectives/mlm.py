@@ -19,7 +19,7 @@ from slmforge.config import require
 from slmforge.errors import SlmforgeError
 from slmforge.models.heads import OutputProjection
 from slmforge.objectives.base import IGNORE_INDEX, sample_generator, sample_ids
-from slmforge.objectives.losses import projection_cross_entropy
+from slmforge.objectives.losses import HeadLoss
 
 # Markers that begin a word in the vocabularies slmforge trains or imports: SentencePiece's "▁",
 # byte-level BPE's "Ġ"; WordPiece marks the opposite (continuations start with "##").
@@ -78,6 +78,7 @@ def word_start_table(tokenizer) -> torch.Tensor:
 class MaskedLM:
     name = "mlm"
     kinds = ("encoder",)
+    head_loss = HeadLoss()  # the trainer sets train.loss_kernel / loss_chunk_rows
     metric_names = ("accuracy",)
     bits_per_byte = False
 
@@ -161,5 +162,5 @@ class MaskedLM:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         projection, targets = self.predictions(model, batch)
-        loss, correct = projection_cross_entropy(projection, targets, with_correct=True)
+        loss, correct = self.head_loss(projection, targets)
         return loss, {"accuracy": correct / max(targets.numel(), 1)}

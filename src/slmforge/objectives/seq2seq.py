@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from slmforge.objectives.base import IGNORE_INDEX
-from slmforge.objectives.losses import projection_cross_entropy
+from slmforge.objectives.losses import HeadLoss
 
 
 class Seq2Seq:
@@ -24,6 +24,7 @@ class Seq2Seq:
 
     name = "seq2seq"
     kinds = ("encoder-decoder",)
+    head_loss = HeadLoss()  # the trainer sets train.loss_kernel / loss_chunk_rows
     metric_names = ("accuracy",)
     bits_per_byte = False
 
@@ -49,5 +50,5 @@ class Seq2Seq:
         index = batch["target_index"]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
         targets = targets.reshape(-1).index_select(0, index)
-        loss, correct = projection_cross_entropy(model.output_projection(hidden), targets, with_correct=True)
+        loss, correct = self.head_loss(model.output_projection(hidden), targets)
         return loss, {"accuracy": correct / (targets != IGNORE_INDEX).sum().clamp(min=1)}

@@ -33,7 +33,7 @@ from torch import nn
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
 from slmforge.objectives.base import IGNORE_INDEX, sample_generator, sample_ids
-from slmforge.objectives.losses import projection_cross_entropy
+from slmforge.objectives.losses import HeadLoss
 
 
 @dataclass
@@ -142,6 +142,7 @@ class SpanCorruption:
 
     name = "span"
     kinds = ("encoder-decoder", "decoder")
+    head_loss = HeadLoss()  # the trainer sets train.loss_kernel / loss_chunk_rows
     metric_names = ("accuracy",)
     bits_per_byte = False
 
@@ -236,5 +237,5 @@ class SpanCorruption:
         else:
             hidden = model(batch["input_ids"], batch.get("attention_mask"),
                            decoder_input_ids=model.shift_right(targets))
-        loss, correct = projection_cross_entropy(model.output_projection(hidden), targets, with_correct=True)
+        loss, correct = self.head_loss(model.output_projection(hidden), targets)
         return loss, {"accuracy": correct / (targets != IGNORE_INDEX).sum().clamp(min=1)}

@@ -110,8 +110,20 @@ class TrainLoopConfig:
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto = bf16 autocast on a GPU that supports it, fp32 on CPU."""
-    compile: bool = False
-    """Wrap the model in torch.compile (GPU runs; minutes of warm-up)."""
+    compile: bool | Literal["blocks", "model"] = False
+    """torch.compile for training (GPU runs; a minute or more of warm-up): "blocks" (or true) compiles
+    each transformer block; "model" compiles the whole step's forward, the model and the chunked loss
+    as one graph (not with parallel.strategy = "fsdp", which shards and compiles block by block)."""
+    loss_kernel: Literal["chunked", "liger"] = "chunked"
+    """The output layer + cross-entropy: chunked = slmforge's chunked linear cross-entropy (any device,
+    never the full logits); liger = Liger-Kernel's fused one (CUDA, `pip install liger-kernel`)."""
+    loss_chunk_rows: int | None = None
+    """Rows of logits per chunk of the chunked loss (default: sized to the device, 1 GiB of fp32
+    logits on CPU and 2 GiB on CUDA, 256-8,192 rows); smaller saves memory, larger is faster."""
+    attention: Literal["sdpa", "flex"] = "sdpa"
+    """Attention kernel of decoder training: flex = FlexAttention with block masks (compiled) for
+    sliding-window layers, packed documents and padding, instead of SDPA with a boolean (T, T) mask; the
+    same numbers. Needs CUDA (torch has no FlexAttention backward on CPU or MPS: SDPA is kept there)."""
     resume: Literal["auto", "never", "required"] = "auto"
     """auto: continue from out_dir's latest checkpoint if there is one."""
     allow_config_changes: bool = False
@@ -129,6 +141,8 @@ class TrainLoopConfig:
         for name in ("eval_every", "save_every", "keep_last", "eval_batch_size"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         require(self.clip_grad >= 0, "clip_grad", f"must be >= 0, got {self.clip_grad}")
+        require(self.loss_chunk_rows is None or self.loss_chunk_rows > 0, "loss_chunk_rows",
+                f"must be positive, got {self.loss_chunk_rows}")
 
 
 @dataclass

@@ -150,10 +150,12 @@ def strategy_for(cfg: ParallelConfig, where: Distributed) -> str:
 
 
 def wrap(module: ObjectiveModule, strategy: str, device: torch.device, cfg: ParallelConfig,
-         precision: str = "fp32") -> nn.Module:
-    """Apply activation checkpointing and the parallel wrapper to a materialised ObjectiveModule."""
+         precision: str = "fp32", compile: bool | str = False) -> nn.Module:
+    """Apply activation checkpointing, torch.compile (`train.compile`) and the parallel wrapper to a
+    materialised ObjectiveModule."""
     if cfg.activation_checkpointing:
         checkpoint_blocks(module.model)
+    compile_for_training(module, compile, strategy)
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -167,6 +169,22 @@ def wrap(module: ObjectiveModule, strategy: str, device: torch.device, cfg: Para
             fully_shard(block, mp_policy=policy)
         fully_shard(module, mp_policy=policy)  # the root: embeddings, norms and the head, with the loss
     return module
+
+
+def compile_for_training(module: ObjectiveModule, scope: bool | str, strategy: str) -> None:
+    """Compile in place, so state_dict names stay free of `_orig_mod.`: each block ("blocks", true), or
+    the ObjectiveModule's forward, the model and its loss as one graph ("model"; the step traces with
+    no graph break, see tests/test_compile.py). Before DDP or FSDP2 wrap it, as torchtitan does."""
+    if not scope:
+        return
+    if scope == "model":
+        if strategy == "fsdp":
+            raise SlmforgeError('train.compile: "model" cannot be combined with parallel.strategy = "fsdp" '
+                                '(FSDP2 gathers each block in turn); use train.compile = "blocks"')
+        module.compile()
+        return
+    for block in module.model.layers:
+        block.compile()
 
 
 def is_sharded(module: nn.Module) -> bool:

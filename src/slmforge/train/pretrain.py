@@ -16,7 +16,7 @@ from slmforge.fileio import relative_to
 from slmforge.formatting import say
 from slmforge.models import build_model, family
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
-from slmforge.runtime import resolve_precision
+from slmforge.runtime import apply_attention, resolve_precision
 from slmforge.runs import find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, resolve_checkpoint, run_dir_of
 from slmforge.train.config import PretrainConfig
 from slmforge.train.resume_check import (
@@ -147,9 +147,7 @@ def _pretrain(cfg: PretrainConfig, session: Session, extend_objective=None) -> P
     if loop.init_from and not resume:
         load_weights(model, init_dir)
         say(f"initialised weights from {init_dir}")
-    if loop.compile:
-        for block in model.layers:
-            block.compile()  # in place: state_dict names stay free of `_orig_mod.`
+    apply_attention(model, loop.attention, device)
 
     metrics = open_metrics(cfg.tracking, cfg, session)  # rank 0 only: metrics.jsonl, trackers, plots
     try:

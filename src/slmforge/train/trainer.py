@@ -26,6 +26,7 @@ from slmforge.errors import SlmforgeError
 from slmforge.formatting import duration, human, say
 from slmforge.runtime import describe, peak_flops
 from slmforge.objectives.base import input_tokens, mean_loss, summarize, target_tokens
+from slmforge.objectives.losses import HeadLoss
 from slmforge.runs import is_sharded_checkpoint, load_weights, read_weights, resolve_checkpoint
 from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
@@ -82,11 +83,15 @@ class Trainer:
         # merged weights plus the adapter files; see finetune/lora.py). None: the plain way.
         self.checkpoint_format = checkpoint_format
         self.objective = objective
+        if hasattr(objective, "head_loss"):  # the loss kernel is a training choice, set from outside
+            objective.head_loss = HeadLoss(loop.loss_kernel, loop.loss_chunk_rows)
+            objective.head_loss.check(device)
         self.where = where
         parallel = parallel or ParallelConfig()
         self.strategy = strategy_for(parallel, where)
         # DDP wraps model + objective together, so the loss and the output head run inside its forward.
-        self.module = wrap(ObjectiveModule(model, objective), self.strategy, device, parallel, precision)
+        self.module = wrap(ObjectiveModule(model, objective), self.strategy, device, parallel, precision,
+                           compile=loop.compile)
         self.loader = train_loader
         self.loop, self.optim_cfg, self.schedule = loop, optim, schedule
         self.run_dir = Path(run_dir)
