@@ -52,3 +52,23 @@ def test_lora_finetuning_on_cuda_in_bf16(tmp_path):
                                    f"train.out_dir={tmp_path / 'lora'}"))
     assert (run / "checkpoints" / "step-000020" / "adapter_model.safetensors").is_file()
     assert "finetune_held_out" in json.loads((run / "checkpoints" / "step-000020" / "eval.json").read_text())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per process: two GPUs")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_with_nccl_train_like_one_with_twice_the_batch(markov_shards, tmp_path, strategy):
+    """The NCCL path (device binding per local rank, bf16 reduce in fp32 under FSDP2, sharded
+    checkpoints written from GPU shards) trains like one GPU at the same global batch."""
+    from conftest import launch
+
+    _, data = markov_shards
+    common = [f"train.data={data}", "model.preset=test-tiny", "train.seq_len=32", "train.max_steps=8",
+              "train.log_every=1", "train.eval_every=0", "train.device=cuda", "train.precision=fp32",
+              "optim.lr=3e-3"]
+    launch(1, *common, "train.batch_size=8", f"train.out_dir={tmp_path / 'one'}")
+    result = launch(2, *common, "train.batch_size=4", f"parallel.strategy={strategy}",
+                    f"train.out_dir={tmp_path / 'two'}")
+    assert f"2 processes ({strategy})" in result.stderr
+    one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if r["split"] == "train"]
+    two = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["split"] == "train"]
+    assert one == pytest.approx(two, abs=1e-4)  # TF32 and NCCL's reduction order: looser than gloo's 1e-5

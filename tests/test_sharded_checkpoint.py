@@ -103,3 +103,57 @@ def test_keep_last_prunes_sharded_folders_but_not_the_protected_one(tmp_path):
     writer.wait()
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
     assert names == ["step-000001", "step-000003", "step-000004"]
+
+
+def test_a_shard_missing_from_the_folder_is_found_before_and_after_sealing(tmp_path, monkeypatch):
+    """A rank whose checkpoints folder is not the shared one writes its shard elsewhere: rank 0 must not
+    seal a folder without it, and a folder sealed so must not pass as intact."""
+    from slmforge.runs import missing_shards
+    from slmforge.train import sharded
+
+    model, optimizer = trained()
+    writer = ShardedCheckpoints(tmp_path, Distributed(), torch.device("cpu"), background=False)
+    first = writer.save(1, model, optimizer, {}, {}, keep_last=None, protect=set())
+    real_seal = sharded.seal_folder
+
+    def lose_the_shard_then_seal(folder):
+        for shard in (folder / "sharded").glob("*.distcp"):
+            shard.unlink()
+        real_seal(folder)
+
+    monkeypatch.setattr(sharded, "missing_shards", lambda folder: ["__1_0.distcp"])
+    with pytest.raises(SlmforgeError, match="shard __1_0.distcp written by another rank is not visible here"):
+        writer.save(2, model, optimizer, {}, {}, keep_last=None, protect=set())
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == first.name
+    assert not list((tmp_path / "checkpoints").glob("*.partial"))
+    monkeypatch.setattr(sharded, "missing_shards", missing_shards)
+    monkeypatch.setattr(sharded, "seal_folder", lose_the_shard_then_seal)  # what a sealed bad folder looks like
+    third = writer.save(3, model, optimizer, {}, {}, keep_last=None, protect=set())
+    assert "__0_0.distcp is missing" in check_integrity(third)
+    assert newest_good_checkpoint(tmp_path) == first
+
+
+def test_a_failed_seal_keeps_the_previous_checkpoint_and_a_failing_run_keeps_a_finished_write(tmp_path,
+                                                                                             monkeypatch):
+    from slmforge.train import sharded
+
+    model, optimizer = trained()
+    writer = ShardedCheckpoints(tmp_path, Distributed(), torch.device("cpu"), background=True)
+    writer.save(1, model, optimizer, {}, {}, keep_last=None, protect=set())
+    writer.wait()
+
+    def full_disk(folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sharded, "seal_folder", full_disk)
+    writer.save(2, model, optimizer, {}, {}, keep_last=None, protect=set())
+    with pytest.raises(SlmforgeError, match="disk full while writing step-000002"):
+        writer.wait()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000001"
+    assert not (tmp_path / "checkpoints" / "step-000002.partial").exists()
+    monkeypatch.undo()
+    writer.save(3, model, optimizer, {}, {}, keep_last=None, protect=set())
+    writer._pending.future.result()  # the write is done; then the run fails before it is sealed
+    writer.abandon()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert check_integrity(tmp_path / "checkpoints" / "step-000003") is None

@@ -145,6 +145,13 @@ def check_integrity(step_dir: Path) -> str | None:
             return f"{name} has {path.stat().st_size:,} bytes, {want['bytes']:,} were written"
         if file_digest(path)["sha256"] != want["sha256"]:
             return f"{name} changed since it was written (sha256 mismatch)"
+    if is_sharded_checkpoint(step_dir):  # checksums list what rank 0 saw; .metadata, what every rank wrote
+        try:
+            missing = missing_shards(step_dir / SHARDED)
+        except SlmforgeError:
+            return f"{SHARDED}/.metadata is damaged"
+        if missing:
+            return f"{SHARDED}/{missing[0]} is missing (written by another rank outside a shared checkpoints folder?)"
     return None
 
 
@@ -241,6 +248,19 @@ def _check_names_and_shapes(path: Path, stored: dict[str, torch.Tensor], expecte
     unexpected = sorted(set(stored) - set(expected))
     if unexpected:
         raise SlmforgeError(f"{path}: unexpected tensor {unexpected[0]} (a different architecture?)")
+
+
+def missing_shards(folder: Path) -> list[str]:
+    """Files a torch.distributed.checkpoint folder's .metadata names that are not in the folder (a rank
+    whose checkpoints folder was not the shared one wrote its shard elsewhere)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data or {}
+    except Exception as e:
+        raise SlmforgeError(f"{folder / '.metadata'}: cannot read ({type(e).__name__}: {e})") from None
+    names = sorted({info.relative_path for info in storage.values()})
+    return [name for name in names if not (folder / name).is_file()]
 
 
 def sharded_tensors(folder: Path, prefix: str) -> dict[str, tuple[torch.Size, torch.dtype]]:

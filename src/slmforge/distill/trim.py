@@ -57,12 +57,13 @@ def trim_vocab(source: str, texts: list[str], out: str, min_count: int = 1, forc
     """Write the cut tokenizer (and model, if `source` holds one) to `out`; returns the report."""
     from slmforge.interop.export import output_dir
     from slmforge.tokenizer import load_tokenizer
+    from slmforge.runs import has_weights
     from slmforge.tokenizer.trim import trim_tokenizer
     from slmforge.train.checkpoint import save_checkpoint
 
     folder = Path(source)
     model = None
-    if is_hf_folder(folder) or (folder / "checkpoints").is_dir() or (folder / "model.safetensors").is_file():
+    if is_hf_folder(folder) or (folder / "checkpoints").is_dir() or has_weights(folder):
         model, tokenizer = load_model_and_tokenizer(folder)
     else:  # a tokenizer folder alone
         tokenizer = load_tokenizer(folder)

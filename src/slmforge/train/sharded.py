@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,33 +38,44 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from slmforge.errors import SlmforgeError
-from slmforge.runs import SHARDED, dcp_failure, sharded_read_error, sharded_tensors
+from slmforge.runs import SHARDED, dcp_failure, missing_shards, sharded_read_error, sharded_tensors
 from slmforge.train.checkpoint import commit_step_folder, seal_folder, step_dir_name, step_meta, \
     write_error, write_small_files
 from slmforge.train.parallel import Distributed, any_rank, barrier
 
 
+# What DCP raises: CheckpointException (every rank's failure, wrapped) is a BaseException, not an Exception.
+DCP_ERRORS = (Exception, CheckpointException)
+
+
 @dataclass
 class _Pending:
-    future: Any  # what dcp.async_save returned on this rank
+    """A background write: its future on this rank, where it goes, and (rank 0) how its commit went."""
+
+    future: Any
     tmp: Path
     final: Path
     keep_last: int | None
     protect: set[str]
     needed: int
+    committed: bool = False
+    error: SlmforgeError | None = None
 
 
 class ShardedCheckpoints:
     """Writes a run's sharded step folders; all ranks call `save` and `wait` together."""
 
-    def __init__(self, run_dir: Path, where: Distributed, device: torch.device, background: bool):
+    def __init__(self, run_dir: Path, where: Distributed, device: torch.device, background: bool,
+                 timeout_minutes: float = 60.0):
         self.root = Path(run_dir) / "checkpoints"
         self.where, self.device = where, device
         self.background = background
         self._pending: _Pending | None = None
         # Background writes run their collectives in another thread: on a group of their own, and a
-        # gloo one, so they never interleave with training's NCCL collectives.
-        self._group = dist.new_group(backend="gloo") if background and dist.is_initialized() else None
+        # gloo one, so they never interleave with training's NCCL collectives. Its time-out bounds how
+        # long a write can wait for a rank that failed (see `save`).
+        self._group = (dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+                       if background and dist.is_initialized() else None)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
              extra_meta: dict[str, Any], keep_last: int | None, protect: set[str]) -> Path:
@@ -83,29 +96,39 @@ class ShardedCheckpoints:
                 error = write_error(self.root, final.name, e, needed)
         self._agree(error, final.name)
         barrier()
+        # Only a single process needs no_dist (and passing it at all needs torch >= 2.9).
+        alone = {} if self.where.active else {"no_dist": True}
         try:
-            if self.background:
-                future = dcp.async_save(content, checkpoint_id=str(tmp / SHARDED), process_group=self._group,
-                                        no_dist=not self.where.active)
-                self._pending = _Pending(future, tmp, final, keep_last, set(protect), needed)
-                return final
-            dcp.save(content, checkpoint_id=str(tmp / SHARDED), no_dist=not self.where.active)
-        except (Exception, CheckpointException) as e:  # CheckpointException is not an Exception
+            with _single_process_quiet():
+                if self.background:
+                    future = dcp.async_save(content, checkpoint_id=str(tmp / SHARDED), process_group=self._group,
+                                            **alone)
+                else:
+                    dcp.save(content, checkpoint_id=str(tmp / SHARDED), **alone)
+        except DCP_ERRORS as e:
             error = write_error(self.root, final.name, dcp_failure(e), needed)
+        # Agreed in both modes: a rank whose background write failed to start must not leave the others
+        # running on into mismatched collectives (their writes then wait for it, bounded by the group's
+        # time-out, and the job stops with this rank's error).
         self._agree(error, final.name, tmp)
-        self._commit(tmp, final, keep_last, set(protect), needed)
+        if self.background:
+            self._pending = _Pending(future, tmp, final, keep_last, set(protect), needed)
+            return final
+        self._agree(self._commit(tmp, final, keep_last, set(protect), needed), final.name)
         return final
 
     def poll(self) -> None:
-        """Rank 0 seals and commits a finished background write (no collective: may be called any time)."""
+        """Rank 0 seals and commits a finished background write (no collective when several processes
+        run: its errors are kept for `wait`, where all ranks agree on them)."""
         pending = self._pending
         if pending is None or not pending.future.done():
             return
         if not self.where.active:
             self.wait()
-        elif self.where.is_main and pending.tmp is not None and pending.future.exception() is None:
-            self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect, pending.needed)
-            pending.tmp = None  # committed; `wait` only collects the other ranks' results
+        elif self.where.is_main and not pending.committed and pending.future.exception() is None:
+            pending.error = self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect,
+                                         pending.needed)
+            pending.committed = True
 
     def wait(self) -> Path | None:
         """Finish the background write, if any (all ranks together). Returns the committed folder."""
@@ -115,22 +138,42 @@ class ShardedCheckpoints:
         error = None
         try:
             pending.future.result()
-        except (Exception, CheckpointException) as e:
+        except DCP_ERRORS as e:
             error = write_error(self.root, pending.final.name, dcp_failure(e), pending.needed)
         self._agree(error, pending.final.name, pending.tmp)
-        if pending.tmp is not None:
-            self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect, pending.needed)
+        if not pending.committed:
+            pending.error = self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect,
+                                         pending.needed)
+        self._agree(pending.error, pending.final.name)
         return pending.final
 
-    def _commit(self, tmp: Path, final: Path, keep_last: int | None, protect: set[str], needed: int) -> None:
+    def abandon(self) -> None:
+        """The run is failing: keep a background write that has already finished (rank 0 commits it,
+        no collective); one still running is left as `.partial`, which the next start removes."""
+        pending, self._pending = self._pending, None
+        if (pending is not None and self.where.is_main and not pending.committed and pending.future.done()
+                and pending.future.exception() is None):
+            self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect, pending.needed)
+
+    def _commit(self, tmp: Path, final: Path, keep_last: int | None, protect: set[str],
+                needed: int) -> SlmforgeError | None:
+        """Rank 0: check that every rank's shard is there, seal, rename, point `latest`. Returns the
+        error instead of raising it, for all ranks to agree on."""
         if not self.where.is_main:
-            return
+            return None
         try:
+            missing = missing_shards(tmp / SHARDED)
+            if missing:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return SlmforgeError(f"{self.root}: {final.name}: shard {missing[0]} written by another rank is not "
+                                     f"visible here; the checkpoints folder must be one shared filesystem for "
+                                     f"every node")
             seal_folder(tmp)
+            commit_step_folder(self.root, tmp, final, keep_last, protect)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error(self.root, final.name, e, needed) from None
-        commit_step_folder(self.root, tmp, final, keep_last, protect)
+            return write_error(self.root, final.name, e, needed)
+        return None
 
     def _agree(self, error: SlmforgeError | None, name: str, tmp: Path | None = None) -> None:
         """Raise on every rank when any failed, removing the half-written folder (rank 0)."""
@@ -139,6 +182,14 @@ class ShardedCheckpoints:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise error or SlmforgeError(f"{self.root}: another rank could not write {name} (see its error); "
                                          f"the previous checkpoint is intact")
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP on one process warns that it assumes one process: it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
+        yield
 
 
 def load_sharded(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -156,20 +207,23 @@ def load_sharded(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if optimizer is not None:
         content["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
+        with _single_process_quiet():
             dcp.load(content, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as e:
+    except DCP_ERRORS as e:
         raise sharded_read_error(folder, e) from None
+    bad = first_non_finite(content["model"])  # damage that passed the checksums (or was written so)
+    if any_rank(bad is not None, next(iter(content["model"].values())).device):
+        raise SlmforgeError(f"{folder}: tensor {bad or '(on another rank)'} holds nan or inf; the checkpoint is "
+                            f"damaged")
     set_model_state_dict(model, content["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, content["optimizer"])
 
 
-def first_non_finite(model: nn.Module) -> str | None:
-    """The name of a parameter whose local shard holds nan or inf, or None (no gathering)."""
-    for name, param in model.named_parameters():
-        local = param.to_local() if hasattr(param, "to_local") else param
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of a tensor whose local shard holds nan or inf, or None (no gathering)."""
+    for name, tensor in tensors.items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         if local.is_floating_point() and not bool(torch.isfinite(local).all()):
             return name
     return None

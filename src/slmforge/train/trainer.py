@@ -117,9 +117,13 @@ class Trainer:
         self.owner = model if self.objective_parameters is None else _ModelAndObjective(model, self.objective_parameters)
         self.optimizer = build_optimizer(self.owner, optim, device.type)
         # FSDP2 runs write sharded step folders (every rank its shard); the rest one model.safetensors.
-        self.sharded = (ShardedCheckpoints(self.run_dir, where, device, parallel.async_checkpoint)
+        self.sharded = (ShardedCheckpoints(self.run_dir, where, device, parallel.async_checkpoint,
+                                           parallel.timeout_minutes)
                         if self.strategy == "fsdp" and parallel.checkpoint != "full" and checkpoint_format is None
                         else None)
+        if parallel.checkpoint == "sharded" and self.sharded is None and where.is_main:
+            say(f"note: parallel.checkpoint = \"sharded\" applies to FSDP2 runs; this {self.strategy} run writes "
+                f"one model.safetensors")
         self.state = TrainState()
         self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         printer = log or say  # say: stderr, silent in quiet mode except warnings
@@ -208,24 +212,16 @@ class Trainer:
             return self._save_sharded()
         weights = self._full_weights()
         bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        # Decided together: rank 0 alone holds the gathered weights, and a rank that raised alone would
-        # leave the others waiting in the next collective.
-        if any_rank(bool(bad), self.device):  # never write a checkpoint that would poison every resume
-            raise SlmforgeError(f"step {self.state.step}: weights are not finite ({bad[0] if bad else 'on rank 0'}); "
-                                f"nothing saved, the newest checkpoint in {self.run_dir / 'checkpoints'} is the "
-                                f"last good one")
+        self._refuse_non_finite(bad[0] if bad else None)  # rank 0 alone holds the gathered weights
         self._count_time()
         state = self.state_dict()
         folder, error = self.run_dir / "checkpoints", None
         if self.where.is_main:
-            meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens,
-                    "wall_time_s": round(self.state.train_seconds, 3)}
-            best = {f"step-{self.state.best_step:06d}"} if self.state.best_step is not None else set()
             extra = self.checkpoint_format.extra_files(self.model) if self.checkpoint_format else None
             try:
                 folder = save_checkpoint(self.run_dir, self.state.step, self.model, state=state, tensors=weights,
-                                         extra_meta=meta, keep_last=self.loop.keep_last or None, protect=best,
-                                         extra_files=extra)
+                                         extra_meta=self._step_meta(), keep_last=self.loop.keep_last or None,
+                                         protect=self._protected(), extra_files=extra)
             except SlmforgeError as e:
                 error = e
         if any_rank(error is not None, self.device):
@@ -235,20 +231,30 @@ class Trainer:
 
     def _save_sharded(self) -> Path:
         """Every rank writes its shard (in the background with parallel.async_checkpoint)."""
-        bad = first_non_finite(self.model)
+        self.sharded.wait()  # the previous write is sealed first, so a refusal below names the true newest
+        self._refuse_non_finite(first_non_finite(self.model.state_dict()))  # each rank checks its shards
+        self._count_time()
+        state = self.state_dict(optimizer=False)
+        folder = self.sharded.save(self.state.step, self.model, self.optimizer, state, self._step_meta(),
+                                   self.loop.keep_last or None, self._protected())
+        self._last_save = time.monotonic()
+        return folder
+
+    def _refuse_non_finite(self, bad: str | None) -> None:
+        """Never write a checkpoint that would poison every resume. Decided together: a rank that raised
+        alone would leave the others waiting in the next collective."""
         if any_rank(bad is not None, self.device):
             raise SlmforgeError(f"step {self.state.step}: weights are not finite ({bad or 'on another rank'}); "
                                 f"nothing saved, the newest checkpoint in {self.run_dir / 'checkpoints'} is the "
                                 f"last good one")
-        self._count_time()
-        state = self.state_dict(optimizer=False)
-        meta = {**self.checkpoint_meta, "tokens_seen": self.state.tokens,
+
+    def _step_meta(self) -> dict[str, Any]:
+        return {**self.checkpoint_meta, "tokens_seen": self.state.tokens,
                 "wall_time_s": round(self.state.train_seconds, 3)}
-        best = {f"step-{self.state.best_step:06d}"} if self.state.best_step is not None else set()
-        folder = self.sharded.save(self.state.step, self.model, self.optimizer, state, meta,
-                                   self.loop.keep_last or None, best)
-        self._last_save = time.monotonic()
-        return folder
+
+    def _protected(self) -> set[str]:
+        """Step folders pruning must keep: the best by validation loss."""
+        return {f"step-{self.state.best_step:06d}"} if self.state.best_step is not None else set()
 
     def finish_saving(self) -> None:
         """Wait for a background checkpoint write and seal it (all ranks)."""
@@ -411,6 +417,14 @@ class Trainer:
         self._window = (time.perf_counter(), self.state.tokens)
         self._run_start = (time.perf_counter(), self.state.step)
         self._last_save = time.monotonic()
+        try:
+            return self._fit(loop)
+        except BaseException:
+            if self.sharded is not None:
+                self.sharded.abandon()  # a background write that already finished is still kept
+            raise
+
+    def _fit(self, loop: TrainLoopConfig) -> dict[str, float] | None:
         with RunSignals(self.log) as signals:
             while self.state.step < loop.max_steps:
                 result = self.train_step()
