@@ -63,10 +63,11 @@ class Timing:
 
 
 def interleave(sides: dict[str, Callable[[], object]], rounds: int, device: torch.device,
-               warmup: int = 1) -> dict[str, Timing]:
+               warmup: int = 1, cpu_clock: Callable[[], float] = time.process_time) -> dict[str, Timing]:
     """Run each side's callable `rounds` times, alternating sides (and which goes first) so that a burst
     of load from elsewhere hits both alike. Returns wall and process-CPU seconds per round (CPU time
-    counts every thread; on CUDA only the host's share)."""
+    counts every thread; on CUDA only the host's share; `cpu_clock` = `cpu_seconds` adds finished
+    child processes, e.g. worker pools)."""
     for _ in range(warmup):
         for fn in sides.values():
             fn()
@@ -76,12 +77,20 @@ def interleave(sides: dict[str, Callable[[], object]], rounds: int, device: torc
     for index in range(rounds):
         for name in (names if index % 2 == 0 else names[::-1]):
             synchronize(device)
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall, cpu = time.perf_counter(), cpu_clock()
             sides[name]()
             synchronize(device)
             timings[name].wall.append(time.perf_counter() - wall)
-            timings[name].cpu.append(time.process_time() - cpu)
+            timings[name].cpu.append(cpu_clock() - cpu)
     return timings
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have finished (worker pools, once joined)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def timing_note(timings: dict[str, Timing], per: float = 1.0, unit: str = "s") -> str:

@@ -75,8 +75,9 @@ def make_tokenizer(folder: Path, texts: list[str], extra_tokens: int = 0) -> Pat
 
 @pytest.fixture(autouse=True)
 def small_batches(monkeypatch):
-    """Many small batches, so a small corpus still gives many checkpoints to crash between."""
+    """Many small batches (and byte ranges), so a small corpus still gives many checkpoints to crash between."""
     monkeypatch.setattr(prepare, "BATCH_DOCUMENTS", 64)
+    monkeypatch.setattr(prepare, "RANGE_BYTES", 4096)
 
 
 @pytest.fixture(scope="module")
@@ -600,3 +601,148 @@ def test_wrapped_prose_is_read_by_paragraph_and_said(setup, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["documents"] == 400
     assert manifest["sources"][0]["files"][0]["text_unit"] == "line"
+
+
+# -- one source: the workers read byte ranges of its files themselves
+
+def awkward_lines(docs: dict[str, list[str]], seed: int = 5) -> list[bytes]:
+    """Every document of the three languages, shuffled, with what a range cut must not break: "\\r\\n"
+    endings, multi-byte characters, empty, blank and non-UTF-8 lines (one a cut multi-byte character)."""
+    lines = [d.encode() for lang in ("as", "hi", "en") for d in docs[lang]]
+    random.Random(seed).shuffle(lines)
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line + (b"\r\n" if i % 3 == 0 else b"\n"))
+        if i % 97 == 5:
+            out.append(b"\n")
+        if i % 151 == 7:
+            out.append(b"bad \xff line\n" if i % 2 else "নদী".encode()[:-1] + b"\n")
+        if i % 173 == 11:
+            out.append(b"  \t\r\n")
+    return out
+
+
+def write_one_source(root: Path, docs: dict[str, list[str]], kind: str) -> dict:
+    """A single source of uncompressed files of `kind`, as a [data] sources entry."""
+    root.mkdir()
+    lines = awkward_lines(docs)
+    if kind == "lines":  # one big file, starting with a UTF-8 byte order mark
+        (root / "all.txt").write_bytes(b"\xef\xbb\xbf" + b"".join(lines))
+        return {"path": str(root / "all.txt")}
+    if kind == "jsonl":
+        records = [json.dumps({"text": line.rstrip(b"\r\n").decode("utf-8", "replace")}).encode() + b"\n"
+                   for line in lines]
+        records[10:10] = [b"{broken\n", b'{"other": 1}\r\n', b'{"text": "\xff"}\n', b"\n"]
+        (root / "all.jsonl").write_bytes(b"".join(records))
+        return {"path": str(root / "all.jsonl")}
+    if kind == "paragraphs":  # wrapped prose (text_unit "auto" reads it by paragraph), some words not UTF-8
+        words = [w for line in lines for w in line.rstrip(b"\r\n").split(b" ") if w.strip()]
+        text = b""
+        for i in range(0, len(words), 40):
+            ending = b"\r\n" if i % 160 == 0 else b"\n"
+            rows = [b" ".join(words[j:j + 8]) for j in range(i, min(i + 40, len(words)), 8)]
+            text += ending.join(rows) + ending + (b"\n" if i % 200 else b" \n\n")
+        (root / "book.txt").write_bytes(text)
+        return {"path": str(root / "book.txt")}
+    # a folder: files big and small (several in one job), an empty one, JSONL beside text
+    (root / "a.txt").write_bytes(b"".join(lines[:700]))
+    (root / "b.txt").write_bytes(b"".join(lines[700:703]))
+    (root / "c.txt").write_bytes(b"")
+    (root / "d.txt").write_bytes(b"".join(lines[703:710]))
+    (root / "e.jsonl").write_bytes(b"".join(json.dumps({"text": line.decode("utf-8", "replace")}).encode() + b"\n"
+                                            for line in lines[710:]))
+    return {"path": str(root)}
+
+
+@pytest.mark.parametrize("kind", ["lines", "jsonl", "paragraphs", "folder"])
+def test_one_source_read_in_ranges_gives_the_shards_of_one_reader(setup, tmp_path, monkeypatch, kind):
+    """The workers read ranges of the files themselves; the shards and the manifest (documents, skipped
+    lines and the line each was first seen on, text units) equal those of reading it all in one process
+    and sending texts, with 1 or 2 workers."""
+    source = write_one_source(tmp_path / "corpus", setup[1], kind)
+    reader = SourceReader(load_config(flags={"sources": [source], "tokenizer": "t"}).sources[0])
+    assert reader.reads_by_range() and len(list(reader.ranges(prepare.RANGE_BYTES))) >= 8
+    cfg = dict(sources=[source], shard_tokens=3000)
+    with monkeypatch.context() as patch:
+        patch.setattr(SourceReader, "reads_by_range", lambda self: False)
+        sent = prepare_data(config_for(setup, tmp_path / "sent", **cfg), show_progress=False)
+    one = prepare_data(config_for(setup, tmp_path / "w1", **cfg), show_progress=False)
+    two = prepare_data(config_for(setup, tmp_path / "w2", workers=2, **cfg), show_progress=False)
+    assert folder_bytes(one) == folder_bytes(sent) == folder_bytes(two)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["skipped"].get("invalid_utf8", 0) >= 1 and manifest["sources"][0]["exhausted"]
+    assert len(manifest["splits"]["train"]["shards"]) > 2
+    if kind == "paragraphs":
+        assert manifest["sources"][0]["files"][0]["text_unit"] == "paragraph"
+
+
+@pytest.mark.parametrize("unit", ["line", "paragraph"])
+def test_ranges_cut_only_where_a_unit_starts(setup, tmp_path, unit):
+    """Whatever the range size, cuts fall right after a newline (after a blank line for paragraphs),
+    never inside a UTF-8 character or between "\\r" and "\\n", and the ranges read elsewhere and counted
+    in order give the documents, counts and cursor of one reader."""
+    from slmforge.text.sources import SourceConfig
+
+    lines = awkward_lines({lang: d[:12] for lang, d in setup[1].items()})
+    data = b"\xef\xbb\xbf" + b"".join(line + (b"\n" if i % 4 == 3 else b"") for i, line in enumerate(lines))
+    path = tmp_path / "c.txt"
+    path.write_bytes(data + "अंत बिना newline".encode())
+    data = path.read_bytes()
+    source = SourceConfig(path=str(path), text_unit=unit)
+    whole = SourceReader(source)
+    expected = list(whole)
+    for range_bytes in (1, 2, 3, 5, 17, 100, 1000, 10**6):
+        reader = SourceReader(source)
+        jobs = list(reader.ranges(range_bytes))
+        parts = [part for job in jobs for part in job.ranges]
+        assert parts[0].start == 0 and parts[-1].end == len(data)
+        assert all(a.end == b.start for a, b in zip(parts, parts[1:]))
+        for cut in [part.end for part in parts[:-1]]:
+            assert data[cut - 1] == ord("\n") and not 0x80 <= data[cut] < 0xC0
+            if unit == "paragraph":
+                assert not data[data.rfind(b"\n", 0, cut - 1) + 1:cut].strip()
+        texts = []
+        for job in jobs:
+            read, counted = job.read()
+            texts += read
+            for part, (stats, lines_read) in zip(job.ranges, counted):
+                reader.count_range(part, stats, lines_read)
+        assert texts == expected
+        assert reader.stats.to_dict() == whole.stats.to_dict()
+        assert reader.cursor() == {"file": 1, "offset": 0, "line": 0}
+    if unit == "line":
+        assert len(list(SourceReader(source).ranges(1))) == data.count(b"\n") + 1  # every line its own range
+
+
+@pytest.mark.parametrize("calls,error,crash_workers,resume_workers", [
+    (7, Crash, 2, 1), (12, KeyboardInterrupt, 1, 2), (16, Crash, 2, 2)])
+def test_one_file_resumes_mid_file_to_identical_bytes(setup, tmp_path, monkeypatch, calls, error,
+                                                      crash_workers, resume_workers):
+    source = write_one_source(tmp_path / "corpus", setup[1], "lines")
+    cfg = dict(sources=[source], shard_tokens=1500)
+    reference = prepare_data(config_for(setup, tmp_path / "ref", **cfg), show_progress=False)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        crash_after(patch, calls, error)
+        with pytest.raises(error):
+            prepare_data(config_for(setup, out, workers=crash_workers, **cfg), show_progress=False)
+    progress = json.loads((out / PROGRESS).read_text())
+    size = Path(source["path"]).stat().st_size
+    assert 0 < progress["cursors"][0]["offset"] < size and progress["cursors"][0]["file"] == 0  # mid-file
+    assert progress["interleaver"]["draws"] == progress["documents"] > 0
+    prepare_data(config_for(setup, out, workers=resume_workers, **cfg), show_progress=False)
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
+def test_one_binary_file_fails_naming_it_when_read_in_ranges(setup, tmp_path, monkeypatch):
+    blob = tmp_path / "photo.txt"
+    rng = random.Random(1)
+    blob.write_bytes(bytes(rng.randrange(256) for _ in range(100_000)))
+    with pytest.raises(SlmforgeError, match=r"photo\.txt: [\d,]+ of [\d,]+ lines are not UTF-8 \(first at line "
+                                            r"\d+\): a binary file or another encoding\?") as in_ranges:
+        prepare_data(config_for(setup, tmp_path / "out", sources=[{"path": str(blob)}], workers=2),
+                     show_progress=False)
+    monkeypatch.setattr(SourceReader, "reads_by_range", lambda self: False)
+    with pytest.raises(SlmforgeError) as sent:
+        prepare_data(config_for(setup, tmp_path / "sent", sources=[{"path": str(blob)}]), show_progress=False)
+    assert str(in_ranges.value) == str(sent.value)  # the same counts and first line

@@ -1,9 +1,10 @@
 """Tokenizing documents on all cores, in order.
 
 Worker processes each load the tokenizer once and turn a batch of documents into one flat token array
-(`[bos] ids eos` per document) plus per-document lengths, UTF-8 sizes and validation flags. Results
-come back in submission order, so the output never depends on how many workers ran. At most a few
-batches are in flight, which bounds memory whatever the corpus size.
+(`[bos] ids eos` per document) plus per-document lengths, UTF-8 sizes and validation flags. A batch
+is sent as texts, or as a job the worker reads itself (byte ranges of a file: the text then never
+crosses a pipe). Results come back in submission order, so the output never depends on how many
+workers ran. At most a few batches are in flight, which bounds memory whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class EncodedBatch:
     lengths: np.ndarray     # (documents,) int64 tokens per document, specials included
     text_bytes: np.ndarray  # (documents,) int64 UTF-8 bytes of the text the tokens encode (normalized)
     held_out: np.ndarray    # (documents,) bool: goes to the validation split by its text hash
+    read: Any = None        # what a job that read its own texts counted (see `DocumentEncoder.encode`)
 
 
 class DocumentEncoder:
@@ -127,6 +129,16 @@ class DocumentEncoder:
             held_out = np.zeros(len(texts), dtype=bool)
         tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=self.dtype)
         return EncodedBatch(tokens, lengths, text_bytes, held_out)
+
+    def encode(self, work: list[str] | Any) -> EncodedBatch:
+        """A batch of texts, or a job that reads its own (`work.read()` -> texts and what reading them
+        counted, e.g. text.sources.RangeJob), as one EncodedBatch; the job's counts ride along in `.read`."""
+        if isinstance(work, list):
+            return self(work)
+        texts, counted = work.read()
+        batch = self(texts)
+        batch.read = counted
+        return batch
 
     def _text_bytes(self, text: str, encoded: bytes) -> int:
         """UTF-8 bytes of `text` as the tokenizer normalizes it (`encoded` is its raw UTF-8): bits per
@@ -215,9 +227,9 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _worker_encode(texts: list[str]) -> EncodedBatch:
+def _worker_encode(work: list[str] | Any) -> EncodedBatch:
     assert _worker_encoder is not None
-    return _worker_encoder(texts)
+    return _worker_encoder.encode(work)
 
 
 def default_workers() -> int:
@@ -259,15 +271,16 @@ class EncoderPool:
                 else:
                     os.environ["TOKENIZERS_PARALLELISM"] = previous
 
-    def map(self, jobs: Iterable[tuple[Any, list[str]]]) -> Iterator[tuple[Any, EncodedBatch]]:
-        """(tag, texts) -> (tag, EncodedBatch), in order, with a bounded number in flight."""
+    def map(self, jobs: Iterable[tuple[Any, list[str] | Any]]) -> Iterator[tuple[Any, EncodedBatch]]:
+        """(tag, texts or a job that reads its own: see `DocumentEncoder.encode`) -> (tag, EncodedBatch),
+        in order, with a bounded number in flight."""
         if self._pool is None:
-            for tag, texts in jobs:
-                yield tag, self.encoder(texts)
+            for tag, work in jobs:
+                yield tag, self.encoder.encode(work)
             return
         pending: collections.deque = collections.deque()
-        for tag, texts in jobs:
-            pending.append((tag, self._submit(texts)))
+        for tag, work in jobs:
+            pending.append((tag, self._submit(work)))
             if len(pending) >= 2 * self.workers:
                 tag0, result = pending.popleft()
                 yield tag0, self._result(result)
@@ -275,9 +288,9 @@ class EncoderPool:
             tag0, result = pending.popleft()
             yield tag0, self._result(result)
 
-    def _submit(self, texts: list[str]):
+    def _submit(self, work: list[str] | Any):
         try:
-            return self._pool.submit(_worker_encode, texts)
+            return self._pool.submit(_worker_encode, work)
         except BrokenProcessPool:
             raise _worker_died() from None
 

@@ -3,6 +3,14 @@
     sources --SourceReader--> Interleaver (mixture order) --batches--> EncoderPool (workers)
             --in order--> train/val ShardWriters --> manifest.json
 
+A single source of uncompressed text/JSONL files (one big file, say) takes another road to the same
+bytes: the parent only plans byte ranges cut where a unit starts (`SourceReader.ranges`), each worker
+reads its own ranges and tokenizes them, and the parent counts what they read, in order, as if it had
+read it (`SourceReader.count_range`), so checkpoints and the manifest are those of the other road. No
+text crosses a pipe and the parent does no work per document, so it keeps up with many more workers.
+Several sources are mixed document by document, so they are read here and sent as texts; so is a
+source with compressed, Parquet or dataset input (a compressed stream cannot be entered mid-file).
+
 The output depends only on the config and the tokenizer: not on the number of workers, nor on where
 a run was interrupted (a rerun resumes from `progress.json` and writes the same bytes).
 """
@@ -22,6 +30,7 @@ from slmforge import config
 from slmforge.config import require
 from slmforge.data.encode import (
     DocumentEncoder,
+    EncodedBatch,
     EncoderPool,
     default_workers,
     tokenizer_info,
@@ -48,13 +57,15 @@ from slmforge.data.shards import (
     ShardWriter,
     dtype_for_vocab,
 )
-from slmforge.text.sources import ReadStats, SourceReader
+from slmforge.text.sources import RangeJob, ReadStats, SourceReader
 from slmforge.fileio import relative_to, write_json_atomic
 
 SECTION = "data"
 SPLITS = ("train", "val")
 BATCH_DOCUMENTS = 1024     # a batch closes at this many documents...
 BATCH_CHARS = 1 << 20      # ...or this many characters: big enough to amortize IPC, small in memory
+RANGE_BYTES = 1 << 20      # a worker's job when it reads a single source's files itself (same reasons),
+                           # smaller (down to 1/16) when that would leave fewer than 4 jobs per worker
 CHECKPOINT_SECONDS = 60.0  # besides after every finished shard
 
 
@@ -186,6 +197,8 @@ class _Preparation:
         self.probabilities = mixture_probabilities(cfg, self.sizes)
         self.interleaver = Interleaver(self.readers, self.probabilities, cfg.seed, cfg.stop,
                                        saved.get("interleaver"))
+        # Decided by the sources alone (never by the worker count), so a resumed run takes the same path.
+        self.by_range = len(self.readers) == 1 and self.readers[0].reads_by_range()
         # Per source: documents, tokens, UTF-8 bytes drawn so far.
         self.drawn = np.array(saved.get("drawn") or [[0, 0, 0]] * len(cfg.sources), dtype=np.int64)
         self.documents = int(saved.get("documents", 0))
@@ -200,6 +213,28 @@ class _Preparation:
         }
 
     # -- the loop
+
+    def _jobs(self) -> Iterator[tuple[Any, list[str] | RangeJob]]:
+        """(tag, work) for the encoder pool in stream order: byte ranges the workers read themselves
+        (the tag is the job, counted when its result is back), or batches of texts read here."""
+        if self.by_range:
+            reader = self.readers[0]
+            left = reader.total_bytes() - reader.consumed_bytes()
+            for job in reader.ranges(min(RANGE_BYTES, max(RANGE_BYTES // 16, left // (4 * self.workers)))):
+                yield job, job
+        else:
+            yield from self._batches()
+
+    def _count_read(self, tag: Any, batch: EncodedBatch) -> tuple[np.ndarray, dict[str, Any]]:
+        """(source indices, state after the batch) of a finished job: a text batch carries them; a range
+        job's reading is counted now, in order, as if this process had read it."""
+        if not isinstance(tag, RangeJob):
+            return tag
+        reader = self.readers[0]
+        for part, (stats, lines) in zip(tag.ranges, batch.read):
+            reader.count_range(part, stats, lines)
+        self.interleaver.drawn_elsewhere(len(batch.lengths))
+        return np.zeros(len(batch.lengths), dtype=np.int64), self._snapshot()
 
     def _batches(self) -> Iterator[tuple[Any, list[str]]]:
         """(source indices, position after the batch), texts: batches in mixture order."""
@@ -231,8 +266,10 @@ class _Preparation:
         self.log.total_bytes = sum(s for s in sizes if s is not None) if None not in sizes else None
         shards_done = self._finished_shards()
         last_save = time.monotonic()
-        with EncoderPool(encoder, cfg.workers or default_workers()) as pool:
-            for (sources, snapshot), batch in pool.map(self._batches()):
+        self.workers = cfg.workers or default_workers()
+        with EncoderPool(encoder, self.workers) as pool:
+            for tag, batch in pool.map(self._jobs()):
+                sources, snapshot = self._count_read(tag, batch)
                 if by_hash:
                     held_out = batch.held_out
                 else:  # the first val_documents documents of the stream
@@ -251,6 +288,9 @@ class _Preparation:
                 self.log.update(self.documents, int(self.drawn[:, 1].sum()), int(self.drawn[:, 2].sum()),
                                 sum(r.consumed_bytes() for r in self.readers),
                                 new_text_bytes=int(batch.text_bytes.sum()))
+        if self.by_range:  # the end of the source, as iterating it would have found it
+            self.readers[0].require_documents()
+            self.interleaver.drawn_elsewhere(0, finished=True)
 
     def _write(self, tokens: np.ndarray, lengths: np.ndarray, text_bytes: np.ndarray,
                held_out: np.ndarray) -> None:

@@ -159,6 +159,19 @@ class Interleaver:
     def state(self) -> dict[str, Any]:
         return {"draws": self.draws, "exhausted": sorted(self.exhausted), "finished": self.finished}
 
+    def drawn_elsewhere(self, documents: int, finished: bool = False) -> None:
+        """Count `documents` of a one-source stream that were read without iterating it (`data prepare`'s
+        workers read a single source by byte ranges) and, with `finished`, its end: the state is then
+        the one iterating would have left (a single source is drawn every time; one more draw finds it
+        exhausted)."""
+        if len(self.readers) != 1:
+            raise ValueError("drawn_elsewhere: only a one-source stream is drawn in a known order")
+        self.draws += documents
+        if finished and not self.finished:
+            self.draws += 1
+            self.exhausted.add(0)
+            self.finished = True
+
     def _uniform(self, k: int) -> float:
         block = k // self.BLOCK
         if block != self._block_index:

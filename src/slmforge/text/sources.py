@@ -6,6 +6,11 @@ are plain text, JSONL or Parquet; `.gz` and `.zst` files are decompressed on the
 Nothing is dropped silently: every skipped unit (invalid UTF-8, empty, broken JSON line, missing or
 non-text field) is counted in `ReadStats`, per reason and per file, with the first line it happened on.
 A `SourceReader` also knows its position (file, byte offset, line), so a run can resume where it was.
+
+Uncompressed text and JSONL files can also be read in pieces by other processes: `SourceReader.ranges`
+cuts them into `RangeJob`s of byte ranges that start and end at unit boundaries (after a newline; after
+a blank line for paragraphs), any process reads a job with `RangeJob.read`, and `count_range` adds what
+it counted to the reader, in order, with the same documents, counts and line numbers as reading it here.
 """
 
 from __future__ import annotations
@@ -208,7 +213,7 @@ class SourceReader:
 
     def __init__(self, source: SourceConfig, stats: ReadStats | None = None,
                  cursor: dict[str, int] | None = None, *, max_invalid_share: float | None = None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, files: list[Path] | None = None):
         self.source = source
         # Fail on a file where more than this share of the units is not UTF-8 (a binary file, another
         # encoding): skipping them would leave a few stray "lines" and a success status.
@@ -220,7 +225,8 @@ class SourceReader:
         self._file = int(cursor.get("file", 0))
         self._offset = int(cursor.get("offset", 0))
         self._line = int(cursor.get("line", 0))
-        self.files: list[Path] = [] if source.is_hf else resolve_files(source)
+        # `files` given: already resolved (a RangeJob reads one file without listing its folder again)
+        self.files: list[Path] = files if files is not None else [] if source.is_hf else resolve_files(source)
         self.file_sizes = [p.stat().st_size for p in self.files]
         self._raw: io.BufferedReader | None = None
 
@@ -236,7 +242,16 @@ class SourceReader:
         done = sum(self.file_sizes[:self._file])
         if self._raw is not None and not self._raw.closed:
             done += self._raw.tell()
+        elif self._file < len(self.files) and file_format(self.files[self._file], self.source.format)[1] is None:
+            done += self._offset  # counted by ranges (or resumed): the offset is the position on disk
         return done
+
+    def require_documents(self) -> None:
+        """The end of the source: one line naming it when it yielded no document at all."""
+        if self.stats.documents == 0:
+            where = "dataset" if self.source.is_hf else f"{len(self.files)} file(s)"
+            raise SlmforgeError(f"{self.source.path}: no documents in {where} "
+                                f"(skipped: {self.stats.describe_skips()})")
 
     def __iter__(self) -> Iterator[str]:
         if self.source.is_hf:
@@ -254,10 +269,96 @@ class SourceReader:
                     yield from self._read_stream(path, fmt, compression)
                 self._check_invalid(path)
                 self._file, self._offset, self._line = self._file + 1, 0, 0
-        if self.stats.documents == 0:
-            where = "dataset" if self.source.is_hf else f"{len(self.files)} file(s)"
-            raise SlmforgeError(f"{self.source.path}: no documents in {where} "
-                                f"(skipped: {self.stats.describe_skips()})")
+        self.require_documents()
+
+    # -- byte ranges of uncompressed text and JSONL, read by other processes
+
+    def reads_by_range(self) -> bool:
+        """True when every file is uncompressed text or JSONL, which `ranges` can cut anywhere a unit
+        starts (compressed streams cannot be entered in the middle; Parquet and datasets have no lines)."""
+        return not self.source.is_hf and all(
+            file_format(path, self.source.format) in (("text", None), ("jsonl", None)) for path in self.files)
+
+    def ranges(self, range_bytes: int) -> Iterator[RangeJob]:
+        """The files from the cursor on as jobs of about `range_bytes` (only when `reads_by_range`): each
+        file's ranges in order, several small files in one job. Planning reads a few bytes around each
+        cut (and, for `text_unit = "auto"`, each file's head); it leaves the cursor alone: `count_range`
+        moves it as the jobs' results come back, so the jobs ahead of it can be planned already."""
+        return self._plan(self._file, self._offset, range_bytes)
+
+    def _plan(self, first_file: int, first_offset: int, range_bytes: int) -> Iterator[RangeJob]:
+        pieces: list[FileRange] = []
+        size = 0
+        for index in range(first_file, len(self.files)):
+            path, total = self.files[index], self.file_sizes[index]
+            unit = self._range_unit(index)
+            start = first_offset if index == first_file else 0
+            while True:  # at least one range per file, however empty: counting it finishes the file
+                end = total if unit == "file" else _unit_boundary(path, start + range_bytes - size, unit, total)
+                pieces.append(FileRange(index, str(path), start, end, unit))
+                size += end - start
+                if size >= range_bytes:
+                    yield RangeJob(self.source, tuple(pieces))
+                    pieces, size = [], 0
+                if end >= total:
+                    break
+                start = end
+        if pieces:
+            yield RangeJob(self.source, tuple(pieces))
+
+    def _range_unit(self, index: int) -> str:
+        """The unit of file `index`: "jsonl", or its text unit (configured, recorded by a resumed run, or
+        detected from its head)."""
+        path = self.files[index]
+        if file_format(path, self.source.format)[0] == "jsonl":
+            return "jsonl"
+        if self.source.text_unit != "auto":
+            return self.source.text_unit
+        recorded = self.stats.files.get(str(path), {}).get("text_unit")
+        return recorded or self._detect_unit(path, None)
+
+    def count_range(self, part: FileRange, stats: ReadStats, lines: int) -> None:
+        """Add what reading `part` of the current file counted elsewhere (`RangeJob.read`): its documents
+        and skips, their line numbers moved past the lines before it, and the cursor, which moves to the
+        range's end and on to the next file when the range ends this one (checking its share of non-UTF-8
+        units as reading it here would). Ranges must come in order."""
+        if (part.file, part.start) != (self._file, self._offset):
+            raise ValueError(f"count_range: range {part.file}:{part.start} counted at {self._file}:{self._offset}")
+        path = self.files[self._file]
+        entry = self.stats.file(str(path))
+        if part.unit != "jsonl" and self.source.text_unit == "auto":
+            entry.setdefault("text_unit", part.unit)
+        for counted in stats.files.values():
+            entry["documents"] += counted["documents"]
+            for reason, seen in counted["skipped"].items():
+                self.stats.skip(entry, reason, self._line + seen["first_line"], seen["count"])
+        self.stats.documents += stats.documents
+        self._offset, self._line = part.end, self._line + lines
+        if part.end >= self.file_sizes[self._file]:
+            self._check_invalid(path)
+            self._file, self._offset, self._line = self._file + 1, 0, 0
+
+    def _read_range(self, part: FileRange) -> Iterator[str]:
+        """The documents of `part` of this reader's (only) file, the cursor at its start and line 0."""
+        path = self.files[self._file]
+        entry = self.stats.file(str(path))
+        try:
+            with open(path, "rb") as f:
+                f.seek(part.start)
+                data = f.read(part.end - part.start)
+        except OSError as e:
+            raise SlmforgeError(f"{path}: cannot read ({e.strerror or e})") from None
+        if len(data) != part.end - part.start:
+            raise SlmforgeError(f"{path}: shorter than when the run started; was it changed while being read?")
+        stream = io.BytesIO(data)
+        if part.unit == "jsonl":
+            yield from self._jsonl_units(stream, entry)
+        elif part.unit == "line":
+            yield from self._line_units(stream, entry)
+        elif part.unit == "paragraph":
+            yield from self._paragraph_units(stream, entry)
+        else:
+            yield from self._file_unit(stream, entry)
 
     # -- text and JSONL (plain, .gz, .zst)
 
@@ -293,14 +394,17 @@ class SourceReader:
         if self.source.text_unit != "auto":
             return self.source.text_unit
         if "text_unit" not in entry:
-            unit, why = detect_text_unit(path, compression)
-            entry["text_unit"] = unit
-            if unit == "paragraph" and self.say is not None and not self._announced:
-                self._announced = True
-                others = " (each of the source's files is checked the same way)" if len(self.files) > 1 else ""
-                self.say(f"{path}: {why}: one document per paragraph{others} (text_unit = \"auto\"; "
-                         f"set text_unit = \"line\" for one document per line)")
+            entry["text_unit"] = self._detect_unit(path, compression)
         return entry["text_unit"]
+
+    def _detect_unit(self, path: Path, compression: str | None) -> str:
+        unit, why = detect_text_unit(path, compression)
+        if unit == "paragraph" and self.say is not None and not self._announced:
+            self._announced = True
+            others = " (each of the source's files is checked the same way)" if len(self.files) > 1 else ""
+            self.say(f"{path}: {why}: one document per paragraph{others} (text_unit = \"auto\"; "
+                     f"set text_unit = \"line\" for one document per line)")
+        return unit
 
     def _check_invalid(self, path: Path) -> None:
         if self.max_invalid_share is None:
@@ -487,6 +591,56 @@ class SourceReader:
             text = self._field_text(row.get(key), entry, self._line)
             if text is not None and self._accept(entry, text):
                 yield text
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes [start, end) of one of a source's uncompressed files, cut where a unit starts."""
+
+    file: int   # index in the source's files
+    path: str
+    start: int
+    end: int
+    unit: str   # "line", "paragraph", "file" or "jsonl"
+
+
+@dataclass(frozen=True)
+class RangeJob:
+    """Consecutive byte ranges of one source's files: a piece of work that any process reads by itself,
+    so that the text never has to be sent to it (`data prepare`'s workers)."""
+
+    source: SourceConfig
+    ranges: tuple[FileRange, ...]
+
+    def read(self) -> tuple[list[str], list[tuple[ReadStats, int]]]:
+        """The documents of the ranges in order and, per range, what reading it counted (lines numbered
+        from the range's start) and how many lines it held: what `SourceReader.count_range` takes."""
+        texts: list[str] = []
+        counted = []
+        for part in self.ranges:
+            reader = SourceReader(self.source, cursor={"offset": part.start}, files=[Path(part.path)])
+            texts.extend(reader._read_range(part))
+            counted.append((reader.stats, reader._line))
+        return texts, counted
+
+
+def _unit_boundary(path: Path, target: int, unit: str, total: int) -> int:
+    """The first offset >= `target` where a unit of `path` starts, or `total` (the file's size): just
+    after a newline, or for paragraphs just after a blank line. A newline byte is never inside a UTF-8
+    character, and "\\r\\n" stays whole since the cut follows its "\\n". A line that is blank only after
+    the reader strips a byte order mark is not taken as a cut: any later blank line is as good."""
+    if target >= total:
+        return total
+    with open(path, "rb") as f:
+        f.seek(target - 1)
+        position = target - 1 + len(f.readline())  # the end of the line holding byte target - 1
+        if unit == "paragraph":
+            while position < total:
+                line = f.readline()
+                position += len(line)
+                if not line.strip():
+                    break
+    return min(position, total)
 
 
 DETECT_BYTES = 1 << 16
