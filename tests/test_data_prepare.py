@@ -746,3 +746,22 @@ def test_one_binary_file_fails_naming_it_when_read_in_ranges(setup, tmp_path, mo
     with pytest.raises(SlmforgeError) as sent:
         prepare_data(config_for(setup, tmp_path / "sent", sources=[{"path": str(blob)}]), show_progress=False)
     assert str(in_ranges.value) == str(sent.value)  # the same counts and first line
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_file_refused_after_a_clean_head_leaves_nothing_behind(setup, tmp_path, workers):
+    """Ranges are written as they come back, so documents from the file's clean head exist before its
+    share of non-UTF-8 lines is known; a refused file still leaves the output folder as it was found,
+    and the rerun after fixing the file starts afresh."""
+    root, docs, _ = setup
+    corpus = tmp_path / "photo.txt"
+    head = (root / "corpus" / "en.txt").read_bytes()
+    rng = random.Random(2)
+    corpus.write_bytes(head + bytes(rng.randrange(256) for _ in range(300_000)))
+    out = tmp_path / "out"
+    with pytest.raises(SlmforgeError, match="are not UTF-8"):
+        prepare_data(config_for(setup, out, sources=[{"path": str(corpus)}], workers=workers), show_progress=False)
+    assert not out.exists()
+    corpus.write_bytes(head)  # fixed
+    prepare_data(config_for(setup, out, sources=[{"path": str(corpus)}], workers=workers), show_progress=False)
+    assert (out / "manifest.json").is_file()

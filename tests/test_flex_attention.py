@@ -207,6 +207,29 @@ def test_a_failed_compile_is_said_once_then_the_fallback_runs(monkeypatch):
     assert kernel.state == "failed"
 
 
+def test_a_backward_that_fails_to_compile_falls_back_too(monkeypatch):
+    """AOTAutograd compiles the backward lazily: the first call builds it at once, inside the check, so a
+    backward the compiler cannot make falls back like a forward would, instead of failing the run at
+    the first loss.backward()."""
+    class ForwardOnly(torch.autograd.Function):  # what a compiled forward with a broken backward gives
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: ForwardOnly.apply)
+    kernel = flex.CompiledOnce(lambda x: x * 2, lambda x: x * 2.0, "kernel", "the plain path runs")
+    x = torch.ones(3, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="out of resource"):
+        out = kernel(x)
+    assert kernel.state == "failed"
+    out.sum().backward()  # the fallback's graph
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+
+
 @pytest.mark.slow
 def test_compiled_flex_equals_sdpa_on_cpu(monkeypatch):
     """The compiled path (inductor's CPU template for flex_attention, compiled create_block_mask),

@@ -166,16 +166,27 @@ def test_liger_kernel_is_refused_off_cuda_in_one_line():
     HeadLoss("chunked").check(torch.device("cpu"))  # the default runs anywhere
 
 
-def test_trainer_hands_the_loss_settings_to_the_objective(markov_shards, tmp_path):
+def test_trainer_hands_the_loss_settings_to_the_objective(markov_shards, tmp_path, monkeypatch):
+    """train.loss_chunk_rows reaches the loss the Trainer runs: the chunks really are that small, and the
+    losses equal the default chunking's."""
     from slmforge import config
     from slmforge.errors import ConfigError
+    from slmforge.objectives import losses
     from slmforge.train.config import PretrainConfig
-    from slmforge.train.pretrain import pretrain
     from slmforge.train.metrics import read_metrics
+    from slmforge.train.pretrain import pretrain
 
     _, data = markov_shards
+    seen, original = [], losses._chunk_loss
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.shape[0])
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "_chunk_loss", spy)
     losses_by_rows = {}
     for rows in ("default", 5):
+        seen.clear()
         extra = [] if rows == "default" else [f"train.loss_chunk_rows={rows}"]
         pretrain(config.load(PretrainConfig, overrides=[
             f"train.data={data}", f"train.out_dir={tmp_path / str(rows)}", "model.preset=test-tiny",
@@ -183,6 +194,7 @@ def test_trainer_hands_the_loss_settings_to_the_objective(markov_shards, tmp_pat
             "train.eval_every=0", "train.device=cpu", *extra]))
         losses_by_rows[rows] = [r["loss"] for r in read_metrics(tmp_path / str(rows) / "metrics.jsonl")
                                 if r["split"] == "train"]
+        assert max(seen) == (64 if rows == "default" else 5)  # 4 x 16 rows in one chunk by default
     assert losses_by_rows["default"] == pytest.approx(losses_by_rows[5], abs=1e-5)
     with pytest.raises(ConfigError, match="loss_chunk_rows"):
         config.load(PretrainConfig, overrides=["train.loss_chunk_rows=0"])

@@ -138,6 +138,29 @@ def test_compiled_step_traces_once_for_every_token_and_length(model, monkeypatch
     torch._dynamo.reset()
 
 
+@torch.no_grad()
+def test_a_generation_started_inside_another_does_not_share_its_cache(model, monkeypatch):
+    """compile=true keeps one cache per model between generations; a generation started while another
+    runs (here from the streaming callback, as a second thread could) gets its own, and both give the
+    tokens they give alone."""
+    monkeypatch.setattr(generate, "compiled_static_step",
+                        lambda device_type: torch.compile(generate._static_step, backend="eager", fullgraph=True))
+    monkeypatch.setattr(generate, "_static_caches", type(generate._static_caches)())
+    outer_prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(7))
+    inner_prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(8))
+    inner = []
+
+    def generate_inside(token_id: int) -> None:
+        if not inner:
+            inner.append(generate_ids(model, inner_prompt, greedy(20, compile=True)))
+
+    outer = generate_ids(model, outer_prompt, greedy(20, compile=True), on_token=generate_inside)
+    assert torch.equal(outer, generate_ids(model, outer_prompt, greedy(20)))
+    assert torch.equal(inner[0], generate_ids(model, inner_prompt, greedy(20)))
+    assert not generate._caches_in_use  # both released
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compiled_generation_equals_cached(model):
     """Inductor for real (about 10 s a compile on 2 CPU cores): the same tokens as the cached path,

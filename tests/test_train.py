@@ -228,6 +228,26 @@ def test_compiled_training_matches_eager_and_saves_plain_names(markov_shards, tm
             torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
 
 
+def test_train_compile_reaches_the_wrapping(markov_shards, tmp_path, monkeypatch):
+    """Fast (nothing compiled): train.compile gets to compile_for_training, which compiles the whole
+    ObjectiveModule ("model") or each block ("blocks") in place."""
+    from slmforge.train import parallel
+
+    _, data = markov_shards
+    scopes = []
+    monkeypatch.setattr(parallel, "compile_for_training", lambda module, scope, strategy: scopes.append(scope))
+    pretrain(run_config(data, tmp_path / "run", "train.max_steps=1", "train.batch_size=4", "train.compile=model"))
+    assert scopes == ["model"]
+    monkeypatch.undo()
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    module = parallel.ObjectiveModule(torch.nn.Module(), None)
+    module.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    parallel.compile_for_training(module, "model", "ddp")
+    parallel.compile_for_training(module, True, "none")
+    assert compiled == ["ObjectiveModule", "Linear", "Linear"]
+
+
 def test_whole_model_compile_is_refused_with_fsdp():
     from slmforge.train.parallel import ObjectiveModule, compile_for_training
 

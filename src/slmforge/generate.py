@@ -6,15 +6,17 @@ import argparse
 import functools
 import json
 import sys
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
+from slmforge.formatting import say
 from slmforge.models import Decoder, KVCache
 from slmforge.models.registry import family
 
@@ -169,33 +171,41 @@ def _decode(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: i
     steps = min(cfg.max_new_tokens, room)
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
-    next_logits = _next_logits(model, prompt, prompt.shape[1] + steps, cfg, use_cache)
-    step_input = prompt
-    for _ in range(steps):
-        logits = next_logits(tokens, step_input)
-        chosen = next_token(logits, tokens, cfg, generator)
-        if eos_id is not None and cfg.stop_at_eos:
-            chosen = torch.where(finished, torch.full_like(chosen, eos_id), chosen)
-            finished |= chosen == eos_id
-        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
-        step_input = chosen[:, None]
-        if on_token is not None and not (eos_id is not None and int(chosen[0]) == eos_id):
-            on_token(int(chosen[0]))
-        if eos_id is not None and cfg.stop_at_eos and bool(finished.all()):  # a host sync: only when it can stop
-            break
+    with _decoding_steps(model, prompt, prompt.shape[1] + steps, cfg, use_cache) as next_logits:
+        step_input = prompt
+        for _ in range(steps):
+            logits = next_logits(tokens, step_input)
+            chosen = next_token(logits, tokens, cfg, generator)
+            if eos_id is not None and cfg.stop_at_eos:
+                chosen = torch.where(finished, torch.full_like(chosen, eos_id), chosen)
+                finished |= chosen == eos_id
+            tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+            step_input = chosen[:, None]
+            if on_token is not None and not (eos_id is not None and int(chosen[0]) == eos_id):
+                on_token(int(chosen[0]))
+            if eos_id is not None and cfg.stop_at_eos and bool(finished.all()):  # a host sync: only when it can stop
+                break
     return tokens
 
 
-def _next_logits(model: Decoder, prompt: torch.Tensor, length: int, cfg: SamplingConfig,
-                 use_cache: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """What one decoding step runs: (every token so far (B, t), the new ones) -> next-token logits (B, V).
-    Only the last position is projected: (B, V), not (B, T, V)."""
+@contextmanager
+def _decoding_steps(model: Decoder, prompt: torch.Tensor, length: int, cfg: SamplingConfig,
+                    use_cache: bool) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """What one decoding step runs, for one generation: (every token so far (B, t), the new ones) ->
+    next-token logits (B, V). Only the last position is projected: (B, V), not (B, T, V)."""
     if not use_cache:  # the plain path the others are checked against: the whole context every step
-        return lambda tokens, new: model.logits(model(tokens)[:, -1])
-    if cfg.static_cache or cfg.compile:
-        return StaticDecoding(model, prompt.shape[0], length, cfg.window_cache, cfg.compile, prompt.device)
-    cache = model.new_cache(prompt.shape[0], length, ring=cfg.window_cache)
-    return lambda tokens, new: model.logits(model(new, cache=cache)[:, -1])
+        if cfg.static_cache or cfg.compile:
+            say("note: static_cache and compile need the KV cache; decoding without it, uncompiled")
+        yield lambda tokens, new: model.logits(model(tokens)[:, -1])
+    elif cfg.static_cache or cfg.compile:
+        decoding = StaticDecoding(model, prompt.shape[0], length, cfg.window_cache, cfg.compile, prompt.device)
+        try:
+            yield decoding
+        finally:
+            decoding.release()
+    else:
+        cache = model.new_cache(prompt.shape[0], length, ring=cfg.window_cache)
+        yield lambda tokens, new: model.logits(model(new, cache=cache)[:, -1])
 
 
 # ---------------------------------------------------------------- static (compiled) decoding, issue 17
@@ -222,9 +232,12 @@ def compiled_static_step(device_type: str) -> Callable:
 
 
 # A compiled step keeps its cache from one generation to the next (per model, the latest shape only):
-# CUDA graphs record the cache's addresses, and new buffers every generation would re-record them.
-# So two generations with one model must not run at the same time (threads) with compile=true.
+# CUDA graphs record the cache's addresses, and new buffers every generation would re-record them. A
+# generation that starts while another one on the same model holds that cache (a callback that
+# generates, another thread) gets a cache of its own instead, so neither overwrites the other.
 _static_caches: "weakref.WeakKeyDictionary[Decoder, tuple[tuple, KVCache]]" = weakref.WeakKeyDictionary()
+_caches_in_use: set[int] = set()  # id() of kept caches a generation holds
+_kept_lock = threading.Lock()
 
 
 class StaticDecoding:
@@ -243,20 +256,33 @@ class StaticDecoding:
         self.position: torch.Tensor | None = None
 
     def _cache(self, batch_size: int, max_len: int, ring: bool, compile: bool) -> KVCache:
+        self.held = None
         if not compile:
             return self.model.new_cache(batch_size, max_len, ring=ring)
         weight = self.model.embed.weight
         key = (batch_size, max_len, ring, weight.dtype, weight.device)
-        kept_key, cache = _static_caches.get(self.model, (None, None))
-        if kept_key != key:
-            _static_caches.pop(self.model, None)  # free the old buffers before allocating new ones
-            cache = self.model.new_cache(batch_size, max_len, ring=ring)
-            if self.device.type == "cuda":  # CUDA graphs may then write the buffers in place (no copies)
-                for buffer in cache.keys + cache.values:
-                    torch._dynamo.mark_static_address(buffer)
-            _static_caches[self.model] = (key, cache)
+        with _kept_lock:
+            kept_key, cache = _static_caches.get(self.model, (None, None))
+            if cache is not None and id(cache) in _caches_in_use:  # another generation is using it
+                return self.model.new_cache(batch_size, max_len, ring=ring)
+            if kept_key != key:
+                _static_caches.pop(self.model, None)  # free the old buffers before allocating new ones
+                cache = self.model.new_cache(batch_size, max_len, ring=ring)
+                if self.device.type == "cuda":  # CUDA graphs may then write the buffers in place (no copies)
+                    for buffer in cache.keys + cache.values:
+                        torch._dynamo.mark_static_address(buffer)
+                _static_caches[self.model] = (key, cache)
+            _caches_in_use.add(id(cache))
+            self.held = cache
         cache.position = 0  # what an earlier generation left beyond the prompt is masked, then overwritten
         return cache
+
+    def release(self) -> None:
+        """The generation is over: the kept cache is free for the next one."""
+        if self.held is not None:
+            with _kept_lock:
+                _caches_in_use.discard(id(self.held))
+            self.held = None
 
     def __call__(self, tokens: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         if self.position is None:  # the prompt: the ordinary cached forward fills the same buffers
@@ -278,8 +304,6 @@ def _generate_encdec(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: i
     from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
 
     if cfg.compile or cfg.static_cache:
-        from slmforge.formatting import say
-
         say("note: static_cache and compile apply to decoder-only models; the encoder-decoder decodes with "
             "its own cache, uncompiled")
 
@@ -312,11 +336,13 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
     if stream:
         decoder = tokenizer.decode_stream()
 
-        def on_token(token_id: int) -> None:
+        def write_piece(token_id: int) -> None:
             piece = decoder.step(token_id)
             if piece:
                 (out or sys.stdout).write(piece)  # looked up now: a default bound at import goes stale
                 (out or sys.stdout).flush()
+
+        on_token = write_piece
 
     tokens = generate_ids(model, prompt_ids, cfg, eos_id=stop_id, on_token=on_token)
     new = tokens[0, len(ids):].tolist()

@@ -45,14 +45,14 @@ def apply_attention(model: torch.nn.Module, name: str, device: torch.device) -> 
     if not hasattr(model, "set_attention"):
         raise ConfigError(f"train.attention: {name} is implemented for decoders, not {type(model).__name__}; "
                           f"use sdpa")
-    if device.type in ("cpu", "mps"):
-        say(f"warning: train.attention={name}: torch {torch.__version__} has no FlexAttention backward pass on "
-            f"{device.type}; training with sdpa (the same numbers)")
-        return
-    try:
+    try:  # the model's own refusals first, so a config is judged the same on every device
         model.set_attention(name)
     except ValueError as error:
         raise ConfigError(f"train.attention: {error}") from None
+    if device.type in ("cpu", "mps"):
+        model.set_attention("sdpa")
+        say(f"warning: train.attention={name}: torch {torch.__version__} has no FlexAttention backward pass on "
+            f"{device.type}; training with sdpa (the same numbers)")
 
 
 # Dense bf16 tensor-core peak FLOP/s per device, from the vendors' datasheets (no sparsity): what MFU

@@ -57,7 +57,7 @@ from slmforge.data.shards import (
     ShardWriter,
     dtype_for_vocab,
 )
-from slmforge.text.sources import RangeJob, ReadStats, SourceReader
+from slmforge.text.sources import RangeJob, ReadStats, SourceReader, UnreadableFile
 from slmforge.fileio import relative_to, write_json_atomic
 
 SECTION = "data"
@@ -159,17 +159,18 @@ class _Preparation:
         except KeyboardInterrupt:
             self.log.note("interrupted; rerun the same command to resume from the last checkpoint")
             raise
-        except Exception:
-            if not self.documents:  # nothing worth resuming: leave the folder as it was found
+        except Exception as error:
+            # Nothing worth resuming (no document yet, or a file refused whole: the fixed file is another
+            # input, which a resume would refuse): leave the folder as it was found.
+            if not self.documents or isinstance(error, UnreadableFile):
                 self._discard(remove_folder=not existed)
             raise
         self._finish()
         return self.out
 
     def _discard(self, remove_folder: bool) -> None:
-        """Remove what a run that wrote no document left (progress.json, empty shards), so that a rerun
-        after fixing the input (an empty corpus, a binary file) starts afresh instead of refusing the
-        changed input."""
+        """Remove what a failed run left (progress.json, shards), so that a rerun after fixing the input
+        (an empty corpus, a binary file) starts afresh instead of refusing the changed input."""
         for writer in getattr(self, "writers", {}).values():
             writer.close()
         for stale in self.out.glob("*-[0-9][0-9][0-9][0-9][0-9].bin"):

@@ -60,6 +60,7 @@ class CompiledOnce:
             return self.compiled(*args, **kwargs)
         try:
             out = self.compiled(*args, **kwargs)
+            _probe_backward(out, args, kwargs)
         except Exception as error:
             out = self.fallback(*args, **kwargs)  # raises if the arguments, not compiling, were the problem
             self.state = "failed"
@@ -69,6 +70,16 @@ class CompiledOnce:
             return out
         self.state = "compiled"
         return out
+
+
+def _probe_backward(out, args, kwargs) -> None:
+    """Build the compiled backward now, inside the first call's fallback check: AOTAutograd compiles it
+    lazily, at the first `loss.backward()`, where a failure (e.g. a GPU with less shared memory than
+    the kernel wants) would escape the fallback and end the run."""
+    if not (isinstance(out, torch.Tensor) and out.requires_grad):
+        return
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+    torch.autograd.grad(out.float().sum(), inputs, retain_graph=True)
 
 
 def _sdpa_with_block_mask(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,

@@ -33,6 +33,11 @@ _GLOB_CHARS = "*?["
 _READ_BUFFER = 1 << 20
 
 
+class UnreadableFile(SlmforgeError):
+    """A file refused as a whole (mostly not UTF-8): the run cannot go on past it, and a rerun after fixing
+    it reads another input, so whatever was written from it is of no use."""
+
+
 @dataclass
 class SourceConfig:
     """One input of a data mixture."""
@@ -338,6 +343,14 @@ class SourceReader:
             self._check_invalid(path)
             self._file, self._offset, self._line = self._file + 1, 0, 0
 
+    @classmethod
+    def read_range(cls, source: SourceConfig, part: FileRange) -> tuple[list[str], ReadStats, int]:
+        """The documents of one range of `source`'s files, read alone: with what reading them counted
+        (lines numbered from the range's start) and how many lines the range held."""
+        reader = cls(source, cursor={"offset": part.start}, files=[Path(part.path)])
+        documents = list(reader._read_range(part))
+        return documents, reader.stats, reader._line
+
     def _read_range(self, part: FileRange) -> Iterator[str]:
         """The documents of `part` of this reader's (only) file, the cursor at its start and line 0."""
         path = self.files[self._file]
@@ -416,7 +429,7 @@ class SourceReader:
         units = entry["documents"] + sum(s["count"] for s in entry["skipped"].values())
         if bad and bad["count"] > self.max_invalid_share * units:
             what = "rows" if file_format(path, self.source.format)[0] == "parquet" else "lines"
-            raise SlmforgeError(f"{path}: {bad['count']:,} of {units:,} {what} are not UTF-8 (first at line "
+            raise UnreadableFile(f"{path}: {bad['count']:,} of {units:,} {what} are not UTF-8 (first at line "
                                 f"{bad['first_line']}): a binary file or another encoding? Convert it "
                                 f"(e.g. `iconv -f LATIN1 -t UTF-8`) or remove it (data.max_invalid_utf8 = "
                                 f"{self.max_invalid_share:g} is the share tolerated)")
@@ -618,9 +631,9 @@ class RangeJob:
         texts: list[str] = []
         counted = []
         for part in self.ranges:
-            reader = SourceReader(self.source, cursor={"offset": part.start}, files=[Path(part.path)])
-            texts.extend(reader._read_range(part))
-            counted.append((reader.stats, reader._line))
+            documents, stats, lines = SourceReader.read_range(self.source, part)
+            texts.extend(documents)
+            counted.append((stats, lines))
         return texts, counted
 
 

@@ -174,7 +174,8 @@ def wrap(module: ObjectiveModule, strategy: str, device: torch.device, cfg: Para
 def compile_for_training(module: ObjectiveModule, scope: bool | str, strategy: str) -> None:
     """Compile in place, so state_dict names stay free of `_orig_mod.`: each block ("blocks", true), or
     the ObjectiveModule's forward, the model and its loss as one graph ("model"; the step traces with
-    no graph break, see tests/test_compile.py). Before DDP or FSDP2 wrap it, as torchtitan does."""
+    no graph break with SDPA, see tests/test_compile.py; train.attention = "flex" builds its block masks
+    outside the graph: one break). Before DDP or FSDP2 wrap it, as torchtitan does."""
     if not scope:
         return
     if scope == "model":
