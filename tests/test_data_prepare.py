@@ -676,12 +676,16 @@ def test_one_source_read_in_ranges_gives_the_shards_of_one_reader(setup, tmp_pat
         assert manifest["sources"][0]["files"][0]["text_unit"] == "paragraph"
 
 
+@pytest.mark.parametrize("scan_block", [1 << 16, 3])  # 3: lines longer than a scan block
 @pytest.mark.parametrize("unit", ["line", "paragraph"])
-def test_ranges_cut_only_where_a_unit_starts(setup, tmp_path, unit):
+def test_ranges_cut_only_where_a_unit_starts(setup, tmp_path, monkeypatch, unit, scan_block):
     """Whatever the range size, cuts fall right after a newline (after a blank line for paragraphs),
     never inside a UTF-8 character or between "\\r" and "\\n", and the ranges read elsewhere and counted
     in order give the documents, counts and cursor of one reader."""
+    from slmforge.text import sources
     from slmforge.text.sources import SourceConfig
+
+    monkeypatch.setattr(sources, "_SCAN_BLOCK", scan_block)
 
     lines = awkward_lines({lang: d[:12] for lang, d in setup[1].items()})
     data = b"\xef\xbb\xbf" + b"".join(line + (b"\n" if i % 4 == 3 else b"") for i, line in enumerate(lines))

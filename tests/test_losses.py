@@ -198,3 +198,59 @@ def test_trainer_hands_the_loss_settings_to_the_objective(markov_shards, tmp_pat
     assert losses_by_rows["default"] == pytest.approx(losses_by_rows[5], abs=1e-5)
     with pytest.raises(ConfigError, match="loss_chunk_rows"):
         config.load(PretrainConfig, overrides=["train.loss_chunk_rows=0"])
+
+
+def test_liger_kernel_call_gives_the_loss_and_the_argmax_count(monkeypatch):
+    """What slmforge asks of Liger's fused linear cross-entropy and makes of its answer, checked against a
+    stand-in with Liger's signature (the real kernel needs CUDA and Triton)."""
+    import importlib.machinery
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    from slmforge.errors import SlmforgeError
+    from slmforge.models.heads import OutputProjection
+    from slmforge.objectives.losses import HeadLoss
+
+    @dataclass
+    class Output:
+        loss: torch.Tensor
+        token_accuracy: torch.Tensor
+
+    calls = []
+
+    def liger_fused_linear_cross_entropy(input, weight, target, bias=None, ce_weight=None, ignore_index=-100,
+                                         lse_square_scale=0.0, label_smoothing=0.0, reduction="mean",
+                                         softcap=None, return_z_loss=False, return_token_accuracy=False):
+        calls.append(dict(shape=tuple(input.shape), ignore_index=ignore_index, softcap=softcap,
+                          accuracy=return_token_accuracy))
+        logits = input @ weight.t() + (bias if bias is not None else 0)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        scored = target != ignore_index
+        hits = (logits.argmax(-1) == target) & scored
+        return Output(F.cross_entropy(logits, target, ignore_index=ignore_index), hits.sum() / scored.sum())
+
+    package = types.ModuleType("liger_kernel")
+    package.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    functional.liger_fused_linear_cross_entropy = liger_fused_linear_cross_entropy
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
+
+    HeadLoss("liger").check(torch.device("cuda"))  # package and signature accepted
+    hidden, weight, bias, targets = make_inputs(with_bias=True)
+    projection = OutputProjection(hidden, weight, bias, 4.0)
+    loss, correct = HeadLoss("liger")(projection, targets)
+    expected_loss, expected_correct = HeadLoss()(projection, targets)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert float(correct) == pytest.approx(float(expected_correct))
+    assert calls[0] == dict(shape=(74, 32), ignore_index=-100, softcap=4.0, accuracy=True)
+
+    def old_signature(input, weight, target, bias=None, ignore_index=-100):
+        return None
+
+    functional.liger_fused_linear_cross_entropy = old_signature
+    with pytest.raises(SlmforgeError, match="cannot report token accuracy"):
+        HeadLoss("liger").check(torch.device("cuda"))

@@ -51,7 +51,9 @@ class SamplingConfig:
     """Compile the static decoding step (implies static_cache) with torch.compile: CUDA graphs on GPUs
     (mode reduce-overhead), inductor's default mode on CPU. The first generation pays the compile (10-20 s
     for a tiny model on CPU); later ones reuse it (the first new batch size or 256-token cache bucket
-    compiles once more). Same tokens as the default path."""
+    compiles once more). Same tokens as the default path in float32 (tested); in bf16 the masked
+    attention over the whole buffer may round differently from the cached path, so greedy near-ties
+    can differ."""
 
     def validate(self) -> None:
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")

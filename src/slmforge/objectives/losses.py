@@ -10,6 +10,7 @@ written in plain PyTorch.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -203,6 +204,11 @@ class HeadLoss:
                                 f"use train.loss_kernel = \"chunked\"")
         if importlib.util.find_spec("liger_kernel") is None:
             raise SlmforgeError("train.loss_kernel: 'liger' needs the liger-kernel package (pip install liger-kernel)")
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        if "return_token_accuracy" not in inspect.signature(liger_fused_linear_cross_entropy).parameters:
+            raise SlmforgeError("train.loss_kernel: this liger-kernel cannot report token accuracy "
+                                "(return_token_accuracy); pip install -U liger-kernel")
 
     def __call__(self, projection, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel == "liger":

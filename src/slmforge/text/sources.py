@@ -637,6 +637,9 @@ class RangeJob:
         return texts, counted
 
 
+_SCAN_BLOCK = 1 << 16  # bytes read at a time while looking for where a unit starts
+
+
 def _unit_boundary(path: Path, target: int, unit: str, total: int) -> int:
     """The first offset >= `target` where a unit of `path` starts, or `total` (the file's size): just
     after a newline, or for paragraphs just after a blank line. A newline byte is never inside a UTF-8
@@ -645,15 +648,43 @@ def _unit_boundary(path: Path, target: int, unit: str, total: int) -> int:
     if target >= total:
         return total
     with open(path, "rb") as f:
-        f.seek(target - 1)
-        position = target - 1 + len(f.readline())  # the end of the line holding byte target - 1
+        position = _line_end(f, target - 1)  # the end of the line holding byte target - 1
         if unit == "paragraph":
             while position < total:
-                line = f.readline()
-                position += len(line)
-                if not line.strip():
+                end = _line_end(f, position)
+                blank = _is_blank(f, position, end)
+                position = end
+                if blank:
                     break
     return min(position, total)
+
+
+def _is_blank(f, start: int, end: int) -> bool:
+    """Whether bytes [start, end) are whitespace only, read block by block."""
+    f.seek(start)
+    while start < end:
+        data = f.read(min(_SCAN_BLOCK, end - start))
+        if not data:
+            break
+        if data.strip():
+            return False
+        start += len(data)
+    return True
+
+
+def _line_end(f, start: int) -> int:
+    """The offset just after the first newline at or after `start` (the file's end if none), found
+    block by block: a multi-megabyte line (a long JSONL record) is never held in memory whole."""
+    f.seek(start)
+    position = start
+    while True:
+        data = f.read(_SCAN_BLOCK)
+        if not data:
+            return position
+        newline = data.find(b"\n")
+        if newline >= 0:
+            return position + newline + 1
+        position += len(data)
 
 
 DETECT_BYTES = 1 << 16
