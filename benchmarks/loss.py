@@ -88,5 +88,5 @@ def run(shapes: ShapeSet, device: torch.device, log=print) -> list[Row]:
                         higher_is_better=False),
                 ]
             log(f"  loss {label}: chunked {timings['chunked'].median_wall:.3g} s, plain "
-                f"{timings['plain'].median_wall:.3g} s; memory {memory['chunked']} vs {memory['plain']} MiB")
+                f"{timings['plain'].median_wall:.3g} s; memory {memory['chunked']:.1f} vs {memory['plain']:.1f} MiB")
     return rows

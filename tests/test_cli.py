@@ -158,3 +158,48 @@ def test_output_piped_into_head_stops_quietly(monkeypatch, capsys):
     monkeypatch.setattr(commands, "_run", writes_into_a_closed_pipe)
     assert main(["pretrain", "--list-presets"]) == 141
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_process_that_lost_its_peers_says_so_in_one_line(monkeypatch, capsys):
+    """Under torchrun a rank whose peer died gets a collective's error; it prints one line naming its
+    rank, not a traceback (the failing rank's own message says why). Outside a job, errors are untouched."""
+    from slmforge.cli import lost_peer
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:5; "
+                        "Connection reset by peer\nException raised from ...")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert lost_peer(gloo) is None  # one process: not a job's error
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert lost_peer(RuntimeError("shape mismatch")) is None  # a real bug keeps its traceback
+
+    from slmforge.train import commands
+
+    def fail(args):
+        raise gloo
+
+    monkeypatch.setattr(commands, "_run", fail)  # what the pretrain verb runs
+    assert main(["pretrain"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("slmforge: error: rank 1: lost contact with the other processes")
+    assert "Connection reset by peer" in err and "run the same command to resume" in err
+
+
+def test_a_signal_stop_is_said_once(monkeypatch, capsys):
+    from slmforge.train import commands
+    from slmforge.train.signals import StopRequested
+
+    def stopped(args):
+        raise StopRequested("terminated (SIGTERM): saved run/checkpoints/step-000004; run the same command", 143)
+
+    monkeypatch.setattr(commands, "_run", stopped)
+    assert main(["pretrain"]) == 143
+    assert capsys.readouterr().err == ""  # the trainer printed it already (rank 0)
+
+    def interrupted(args):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(commands, "_run", interrupted)
+    assert main(["pretrain"]) == 130
+    assert capsys.readouterr().err == "slmforge: interrupted\n"

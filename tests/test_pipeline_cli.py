@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -237,8 +238,15 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny_run, tmp_path, ca
     tensors["layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, weights)
     capsys.readouterr()
-    for argv in (["eval", str(run)], ["generate", str(run), "-p", "यह", "max_new_tokens=3"],
-                 ["export", str(run), "--out", str(tmp_path / "hf")]):
+    commands = (["eval", str(run)], ["generate", str(run), "-p", "यह", "max_new_tokens=3"],
+                ["export", str(run), "--out", str(tmp_path / "hf")])
+    for argv in commands:  # the checksums written with the checkpoint tell first
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(r"model\.safetensors has [\d,]+ bytes, [\d,]+ were written: the checkpoint is damaged", err)
+        assert "Traceback" not in err
+    (weights.parent / "checksums.json").unlink()  # a folder without checksums (older, or made by hand)
+    for argv in commands:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "layers.1.mlp.up_proj.weight has 1 non-finite value" in err and "Traceback" not in err

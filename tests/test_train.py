@@ -395,3 +395,12 @@ def test_documents_option_keeps_documents_apart_inside_a_window(tmp_path):
     from slmforge.cli import main
 
     assert main(["eval", str(run), "--json"]) == 0  # evaluated as trained: documents apart
+
+
+def test_parallel_settings_a_run_cannot_apply_are_said(markov_shards, tmp_path, capsys):
+    _, data = markov_shards
+    pretrain(run_config(data, tmp_path / "run", "train.max_steps=1", "train.batch_size=4",
+                        "parallel.strategy=fsdp", "parallel.async_checkpoint=true"))
+    err = capsys.readouterr().err
+    assert 'note: parallel.strategy = "fsdp" on one process: nothing to spread' in err
+    assert "note: parallel.async_checkpoint applies to FSDP2 runs" in err

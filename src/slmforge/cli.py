@@ -122,10 +122,45 @@ def main(argv: list[str] | None = None) -> int:
               f"command again (finished work is kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        # A training run stopped by a signal has saved and said so; a bare Ctrl-C elsewhere has not.
-        print(f"slmforge: {e or 'interrupted'}", file=sys.stderr)
+        # A training run stopped by a signal has saved and said so (rank 0); a bare Ctrl-C elsewhere has not.
+        if not getattr(e, "said", False):
+            print(f"slmforge: {str(e) or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    except RuntimeError as e:
+        lost = lost_peer(e)
+        if lost is None:
+            raise
+        print(f"slmforge: error: {lost}", file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+# What torch's collectives say when the process at the other end is gone (killed, or stopped by its
+# own error): gloo's and NCCL's wording, and the DistError types of recent torch.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "Socket Timeout", "Timed out", "timed out")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a process of a torchrun/srun job whose peers went away, or None for other errors:
+    the traceback of a collective that lost its other end says nothing the failing rank's own error
+    does not say better."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if world < 2:
+        return None
+    import torch.distributed as dist
+
+    text = str(error)
+    dist_error = getattr(dist, "DistError", ())
+    if not (isinstance(error, dist_error) or any(marker in text for marker in _PEER_LOST)):
+        return None
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "?"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return (f"rank {rank}: lost contact with the other processes ({first[:160]}); another rank failed or was "
+            f"stopped, and its own message says why; the newest intact checkpoint is kept: run the same "
+            f"command to resume")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -171,6 +171,9 @@ def _decode(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: i
         raise SlmforgeError(f"prompt of {prompt.shape[1]} tokens leaves no room to generate: the model's "
                             f"context (max_seq_len) is {model.cfg.max_seq_len} tokens")
     steps = min(cfg.max_new_tokens, room)
+    if steps < cfg.max_new_tokens:
+        say(f"note: max_new_tokens {cfg.max_new_tokens} capped at {steps}: a prompt of {prompt.shape[1]} tokens and "
+            f"the model's context (max_seq_len) of {model.cfg.max_seq_len}")
     tokens = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
     with _decoding_steps(model, prompt, prompt.shape[1] + steps, cfg, use_cache) as next_logits:
@@ -385,6 +388,18 @@ def read_prompt(stdin) -> str:
     return stdin.read()
 
 
+def _note_switches(model, sampling: SamplingConfig) -> None:
+    """Say what the decoding switches will do with this model, once, and clear those that do not apply."""
+    if not (sampling.compile or sampling.static_cache):
+        return
+    if family(model.cfg).kind == "encoder-decoder":
+        say("note: static_cache and compile apply to decoder-only models; the encoder-decoder decodes with "
+            "its own cache, uncompiled")
+        sampling.compile = sampling.static_cache = False
+    elif sampling.compile:
+        say("note: compile=true: the first generation compiles the decoding step (seconds to a minute)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from slmforge import config
     from slmforge.runtime import resolve_device
@@ -399,6 +414,7 @@ def _run(args: argparse.Namespace) -> int:
                             f"text; use `slmforge fill-mask {args.model} \"text with [MASK]\"`")
     model, meta = run.model, run.meta
     tokenizer = run.tokenizer()
+    _note_switches(model, sampling)  # before any text is written
     prompts = args.prompt or [read_prompt(sys.stdin)]
     inputs = prompts  # what the model reads: the prompts, or with --chat their rendered turns
     add_bos, stop_id = meta.get("add_bos", True), None

@@ -155,6 +155,20 @@ def check_integrity(step_dir: Path) -> str | None:
     return None
 
 
+def require_intact(step_dir: Path) -> None:
+    """Refuse a step folder whose files changed since they were written (checksums.json), naming an
+    intact older one of the same run if there is one: eval, generate and export must not quietly use
+    flipped bits."""
+    problem = check_integrity(step_dir)
+    if problem is None:
+        return
+    run = run_dir_of(step_dir)
+    older = next((p for p in step_folders(run) if step_number(p) < step_number(step_dir) and check_integrity(p) is None),
+                 None) if step_dir.parent.name == "checkpoints" else None
+    hint = f"; {older} is intact" if older is not None else ""
+    raise SlmforgeError(f"{step_dir}: {problem}: the checkpoint is damaged{hint}")
+
+
 def step_folders(run_dir: Path) -> list[Path]:
     """Complete step folders of a run, newest first."""
     root = Path(run_dir) / "checkpoints"
@@ -315,6 +329,7 @@ def sharded_read_error(folder: Path, error: BaseException) -> SlmforgeError:
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Path, dict[str, Any]]:
     """Build the model a checkpoint describes and fill in its weights. Returns (model, step_dir, meta)."""
     step_dir = resolve_checkpoint(path)
+    require_intact(step_dir)
     meta = read_meta(step_dir)
     cfg = model_config_from_meta(meta, step_dir)
     model = build_model(cfg, device=device, seed=None)

@@ -46,6 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     from slmforge import config
     from slmforge.distill.config import DistillRunConfig
     from slmforge.distill.run import distill
+    from slmforge.train.parallel import environment
 
     if args.show_fields:
         print("\n".join(config.describe(DistillRunConfig)))
@@ -56,7 +57,9 @@ def _run(args: argparse.Namespace) -> int:
 
         print(build_teacher_cache(cfg, args.build_cache, args.processes))
         return 0
-    print(distill(cfg))
+    run_dir = distill(cfg)
+    if environment().is_main:  # one line per job, not per process
+        print(run_dir)
     return 0
 
 

@@ -40,11 +40,14 @@ def _finetune(args: argparse.Namespace) -> int:
     from slmforge import config
     from slmforge.finetune.config import FinetuneConfig
     from slmforge.finetune.run import finetune
+    from slmforge.train.parallel import environment
 
     if args.show_fields:
         print("\n".join(config.describe(FinetuneConfig)))
         return 0
-    print(finetune(config.load_recipe(FinetuneConfig, args.config, args.overrides)))
+    run_dir = finetune(config.load_recipe(FinetuneConfig, args.config, args.overrides))
+    if environment().is_main:  # one line per job, not per process
+        print(run_dir)
     return 0
 
 

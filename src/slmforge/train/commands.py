@@ -28,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     from slmforge.models.registry import family
     from slmforge.train.config import PretrainConfig
     from slmforge.train.pretrain import pretrain
+    from slmforge.train.parallel import environment
 
     if args.show_fields:
         print("\n".join(config.describe(PretrainConfig)))
@@ -41,5 +42,6 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     cfg = config.load_recipe(PretrainConfig, args.config, args.overrides)
     run_dir = pretrain(cfg)
-    print(run_dir)
+    if environment().is_main:  # one line per job, not per process
+        print(run_dir)
     return 0

@@ -21,6 +21,8 @@ SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 class StopRequested(KeyboardInterrupt):
     """Raised after the run saved because a signal asked it to stop; the CLI exits with `exit_code`."""
 
+    said = True  # the trainer printed the message (rank 0 only): the CLI does not repeat it
+
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code

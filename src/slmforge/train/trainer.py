@@ -121,13 +121,25 @@ class Trainer:
                                            parallel.timeout_minutes)
                         if self.strategy == "fsdp" and parallel.checkpoint != "full" and checkpoint_format is None
                         else None)
-        if parallel.checkpoint == "sharded" and self.sharded is None and where.is_main:
-            say(f"note: parallel.checkpoint = \"sharded\" applies to FSDP2 runs; this {self.strategy} run writes "
-                f"one model.safetensors")
+        if where.is_main:
+            for note in self._ignored_parallel_settings(parallel):
+                say(f"note: {note}")
         self.state = TrainState()
         self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         printer = log or say  # say: stderr, silent in quiet mode except warnings
         self.log = printer if where.is_main else (lambda msg: None)
+
+    def _ignored_parallel_settings(self, parallel: ParallelConfig) -> list[str]:
+        """[parallel] settings this run cannot apply, said once rather than silently dropped."""
+        notes = []
+        if parallel.strategy in ("ddp", "fsdp") and not self.where.active:
+            notes.append(f"parallel.strategy = \"{parallel.strategy}\" on one process: nothing to spread; "
+                         f"launch with torchrun to use several")
+        if self.sharded is None and (parallel.checkpoint == "sharded" or parallel.async_checkpoint):
+            what = "parallel.checkpoint = \"sharded\"" if parallel.checkpoint == "sharded" else \
+                "parallel.async_checkpoint"
+            notes.append(f"{what} applies to FSDP2 runs; this run writes one model.safetensors at each save")
+        return notes
 
     # ------------------------------------------------------------ checkpoint state
 
