@@ -153,7 +153,7 @@ def test_a_failed_seal_keeps_the_previous_checkpoint_and_a_failing_run_keeps_a_f
     assert not (tmp_path / "checkpoints" / "step-000002.partial").exists()
     monkeypatch.undo()
     writer.save(3, model, optimizer, {}, {}, keep_last=None, protect=set())
-    writer._pending.future.result()  # the write is done; then the run fails before it is sealed
+    writer._pending.future.result()  # the shards are written; then the run fails
     writer.abandon()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000003"
     assert check_integrity(tmp_path / "checkpoints" / "step-000003") is None

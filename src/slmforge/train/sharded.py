@@ -10,14 +10,16 @@ number of processes (DCP reshards on load); one process reads the folder whole f
 The folder is written as `step-N.partial` and renamed like any step folder (train/checkpoint.py), so a
 crash mid-write leaves the previous checkpoint as the newest. With `parallel.async_checkpoint` the
 tensors are copied to CPU memory at the step boundary and written by a background thread while
-training goes on; the folder is sealed and `latest` moved when the write is done (at the latest,
-before the next save and at the end of the run). The checkpoints folder must be one shared
-filesystem for all nodes, as for any DCP checkpoint.
+training goes on; a thread of rank 0 then seals the folder (checksums of every shard) and moves
+`latest`, also while training goes on. The next save, the end of the run and a stop on a signal wait
+for both. The checkpoints folder must be one shared filesystem for all nodes, as for any DCP
+checkpoint.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,7 +52,8 @@ DCP_ERRORS = (Exception, CheckpointException)
 
 @dataclass
 class _Pending:
-    """A background write: its future on this rank, where it goes, and (rank 0) how its commit went."""
+    """A background write: its future on this rank, where it goes, and (rank 0) the thread that seals
+    and commits it once written, and how that went."""
 
     future: Any
     tmp: Path
@@ -58,7 +61,7 @@ class _Pending:
     keep_last: int | None
     protect: set[str]
     needed: int
-    committed: bool = False
+    sealer: threading.Thread | None = None
     error: SlmforgeError | None = None
 
 
@@ -112,23 +115,25 @@ class ShardedCheckpoints:
         # time-out, and the job stops with this rank's error).
         self._agree(error, final.name, tmp)
         if self.background:
-            self._pending = _Pending(future, tmp, final, keep_last, set(protect), needed)
+            pending = _Pending(future, tmp, final, keep_last, set(protect), needed)
+            if self.where.is_main:  # hashing and fsyncing the shards is background work too
+                pending.sealer = threading.Thread(target=self._seal_when_written, args=(pending,),
+                                                  name="slmforge-seal-checkpoint")
+                pending.sealer.start()
+            self._pending = pending
             return final
         self._agree(self._commit(tmp, final, keep_last, set(protect), needed), final.name)
         return final
 
-    def poll(self) -> None:
-        """Rank 0 seals and commits a finished background write (no collective when several processes
-        run: its errors are kept for `wait`, where all ranks agree on them)."""
-        pending = self._pending
-        if pending is None or not pending.future.done():
-            return
-        if not self.where.active:
-            self.wait()
-        elif self.where.is_main and not pending.committed and pending.future.exception() is None:
-            pending.error = self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect,
-                                         pending.needed)
-            pending.committed = True
+    def _seal_when_written(self, pending: _Pending) -> None:
+        """Rank 0's sealer thread: once every rank's shard is written (rank 0's future completes only
+        after DCP gathered every rank's result), seal and commit; errors wait in `pending` for `wait`,
+        where all ranks agree on them."""
+        try:
+            pending.future.result()
+        except DCP_ERRORS:
+            return  # the write failed: `wait` reports it on every rank
+        pending.error = self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect, pending.needed)
 
     def wait(self) -> Path | None:
         """Finish the background write, if any (all ranks together). Returns the committed folder."""
@@ -140,20 +145,18 @@ class ShardedCheckpoints:
             pending.future.result()
         except DCP_ERRORS as e:
             error = write_error(self.root, pending.final.name, dcp_failure(e), pending.needed)
+        if pending.sealer is not None:
+            pending.sealer.join()
         self._agree(error, pending.final.name, pending.tmp)
-        if not pending.committed:
-            pending.error = self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect,
-                                         pending.needed)
         self._agree(pending.error, pending.final.name)
         return pending.final
 
     def abandon(self) -> None:
-        """The run is failing: keep a background write that has already finished (rank 0 commits it,
+        """The run is failing: a background write that has finished is still sealed and kept (rank 0,
         no collective); one still running is left as `.partial`, which the next start removes."""
         pending, self._pending = self._pending, None
-        if (pending is not None and self.where.is_main and not pending.committed and pending.future.done()
-                and pending.future.exception() is None):
-            self._commit(pending.tmp, pending.final, pending.keep_last, pending.protect, pending.needed)
+        if pending is not None and pending.sealer is not None and pending.future.done():
+            pending.sealer.join()  # the shards are written: sealing them takes moments
 
     def _commit(self, tmp: Path, final: Path, keep_last: int | None, protect: set[str],
                 needed: int) -> SlmforgeError | None:

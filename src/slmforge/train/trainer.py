@@ -442,8 +442,6 @@ class Trainer:
                 result = self.train_step()
                 if result is not None:
                     self._pending.append(result)
-                if self.sharded is not None:
-                    self.sharded.poll()  # seal a finished background write
                 step = self.state.step
                 if (step % loop.log_every == 0 or step == loop.max_steps) and self._pending_or_logged():
                     self._log_train(step)
