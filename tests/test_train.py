@@ -404,3 +404,20 @@ def test_parallel_settings_a_run_cannot_apply_are_said(markov_shards, tmp_path, 
     err = capsys.readouterr().err
     assert 'note: parallel.strategy = "fsdp" on one process: nothing to spread' in err
     assert "note: parallel.async_checkpoint applies to FSDP2 runs" in err
+
+
+def test_a_resumed_run_leaves_its_tokenizer_folder_untouched(mlm_markov_shards, tmp_path):
+    """Other ranks read run/tokenizer while rank 0 prepares the run folder: on a resume, where it is
+    already the data's tokenizer, it must not be rewritten under them (it was, file by file)."""
+    from slmforge.data.shards import read_manifest
+    from slmforge.train.pretrain import copy_tokenizer
+
+    _, data = mlm_markov_shards
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = read_manifest(data)
+    copy_tokenizer(manifest, data, run)
+    files = {p: (p.stat().st_ino, p.stat().st_ctime_ns) for p in (run / "tokenizer").iterdir()}
+    assert files
+    copy_tokenizer(manifest, data, run)
+    assert {p: (p.stat().st_ino, p.stat().st_ctime_ns) for p in (run / "tokenizer").iterdir()} == files

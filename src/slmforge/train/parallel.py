@@ -243,6 +243,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_objects(objects: list) -> None:
+    """Replace `objects` (a list, in place) on every rank by rank 0's (a no-op alone)."""
+    if dist.is_initialized():
+        dist.broadcast_object_list(objects, src=0)
+
+
 def gather_objects(obj):
     """Every rank's `obj`, as a list on every rank (one element when not distributed)."""
     if not dist.is_initialized():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -51,8 +52,15 @@ def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
                             f"{data_dir}/manifest.json recorded (changed or retrained since `data prepare`); "
                             f"prepare the data again with it, or restore the tokenizer the data was made with")
     target = run_dir / "tokenizer"
-    if source.resolve() != target.resolve():
-        shutil.copytree(source, target, dirs_exist_ok=True)
+    if source.resolve() == target.resolve():
+        return info.get("sha256")
+    if (target / "tokenizer.json").is_file() and load_tokenizer(target).sha256 == actual:
+        return info.get("sha256")  # a resumed run's: other ranks may be reading it right now, leave it be
+    partial = run_dir / "tokenizer.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
     return info.get("sha256")
 
 

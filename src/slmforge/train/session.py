@@ -20,8 +20,8 @@ from slmforge.train.checkpoint import clean_stale
 from slmforge.train.config import TrackingConfig, TrainLoopConfig
 from slmforge.train.lock import RunLock
 from slmforge.train.metrics import MetricsLog, make_trackers
-from slmforge.train.parallel import Distributed, ParallelConfig, barrier, environment, init_distributed, \
-    local_device, shutdown
+from slmforge.train.parallel import Distributed, ParallelConfig, barrier, broadcast_objects, environment, \
+    init_distributed, local_device, shutdown
 
 
 @dataclass
@@ -55,6 +55,24 @@ def resume_point(run_dir: Path, mode: str) -> Path | None:
     return found
 
 
+def agreed_resume_point(run_dir: Path, mode: str, where: Distributed) -> Path | None:
+    """`resume_point`, decided by rank 0 alone (it reads and hashes the checkpoints once, not once per
+    process) and given to every rank, its refusal included, so all ranks go on or stop together."""
+    if not where.active:
+        return resume_point(run_dir, mode)
+    decision: list = [None]
+    if where.is_main:
+        try:
+            decision = [("ok", resume_point(run_dir, mode))]
+        except SlmforgeError as e:
+            decision = [("error", str(e))]
+    broadcast_objects(decision)
+    outcome, value = decision[0]
+    if outcome == "error":
+        raise SlmforgeError(value)
+    return value
+
+
 @contextmanager
 def training_session(loop: TrainLoopConfig, parallel: ParallelConfig) -> Iterator[Session]:
     run_dir = Path(loop.out_dir)
@@ -68,7 +86,7 @@ def training_session(loop: TrainLoopConfig, parallel: ParallelConfig) -> Iterato
             for name in clean_stale(run_dir):
                 say(f"removed {name}, left half-written by an earlier crash")
         barrier()
-        yield Session(run_dir, resume_point(run_dir, loop.resume), device, where)
+        yield Session(run_dir, agreed_resume_point(run_dir, loop.resume, where), device, where)
     finally:
         if lock is not None:
             lock.release()
