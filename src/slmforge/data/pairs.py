@@ -119,17 +119,6 @@ class _Bad(ValueError):
         self.reason = reason
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    from slmforge.text.sources import file_format, open_stream
-
-    if not path.is_file():
-        raise SlmforgeError(f"{path}: pair file not found")
-    _, compression = file_format(path, "auto")
-    with open(path, "rb") as raw, open_stream(raw, compression, path) as stream:
-        for number, line in enumerate(stream, start=1):
-            yield number, line
-
-
 def _text(line: bytes) -> str:
     try:
         return line.decode("utf-8").rstrip("\r\n")
@@ -181,12 +170,12 @@ def read_pairs(source: PairSourceConfig, on_bad_line: str, bad: Counter, first_b
     if source.tgt_path:
         yield from (( *swap(a, b), where) for a, b, where in _aligned(path, Path(source.tgt_path), fault))
         return
-    from slmforge.text.sources import file_format
+    from slmforge.text.sources import file_format, numbered_lines
 
     name = path.name.lower().removesuffix(".gz").removesuffix(".zst")
     kind = source.format if source.format != "auto" else (
         "jsonl" if file_format(path, "auto")[0] == "jsonl" or name.endswith(".json") else "tsv")
-    for number, line in _lines(path):
+    for number, line in numbered_lines(path, "pair file"):
         where = f"{path}:{number}"
         try:
             text = _text(line)
@@ -200,7 +189,9 @@ def read_pairs(source: PairSourceConfig, on_bad_line: str, bad: Counter, first_b
 
 
 def _aligned(src_path: Path, tgt_path: Path, fault) -> Iterator[tuple[str, str, str]]:
-    src_lines, tgt_lines = list(_lines(src_path)), list(_lines(tgt_path))
+    from slmforge.text.sources import numbered_lines
+
+    src_lines, tgt_lines = list(numbered_lines(src_path, "pair file")), list(numbered_lines(tgt_path, "pair file"))
     if len(src_lines) != len(tgt_lines):
         raise SlmforgeError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}: aligned "
                             f"files need one target line per source line")

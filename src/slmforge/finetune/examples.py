@@ -13,7 +13,7 @@ from typing import Iterator
 
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import ExamplesConfig
-from slmforge.text.sources import file_format, open_stream
+from slmforge.text.sources import numbered_lines
 
 ROLES = ("system", "user", "assistant")
 
@@ -59,17 +59,13 @@ class Skipped:
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a JSONL file, plain or .gz/.zst; a non-UTF-8 line is one clear error."""
-    if not path.is_file():
-        raise SlmforgeError(f"{path}: example file not found")
-    _, compression = file_format(path, "auto")
-    with open(path, "rb") as raw, open_stream(raw, compression, path) as stream:
-        for number, line in enumerate(stream, start=1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SlmforgeError(f"{path}:{number}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
-            if text.strip():
-                yield number, text
+    for number, line in numbered_lines(path, "example file"):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SlmforgeError(f"{path}:{number}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+        if text.strip():
+            yield number, text
 
 
 def read_examples(paths: list[str], cfg: ExamplesConfig, skipped: Skipped) -> list[Example]:

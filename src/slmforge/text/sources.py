@@ -687,6 +687,16 @@ def _line_end(f, start: int) -> int:
         position += len(data)
 
 
+def numbered_lines(path: Path, what: str = "file") -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, raw line) of a plain, .gz or .zst file: the pair and example readers'
+    shared loop ("{path}: {what} not found" when it is missing)."""
+    if not path.is_file():
+        raise SlmforgeError(f"{path}: {what} not found")
+    _, compression = file_format(path, "auto")
+    with open(path, "rb") as raw, open_stream(raw, compression, path) as stream:
+        yield from enumerate(stream, start=1)
+
+
 DETECT_BYTES = 1 << 16
 
 
