@@ -228,7 +228,8 @@ def read_weights(model: nn.Module, step_dir: Path) -> dict[str, torch.Tensor]:
     Shapes are global ones, so a sharded (FSDP2) model is checked like a whole one."""
     tensors = checkpoint_tensors(step_dir)
     where = step_dir / (SHARDED if is_sharded_checkpoint(step_dir) else WEIGHTS)
-    _check_names_and_shapes(where, tensors, unwrap(model).state_dict())
+    check_names_and_shapes(where, {n: t.shape for n, t in tensors.items()},
+                           {n: t.shape for n, t in unwrap(model).state_dict().items()})
     for name, tensor in tensors.items():
         # Damaged tensor bodies keep their shape: without this, eval prints a table of nan and
         # generate dies inside torch.multinomial.
@@ -252,13 +253,15 @@ def checkpoint_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
         raise SlmforgeError(f"{path}: cannot read weights ({e})") from None
 
 
-def _check_names_and_shapes(path: Path, stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    for name, tensor in expected.items():
+def check_names_and_shapes(path: Path, stored: dict[str, Any], expected: dict[str, Any]) -> None:
+    """One line for the first tensor a checkpoint lacks, has in another shape, or has but the model does
+    not (name -> shape on both sides; global shapes, so a sharded model is checked like a whole one)."""
+    for name, shape in expected.items():
         if name not in stored:
             raise SlmforgeError(f"{path}: missing tensor {name}")
-        if stored[name].shape != tensor.shape:
-            raise SlmforgeError(f"{path}: tensor {name} has shape {tuple(stored[name].shape)}, "
-                                f"the model expects {tuple(tensor.shape)}")
+        if tuple(stored[name]) != tuple(shape):
+            raise SlmforgeError(f"{path}: tensor {name} has shape {tuple(stored[name])}, "
+                                f"the model expects {tuple(shape)}")
     unexpected = sorted(set(stored) - set(expected))
     if unexpected:
         raise SlmforgeError(f"{path}: unexpected tensor {unexpected[0]} (a different architecture?)")

@@ -40,7 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from slmforge.errors import SlmforgeError
-from slmforge.runs import SHARDED, dcp_failure, missing_shards, sharded_read_error, sharded_tensors
+from slmforge.runs import SHARDED, check_names_and_shapes, dcp_failure, missing_shards, sharded_read_error, \
+    sharded_tensors
 from slmforge.train.checkpoint import commit_step_folder, seal_folder, step_dir_name, step_meta, \
     write_error, write_small_files
 from slmforge.train.parallel import Distributed, any_rank, barrier
@@ -199,14 +200,9 @@ def load_sharded(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
     """Fill `model` (sharded by FSDP2 or whole) and `optimizer` from a sharded step folder written by
     any number of ranks. Under a process group every rank takes part; alone, this process reads all."""
     folder = step_dir / SHARDED
-    stored = sharded_tensors(folder, "model")
     content = {"model": get_model_state_dict(model)}
-    for name, tensor in content["model"].items():
-        if name not in stored:
-            raise SlmforgeError(f"{folder}: missing tensor {name}")
-        if tuple(stored[name][0]) != tuple(tensor.shape):
-            raise SlmforgeError(f"{folder}: tensor {name} has shape {tuple(stored[name][0])}, the model expects "
-                                f"{tuple(tensor.shape)}")
+    check_names_and_shapes(folder, {name: size for name, (size, _) in sharded_tensors(folder, "model").items()},
+                           {name: tensor.shape for name, tensor in content["model"].items()})
     if optimizer is not None:
         content["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:

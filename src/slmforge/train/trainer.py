@@ -223,8 +223,7 @@ class Trainer:
         if self.sharded is not None:
             return self._save_sharded()
         weights = self._full_weights()
-        bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        self._refuse_non_finite(bad[0] if bad else None)  # rank 0 alone holds the gathered weights
+        self._refuse_non_finite(first_non_finite(weights))  # rank 0 alone holds the gathered weights
         self._count_time()
         state = self.state_dict()
         folder, error = self.run_dir / "checkpoints", None
