@@ -18,6 +18,7 @@ Writing checkpoints is training's business (`train/checkpoint.py`); reading them
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,19 +298,26 @@ def sharded_tensors(folder: Path, prefix: str) -> dict[str, tuple[torch.Size, to
 def read_sharded(folder: Path, prefix: str, wanted: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
     """Whole tensors (name -> (shape, dtype), see `sharded_tensors`) from the `prefix` part of a
     torch.distributed.checkpoint folder, read by this process alone (no process group involved)."""
-    import warnings
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     target = {prefix: {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in wanted.items()}}
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
+        with dcp_single_process_quiet():
             dcp.load(target, checkpoint_id=str(folder), no_dist=True)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise sharded_read_error(folder, e) from None
     return target[prefix]
+
+
+@contextmanager
+def dcp_single_process_quiet():
+    """DCP on one process warns that it assumes one process: it is meant."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
+        yield
 
 
 def dcp_failure(error: BaseException) -> BaseException:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,8 +38,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from slmforge.errors import SlmforgeError
-from slmforge.runs import SHARDED, check_names_and_shapes, dcp_failure, missing_shards, sharded_read_error, \
-    sharded_tensors
+from slmforge.runs import (
+    SHARDED,
+    check_names_and_shapes,
+    dcp_failure,
+    dcp_single_process_quiet,
+    missing_shards,
+    sharded_read_error,
+    sharded_tensors,
+)
 from slmforge.train.checkpoint import commit_step_folder, seal_folder, step_dir_name, step_meta, \
     write_error, write_small_files
 from slmforge.train.parallel import Distributed, any_rank, barrier
@@ -103,7 +108,7 @@ class ShardedCheckpoints:
         # Only a single process needs no_dist (and passing it at all needs torch >= 2.9).
         alone = {} if self.where.active else {"no_dist": True}
         try:
-            with _single_process_quiet():
+            with dcp_single_process_quiet():
                 if self.background:
                     future = dcp.async_save(content, checkpoint_id=str(tmp / SHARDED), process_group=self._group,
                                             **alone)
@@ -188,14 +193,6 @@ class ShardedCheckpoints:
                                          f"the previous checkpoint is intact")
 
 
-@contextmanager
-def _single_process_quiet():
-    """DCP on one process warns that it assumes one process: it is meant."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
-        yield
-
-
 def load_sharded(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Fill `model` (sharded by FSDP2 or whole) and `optimizer` from a sharded step folder written by
     any number of ranks. Under a process group every rank takes part; alone, this process reads all."""
@@ -206,7 +203,7 @@ def load_sharded(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if optimizer is not None:
         content["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:
-        with _single_process_quiet():
+        with dcp_single_process_quiet():
             dcp.load(content, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     except DCP_ERRORS as e:
         raise sharded_read_error(folder, e) from None
