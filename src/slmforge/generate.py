@@ -9,7 +9,7 @@ import sys
 import threading
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterator
 
 import torch
@@ -304,14 +304,9 @@ class StaticDecoding:
 
 def _generate_encdec(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None,
                      on_token: Callable[[int], None] | None, use_cache: bool) -> torch.Tensor:
-    from dataclasses import fields
-
     from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
 
-    if cfg.compile or cfg.static_cache:
-        say("note: static_cache and compile apply to decoder-only models; the encoder-decoder decodes with "
-            "its own cache, uncompiled")
-
+    applicable_switches(model, cfg)  # says that compile / static_cache do not apply here
     shared = {f.name: getattr(cfg, f.name) for f in fields(SamplingConfig) if f.name in Seq2SeqConfig.__dataclass_fields__}
     target = generate_seq2seq(model, prompt, Seq2SeqConfig(**shared), eos_id=eos_id, use_cache=use_cache,
                               choose=next_token)
@@ -388,16 +383,18 @@ def read_prompt(stdin) -> str:
     return stdin.read()
 
 
-def _note_switches(model, sampling: SamplingConfig) -> None:
-    """Say what the decoding switches will do with this model, once, and clear those that do not apply."""
+def applicable_switches(model, sampling: SamplingConfig) -> SamplingConfig:
+    """`sampling` with the decoding switches this model cannot use cleared, saying so once (and, for
+    compile, that the first generation pays the compile)."""
     if not (sampling.compile or sampling.static_cache):
-        return
+        return sampling
     if family(model.cfg).kind == "encoder-decoder":
         say("note: static_cache and compile apply to decoder-only models; the encoder-decoder decodes with "
             "its own cache, uncompiled")
-        sampling.compile = sampling.static_cache = False
-    elif sampling.compile:
+        return replace(sampling, compile=False, static_cache=False)
+    if sampling.compile:
         say("note: compile=true: the first generation compiles the decoding step (seconds to a minute)")
+    return sampling
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -414,7 +411,7 @@ def _run(args: argparse.Namespace) -> int:
                             f"text; use `slmforge fill-mask {args.model} \"text with [MASK]\"`")
     model, meta = run.model, run.meta
     tokenizer = run.tokenizer()
-    _note_switches(model, sampling)  # before any text is written
+    sampling = applicable_switches(model, sampling)  # said before any text is written
     prompts = args.prompt or [read_prompt(sys.stdin)]
     inputs = prompts  # what the model reads: the prompts, or with --chat their rendered turns
     add_bos, stop_id = meta.get("add_bos", True), None
