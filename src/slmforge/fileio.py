@@ -61,3 +61,21 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def inside(folder: str | Path, name: Any, what: str, subfolders: bool = False) -> Path:
+    """`folder / name` for a file name read from a file (a manifest, a progress file, a checksums
+    list, `latest`), refused in one line unless it is a plain name in `folder` (with `subfolders`,
+    a relative path below it): those files are input, and a `../../x` or `/etc/x` written into one
+    must never make a verb read or write outside its folder."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    from slmforge.errors import SlmforgeError
+
+    text = name if isinstance(name, str) else ""
+    parts = PurePosixPath(text).parts
+    if (not text or "\\" in text or "\0" in text or PurePosixPath(text).is_absolute()
+            or PureWindowsPath(text).drive or any(part in (".", "..") for part in text.split("/"))
+            or (len(parts) != 1 and not subfolders)):
+        raise SlmforgeError(f"{folder}: {what} {name!r} is not a file name inside this folder; refusing it")
+    return Path(folder) / text

@@ -18,24 +18,28 @@ Writing checkpoints is training's business (`train/checkpoint.py`); reading them
 from __future__ import annotations
 
 import hashlib
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from slmforge import safe_dcp
 from slmforge.errors import ConfigError, SlmforgeError
-from slmforge.fileio import read_json, write_json_atomic
+from slmforge.fileio import inside, read_json, write_json_atomic
+from slmforge.formatting import say
 from slmforge.models.registry import ModelConfig, build_model, config_from_dict, family
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 STATE = "state.pt"
 CHECKSUMS = "checksums.json"  # sizes and SHA-256 of the other files, written last
+STEP_NAME = re.compile(r"step-[0-9]{1,12}")
 SHARDED = "sharded"  # a torch.distributed.checkpoint folder: {"model": ..., "optimizer": ...}, one file per rank
 
 
@@ -105,13 +109,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for root in (path / "checkpoints", path):
         latest = root / "latest"
         if latest.is_file():
-            step = root / latest.read_text(encoding="utf-8").strip()
+            step = latest_step(root)
             if not has_weights(step):
                 raise SlmforgeError(f"{latest}: points to {step.name}, which has no {WEIGHTS} or {SHARDED}/")
             return step
     if not path.exists():
         raise SlmforgeError(f"{path}: no such run or checkpoint folder")
     raise SlmforgeError(f"{path}: not a run or checkpoint folder (no {WEIGHTS} and no checkpoints/latest)")
+
+
+def latest_step(root: Path) -> Path:
+    """The step folder `root/latest` names. Only a `step-N` folder of this same `checkpoints/` is
+    accepted: `latest` is read from disk, and a `../../other-run/...` or `/elsewhere` in it must not
+    send eval's writes or a resume somewhere else."""
+    latest = root / "latest"
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SlmforgeError(f"{latest}: cannot read ({type(e).__name__})") from None
+    if not STEP_NAME.fullmatch(name):
+        raise SlmforgeError(f"{latest}: names {name[:80]!r}, not a step-N folder of {root}; refusing it "
+                            f"(delete {latest} to use the newest step folder)")
+    return root / name
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -122,15 +141,20 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+UNVERIFIED = f"{CHECKSUMS} is missing, so its files cannot be verified"
+
+
 def check_integrity(step_dir: Path) -> str | None:
     """Why a step folder cannot be trusted (a file missing, truncated or changed since it was
-    written), or None. Folders from before checksums existed are judged by their files being there."""
+    written), or None. A folder without checksums.json is not trusted either (`UNVERIFIED`): every
+    writer seals its folders with one, so its absence means a folder from before checksums existed,
+    or one whose damage was hidden by deleting the list."""
     listed = step_dir / CHECKSUMS
     if not listed.is_file():
         if is_sharded_checkpoint(step_dir):
             return f"{CHECKSUMS} is missing (a sharded checkpoint gets it last, when every rank has written)"
         missing = [name for name in (WEIGHTS, META) if not (step_dir / name).is_file()]
-        return f"{missing[0]} is missing" if missing else None
+        return f"{missing[0]} is missing" if missing else UNVERIFIED
     try:
         expected = read_json(listed)
         if not isinstance(expected, dict) or not all(isinstance(w, dict) and {"bytes", "sha256"} <= set(w)
@@ -139,16 +163,23 @@ def check_integrity(step_dir: Path) -> str | None:
     except SlmforgeError:
         return f"{CHECKSUMS} is damaged"
     for name, want in expected.items():
-        path = step_dir / name
+        try:
+            path = inside(step_dir, name, f"{CHECKSUMS} lists", subfolders=True)
+        except SlmforgeError:
+            return f"{CHECKSUMS} lists {str(name)[:80]!r}, which is not a file of this folder"
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{name} has {path.stat().st_size:,} bytes, {want['bytes']:,} were written"
         if file_digest(path)["sha256"] != want["sha256"]:
             return f"{name} changed since it was written (sha256 mismatch)"
+    if (step_dir / WEIGHTS).is_file() and (problem := unreadable_weights(step_dir / WEIGHTS)):
+        return problem  # checksums that were rewritten to match a damaged file
     if is_sharded_checkpoint(step_dir):  # checksums list what rank 0 saw; .metadata, what every rank wrote
         try:
             missing = missing_shards(step_dir / SHARDED)
+        except safe_dcp.UnsafeCheckpoint as e:
+            return str(e).split(": ", 1)[-1]
         except SlmforgeError:
             return f"{SHARDED}/.metadata is damaged"
         if missing:
@@ -156,10 +187,21 @@ def check_integrity(step_dir: Path) -> str | None:
     return None
 
 
+def unreadable_weights(path: Path) -> str | None:
+    """Why safetensors cannot open `path` (its header is damaged), or None; reads the header only."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"{path.name} cannot be read ({' '.join(str(e).split())[:120]})"
+    return None
+
+
 def require_intact(step_dir: Path) -> None:
     """Refuse a step folder whose files changed since they were written (checksums.json), naming an
     intact older one of the same run if there is one: eval, generate and export must not quietly use
-    flipped bits."""
+    flipped bits. A folder without checksums (`UNVERIFIED`) is used with a warning: it was asked for
+    by name, and its weights are still checked for names, shapes and finite values when read."""
     problem = check_integrity(step_dir)
     if problem is None:
         return
@@ -167,6 +209,9 @@ def require_intact(step_dir: Path) -> None:
     older = next((p for p in step_folders(run) if step_number(p) < step_number(step_dir) and check_integrity(p) is None),
                  None) if step_dir.parent.name == "checkpoints" else None
     hint = f"; {older} is intact" if older is not None else ""
+    if problem == UNVERIFIED:
+        say(f"warning: {step_dir}: {problem}{hint or ''}; use it only if you trust where it came from")
+        return
     raise SlmforgeError(f"{step_dir}: {problem}: the checkpoint is damaged{hint}")
 
 
@@ -187,18 +232,30 @@ def step_number(folder: Path) -> int:
 
 def newest_good_checkpoint(run_dir: Path, say=None) -> Path | None:
     """The step folder a run resumes from: `latest` if it is intact, else the newest intact one, saying
-    why each newer one was passed over (`latest` may even be gone while step folders remain)."""
+    why each newer one was passed over (`latest` may even be gone while step folders remain). A folder
+    without checksums is passed over for an older verified one, and used (saying so) only when no
+    verified one exists."""
     root = Path(run_dir) / "checkpoints"
-    latest = root / "latest"
-    named = root / latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    named = None
+    if (root / "latest").is_file():
+        try:
+            named = latest_step(root)
+        except SlmforgeError as e:
+            if say is not None:
+                say(f"warning: {e}")
     candidates = ([named] if named is not None else []) + [p for p in step_folders(run_dir) if p != named]
+    unverified = None
     for folder in candidates:
         problem = check_integrity(folder) if folder.is_dir() else "it does not exist"
         if problem is None:
             return folder
+        if problem == UNVERIFIED and unverified is None:
+            unverified = folder
         if say is not None:
             say(f"warning: {folder}: {problem}; trying an older checkpoint")
-    return None
+    if unverified is not None and say is not None:
+        say(f"warning: no verified checkpoint; resuming from {unverified}, which has no {CHECKSUMS}")
+    return unverified
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:
@@ -271,12 +328,7 @@ def check_names_and_shapes(path: Path, stored: dict[str, Any], expected: dict[st
 def missing_shards(folder: Path) -> list[str]:
     """Files a torch.distributed.checkpoint folder's .metadata names that are not in the folder (a rank
     whose checkpoints folder was not the shared one wrote its shard elsewhere)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        storage = FileSystemReader(str(folder)).read_metadata().storage_data or {}
-    except Exception as e:
-        raise SlmforgeError(f"{folder / '.metadata'}: cannot read ({type(e).__name__}: {e})") from None
+    storage = safe_dcp.read_metadata(folder).storage_data or {}
     names = sorted({info.relative_path for info in storage.values()})
     return [name for name in names if not (folder / name).is_file()]
 
@@ -284,12 +336,7 @@ def missing_shards(folder: Path) -> list[str]:
 def sharded_tensors(folder: Path, prefix: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Name (without `prefix.`) -> (global shape, dtype) of the tensors a torch.distributed.checkpoint
     folder holds under `prefix`, from its .metadata."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
-    except Exception as e:  # pickle / OS errors of a damaged .metadata
-        raise SlmforgeError(f"{folder / '.metadata'}: cannot read ({type(e).__name__}: {e})") from None
+    metadata = safe_dcp.read_metadata(folder)
     return {key[len(prefix) + 1:]: (item.size, item.properties.dtype)
             for key, item in metadata.state_dict_metadata.items()
             if key.startswith(prefix + ".") and hasattr(item, "properties")}
@@ -298,13 +345,12 @@ def sharded_tensors(folder: Path, prefix: str) -> dict[str, tuple[torch.Size, to
 def read_sharded(folder: Path, prefix: str, wanted: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
     """Whole tensors (name -> (shape, dtype), see `sharded_tensors`) from the `prefix` part of a
     torch.distributed.checkpoint folder, read by this process alone (no process group involved)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     target = {prefix: {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in wanted.items()}}
     try:
         with dcp_single_process_quiet():
-            dcp.load(target, checkpoint_id=str(folder), no_dist=True)
+            safe_dcp.load(target, folder, no_dist=True)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise sharded_read_error(folder, e) from None
     return target[prefix]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from slmforge.errors import SlmforgeError
-from slmforge.fileio import read_json
+from slmforge.fileio import inside, read_json
 
 FORMAT = "slmforge-shards/1"
 MANIFEST = "manifest.json"
@@ -104,10 +104,13 @@ class ShardWriter:
 
     def _roll(self) -> None:
         self._finish()
-        name = f"{self.split}-{self.index:05d}.bin"
+        name = self.shard_name(self.index)
         self.index += 1
         self._file = open(self.folder / name, "wb")
         self._current = ShardInfo(name, 0, 0, 0)
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.split}-{index:05d}.bin"
 
     def _finish(self) -> None:
         if self._file is not None and self._current is not None:
@@ -144,8 +147,14 @@ class ShardWriter:
         length recorded (a crash may have appended more), later shard files get overwritten."""
         writer = cls(folder, split, dtype, shard_tokens, first_index=int(state["index"]))
         writer.shards = [ShardInfo(**s) for s in state["shards"]]
+        for shard in writer.shards:  # progress.json is read back: its names must stay in the folder
+            inside(writer.folder, shard.name, f"progress names {split} shard")
         current = state["current"]
         if current is not None:
+            if current.get("name") != writer.shard_name(writer.index - 1):
+                raise SlmforgeError(f"{writer.folder}: progress names the open {split} shard "
+                                    f"{str(current.get('name'))[:80]!r}, expected {writer.shard_name(writer.index - 1)!r}; "
+                                    f"the progress file is damaged: delete the folder and prepare again")
             path = writer.folder / current["name"]
             length = int(current["tokens"]) * writer.dtype.itemsize
             if not path.is_file() or path.stat().st_size < length:
@@ -173,7 +182,7 @@ class ShardSet:
         info = splits[split]
         self.arrays: list[np.ndarray] = []
         for shard in info["shards"]:
-            path = self.folder / shard["name"]
+            path = inside(self.folder, shard.get("name"), f"{MANIFEST} names {split} shard")
             expected = int(shard["tokens"]) * self.dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
                 size = path.stat().st_size if path.is_file() else "missing"

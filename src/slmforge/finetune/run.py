@@ -40,6 +40,7 @@ from slmforge.runs import (
     load_weights,
     model_config_from_meta,
     read_meta,
+    require_intact,
     resolve_checkpoint,
     write_eval_report,
 )
@@ -172,6 +173,7 @@ def _model_and_tokenizer(cfg: FinetuneConfig, session: Session):
     init_dir = None
     if cfg.train.init_from:
         init_dir = resolve_checkpoint(cfg.train.init_from)
+        require_intact(init_dir)  # a starting point from elsewhere is checked like a resume
         cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
         say(f"model config taken from {init_dir}")
         source = find_tokenizer_dir(init_dir)

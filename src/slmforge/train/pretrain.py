@@ -18,7 +18,8 @@ from slmforge.formatting import say
 from slmforge.models import build_model, family
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
 from slmforge.runtime import apply_attention, resolve_precision
-from slmforge.runs import find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, resolve_checkpoint, run_dir_of
+from slmforge.runs import (find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, require_intact,
+                           resolve_checkpoint, run_dir_of)
 from slmforge.train.config import PretrainConfig
 from slmforge.train.resume_check import (
     append_history,
@@ -88,6 +89,7 @@ def _pretrain(cfg: PretrainConfig, session: Session, extend_objective=None) -> P
     if loop.init_from:
         # The architecture is the checkpoint's (e.g. one made by import-hf); [model] is not consulted.
         init_dir = resolve_checkpoint(loop.init_from)
+        require_intact(init_dir)  # a starting point from elsewhere is checked like a resume
         cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
         say(f"model config taken from {init_dir}")
         _check_same_tokenizer(init_dir, train_shards.manifest, loop.data)

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from slmforge import safe_dcp
 from slmforge.errors import SlmforgeError
 from slmforge.runs import (
     SHARDED,
@@ -204,7 +205,7 @@ def load_sharded(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimi
         content["optimizer"] = get_optimizer_state_dict(model, optimizer)
     try:
         with dcp_single_process_quiet():
-            dcp.load(content, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+            safe_dcp.load(content, folder, no_dist=not dist.is_initialized())
     except DCP_ERRORS as e:
         raise sharded_read_error(folder, e) from None
     bad = first_non_finite(content["model"])  # damage that passed the checksums (or was written so)
