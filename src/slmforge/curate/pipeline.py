@@ -13,7 +13,9 @@ complete: an interrupted run never leaves output that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -23,7 +25,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from slmforge.curate.config import DEDUP_STAGES, CurateConfig
 from slmforge.errors import SlmforgeError
@@ -281,7 +283,35 @@ class Finalize:
         self.cfg, self.jobs, self.started = cfg, jobs, started
 
     def __call__(self, data: Any = None, rank: int = 0, world_size: int = 1) -> None:
+        check_read(self.cfg, Path(self.cfg.out) / WORK)  # in this job's log: the Slurm job fails on it
         finalize(self.cfg, self.jobs, self.started)
+
+
+SHOWN_BAD_FILES = 5  # skipped input files named on the console (report.json has up to 20 per task)
+
+
+def check_read(cfg: CurateConfig, work: Path) -> None:
+    """After the reading ("filter") job: name the input files skipped as unreadable on the console, and
+    stop with one line when every input file was (nothing was read: there is nothing to curate)."""
+    from slmforge.curate.report import read_summary
+    from slmforge.formatting import say
+
+    read = read_summary([work / "logs" / "filter"])
+    count, bad = read["bad_file_count"], read["bad_files"]
+    if not count:
+        return
+    if count >= read["files"] and not read["documents"]:
+        shown = ", ".join(f"{b['file']} ({b['error']})" for b in bad[:3])
+        more = f" and {count - 3} more" if count > 3 else ""
+        raise SlmforgeError(f"none of the {count} input file{'s' * (count > 1)} could be read, so there is "
+                            f"nothing to curate: {shown}{more}")
+    lines = [f"warning: curate skipped {count} of {read['files']} input files as unreadable "
+             f"(see report.json):"]
+    shown_bad = bad[:SHOWN_BAD_FILES]
+    lines += [f"  {b['file']}: {b['error']}" for b in shown_bad]
+    if count > len(shown_bad):
+        lines.append(f"  ... and {count - len(shown_bad)} more")
+    say("\n".join(lines))  # one message: a warning, so said in quiet mode too
 
 
 def curate(cfg: CurateConfig, show_progress: bool = True) -> Path:
@@ -292,16 +322,35 @@ def curate(cfg: CurateConfig, show_progress: bool = True) -> Path:
     if cfg.datatrove_logs:
         return _curate(cfg, show_progress)
     logger.disable("datatrove")  # its per-task banners and stats would bury our progress lines
-    bars = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # and so would the progress bars of its dedup steps
     try:
-        return _curate(cfg, show_progress)
+        with no_progress_bars():  # and so would the tqdm bars of its dedup steps
+            return _curate(cfg, show_progress)
     finally:
         logger.enable("datatrove")
-        if bars is None:
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Turn tqdm's bars off (datatrove's dedup steps draw them on stderr) until the block ends.
+
+    tqdm reads TQDM_DISABLE only when it is imported, and datatrove imported it long before: setting the
+    variable now reaches only workers that start a fresh interpreter (spawn, forkserver). So tqdm's
+    default for `disable` becomes True for this process and the workers it forks; a step that passes
+    `disable` itself (a datatrove reader's doc_progress, off by default) still decides."""
+    from tqdm import std
+
+    saved_init = std.tqdm.__dict__["__init__"]
+    saved_env = os.environ.get("TQDM_DISABLE")
+    std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = saved_init
+        if saved_env is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
-            os.environ["TQDM_DISABLE"] = bars
+            os.environ["TQDM_DISABLE"] = saved_env
 
 
 def _curate(cfg: CurateConfig, show_progress: bool) -> Path:
@@ -331,6 +380,12 @@ def _curate(cfg: CurateConfig, show_progress: bool) -> Path:
         t0 = time.time()
         _executor(cfg, job, work).run()
         _say(show_progress, f"job {job.name} done ({job.tasks} task{'s' * (job.tasks > 1)}) in {time.time() - t0:.1f}s")
+        if job.name == "filter":
+            try:
+                check_read(cfg, work)
+            except SlmforgeError:
+                shutil.rmtree(work, ignore_errors=True)  # nothing to resume: a fixed rerun starts afresh
+                raise
     report = finalize(cfg, names, started)
     from slmforge.curate.report import size
 

@@ -44,6 +44,16 @@ def _read_stage_stats(log_dirs: list[Path]) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def read_summary(log_dirs: list[Path]) -> dict[str, Any]:
+    """What the reader met, from the stats of the job(s) that read the inputs: input files, the skipped
+    (unreadable) ones with why, sorted by path, and documents read."""
+    read = _read_stage_stats(log_dirs).get("read", {"counters": {}, "samples": {}})
+    c = read["counters"]
+    return {"files": int(c.get("input_files", 0)), "bad_file_count": int(c.get("bad_files", 0)),
+            "bad_files": sorted(read["samples"].get("bad_file", []), key=lambda b: b["file"]),
+            "documents": int(c.get("documents", 0))}
+
+
 def _by_language(counters: dict[str, float], prefix: str) -> dict[str, float]:
     out: dict[str, float] = defaultdict(float)
     for key, value in counters.items():
