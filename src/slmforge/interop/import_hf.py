@@ -8,6 +8,10 @@
 
 Continue pretraining or fine-tune from it with `train.init_from=out`. No `transformers` import: config
 fields and tensor names come from `slmforge.models.hf`; tensors are read one at a time.
+
+Nothing is allocated for a bad folder: config.json's fields are type- and size-checked as they are read
+(`slmforge.models.hf.reader`), every tensor's name and shape is compared with the config from the file
+headers, and the float32 model must fit in the memory available, all before the model is built.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from slmforge import config as config_io
 from slmforge.errors import SlmforgeError
 from slmforge.interop.export import copy_tokenizer_files, output_dir, read_json
 from slmforge.models import ModelConfig, build_model
-from slmforge.models.hf import config_from_hf, is_multimodal, plan_import
+from slmforge.models.hf import config_from_hf, hf_field_names, is_multimodal, plan_import
+from slmforge.models.hf.reader import describe_count, size_fields
+from slmforge.models.registry import family
 from slmforge.train.checkpoint import save_checkpoint
 
 
@@ -58,12 +64,19 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
 
 
 def load_hf_weights(hf_dir: Path, cfg: ModelConfig, multimodal: bool = False) -> nn.Module:
-    """Build the model `cfg` describes and fill it from the checkpoint in `hf_dir`, checking every tensor."""
-    model = build_model(cfg, device="cpu", seed=None)
-    targets = model.state_dict()  # shares storage with the parameters
+    """Build the model `cfg` describes and fill it from the checkpoint in `hf_dir`, checking every tensor.
+
+    Nothing is allocated before every tensor's name and shape (from the safetensors header, or the
+    mmapped pytorch_model.bin) matches the config and the float32 model fits in the memory available."""
+    hf_dir = Path(hf_dir)
+    with torch.device("meta"):  # shapes without memory or time
+        skeleton = family(cfg).module_cls(cfg)
+    expected = {name: t.shape for name, t in skeleton.state_dict().items()}
     with _Checkpoint(hf_dir) as checkpoint:
-        plan = plan_import(cfg, {name: t.shape for name, t in targets.items()}, checkpoint.shapes,
-                           multimodal, where=str(hf_dir))
+        plan = plan_import(cfg, expected, checkpoint.shapes, multimodal, where=str(hf_dir))
+        _check_memory(hf_dir / "config.json", cfg, skeleton)
+        model = build_model(cfg, device="cpu", seed=None)
+        targets = model.state_dict()  # shares storage with the parameters
         with torch.no_grad():
             for ours, stored in plan.items():
                 if isinstance(stored, tuple):  # rows of a fused tensor (ModernBERT's Wqkv, Wi)
@@ -72,6 +85,36 @@ def load_hf_weights(hf_dir: Path, cfg: ModelConfig, multimodal: bool = False) ->
                 else:
                     targets[ours].copy_(checkpoint.tensor(stored))  # bf16/fp16 checkpoints become float32
     return model
+
+
+def _check_memory(where: Path, cfg: ModelConfig, skeleton: nn.Module) -> None:
+    """Refuse, in one line, a model whose float32 weights exceed the memory this process can use."""
+    count = sum(t.numel() for t in [*skeleton.parameters(), *skeleton.buffers()])  # shared tensors once
+    available = available_memory()
+    if available is not None and count * 4 > available:
+        raise SlmforgeError(f"{where}: {size_fields(cfg, hf_field_names(cfg))} describe a model of "
+                            f"{describe_count(count)}, {count * 4 / 2**30:,.1f} GiB as float32, more than the "
+                            f"{available / 2**30:,.1f} GiB of memory available")
+
+
+def available_memory() -> int | None:
+    """Bytes this process may allocate: the system's MemAvailable, capped by a cgroup (container) memory
+    limit when there is one; None when neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:  # cgroup v1 writes "no limit" as a huge number
+                found.append(int(limit))
+        except (OSError, ValueError):
+            pass
+    return min(found) if found else None
 
 
 class _Checkpoint:

@@ -11,7 +11,9 @@ export and import need no `transformers`:
 
     check_exportable(cfg)                  raise naming the first field transformers cannot express
     config_to_hf(cfg, dtype, *_token_id)   config.json contents
-    config_from_hf(hf, where)              our config for a config.json dict
+    config_from_hf(hf, where)              our config for a config.json dict (types, values and size
+                                           checked; refusals name the config.json field)
+    hf_field_names(cfg)                    our field -> the config.json field it comes from
     state_dict_to_hf(cfg, state, dtype)    our tensors under transformers' names
     plan_import(cfg, expected, available, multimodal, where)
                                            {our name: checkpoint name, or (name, start, stop): rows
@@ -24,6 +26,7 @@ import importlib
 from typing import Any
 
 from slmforge.errors import SlmforgeError
+from slmforge.models.hf.reader import typed
 from slmforge.models.registry import hf_adapter
 
 # architecture / model_type -> adapter module, for config.json files we are asked to import
@@ -33,8 +36,10 @@ _ENCDEC_ARCHITECTURES = ("T5ForConditionalGeneration", "MT5ForConditionalGenerat
 _ENCDEC_MODEL_TYPES = ("t5", "mt5")
 
 
-def adapter_for_config(hf: dict[str, Any]):
+def adapter_for_config(hf: dict[str, Any], where: str = "config.json"):
     """The adapter module that reads this config.json (decoder unless it names an encoder or T5)."""
+    typed(where, "architectures", hf.get("architectures"), list[str])
+    typed(where, "model_type", hf.get("model_type"), str)
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
     if arch in _ENCDEC_ARCHITECTURES or (arch is None and hf.get("model_type") in _ENCDEC_MODEL_TYPES):
@@ -45,12 +50,16 @@ def adapter_for_config(hf: dict[str, Any]):
 
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json"):
-    return adapter_for_config(hf).config_from_hf(hf, where)
+    return adapter_for_config(hf, where).config_from_hf(hf, where)
 
 
 def is_multimodal(hf: dict[str, Any]) -> bool:
     adapter = adapter_for_config(hf)
     return bool(getattr(adapter, "is_multimodal", lambda _: False)(hf))
+
+
+def hf_field_names(cfg) -> dict[str, str]:
+    return hf_adapter(cfg).hf_field_names(cfg)
 
 
 def check_exportable(cfg) -> None:
@@ -74,5 +83,5 @@ def generation_config(bos_token_id: int | None, eos_token_id: int | None, pad_to
     return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
 
 
-__all__ = ["SlmforgeError", "adapter_for_config", "config_from_hf", "is_multimodal", "check_exportable",
-           "config_to_hf", "state_dict_to_hf", "plan_import", "generation_config"]
+__all__ = ["SlmforgeError", "adapter_for_config", "config_from_hf", "is_multimodal", "hf_field_names",
+           "check_exportable", "config_to_hf", "state_dict_to_hf", "plan_import", "generation_config"]

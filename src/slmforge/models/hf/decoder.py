@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from slmforge.errors import SlmforgeError
-from slmforge.models.hf.reader import ConfigReader, checked_config
+from slmforge.models.hf.reader import ConfigReader, checked_config, hf_types, typed
 from slmforge.models.decoder_config import DecoderConfig
 
 ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -207,7 +207,7 @@ def text_config(hf: dict[str, Any], where: str = "config.json") -> tuple[str, di
     arch = archs[0] if archs else None
     model_type = hf.get("model_type")
     if arch == MULTIMODAL_GEMMA3 or (arch is None and model_type == "gemma3"):
-        text = dict(hf.get("text_config") or {})
+        text = dict(typed(where, "text_config", hf.get("text_config"), dict[str, Any]) or {})
         # Multimodal configs store only the text fields that differ from Gemma3TextConfig's defaults.
         text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
         return "gemma3", text, True
@@ -228,7 +228,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderCon
     family, text, _ = text_config(hf, where)
     if family == "gemma3":
         where = f"{where} text_config" if text is not hf else where
-    get = ConfigReader(text, HF_DEFAULTS[family], where)
+    get = ConfigReader(text, HF_DEFAULTS[family], where, _HF_TYPES, layer_fields=("num_hidden_layers",))
     get.reject_truthy("attention_bias", "attention biases are not supported")
     get.reject_truthy("mlp_bias", "MLP biases are not supported")
     get.reject_truthy("attn_logit_softcapping", "attention logit soft-capping is not supported")
@@ -246,7 +246,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderCon
         num_layers=get("num_hidden_layers"),
         num_heads=num_heads,
         num_kv_heads=get.optional("num_key_value_heads") or num_heads,
-        head_dim=get.optional("head_dim") or get("hidden_size") // num_heads,
+        head_dim=get.optional("head_dim") or None,  # None: hidden_size // num_heads (DecoderConfig)
         max_seq_len=get("max_position_embeddings"),
         norm_eps=get("rms_norm_eps"),
         init_std=get("initializer_range"),
@@ -261,7 +261,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderCon
         if rope.get("rope_theta") is None:
             rope["rope_theta"] = get("rope_theta")
         rope.setdefault("original_max_position_embeddings", fields["max_seq_len"])
-        fields.update(rope_theta=float(rope["rope_theta"]),
+        fields.update(rope_theta=_rope_number(rope, "rope_theta", f"{where}: rope_parameters"),
                       **_rope_scaling_fields(rope, f"{where}: rope_parameters"))
     else:
         act = get.optional("hidden_activation") or get.optional("hidden_act") or "gelu_pytorch_tanh"
@@ -269,18 +269,25 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderCon
             raise SlmforgeError(f"{where}: hidden_activation={act!r} is not supported; "
                                 f"Gemma 3 uses gelu_pytorch_tanh")
         fields.update(_FAMILY_SWITCHES["gemma3"])
-        fields.update(query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+        fields.update(query_pre_attn_scalar=get("query_pre_attn_scalar"),
                       final_logit_softcap=get.optional("final_logit_softcapping"))
         fields.update(_gemma3_layers(get, fields["num_layers"], where))
         fields.update(_gemma3_rope(get, fields["max_seq_len"], where))
     return checked_config(DecoderConfig(**fields), where, _HF_FIELD_NAMES)
 
 
-# For error messages: our field -> the config.json field it came from.
+# For error messages and type checks: our field -> the config.json field it came from.
 _HF_FIELD_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_layers="num_hidden_layers",
                        num_heads="num_attention_heads", num_kv_heads="num_key_value_heads", head_dim="head_dim",
                        intermediate_size="intermediate_size", max_seq_len="max_position_embeddings",
-                       sliding_window="sliding_window", rope_scaling_factor="rope_scaling.factor")
+                       sliding_window="sliding_window", rope_scaling_factor="rope_scaling.factor",
+                       norm_eps="rms_norm_eps", init_std="initializer_range", tie_embeddings="tie_word_embeddings",
+                       query_pre_attn_scalar="query_pre_attn_scalar", final_logit_softcap="final_logit_softcapping",
+                       rope_theta="rope_theta", rope_local_theta="rope_local_base_freq")
+# Every config.json field the reader takes: the type of our field it fills, or its own.
+_HF_TYPES = hf_types(DecoderConfig, _HF_FIELD_NAMES, hidden_act=str, hidden_activation=str,
+                     layer_types=list[str], sliding_window_pattern=int, _sliding_window_pattern=int,
+                     rope_scaling=dict[str, Any], rope_parameters=dict[str, Any])
 
 
 def _gemma3_layers(get: ConfigReader, num_layers: int, where: str) -> dict[str, Any]:
@@ -288,8 +295,11 @@ def _gemma3_layers(get: ConfigReader, num_layers: int, where: str) -> dict[str, 
     a layer_types list that is not "every n-th layer global" becomes our layer_types as it is."""
     layer_types = get.optional("layer_types")
     if layer_types is None:
-        pattern = get.data.get("sliding_window_pattern") or get.data.get("_sliding_window_pattern") \
+        pattern = get.present("sliding_window_pattern") or get.present("_sliding_window_pattern") \
             or get.defaults["sliding_window_pattern"]
+        if pattern < 1:
+            raise SlmforgeError(f"{where}: sliding_window_pattern={pattern}: must be at least 1 "
+                                f"(every n-th layer is global)")
         layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     if len(layer_types) != num_layers:
         raise SlmforgeError(f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers")
@@ -299,7 +309,7 @@ def _gemma3_layers(get: ConfigReader, num_layers: int, where: str) -> dict[str, 
     full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
     if len(full) == num_layers:
         return dict(sliding_window=None, global_every=1)
-    window = int(get("sliding_window"))
+    window = get("sliding_window")
     every = _every_nth_global(layer_types)
     if every is not None:
         return dict(sliding_window=window, global_every=every)
@@ -310,8 +320,9 @@ def _gemma3_layers(get: ConfigReader, num_layers: int, where: str) -> dict[str, 
 def _gemma3_rope(get: ConfigReader, max_seq_len: int, where: str) -> dict[str, Any]:
     """Per-layer-type RoPE, resolved as transformers 5 does (rope_scaling merges into full_attention)."""
     params = get.optional("rope_parameters") or {}
-    full = dict(params.get("full_attention") or {})
-    local = dict(params.get("sliding_attention") or {})
+    full = dict(typed(where, "rope_parameters.full_attention", params.get("full_attention"), dict[str, Any]) or {})
+    local = dict(typed(where, "rope_parameters.sliding_attention", params.get("sliding_attention"),
+                       dict[str, Any]) or {})
     full.update(get.optional("rope_scaling") or {})
     if full.get("rope_theta") is None:
         full["rope_theta"] = get("rope_theta")
@@ -321,7 +332,8 @@ def _gemma3_rope(get: ConfigReader, max_seq_len: int, where: str) -> dict[str, A
     if _rope_type(local, f"{where}: rope_parameters.sliding_attention") != "default":
         raise SlmforgeError(f"{where}: rope_parameters.sliding_attention: scaled RoPE on local layers "
                             f"is not supported (Gemma 3 scales global layers only)")
-    return dict(rope_theta=float(full["rope_theta"]), rope_local_theta=float(local["rope_theta"]),
+    return dict(rope_theta=_rope_number(full, "rope_theta", f"{where}: rope_parameters.full_attention"),
+                rope_local_theta=_rope_number(local, "rope_theta", f"{where}: rope_parameters.sliding_attention"),
                 **_rope_scaling_fields(full, f"{where}: rope_parameters.full_attention"))
 
 
@@ -336,12 +348,24 @@ def _rope_scaling_fields(rope: dict[str, Any], where: str) -> dict[str, Any]:
     kind = _rope_type(rope, where)
     if kind == "default":
         return dict(rope_scaling="none")
-    fields: dict[str, Any] = dict(rope_scaling=kind, rope_scaling_factor=float(rope["factor"]))
+    fields: dict[str, Any] = dict(rope_scaling=kind, rope_scaling_factor=_rope_number(rope, "factor", where))
     if kind == "llama3":
-        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
-                      rope_high_freq_factor=float(rope["high_freq_factor"]),
-                      rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+        fields.update(rope_low_freq_factor=_rope_number(rope, "low_freq_factor", where),
+                      rope_high_freq_factor=_rope_number(rope, "high_freq_factor", where),
+                      rope_original_max_seq_len=_rope_number(rope, "original_max_position_embeddings", where, int))
     return fields
+
+
+def _rope_number(rope: dict[str, Any], key: str, where: str, tp: type = float) -> Any:
+    """One number of a RoPE settings table, refused in one line when missing or not a number."""
+    if rope.get(key) is None:
+        raise SlmforgeError(f"{where}: {key} is missing")
+    return typed(where, key, rope[key], tp)
+
+
+def hf_field_names(cfg: DecoderConfig) -> dict[str, str]:
+    """Our field -> the config.json field it comes from (for messages about a config.json)."""
+    return dict(_HF_FIELD_NAMES)
 
 
 # ---------------------------------------------------------------- weight names

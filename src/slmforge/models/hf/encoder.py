@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from slmforge.errors import SlmforgeError
-from slmforge.models.hf.reader import ConfigReader, checked_config
+from slmforge.models.hf.reader import ConfigReader, checked_config, hf_types, typed
 from slmforge.models.encoder_config import EncoderConfig
 
 ARCHITECTURES = {"bert": "BertForMaskedLM", "roberta": "XLMRobertaForMaskedLM",
@@ -270,7 +270,9 @@ def encoder_family(hf: dict[str, Any], where: str = "config.json") -> str:
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> EncoderConfig:
     """The `EncoderConfig` equivalent to a transformers config.json dict (4.5x or 5.x form)."""
     family = encoder_family(hf, where)
-    get = ConfigReader(hf, HF_DEFAULTS[family], where)
+    names = _hf_field_names(family)
+    get = ConfigReader(hf, HF_DEFAULTS[family], where, hf_types(EncoderConfig, names, **_HF_TYPES),
+                       layer_fields=("num_hidden_layers",))
     get.require("tie_word_embeddings", (True,), "slmforge ties the MLM decoder to the input embeddings")
     fields: dict[str, Any] = dict(
         family=family,
@@ -282,14 +284,31 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> EncoderCon
         init_std=get("initializer_range"),
     )
     fields.update(_modernbert_config(get) if family == "modernbert" else _bert_config(get, family))
-    return checked_config(EncoderConfig(**fields), where, _HF_FIELD_NAMES)
+    return checked_config(EncoderConfig(**fields), where, names)
 
 
-# For error messages: our field -> the config.json field it came from.
+# For error messages and type checks: our field -> the config.json field it came from.
 _HF_FIELD_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_layers="num_hidden_layers",
                        num_heads="num_attention_heads", intermediate_size="intermediate_size",
                        max_seq_len="max_position_embeddings", local_window="local_attention",
-                       pad_token_id="pad_token_id")
+                       pad_token_id="pad_token_id", init_std="initializer_range")
+# Every other config.json field the reader takes, with its type.
+_HF_TYPES = dict(tie_word_embeddings=bool, hidden_act=str, hidden_activation=str, classifier_activation=str,
+                 position_embedding_type=str, type_vocab_size=int, layer_norm_eps=float, norm_eps=float,
+                 hidden_dropout_prob=float, attention_probs_dropout_prob=float, embedding_dropout=float,
+                 attention_dropout=float, mlp_dropout=float, global_attn_every_n_layers=int, sliding_window=int,
+                 layer_types=list[str], global_rope_theta=float, local_rope_theta=float,
+                 rope_parameters=dict[str, Any], rope_scaling=dict[str, Any])
+
+
+def _hf_field_names(family: str) -> dict[str, str]:
+    """_HF_FIELD_NAMES plus the fields whose config.json name depends on the family."""
+    if family == "modernbert":
+        return dict(_HF_FIELD_NAMES, norm_eps="norm_eps", dropout="embedding_dropout",
+                    rope_theta="global_rope_theta", rope_local_theta="local_rope_theta",
+                    global_every="global_attn_every_n_layers")
+    return dict(_HF_FIELD_NAMES, norm_eps="layer_norm_eps", dropout="hidden_dropout_prob",
+                type_vocab_size="type_vocab_size")
 
 
 def _bert_config(get: ConfigReader, family: str) -> dict[str, Any]:
@@ -337,7 +356,7 @@ def _modernbert_layers(get: ConfigReader, num_layers: int) -> dict[str, Any]:
     if not isinstance(every_4x, int) or every_4x < 1:
         raise SlmforgeError(f"{get.where}: global_attn_every_n_layers={every_4x!r} must be a positive integer")
     types_4x = ["sliding_attention" if i % every_4x else "full_attention" for i in range(num_layers)]
-    layer_types = get.data.get("layer_types")
+    layer_types = get.present("layer_types")
     if layer_types is not None and "global_attn_every_n_layers" in get.data and layer_types != types_4x:
         raise SlmforgeError(f"{get.where}: layer_types and global_attn_every_n_layers={every_4x} disagree "
                             f"(transformers 5 reads the first, 4.x the second)")
@@ -361,7 +380,7 @@ def _modernbert_layers(get: ConfigReader, num_layers: int) -> dict[str, Any]:
 
 def _modernbert_window(get: ConfigReader) -> int:
     """The whole window: 4.x's local_attention; 5.x's sliding_window is its half (and wins in 5.x)."""
-    local_attention, half = get.data.get("local_attention"), get.data.get("sliding_window")
+    local_attention, half = get.present("local_attention"), get.present("sliding_window")
     if local_attention is not None and half is not None and local_attention // 2 != half:
         raise SlmforgeError(f"{get.where}: local_attention={local_attention} and sliding_window={half} disagree "
                             f"(transformers 5 attends |i - j| <= sliding_window, 4.x <= local_attention // 2)")
@@ -372,22 +391,28 @@ def _modernbert_window(get: ConfigReader) -> int:
 
 def _modernbert_rope(get: ConfigReader) -> dict[str, Any]:
     """RoPE bases per layer kind from rope_parameters (5.x) or global/local_rope_theta (4.x)."""
-    params = get.data.get("rope_parameters") or {}
-    scaling = get.data.get("rope_scaling") or {}
+    params = get.present("rope_parameters") or {}
+    scaling = get.present("rope_scaling") or {}
     thetas = {}
     for kind, old_field in (("full_attention", "global_rope_theta"), ("sliding_attention", "local_rope_theta")):
-        rope = {**(params.get(kind) or {}), **scaling}  # 5.x merges rope_scaling into both kinds
+        per_kind = typed(get.where, f"rope_parameters.{kind}", params.get(kind), dict[str, Any]) or {}
+        rope = {**per_kind, **scaling}  # 5.x merges rope_scaling into both kinds
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise SlmforgeError(f"{get.where}: rope_parameters.{kind}: rope_type {rope_type!r} is not supported "
                                 f"(ModernBERT in slmforge uses plain RoPE)")
         theta_4x = get.optional(old_field)
-        theta = rope.get("rope_theta")
+        theta = typed(get.where, f"rope_parameters.{kind}.rope_theta", rope.get("rope_theta"), float)
         if theta is not None and old_field in get.data and float(theta) != float(theta_4x):
             raise SlmforgeError(f"{get.where}: rope_parameters.{kind}.rope_theta={theta} and {old_field}={theta_4x} "
                                 f"disagree (transformers 5 reads the first, 4.x the second)")
         thetas[kind] = float(theta if theta is not None else theta_4x)
     return dict(rope_theta=thetas["full_attention"], rope_local_theta=thetas["sliding_attention"])
+
+
+def hf_field_names(cfg: EncoderConfig) -> dict[str, str]:
+    """Our field -> the config.json field it comes from (for messages about a config.json)."""
+    return _hf_field_names(cfg.family)
 
 
 # ---------------------------------------------------------------- weight names

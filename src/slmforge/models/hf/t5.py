@@ -41,10 +41,9 @@ from typing import Any
 
 import torch
 
-from slmforge.config import validate as validate_config
-from slmforge.errors import ConfigError, SlmforgeError
+from slmforge.errors import SlmforgeError
 from slmforge.models.encdec_config import EncDecConfig
-from slmforge.models.hf.reader import ConfigReader
+from slmforge.models.hf.reader import ConfigReader, checked_config, hf_types
 
 ARCHITECTURE = "T5ForConditionalGeneration"
 READABLE = {"T5ForConditionalGeneration": "t5", "MT5ForConditionalGeneration": "mt5"}
@@ -127,31 +126,45 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> EncDecConf
     if arch not in READABLE and not (arch is None and hf.get("model_type") in READABLE.values()):
         raise SlmforgeError(f"{where}: architecture {arch or '(none)'} (model_type {hf.get('model_type')!r}) is not "
                             f"a supported encoder-decoder; slmforge imports {', '.join(READABLE)}")
-    get = ConfigReader(hf, HF_DEFAULTS, where)
+    get = ConfigReader(hf, HF_DEFAULTS, where, _HF_TYPES, layer_fields=("num_layers", "num_decoder_layers"))
     projection = get("feed_forward_proj")
     if projection not in _ACTIVATION_FROM_HF:
         raise SlmforgeError(f"{where}: feed_forward_proj={projection!r} is not supported; slmforge builds T5 v1.1's "
                             f"gated MLP ({', '.join(_ACTIVATION_FROM_HF)})")
     get.reject_truthy("is_decoder", "a decoder-only T5 stack is not a T5ForConditionalGeneration")
     # The head (see the module docstring): scaled output <=> tied in our layout.
-    scaled = hf.get("scale_decoder_outputs", get("tie_word_embeddings"))
+    scaled = get.present("scale_decoder_outputs")
+    if scaled is None:
+        scaled = get("tie_word_embeddings")
     layers = get("num_layers")
+    start = get.present("decoder_start_token_id")
     fields = dict(
         family="t5", vocab_size=get("vocab_size"), hidden_size=get("d_model"), head_dim=get("d_kv"),
         intermediate_size=get("d_ff"), num_layers=layers,
         num_decoder_layers=get.optional("num_decoder_layers") or layers, num_heads=get("num_heads"),
         relative_buckets=get("relative_attention_num_buckets"),
         relative_max_distance=get("relative_attention_max_distance"),
-        activation=_ACTIVATION_FROM_HF[projection], norm_eps=float(get("layer_norm_epsilon")),
-        tie_embeddings=bool(scaled), dropout=float(get("dropout_rate")), max_seq_len=int(get("n_positions")),
-        decoder_start_token_id=int(hf.get("decoder_start_token_id", get("pad_token_id"))),
+        activation=_ACTIVATION_FROM_HF[projection], norm_eps=get("layer_norm_epsilon"),
+        tie_embeddings=bool(scaled), dropout=get("dropout_rate"), max_seq_len=get("n_positions"),
+        decoder_start_token_id=start if start is not None else get("pad_token_id"),
     )
-    cfg = EncDecConfig(**fields)
-    try:
-        validate_config(cfg, "model")
-    except ConfigError as e:
-        raise SlmforgeError(f"{where}: {e}") from None
-    return cfg
+    return checked_config(EncDecConfig(**fields), where, _HF_FIELD_NAMES)
+
+
+# For error messages and type checks: our field -> the config.json field it came from.
+_HF_FIELD_NAMES = dict(vocab_size="vocab_size", hidden_size="d_model", head_dim="d_kv", intermediate_size="d_ff",
+                       num_layers="num_layers", num_decoder_layers="num_decoder_layers", num_heads="num_heads",
+                       relative_buckets="relative_attention_num_buckets",
+                       relative_max_distance="relative_attention_max_distance", norm_eps="layer_norm_epsilon",
+                       dropout="dropout_rate", max_seq_len="n_positions", tie_embeddings="tie_word_embeddings",
+                       decoder_start_token_id="decoder_start_token_id")
+_HF_TYPES = hf_types(EncDecConfig, _HF_FIELD_NAMES, feed_forward_proj=str, scale_decoder_outputs=bool,
+                     pad_token_id=int)
+
+
+def hf_field_names(cfg: EncDecConfig) -> dict[str, str]:
+    """Our field -> the config.json field it comes from (for messages about a config.json)."""
+    return dict(_HF_FIELD_NAMES)
 
 
 # ---------------------------------------------------------------- weight names
