@@ -331,6 +331,9 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
         ids = ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     elif add_bos and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids
+    if not ids:  # the model needs at least one token to continue from
+        raise SlmforgeError(f"the prompt {prompt[:60]!r} encodes to no tokens and no bos token goes before it: "
+                            f"nothing to generate from; give a prompt with text")
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
     on_token = None
     if stream:

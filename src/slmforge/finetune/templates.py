@@ -17,6 +17,7 @@ decoder they are a chat turn (finetune.translate_prompt) answered by the target.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.examples import BadExample, Example, Skipped
-from slmforge.tokenizer.chat import ChatTemplate, ChatTemplateError
+from slmforge.tokenizer.chat import ChatTemplate, ChatTemplateError, ChatTemplateLimit
 
 CHATML = (
     "{%- if bos_token %}{{ bos_token }}{% endif %}"
@@ -91,6 +92,84 @@ class EncodedPair:
         return max(len(self.source), len(self.target))
 
 
+def chars_per_token(tokenizer) -> int | None:
+    """The most characters of (normalized) text one token of `tokenizer` can stand for, or None when
+    no such bound holds, so that a text of more than `chars_per_token * n` normalized characters is
+    known to need more than n tokens without tokenizing it.
+
+    Why it holds: every token a model emits is a vocabulary string matched against a piece of the
+    normalized, pre-tokenized text (a BPE merge, a Unigram piece, a byte-level symbol for one byte,
+    `<0xNN>` for one byte of a character, an added token's own text), so it covers at most as many
+    characters as its string has; ByteLevel and Metaspace pre-tokenizers only map characters to one
+    or more symbols. The longest vocabulary string (added tokens included) is therefore the bound.
+    It fails, and None is returned, where one token can stand for any amount of text: an unknown-token
+    fallback that swallows a whole word or a run of characters (WordLevel, WordPiece, a fused unk of
+    BPE or Unigram without complete byte fallback), a pre-tokenizer that drops text (whitespace
+    splitting, `Split` with behavior removed, a char delimiter), or an added token that also absorbs
+    the spaces around it (lstrip / rstrip). Normalizers may shorten text (composition, SentencePiece's
+    space squeezing), so the characters counted are those of the whole text normalized, and an added
+    token counts as long as the longer of its text and its normalized text. The tokenizer normalizes
+    the pieces between added tokens one by one, where normalizing the whole text squeezes a run of
+    spaces at a join that a piece would strip (SentencePiece): at most one character on each side of
+    each of the (at most `limit`) added tokens, which `_LengthGuard` allows for."""
+    data = json.loads(tokenizer.backend.to_str())
+    model = data.get("model") or {}
+    kind = model.get("type")
+    full_fallback = bool(model.get("byte_fallback")) and len(tokenizer.byte_ids) == 256
+    if kind == "BPE":
+        if model.get("unk_token") is not None and model.get("fuse_unk") and not full_fallback:
+            return None
+    elif kind == "Unigram":
+        if model.get("unk_id") is not None and not full_fallback:  # Unigram always fuses unknown runs
+            return None
+    else:  # WordLevel, WordPiece: one unknown token for a whole word
+        return None
+    if _drops_text(data.get("pre_tokenizer")):
+        return None
+    if any(t.get("lstrip") or t.get("rstrip") for t in data.get("added_tokens") or []):
+        return None
+    longest = max((len(token) for token in tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+    normalizer = tokenizer.backend.normalizer
+    if normalizer is not None:  # an added token matched on the raw text is counted as normalized below
+        added = [t.get("content") or "" for t in data.get("added_tokens") or []]
+        longest = max([longest, *(len(normalizer.normalize_str(t)) for t in added)])
+    return max(longest, 1)
+
+
+def _drops_text(pre_tokenizer) -> bool:
+    """Whether a pre-tokenizer (or one in a Sequence) removes characters rather than only splitting."""
+    if isinstance(pre_tokenizer, list):
+        return any(_drops_text(p) for p in pre_tokenizer)
+    if not isinstance(pre_tokenizer, dict):
+        return False
+    if pre_tokenizer.get("type") in ("Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit"):
+        return True
+    if str(pre_tokenizer.get("behavior", "")).lower() == "removed":  # Split, Punctuation
+        return True
+    return _drops_text(pre_tokenizer.get("pretokenizers"))
+
+
+class _LengthGuard:
+    """Refuses a text that cannot fit `limit` tokens before it is tokenized whole: tokenizing a 20 MB
+    example to learn that it is too long took tens of seconds and gigabytes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.per_token = chars_per_token(tokenizer)
+
+    def check(self, text: str, limit: int | None, limit_name: str) -> None:
+        if limit is None or self.per_token is None:
+            return
+        most = (self.per_token + 2) * limit  # + 2: the joins around added tokens (see chars_per_token)
+        if len(text) <= most:
+            return  # may fit (the common case costs nothing): tokenizing decides
+        normalizer = self.tokenizer.backend.normalizer
+        chars = len(normalizer.normalize_str(text)) if normalizer is not None else len(text)
+        if chars > most:
+            raise BadExample("too long", f"{chars:,} characters, more than {limit_name} = {limit} tokens can hold "
+                                         f"(a token of this tokenizer covers at most {self.per_token} characters)")
+
+
 class PairEncoder:
     """Example (task translate) -> EncodedPair, with the run's tokenizer."""
 
@@ -100,9 +179,14 @@ class PairEncoder:
                                 "encoder-decoder; use a tokenizer with one")
         self.tokenizer = tokenizer
         self.stop_id = tokenizer.eos_id
+        self.guard = _LengthGuard(tokenizer)
 
-    def encode(self, example: Example) -> EncodedPair:
+    def encode(self, example: Example, limit: int | None = None, limit_name: str = "train.seq_len") -> EncodedPair:
+        """The pair's ids; with `limit`, a side whose text cannot fit `limit` tokens is refused as too
+        long before it is tokenized."""
         source, target = example.pair
+        for side in (source, target):
+            self.guard.check(side, limit, limit_name)
         eos = [self.tokenizer.eos_id]
         source_ids, target_ids = self.tokenizer.encode(source), self.tokenizer.encode(target)
         if not target_ids:
@@ -157,6 +241,7 @@ class ExampleEncoder:
     def __init__(self, tokenizer, choice: TemplateChoice, task: str):
         self.tokenizer, self.task = tokenizer, task
         self.chat = ChatTemplate.for_tokenizer(choice.source, tokenizer) if task in ("chat", "translate") else None
+        self.guard = _LengthGuard(tokenizer)
         if tokenizer.eos_id is None and (task == "fim" or choice.stop_token is None):
             raise SlmforgeError("the tokenizer has no eos token, which ends every answer in this task; use a "
                                 "tokenizer with one (or finetune.chat_template = \"chatml\")")
@@ -176,11 +261,16 @@ class ExampleEncoder:
             spans = self.chat.response_spans(example.messages)
         except ChatTemplateError as e:
             raise BadExample(e.reason, str(e)) from None
+        except ChatTemplateLimit as e:  # the template's fault, not the example's: never skipped
+            raise ChatTemplateLimit(f"{example.where}: {e}") from None
         last = example.messages[-1]
         return Rendered(text, spans, last["content"] if last["role"] == "assistant" else "")
 
-    def encode(self, example: Example) -> Encoded:
+    def encode(self, example: Example, limit: int | None = None, limit_name: str = "train.seq_len + 1") -> Encoded:
+        """The example's ids and scored mask; with `limit`, a text that cannot fit `limit` tokens is
+        refused as too long before it is tokenized."""
         rendered = self.render(example)
+        self.guard.check(rendered.text, limit, limit_name)
         encoding = self.tokenizer.backend.encode(rendered.text, add_special_tokens=False)
         ids = np.asarray(encoding.ids, dtype=np.int64)
         scored = np.zeros(len(ids), dtype=bool)
@@ -201,7 +291,7 @@ def encode_examples(examples: list[Example], encoder: ExampleEncoder | PairEncod
     encoded = []
     for example in examples:
         try:
-            item = encoder.encode(example)
+            item = encoder.encode(example, limit, limit_name)
             if item.length > limit:
                 raise BadExample("too long", f"{item.length} tokens, more than {limit_name} = {limit}")
         except BadExample as e:

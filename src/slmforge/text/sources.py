@@ -689,12 +689,27 @@ def _line_end(f, start: int) -> int:
 
 def numbered_lines(path: Path, what: str = "file") -> Iterator[tuple[int, bytes]]:
     """(line number from 1, raw line) of a plain, .gz or .zst file: the pair and example readers'
-    shared loop ("{path}: {what} not found" when it is missing)."""
+    shared loop ("{path}: {what} not found" when it is missing). A UTF-8 byte order mark at the start
+    of the first line is dropped (editors on Windows write one; it is not text), and a damaged
+    compressed file (a bad header, a truncated stream) is one line naming the file and how far it read,
+    as `SourceReader` says it."""
     if not path.is_file():
         raise SlmforgeError(f"{path}: {what} not found")
     _, compression = file_format(path, "auto")
-    with open(path, "rb") as raw, open_stream(raw, compression, path) as stream:
-        yield from enumerate(stream, start=1)
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise SlmforgeError(f"{path}: cannot open ({e.strerror or e})") from None
+    number = 0
+    with raw:
+        try:
+            with open_stream(raw, compression, path) as stream:
+                for number, line in enumerate(stream, start=1):
+                    if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                        line = line[3:]
+                    yield number, line
+        except _corrupt_errors() as e:
+            raise SlmforgeError(f"{path}: cannot read past line {number} ({type(e).__name__}: {e})") from None
 
 
 DETECT_BYTES = 1 << 16
