@@ -17,11 +17,11 @@ SECTION = "curate"
 
 # Stages that look at one document at a time, in any order the user lists them, then the two dedup
 # stages (whole-corpus jobs), which must come last and in this order.
-DOC_STAGES = ("normalize", "script", "language", "quality", "gopher_quality", "gopher_repetition", "c4",
+DOC_STAGES = ("html", "normalize", "script", "language", "quality", "gopher_quality", "gopher_repetition", "c4",
               "fineweb", "pii", "blocklist")
 DEDUP_STAGES = ("exact_dedup", "near_dedup")
 STAGES = DOC_STAGES + DEDUP_STAGES
-DEFAULT_STAGES = ["normalize", "script", "language", "quality", "pii", "blocklist", "exact_dedup", "near_dedup"]
+DEFAULT_STAGES = ["html", "normalize", "script", "language", "quality", "pii", "blocklist", "exact_dedup", "near_dedup"]
 
 
 @dataclass
@@ -42,6 +42,24 @@ class InputConfig:
     def validate(self) -> None:
         require(bool(self.path.strip()), "path", "must not be empty")
         require(bool(self.text_field), "text_field", "must not be empty")
+
+
+@dataclass
+class HtmlConfig:
+    """[curate.html]: a document that still carries its HTML (`<p>...</p>`, `<div class=...>`, `&amp;`)
+    becomes its text: tags removed, the content of script, style, head and comments dropped, entities
+    unescaped, paragraphs and other block elements kept as line breaks (`slmforge.curate.markup`). Text
+    without markup passes untouched; a document with no text left is removed ("empty_html")."""
+
+    detect: Literal["auto", "always"] = "auto"
+    """`auto`: only documents that look like HTML (a doctype or <html>, or at least `min_tags` known
+    tags such as <p>, </div>, <br/>); `always`: read every document as HTML (a dump of raw pages)."""
+    min_tags: int = 2
+    """Known HTML tags (opening, closing or self-closing) that make a document look like HTML with
+    detect = "auto"; 2 keeps a sentence that mentions one tag (`use <b> for bold`) as it is."""
+
+    def validate(self) -> None:
+        require(self.min_tags >= 1, "min_tags", f"must be >= 1, got {self.min_tags}")
 
 
 @dataclass
@@ -246,8 +264,9 @@ class CurateConfig:
     out: str = "curated"
     """Output folder: data/<language>/*.jsonl.gz, removed/<stage>/, report.json, report.html."""
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
-    """Stages in order. Per-document: normalize, script, language, quality, gopher_quality,
-    gopher_repetition, c4, fineweb, pii, blocklist; then optionally exact_dedup, near_dedup (last)."""
+    """Stages in order. Per-document: html (list it first), normalize, script, language, quality,
+    gopher_quality, gopher_repetition, c4, fineweb, pii, blocklist; then optionally exact_dedup,
+    near_dedup (last)."""
     workers: int = 0
     """Processes running tasks at once on this machine; 0 = all cores."""
     tasks: int = 0
@@ -268,6 +287,7 @@ class CurateConfig:
     """Write every removed document to removed/<stage>/ (with its reason), not only the report's samples."""
     samples_per_reason: int = 3
     """Removed examples kept per stage and reason for the report."""
+    html: HtmlConfig = field(default_factory=HtmlConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     script: ScriptConfig = field(default_factory=ScriptConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)

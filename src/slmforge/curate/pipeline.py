@@ -104,6 +104,8 @@ def stage_step(cfg: CurateConfig, name: str, work: Path) -> Any:
     """The per-document stage `name`, wrapped for accounting."""
     from slmforge.curate import steps
 
+    if name == "html":
+        return _tracked(cfg, name, steps.HtmlText(cfg.html), work)
     if name == "normalize":
         return _tracked(cfg, name, steps.Normalize(cfg.normalize), work)
     if name == "script":

@@ -2,8 +2,11 @@
 numbers) and block lists matched on word boundaries that work inside Indic scripts.
 
 Emails and IPv4 addresses use datatrove's `PIIFormatter` patterns and IP validator; phone numbers,
-Aadhaar and PAN are ours. Digits are matched with `\\d`, which in Python covers every script's digits,
-so a phone number written in Devanagari (९८७६५४३२१०) or Bengali digits is found too.
+Aadhaar and PAN are ours. Every pattern is matched on a copy of the text in which each Unicode decimal
+digit of any script (Devanagari ०-९, Bengali ০-৯, Gurmukhi, Tamil, fullwidth, ...) is replaced by its
+ASCII digit, one character for one, so positions are the same in both: a number written in Devanagari
+or Bengali digits (०९८७६५४३२१०, ০৩৬১ ২৩৪৫৬৭৮, an email address or IP with such digits) is redacted
+exactly when the same number in ASCII digits is, and nothing else is.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from slmforge.errors import SlmforgeError
 
 PII_KINDS = ("email", "ip", "aadhaar", "pan", "phone")  # applied in this order (longest numbers first)
 
-_LEAD_6_9 = "[6-9\u096c-\u096f\u09ec-\u09ef]"   # 6-9 in ASCII, Devanagari and Bengali digits
-_LEAD_2_9 = "[2-9\u0968-\u096f\u09e8-\u09ef]"
+# The patterns see ASCII digits only: `fold_digits` turns every script's digits into ASCII first.
+_LEAD_6_9 = "[6-9]"
+_LEAD_2_9 = "[2-9]"
 _PHONE = "|".join([
     # Indian mobile: optional +91 / 0091 / 0, ten digits starting 6-9, maybe split 5+5
     rf"(?:(?:\+|00)\s?91[\s-]?|0)?{_LEAD_6_9}\d{{4}}[\s-]?\d{{5}}",
@@ -42,6 +46,23 @@ _PATTERNS = {
 }
 DEFAULT_PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "aadhaar": "<AADHAAR>", "pan": "<PAN>",
                         "phone": "<PHONE>"}
+
+
+_NON_ASCII_DIGIT = re.compile(r"[^\x00-\x7f]")  # only these can be non-ASCII decimal digits
+
+
+def _ascii_digit(match: re.Match) -> str:
+    char = match.group(0)
+    value = unicodedata.decimal(char, None)
+    return char if value is None else str(value)
+
+
+def fold_digits(text: str) -> str:
+    """`text` with every Unicode decimal digit (category Nd, any script) replaced by its ASCII digit;
+    same length, so a match's span in the folded text is its span in `text`."""
+    if text.isascii():
+        return text
+    return _NON_ASCII_DIGIT.sub(_ascii_digit, text)
 
 
 def _phone_digits_ok(match: str) -> bool:
@@ -68,22 +89,34 @@ class Redactor:
         self.rules = [(kind, *compiled[kind], names[kind]) for kind in PII_KINDS if kind in kinds]
 
     def redact(self, text: str) -> tuple[str, Counter]:
-        """(text with placeholders, replacements per kind)."""
+        """(text with placeholders, replacements per kind). Matching runs on `fold_digits(text)`; what
+        is not replaced is copied from `text` unchanged (its own digits kept)."""
         counts: Counter = Counter()
+        folded = fold_digits(text)
         for kind, pattern, valid, placeholder in self.rules:
-            def replace(match: re.Match, kind=kind, valid=valid, placeholder=placeholder) -> str:
+            pieces, folded_pieces, last = [], [], 0
+            for match in pattern.finditer(folded):
                 if valid is not None and not valid(match.group(0)):
-                    return match.group(0)
+                    continue
+                start, end = match.span()
+                pieces += [text[last:start], placeholder]
+                folded_pieces += [folded[last:start], placeholder]
+                last = end
                 counts[kind] += 1
-                return placeholder
-            text = pattern.sub(replace, text)
+            if pieces:
+                unfolded = folded is text  # no non-ASCII digit in it: one string serves as both
+                text = "".join(pieces) + text[last:]
+                folded = text if unfolded else "".join(folded_pieces) + folded[last:]
         return text, counts
 
     def find(self, text: str) -> list[tuple[str, str]]:
-        """Every (kind, match) still in `text`: what a test expects to be empty after `redact`."""
+        """Every (kind, match) still in `text` (as written there): what a test expects to be empty
+        after `redact`."""
         found = []
+        folded = fold_digits(text)
         for kind, pattern, valid, _ in self.rules:
-            found += [(kind, m.group(0)) for m in pattern.finditer(text) if valid is None or valid(m.group(0))]
+            found += [(kind, text[m.start():m.end()]) for m in pattern.finditer(folded)
+                      if valid is None or valid(m.group(0))]
         return found
 
 

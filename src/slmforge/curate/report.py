@@ -22,6 +22,49 @@ from slmforge.fileio import write_text_atomic
 FORMAT = "slmforge-curate-report/1"
 TOP_REASONS = 10
 
+# The counters a stage's "details" show, by our own names, with what the page calls them. datatrove's
+# own per-step statistics (doc_len, total, forwarded, dropped, ...) repeat what the in/out/removed
+# columns already say in its terms: they stay in out/.work/logs/<job>/stats/ and never reach the report.
+DETAIL_LABELS = {
+    "html_stripped": "HTML documents whose tags were stripped",
+    "skipped_other_language": "documents of other languages passed unchecked",
+    "bengali_script_relabelled": "Bengali-script documents relabelled by their letters (ৰ ৱ: Assamese, র: Bengali)",
+    "redacted_email": "email addresses redacted",
+    "redacted_phone": "phone numbers redacted",
+    "redacted_ip": "IP addresses redacted",
+    "redacted_aadhaar": "Aadhaar numbers redacted",
+    "redacted_pan": "PAN numbers redacted",
+    "masked": "block-list matches masked",
+    "lines_checked": "lines checked",
+    "lines_kept": "lines kept",
+}
+_DATATROVE_NAMES = {"line-total": "lines_checked", "line-kept": "lines_kept"}  # C4's line counters
+
+
+def detail_name(key: str) -> str | None:
+    """A stage counter (`inner/` stripped) -> its name in the report, or None for one not shown."""
+    key = _DATATROVE_NAMES.get(key, key)
+    if key.startswith("line-filter-"):  # C4: lines removed by one rule
+        return "lines_removed_" + key.removeprefix("line-filter-").replace("-", "_")
+    return key if key in DETAIL_LABELS else None
+
+
+def detail_label(name: str) -> str:
+    if name.startswith("lines_removed_"):
+        return "lines removed: " + name.removeprefix("lines_removed_").replace("_", " ")
+    return DETAIL_LABELS.get(name, name.replace("_", " "))
+
+
+def _details(counters: dict[str, float]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, value in sorted(counters.items()):
+        if not (key.startswith("inner/") or key == "skipped_other_language"):
+            continue
+        name = detail_name(key.removeprefix("inner/"))
+        if name is not None:
+            out[name] = out.get(name, 0) + int(value)
+    return out
+
 
 def _total(value: Any) -> float:
     return value.get("total", 0) if isinstance(value, dict) else value
@@ -103,8 +146,7 @@ def build_report(cfg: CurateConfig, log_dirs: list[Path], started: float) -> dic
                             for lang in languages},
             "reasons": ranked[:TOP_REASONS],
             "other_reasons": len(ranked) - len(ranked[:TOP_REASONS]),
-            "details": {k.removeprefix("inner/"): int(v) for k, v in sorted(c.items())
-                        if k.startswith("inner/") or k == "skipped_other_language"},
+            "details": _details(c),
         })
     rc = read["counters"]
     input_docs, input_bytes = int(rc.get("documents", 0)), 0
@@ -238,7 +280,8 @@ def render_html(report: dict[str, Any]) -> str:
                               f"<pre>{e(x.get('text', ''))}</pre>" for x in r["samples"]]
                     parts.append("</details>")
         if s["details"]:
-            parts.append("<p class=muted>" + ", ".join(f"{e(k)}: {v:,}" for k, v in s["details"].items()) + "</p>")
+            parts.append("<p class=muted>" + ", ".join(f"{e(detail_label(k))}: {v:,}" for k, v in s["details"].items())
+                         + "</p>")
     parts.append("</body></html>\n")
     return "".join(parts)
 

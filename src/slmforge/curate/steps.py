@@ -26,6 +26,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from slmforge.curate import quality, scripts
 from slmforge.curate.config import (
     BlocklistConfig,
+    HtmlConfig,
     InputConfig,
     LanguageConfig,
     NormalizeConfig,
@@ -219,6 +220,28 @@ class Tracked(PipelineStep):
 
 
 # ---------------------------------------------------------------- our stages
+
+
+class HtmlText(BaseFilter):
+    """A document that looks like HTML (or every document, detect = "always") becomes its text
+    (`slmforge.curate.markup`); counts `html_stripped`; removes one with no text left ("empty_html")."""
+
+    name = "html"
+
+    def __init__(self, cfg: HtmlConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        from slmforge.curate.markup import html_to_text, looks_like_html
+
+        if self.cfg.detect == "auto" and not looks_like_html(doc.text, self.cfg.min_tags):
+            return True
+        text = html_to_text(doc.text)
+        if text != doc.text:
+            doc.text = text
+            self.stat_update("html_stripped")
+        return (False, "empty_html") if not text.strip() else True
 
 
 class Normalize(BaseFilter):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,6 +59,9 @@ class RunFacts:
     tokenizer_report: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict)  # the data manifest's splits, if reachable
     samples: list[dict[str, Any]] = field(default_factory=list)
+    samples_total: int = 0  # samples in the file, of which `samples` holds the first MAX_SAMPLES
+    samples_file: str = ""  # samples.jsonl or samples.txt
+    checkpoint_processes: dict[int, int] = field(default_factory=dict)  # step -> processes, every step folder
     events: list[dict[str, Any]] = field(default_factory=list)
     parameters: int | None = None
 
@@ -103,14 +107,70 @@ class RunFacts:
             out["wall time"] = wall
         for label, value in self.environment().items():
             out[label] = value
-        if self.meta.get("processes"):
-            out["processes"] = str(self.meta["processes"])
+        processes = self.processes_shown(last_step)
+        if processes:
+            out["processes"] = processes
         if train_cfg.get("seq_len") and train_cfg.get("batch_size"):
             accum = train_cfg.get("grad_accum", 1)
             processes = self.meta.get("processes", 1)
             out["batch"] = (f"{train_cfg['batch_size'] * accum * processes} x {train_cfg['seq_len']} tokens"
                             + (f" ({processes} processes)" if processes > 1 else ""))
         return out
+
+    def process_segments(self, last_step: int | None = None) -> list[tuple[int, int | None, int | None]]:
+        """(first step, last step, processes) of each part of the run that one start trained, merged
+        where neighbours used the same number; processes None where nothing recorded it.
+
+        A start is a config_history.jsonl entry (from the step it resumed from). Its processes are, in
+        this order: the entry's own `processes` (if training recorded it), the meta.json of a step folder
+        it saved, or the trainer's kept warning "resuming N-process state on M processes" (M from that
+        step on, N before it). Without a history, the newest checkpoint's meta.json says it for all."""
+        newest = _int_or_none(self.meta.get("processes"))
+        end = last_step if last_step is not None else _int_or_none(self.meta.get("step"))
+        starts = [_int_or_none(h.get("resumed_from_step")) for h in self.history]
+        if not starts or None in starts:
+            return [(0, end, newest)] if newest else []
+        resumes: dict[int, tuple[int, int]] = {}
+        for event in self.events:
+            found = _RESUMED_ON.search(str(event.get("warning") or event.get("message") or ""))
+            if found and _int_or_none(event.get("step")) is not None:
+                resumes[event["step"]] = (int(found.group(1)), int(found.group(2)))
+        timeline: list[tuple[int, int | None]] = []  # (first step, processes), later starts cutting earlier ones
+        for k, (entry, start) in enumerate(zip(self.history, starts)):
+            stop = starts[k + 1] if k + 1 < len(starts) else end
+            count = _int_or_none(entry.get("processes"))
+            if count is None:  # a step folder this start saved
+                saved = [n for step, n in self.checkpoint_processes.items()
+                         if start < step and (stop is None or step <= stop)]
+                count = saved[-1] if saved else None
+            if count is None and start in resumes:
+                count = resumes[start][1]
+            if count is None and k + 1 < len(starts) and stop in resumes:
+                count = resumes[stop][0]
+            if count is None and k + 1 == len(starts):
+                count = newest
+            timeline = [(a, c) for a, c in timeline if a < start] + [(start, count)]
+        segments: list[tuple[int, int | None, int | None]] = []
+        for k, (start, count) in enumerate(timeline):
+            stop = timeline[k + 1][0] if k + 1 < len(timeline) else end
+            if segments and segments[-1][2] == count:
+                segments[-1] = (segments[-1][0], stop, count)
+            else:
+                segments.append((start, stop, count))
+        return segments if any(c for *_, c in segments) else []
+
+    def processes_shown(self, last_step: int | None = None) -> str:
+        """"2" for a run that always used 2; "2 (steps 0-500), 1 (steps 500-600)" for one that changed."""
+        segments = self.process_segments(last_step)
+        if not segments:
+            return ""
+        if len(segments) == 1:
+            return str(segments[0][2])
+
+        def steps(start: int, stop: int | None) -> str:
+            return f"steps {start:,}-{stop:,}" if stop is not None else f"from step {start:,}"
+
+        return ", ".join(f"{count if count else '?'} ({steps(start, stop)})" for start, stop, count in segments)
 
     def tokens_seen(self) -> int | None:
         seen = [r["tokens"] for r in self.train if isinstance(r.get("tokens"), int)]
@@ -143,7 +203,8 @@ class RunFacts:
         meta = self.meta
         hardware = meta.get("hardware")
         if isinstance(hardware, dict):
-            out["hardware"] = ", ".join(f"{k} {v}" for k, v in hardware.items() if v not in (None, ""))
+            out["hardware"] = ", ".join(f"{k} {v}" for k, v in hardware.items()
+                                        if v not in (None, "") and k != "processes")  # a row of its own
         elif hardware:
             out["hardware"] = str(hardware)
         device = meta.get("device") or (self.config.get("train") or {}).get("device")
@@ -177,14 +238,27 @@ class RunFacts:
 
 
 def find_run_dir(path: str | Path) -> Path:
-    """A run folder, its checkpoints/ folder or one of its step folders -> the run folder."""
+    """A run folder, its checkpoints/ folder or one of its step folders -> the run folder. Any other
+    folder inside a run (its data/, tokenizer/, plots/) is refused, not taken for the run."""
     path = Path(path)
     if not path.is_dir():
         raise SlmforgeError(f"{path}: no such run folder")
-    for candidate in (path, path.parent, path.parent.parent):
-        if any((candidate / name).exists() for name in ("metrics.jsonl", "config.toml", "checkpoints")):
+    candidates = [path]
+    if path.name == "checkpoints":
+        candidates.append(path.parent)
+    if path.parent.name == "checkpoints":  # a step folder
+        candidates.append(path.parent.parent)
+    for candidate in candidates:
+        if _is_run(candidate):
             return candidate
-    raise SlmforgeError(f"{path}: not a run folder (no metrics.jsonl, config.toml or checkpoints/)")
+    outer = next((folder for folder in (path.parent, path.parent.parent) if folder != path and _is_run(folder)), None)
+    inside = f"; it lies inside the run folder {outer}" if outer is not None else ""
+    raise SlmforgeError(f"{path}: not a run folder (no metrics.jsonl, config.toml or checkpoints/) nor a "
+                        f"checkpoint folder of one{inside}")
+
+
+def _is_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("metrics.jsonl", "config.toml", "checkpoints"))
 
 
 def collect(path: str | Path, name: str | None = None) -> RunFacts:
@@ -209,6 +283,15 @@ def collect(path: str | Path, name: str | None = None) -> RunFacts:
     if chosen is not None:
         facts.step_dir = chosen
         facts.meta = _json(chosen / META) or {}
+    for folder in steps:
+        meta = facts.meta if folder == chosen else (_json(folder / META) or {})
+        count = _int_or_none(meta.get("processes"))
+        if count is None and isinstance(meta.get("hardware"), dict):
+            count = _int_or_none(meta["hardware"].get("processes"))
+        step = _int_or_none(meta.get("step"))
+        if count is not None and step is not None:
+            facts.checkpoint_processes[step] = count
+    facts.checkpoint_processes = dict(sorted(facts.checkpoint_processes.items()))
     with_eval = [given] if (given / "eval.json").is_file() else [p for p in steps if (p / "eval.json").is_file()]
     if with_eval:
         facts.eval_step_dir = with_eval[0]
@@ -216,7 +299,7 @@ def collect(path: str | Path, name: str | None = None) -> RunFacts:
         facts.evals = {k: v for k, v in (evals or {}).items() if isinstance(v, dict)}
     facts.tokenizer, facts.tokenizer_report = _tokenizer(run_dir)
     facts.data = _data(run_dir, facts.meta)
-    facts.samples = _samples(run_dir)
+    facts.samples, facts.samples_total, facts.samples_file = _samples(run_dir)
     facts.events = _jsonl(run_dir / "events.jsonl")
     facts.parameters = _parameters(facts.meta.get("model") or facts.config.get("model"))
     return facts
@@ -261,6 +344,14 @@ def eval_columns(runs: list[RunFacts]) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+# The trainer's kept warning when a run resumes on another number of processes (train/trainer.py).
+_RESUMED_ON = re.compile(r"resuming (\d+)-process state on (\d+) processes")
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _number(value: Any) -> float | None:
@@ -340,20 +431,26 @@ def _data(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return {"folder": os.path.relpath(folder, run_dir), "splits": splits}
 
 
-def _samples(run_dir: Path) -> list[dict[str, Any]]:
-    """Sample generations, at most 50: samples.jsonl (`generate --json`'s {prompt, completion}, or
-    fine-tuning's {prompt, reference, output, exact}) or samples.txt (one per line, as the quickstart
-    writes them). Each as {"text"} or {"prompt", "output", "reference"?, "exact"?}."""
+MAX_SAMPLES = 50  # samples kept in RunFacts (the report shows fewer: render.SHOWN_SAMPLES)
+
+
+def _samples(run_dir: Path) -> tuple[list[dict[str, Any]], int, str]:
+    """(the first MAX_SAMPLES sample generations, how many the file holds, its name): samples.jsonl
+    (`generate --json`'s {prompt, completion}, or fine-tuning's {prompt, reference, output, exact}) or
+    samples.txt (one per line, as the quickstart writes them). Each as {"text"} or
+    {"prompt", "output", "reference"?, "exact"?}."""
     samples = []
     for record in _jsonl(run_dir / "samples.jsonl"):
         output = record.get("output", record.get("completion"))
         if isinstance(output, str):
             samples.append({"prompt": str(record.get("prompt", "")), "output": output,
                             **{k: record[k] for k in ("reference", "exact") if k in record}})
+    source = "samples.jsonl"
     if not samples and (run_dir / "samples.txt").is_file():
         text = (run_dir / "samples.txt").read_text(encoding="utf-8", errors="replace")
         samples = [{"text": line} for line in text.splitlines() if line.strip()]
-    return samples[:50]
+        source = "samples.txt"
+    return samples[:MAX_SAMPLES], len(samples), source if samples else ""
 
 
 def _parameters(model: Any) -> int | None:

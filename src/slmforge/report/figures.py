@@ -111,6 +111,7 @@ def _eval_bars(runs: list[RunFacts]) -> list[Figure]:
     for key in shown:
         fig, ax = _new_axes(max(6.4, 0.9 * len(sets) * max(1, len(runs)) ** 0.5 + 2), 3.6)
         width = 0.8 / len(runs)
+        values = []
         for i, run in enumerate(runs):
             xs, heights = [], []
             for j, name in enumerate(sets):
@@ -120,10 +121,24 @@ def _eval_bars(runs: list[RunFacts]) -> list[Figure]:
                     heights.append(value)
             if xs:
                 ax.bar(xs, heights, width=width, color=color(i), label=run.name)
+                values += heights
+                zeros = [x for x, h in zip(xs, heights) if h == 0]
+                if zeros:  # a bar of height 0 draws nothing: mark it at 0 in the run's colour, labelled
+                    ax.plot(zeros, [0] * len(zeros), linestyle="none", marker="_", markersize=max(8, 120 * width),
+                            markeredgewidth=3, color=color(i))
+                    for x in zeros:
+                        ax.annotate("0", (x, 0), xytext=(0, 4), textcoords="offset points", ha="center",
+                                    va="bottom", fontsize=8)
+        title = f"evaluation: {columns[key]}"
+        if values and not any(values):
+            title += " (all 0)"
+            ax.set_ylim(-0.05, 1)  # the zero line sits at the bottom of a visible scale, not mid-air
+            ax.text(0.5, 0.55, f"every {columns[key]} is 0", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=11, color="#555")
         ax.set_xticks(range(len(sets)), sets, rotation=20 if len(sets) > 4 else 0, fontsize=8)
         ax.set_ylabel(columns[key])
-        ax.set_title(f"evaluation: {columns[key]}")
+        ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-        figures.append(Figure(f"eval-{key}", f"evaluation: {columns[key]}", _png(fig)))
+        figures.append(Figure(f"eval-{key}", title, _png(fig)))
     return figures

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,8 +110,8 @@ def _data_and_tokenizer(runs: list[RunFacts], comparison: dict[str, Any] | None)
         values = [str(r.tokenizer.get(key, "")) for r in runs]
         if any(values):
             tok_rows.append([label, *[v[:16] if key == "tokenizer_sha256" else v for v in values]])
-    specials = [", ".join(f"{role} {tok}" for role, tok in (r.tokenizer.get("special_tokens") or {}).items())
-                for r in runs]
+    specials = [", ".join(f"{role} {_tokens(tok)}"
+                          for role, tok in (r.tokenizer.get("special_tokens") or {}).items()) for r in runs]
     if any(specials):
         tok_rows.append(["special tokens", *specials])
     data_rows = []
@@ -153,6 +154,43 @@ def _data_and_tokenizer(runs: list[RunFacts], comparison: dict[str, Any] | None)
     return blocks
 
 
+SHOWN_SAMPLES = 10  # sample generations shown per run; the rest are counted and named by file
+MIN_SPECIAL_RUN = 4  # this many special tokens in a row are shown as one short run
+
+# Special tokens as models print them: T5's sentinels, <|...|> markers, <s> </s> <pad> <unk> <mask>
+# and BERT's [MASK] [PAD] ...; a run's own special tokens (tokenizer/) are added to these.
+_SPECIAL = (r"<extra_id_\d+>|<sentinel_\d+>|<\|[^|<>\s]{1,40}\|>|</?s>|<(?:pad|unk|mask|bos|eos|sep|cls)>"
+            r"|\[(?:PAD|MASK|UNK|CLS|SEP|BOS|EOS)\]")
+_NUMBERED = re.compile(r"<(extra_id|sentinel)_(\d+)>")
+
+
+def special_tokens_pattern(extra: list[str] | tuple[str, ...] = ()) -> str:
+    """A regex for one special token: the usual ones plus `extra` (a run's own, from tokenizer/)."""
+    own = sorted({t for t in extra if isinstance(t, str) and t.strip()}, key=len, reverse=True)
+    return "|".join([_SPECIAL, *(re.escape(t) for t in own)])
+
+
+def collapse_special_tokens(text: str, token: str = _SPECIAL) -> str:
+    """Each run of MIN_SPECIAL_RUN or more special tokens (`token`, a regex; spaces between allowed) as
+    its first and last and a count: "<extra_id_0>…<extra_id_99> (100 sentinels)", "<pad>…<pad> (37 ×
+    <pad>)", "<s>…</s> (12 special tokens)"."""
+    one = re.compile(token)
+    runs = re.compile(rf"(?:{token})(?:\s*(?:{token})){{{MIN_SPECIAL_RUN - 1},}}")
+
+    def short(match: re.Match) -> str:
+        tokens = one.findall(match.group(0))
+        first, last = tokens[0], tokens[-1]
+        if all(_NUMBERED.fullmatch(t) for t in tokens):
+            what = f"{len(tokens)} sentinels"
+        elif len(set(tokens)) == 1:
+            what = f"{len(tokens)} × {first}"
+        else:
+            what = f"{len(tokens)} special tokens"
+        return f"{first}…{last} ({what})"
+
+    return runs.sub(short, text)
+
+
 def _samples(runs: list[RunFacts]) -> list[Block]:
     with_samples = [r for r in runs if r.samples]
     if not with_samples:
@@ -161,15 +199,37 @@ def _samples(runs: list[RunFacts]) -> list[Block]:
     for run in with_samples:
         if len(runs) > 1:
             blocks.append(Block("h3", run.name))
-        lines = [s["text"] for s in run.samples if "text" in s]
+        own = [t for v in (run.tokenizer.get("special_tokens") or {}).values()
+               for t in (v if isinstance(v, list) else [v]) if isinstance(t, str)]
+        token = special_tokens_pattern(own)
+
+        def shown(text: str, token: str = token) -> str:
+            return collapse_special_tokens(text, token)
+
+        samples = run.samples[:SHOWN_SAMPLES]
+        lines = [shown(s["text"]) for s in samples if "text" in s]
         if lines:
             blocks.append(Block("pre", "\n".join(lines)))
-        pairs = [s for s in run.samples if "output" in s]
+        pairs = [s for s in samples if "output" in s]
         if pairs:  # prompt and output (+ the reference and whether it matched, from fine-tuning)
             extra = [k for k in ("reference", "exact") if any(k in s for s in pairs)]
-            rows = [[s["prompt"], s["output"], *[_cell(s.get(k)) for k in extra]] for s in pairs]
+            rows = [[shown(s["prompt"]), shown(s["output"]),
+                     *[shown(_cell(s.get(k))) for k in extra]] for s in pairs]
             blocks.append(Block("table", headers=["prompt", "output", *extra], rows=rows))
+        total = max(run.samples_total, len(run.samples))
+        if total > len(samples):
+            blocks.append(Block("p", f"… {total - len(samples):,} more in {run.samples_file or 'the run folder'} "
+                                     f"({len(samples)} of {total:,} shown)."))
     return blocks
+
+
+def _tokens(value: Any) -> str:
+    """A special token, or a list of them (T5's 100 sentinels) as its first and last and a count."""
+    if isinstance(value, list):
+        if len(value) >= MIN_SPECIAL_RUN:
+            return f"{value[0]}…{value[-1]} ({len(value)})"
+        return " ".join(str(v) for v in value)
+    return str(value)
 
 
 def _cell(value: Any) -> str:
