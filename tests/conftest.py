@@ -19,8 +19,13 @@ def one_torch_thread():
     something else is running the two threads wait on each other. Measured next to one busy process:
     the quickstart test took 48 s with torch's default of 2 threads, 9 s with 1 (5 s on an idle machine);
     test_train, test_quickstart, test_mlm and test_generate together took 588 s against 89 s and 103 s."""
+    import os
+
     import torch
 
+    # Training picks its threads from the machine's load unless OMP_NUM_THREADS says (runtime.py): the
+    # suite says 1, for the same reason, and spares each training start the load measurement.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

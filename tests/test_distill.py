@@ -3,6 +3,8 @@ vocabulary map, and a distilled student beating the same student trained alone."
 
 from __future__ import annotations
 
+import json
+
 import statistics
 
 import pytest
@@ -202,6 +204,12 @@ def test_training_from_the_teacher_cache_follows_the_online_teacher(mlm_markov_s
               "train.batch_size=8", "train.max_steps=12", "train.log_every=1", "train.eval_every=0",
               f"distill.teacher={teacher}", "distill.alpha=0.3", "distill.temperature=2", "distill.top_k=21"]
     assert main(["distill", *common, "--build-cache", str(tmp_path / "cache")]) == 0
+    said = capsys.readouterr().err
+    assert "covering 100.0% of the teacher's probability" in said and "warning" not in said
+    assert main(["distill", *common, "distill.top_k=2", "--build-cache", str(tmp_path / "cache2")]) == 0
+    coverage = json.loads((tmp_path / "cache2" / "meta.json").read_text())["coverage"]
+    assert 0 < coverage < 0.8  # two of 21 tokens of a barely trained teacher
+    assert f"warning: the teacher's top-2 tokens hold only {coverage:.1%}" in capsys.readouterr().err
     online = distill(config.load(DistillRunConfig, overrides=[*common, f"train.out_dir={tmp_path / 'online'}"]))
     cached = distill(config.load(DistillRunConfig, overrides=[
         *common, f"distill.teacher_cache={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'cached'}"]))

@@ -132,7 +132,10 @@ def test_sigusr1_saves_and_training_goes_on(markov_shards, tmp_path):
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(markov_shards, tmp_path, damage, capsys):
     _, data = markov_shards
     straight, damaged = tmp_path / "straight", tmp_path / "damaged"
-    common = ("train.max_steps=12", "train.save_every=4", "train.keep_last=0", "train.log_every=2")
+    # A constant rate after warmup: the damaged run is first trained for 8 steps, and its schedule must
+    # not depend on train.max_steps for its resume to retrace the 12-step run.
+    common = ("train.max_steps=12", "train.save_every=4", "train.keep_last=0", "train.log_every=2",
+              "schedule.decay=constant")
     pretrain(run_config(data, straight, *common))
     pretrain(run_config(data, damaged, *common[:1] + ("train.max_steps=8",) + common[1:]))
     newest = damaged / "checkpoints" / "step-000008"

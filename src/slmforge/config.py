@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import sys
 import textwrap
 import types
@@ -29,6 +30,10 @@ import tomli_w
 from slmforge.errors import ConfigError
 
 T = TypeVar("T")
+
+# The largest float32: float fields reach torch (learning rates, ratios, scales), where a larger value
+# overflows ("value cannot be converted to type float without overflow") instead of meaning anything.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def require(condition: bool, field: str, message: str) -> None:
@@ -55,7 +60,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         allowed = ", ".join(fields)
-        raise ConfigError(f"{_join(where, unknown[0])}: unknown field; allowed: {allowed}")
+        hint = did_you_mean(unknown[0], list(fields), lambda close: _join(where, close))
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown field; {hint}allowed: {allowed}")
     kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
     obj = cls(**kwargs)
     validate(obj, where)
@@ -175,7 +181,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(value, where)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -185,6 +191,18 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     else:  # pragma: no cover - a developer error, not a user one
         raise TypeError(f"{where}: unsupported config type {tp!r}")
     raise ConfigError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
+
+
+def _finite(value: int | float, where: str) -> float:
+    """Every float field, whatever its section: inf and nan (which TOML spells) are refused, and so are
+    magnitudes float32 cannot hold (torch overflows on them mid-run, e.g. in the optimizer step)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:  # compared before float(): an integer may exceed any float
+        shown = repr(value) if isinstance(value, float) or len(str(value)) <= 24 else f"{len(str(value))} digits"
+        raise ConfigError(f"{where}: out of range (float32 holds magnitudes up to {FLOAT32_MAX:.4g}), "
+                          f"got {shown}")
+    return float(value)
 
 
 # ---------------------------------------------------------------- overrides and files
@@ -205,11 +223,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+# Fields of which a run uses one: a value given on the command line wins over the other one set in
+# the file (a recipe's `epochs = 3` would otherwise overrule `train.max_steps=200`, which is how a user
+# asks for a short run), and the command line says so once.
+SUPERSEDES = {("train", "max_steps"): ("train", "epochs"),
+              ("schedule", "warmup_steps"): ("schedule", "warmup_ratio")}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `data` with each `key.sub=value` override set."""
     data = _deep_copy(data)
+    given = set()
     for text in overrides:
         path, value = parse_override(text)
+        given.add(tuple(path))
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -217,6 +244,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {text!r}: {part} is not a section")
             node = child
         node[path[-1]] = value
+    for field, other in SUPERSEDES.items():
+        section = data.get(other[0])
+        if field in given and other not in given and isinstance(section, dict) and other[1] in section:
+            dropped = section.pop(other[1])
+            from slmforge.formatting import say
+
+            say(f"note: {'.'.join(field)} on the command line replaces the file's "
+                f"{'.'.join(other)} = {dropped!r}")
     return data
 
 
@@ -244,14 +279,20 @@ RECIPE_SECTIONS = ("tokenizer", "data", "curate", "pairs", "model", "objective",
                    "tracking", "parallel", "finetune", "lora", "distill")
 
 
-def check_sections(tree: dict[str, Any], path: str | Path) -> None:
-    """Refuse a top-level key of a recipe file that is no verb's section, naming the likely one."""
+def did_you_mean(name: str, known: list[str], show=lambda close: close) -> str:
+    """`did you mean X? ` for the known name closest to a misspelled one (`trian` -> train), shown
+    through `show`; "" when none is close."""
     import difflib
 
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean {show(close[0])}? " if close else ""
+
+
+def check_sections(tree: dict[str, Any], path: str | Path) -> None:
+    """Refuse a top-level key of a recipe file that is no verb's section, naming the likely one."""
     for key in tree:
         if key not in RECIPE_SECTIONS:
-            close = difflib.get_close_matches(key, RECIPE_SECTIONS, n=1)
-            hint = f"did you mean [{close[0]}]? " if close else ""
+            hint = did_you_mean(key, list(RECIPE_SECTIONS), lambda close: f"[{close}]")
             raise ConfigError(f"{path}: [{key}]: unknown section; {hint}known: {', '.join(RECIPE_SECTIONS)}")
 
 
@@ -299,8 +340,10 @@ def load_section(cls: type[T], section: str, path: str | Path | None = None,
     for text in overrides or []:
         key = text.split("=", 1)[0].strip()
         if not key.startswith(section + "."):
-            raise ConfigError(f"override {text!r}: only {section}.* fields apply here "
-                              f"(e.g. {section}.{next(iter(field_docs(cls)), 'field')}=...)")
+            head, dot, rest = text.partition(".")
+            hint = did_you_mean(head, [section], lambda close: f"{close}.{rest}") if dot else ""
+            example = f"e.g. {section}.{next(iter(field_docs(cls)), 'field')}=..."
+            raise ConfigError(f"override {text!r}: only {section}.* fields apply here ({hint.strip() or example})")
     data = apply_overrides({section: data}, overrides or [])[section]
     try:
         return from_dict(cls, data, section)

@@ -89,3 +89,45 @@ def describe(device: torch.device, precision: str, processes: int) -> dict:
     versions = {"slmforge": slmforge.__version__, "torch": torch.__version__,
                 "python": platform.python_version(), "cuda": torch.version.cuda}
     return {"hardware": hardware, "versions": versions}
+
+
+def cpu_threads_for_training(processes_here: int = 1) -> int:
+    """Intra-op threads for CPU training: the cores not kept busy by other processes, shared among
+    this machine's training processes, unless OMP_NUM_THREADS says. Sets torch's and says why.
+
+    torch takes every core by default, and its threads wait on each other at every op: with one core
+    taken by another process, the quickstart's 60 steps took 140-186 s on 2 threads against 28 s on 1
+    (issue 23). Alone, 2 threads were faster (109 s against 193 s for the whole quickstart)."""
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = others_busy_cores()
+    threads = max(1, (cores - round(busy if busy is not None else 0.0)) // max(processes_here, 1))
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    load = f"other processes keep {busy:.1f} busy" if busy is not None else "their load unknown"
+    say(f"CPU: {threads} thread{'s' * (threads > 1)} per process ({cores} cores, {load}; OMP_NUM_THREADS=N "
+        f"to choose)")
+    return threads
+
+
+def others_busy_cores(seconds: float = 0.3) -> float | None:
+    """How many cores other processes keep busy, measured over `seconds`: the machine's busy time
+    (/proc/stat) minus this process's own CPU time. None where /proc/stat does not exist."""
+    import os
+    import time
+    from pathlib import Path
+
+    def busy_seconds() -> float:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+    try:
+        start, own, wall = busy_seconds(), time.process_time(), time.monotonic()
+        time.sleep(seconds)
+        busy = busy_seconds() - start - (time.process_time() - own)
+        return max(0.0, busy / (time.monotonic() - wall))
+    except (OSError, ValueError, IndexError):
+        return None

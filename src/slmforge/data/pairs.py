@@ -35,6 +35,7 @@ import numpy as np
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
+from slmforge.formatting import say
 
 SECTION = "pairs"
 PLONE = "plone:"
@@ -266,6 +267,11 @@ def split_pairs(pairs: list[tuple[str, str, str]], cfg: PairsConfig, dropped: Co
         splits[name] = kept
     if not splits["train"]:
         raise SlmforgeError("no training pairs left after holding out the test and validation pairs")
+    smaller = [name for name in ("test", "val") if len(splits[name]) > len(splits["train"])]
+    if smaller:  # sizes written for a big corpus, used on a small one: "train 89, val 942, test 2,000"
+        say(f"warning: only {len(splits['train']):,} training pairs, fewer than {' and '.join(smaller)} "
+            f"({', '.join(f'{n} {len(splits[n]):,}' for n in smaller)}): lower pairs.test_size / pairs.val_size, "
+            f"or leave them unset for a share of the corpus (10% and 5%)")
     return splits
 
 

@@ -43,6 +43,7 @@ def build_cache(out: Path, loader, objective, teacher, k: int, epochs: int, seed
     samples = loader.num_windows * epochs
     offsets = np.zeros(samples + 1, dtype=np.int64)
     ids_parts, logit_parts = [], []
+    covered, positions = 0.0, 0  # the teacher's probability mass inside the top-k, summed over positions
     teacher.model.eval()
     for first in range(0, samples, batch_size):
         sample_ids = np.arange(first, min(first + batch_size, samples))
@@ -59,6 +60,8 @@ def build_cache(out: Path, loader, objective, teacher, k: int, epochs: int, seed
             if not teacher.identity:
                 logits = logits.index_select(-1, teacher.to_teacher)
             values, indices = logits.topk(k, dim=-1)
+            covered += float((values.logsumexp(-1) - logits.logsumexp(-1)).exp().sum())
+            positions += values.shape[0]
         per_sample = _rows_per_sample(batch, len(sample_ids))
         offsets[first + 1:first + 1 + len(sample_ids)] = per_sample
         ids_parts.append(indices.to(torch.int32).cpu().numpy())
@@ -67,8 +70,9 @@ def build_cache(out: Path, loader, objective, teacher, k: int, epochs: int, seed
     np.save(tmp / "offsets.npy", offsets)
     np.save(tmp / "ids.npy", np.concatenate(ids_parts))
     np.save(tmp / "logits.npy", np.concatenate(logit_parts))
+    coverage = covered / max(positions, 1)
     (tmp / META).write_text(json.dumps({"k": k, "epochs": epochs, "samples": samples, "rows": int(offsets[-1]),
-                                        "seed": seed, **identity}, indent=2), encoding="utf-8")
+                                        "seed": seed, "coverage": coverage, **identity}, indent=2), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -123,9 +127,22 @@ class TeacherCache:
                 torch.from_numpy(logits.astype(np.float32)).to(self.device))
 
 
+# Below this mean share of the teacher's probability inside its cached top-k, the soft targets miss
+# much of what the teacher knows. Issue 23: a top-32 cache of a flat teacher made the student worse
+# (hard loss 6.45 -> 7.50) where the online teacher helped.
+LOW_COVERAGE = 0.8
+
+
 def describe_cache(folder: Path) -> str:
+    """Say what a cache holds, and warn when its top-k covers little of the teacher's probability."""
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
     size = sum(f.stat().st_size for f in folder.iterdir())
-    say(f"teacher cache {folder}: top-{meta['k']} at {meta['rows']:,} positions of {meta['samples']:,} samples, "
-        f"{size / 2**20:,.1f} MiB")
+    coverage = meta.get("coverage")
+    covers = f", covering {coverage:.1%} of the teacher's probability" if coverage is not None else ""
+    say(f"teacher cache {folder}: top-{meta['k']} at {meta['rows']:,} positions of {meta['samples']:,} samples"
+        f"{covers} (mean at T = 1), {size / 2**20:,.1f} MiB")
+    if coverage is not None and coverage < LOW_COVERAGE:
+        say(f"warning: the teacher's top-{meta['k']} tokens hold only {coverage:.1%} of its probability on average "
+            f"(below {LOW_COVERAGE:.0%}): the cached soft targets lose the rest and may make the student worse than "
+            f"training alone; raise distill.top_k and build the cache again, or distill from the online teacher")
     return folder

@@ -70,7 +70,7 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
 
     tokenizer, choice, new_ids, init_dir = _model_and_tokenizer(cfg, session)
     seq2seq = family(cfg.model).kind == "encoder-decoder"
-    if not seq2seq and loop.seq_len > cfg.model.max_seq_len:
+    if loop.seq_len > cfg.model.max_seq_len:  # before any step: an encoder-decoder side is one sequence too
         raise SlmforgeError(f"train.seq_len: {loop.seq_len} exceeds the model's context, model.max_seq_len = "
                             f"{cfg.model.max_seq_len}; lower train.seq_len")
     encoder = PairEncoder(tokenizer) if seq2seq else ExampleEncoder(tokenizer, choice, ex.task)

@@ -136,8 +136,10 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, ok: torch.Tensor, s
     target_logit = logits.gather(1, safe_t[:, None])[:, 0]
     # One exp pass, in place: the buffer of logits becomes the softmax, which is the gradient
     # (minus the one-hot target) that backward needs.
-    row_max = logits.amax(dim=-1, keepdim=True)
-    hits = ((target_logit >= row_max[:, 0]) & ok).sum()  # the target is (one of) the argmax
+    # One pass gives the max and its first index (torch.argmax's tie-break): a target counts as correct
+    # only if it is the token the model would emit, so tied logits (uniform ones) do not all score.
+    row_max, predicted = logits.max(dim=-1, keepdim=True)
+    hits = ((predicted[:, 0] == targets) & ok).sum()
     grad = logits.sub_(row_max).exp_()
     row_sum = grad.sum(dim=-1, keepdim=True)
     log_norm = (row_max + row_sum.log())[:, 0]

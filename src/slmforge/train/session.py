@@ -4,6 +4,7 @@ checkpoint to resume from chosen; then the run's metrics log and trackers on ran
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,10 @@ from slmforge import config as config_io
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
 from slmforge.runs import newest_good_checkpoint, step_folders
-from slmforge.runtime import resolve_device
+from slmforge.runtime import cpu_threads_for_training, resolve_device
 from slmforge.train.checkpoint import clean_stale
 from slmforge.train.config import TrackingConfig, TrainLoopConfig
-from slmforge.train.lock import RunLock
+from slmforge.train.lock import NewRunFolder, RunLock
 from slmforge.train.metrics import MetricsLog, make_trackers
 from slmforge.train.parallel import Distributed, ParallelConfig, barrier, broadcast_objects, environment, \
     init_distributed, local_device, shutdown
@@ -80,6 +81,9 @@ def training_session(loop: TrainLoopConfig, parallel: ParallelConfig) -> Iterato
         raise SlmforgeError(f"train.out_dir: {run_dir} exists and is not a folder")
     device = local_device(resolve_device(loop.device), environment())
     where = init_distributed(parallel, device)
+    if device.type == "cpu":
+        cpu_threads_for_training(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    made = NewRunFolder(run_dir) if where.is_main else None  # recorded before the lock creates the folder
     lock = RunLock(run_dir).acquire() if where.is_main else None  # one writer per run folder
     try:
         if where.is_main:
@@ -87,6 +91,10 @@ def training_session(loop: TrainLoopConfig, parallel: ParallelConfig) -> Iterato
                 say(f"removed {name}, left half-written by an earlier crash")
         barrier()
         yield Session(run_dir, agreed_resume_point(run_dir, loop.resume, where), device, where)
+    except BaseException:
+        if made is not None:  # failed before its first checkpoint: take away what it created
+            made.remove_if_unused()
+        raise
     finally:
         if lock is not None:
             lock.release()
