@@ -53,7 +53,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert err == "slmforge: error: model.num_kv_heads: must divide num_heads (8), got 3"
     assert main(["pretrain", "model.family=gpt2"]) == 2
     assert capsys.readouterr().err.strip() == ("slmforge: error: model.family: must be one of 'llama' | 'gemma3' | "
-                                               "'bert' | 'roberta' | 'modernbert' | 't5' | 'encdec', got 'gpt2'")
+                                               "'qwen3' | 'smollm3' | 'bert' | 'roberta' | 'modernbert' | 't5' | 'encdec', got 'gpt2'")
     assert main(["pretrain", "model.preset=bert-tiny", "model.sliding_window=4"]) == 2
     assert "model.sliding_window: unknown field" in capsys.readouterr().err
     assert main(["pretrain", "objective.kind=mlm", "objective.mask_rate=1.5"]) == 2

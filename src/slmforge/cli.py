@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 
+from slmforge.arguments import OVERRIDE, HelpFormatter, add_config_arguments  # noqa: F401 (older imports)
 from slmforge.errors import SlmforgeError
 
 # Modules that contribute verbs, in the order `--help` lists them (pipeline order).
@@ -30,25 +31,6 @@ COMMAND_MODULES = [
     "slmforge.interop.commands",
     "slmforge.report.commands",
 ]
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-# `section.field=value` (a dotted key): an override wherever it stands on the command line.
-OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
-    """The config arguments every config-driven verb shares; `example` shows overrides of its own
-    sections (e.g. "tokenizer.vocab_size=16000")."""
-    parser.add_argument("--config", "-c", help="TOML config file (sections as in `--show-fields`)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help=f"override any config field, e.g. {example} (anywhere on the line, also "
-                             f"after a list of files)")
-    parser.add_argument("--show-fields", action="store_true",
-                        help="list every config field with its type, default and meaning, then exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +63,135 @@ def _collect_overrides(args: argparse.Namespace) -> None:
             args.overrides = list(args.overrides or []) + moved
 
 
+# ---------------------------------------------------------------- unknown flags
+
+# The config of each verb that takes `key.sub=value` words: (module, class, section prefix). A flag
+# such as `--max-steps 5` is looked up among its fields, to suggest `train.max_steps=5`.
+VERB_CONFIGS = {
+    "pretrain": ("slmforge.train.config", "PretrainConfig", ""),
+    "finetune": ("slmforge.finetune.config", "FinetuneConfig", ""),
+    "distill": ("slmforge.distill.config", "DistillRunConfig", ""),
+    "tokenizer train": ("slmforge.tokenizer.config", "TokenizerConfig", "tokenizer"),
+    "data prepare": ("slmforge.data.prepare", "DataConfig", "data"),
+    "data curate": ("slmforge.curate.config", "CurateConfig", "curate"),
+    "data pairs": ("slmforge.data.pairs", "PairsConfig", "pairs"),
+    "generate": ("slmforge.generate", "SamplingConfig", ""),
+}
+
+
+def verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the verb the command line named (`data prepare` -> its own), else `parser`."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, action.dest, None) if action is not None else None
+        if name not in getattr(action, "choices", {}):
+            return parser
+        parser = action.choices[name]
+
+
+def unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, words: list[str],
+                 extra: list[str]) -> None:
+    """Refuse words argparse did not take, with the usage of the verb they followed and, for a
+    misspelled flag, the flag or config field probably meant (`--promt` -> --prompt, `--max-steps 5`
+    -> train.max_steps=5). Exits with status 2, as argparse does."""
+    target = verb_parser(parser, args)
+    verb_at = next((i for i, w in enumerate(words) if not w.startswith("-")), len(words))
+    first = next((i for i, w in enumerate(words) if w == extra[0]), len(words))
+    if first < verb_at:  # `slmforge --bogus pretrain`: a flag of the top level
+        target = parser
+    shown, values, pending = [], {}, list(extra)
+    for i, word in enumerate(words):
+        if word not in pending:
+            continue
+        pending.remove(word)
+        shown.append(word)
+        flag, given, value = word.partition("=")
+        following = words[i + 1] if i + 1 < len(words) else "-"
+        if not word.startswith("-"):
+            continue
+        if given:
+            values[flag] = value
+        elif i + 1 != verb_at and not following.startswith("-") and "=" not in following:
+            values[flag] = following
+            if following not in pending:  # argparse took it for a positional word: it was this flag's value
+                shown.append(following)
+    shown += pending
+    flag = next((w.partition("=")[0] for w in extra if w.startswith("-") and w != "-"), None)
+    hint = None
+    if flag and target is not parser:
+        top = [o for a in parser._actions for o in a.option_strings]
+        verb = target.prog.removeprefix(parser.prog).strip()
+        hint = f"{parser.prog} {flag} {verb} ..." if flag in top else _suggestion(target, flag, values.get(flag))
+    message = f"unrecognized arguments: {' '.join(shown)}"
+    target.error(f"{message}; did you mean {hint}?" if hint else message)
+
+
+def _suggestion(target: argparse.ArgumentParser, flag: str, value: str | None) -> str | None:
+    """The verb's option closest to `flag`, or the config field it names (`--max-steps` -> train.max_steps)."""
+    import difflib
+
+    options = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+    name = flag.lstrip("-").replace("-", "_")
+    fields = _config_fields(target.prog.removeprefix("slmforge").strip())
+    named = [f for f in fields if f.rsplit(".", 1)[-1] == name]
+    if not named:
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+        if close:
+            return close[0]
+        by_leaf = {f.rsplit(".", 1)[-1]: f for f in reversed(fields)}
+        named = [by_leaf[leaf] for leaf in difflib.get_close_matches(name, list(by_leaf), n=1, cutoff=0.8)]
+    if not named:
+        return None
+    import shlex
+
+    shown = "VALUE" if value is None else shlex.quote(value)  # as typed in a shell: '["a.jsonl"]'
+    return " or ".join(f"{field}={shown}" for field in named[:3])
+
+
+def _config_fields(verb: str) -> list[str]:
+    """Every `section.field` name of `verb`'s config, in `--show-fields` order, each once ([] for a
+    verb without one)."""
+    if verb not in VERB_CONFIGS:
+        return []
+    from slmforge.config import describe
+
+    module, name, section = VERB_CONFIGS[verb]
+    cls = getattr(importlib.import_module(module), name)
+    names = [m.group(1) for line in describe(cls, section) if (m := re.match(r"\s+([\w.\[\]]+) \(", line))]
+    return list(dict.fromkeys(names))
+
+
+# Verbs that train: their stop signals are answered from the start (train/signals.py), before the
+# verbs' modules are imported for the parser (seconds: torch), so that a SIGTERM then stops in one line.
+TRAINING_VERBS = ("pretrain", "finetune", "distill")
+
+
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    verb = next((word for word in words if not word.startswith("-")), None)  # the top level has flags only
+    if verb not in TRAINING_VERBS:
+        return _main(argv)
+    from slmforge.train.signals import verb_signals
+
+    try:
+        with verb_signals():
+            return _main(argv)
+    except KeyboardInterrupt as e:  # while the parser imported the verbs, or after the run had finished
+        return _stopped(e)
+
+
+def _stopped(e: KeyboardInterrupt) -> int:
+    """A training run stopped by a signal has said so when it saved (rank 0); other stops are said here."""
+    if not getattr(e, "said", False):
+        print(f"slmforge: {str(e) or 'interrupted'}", file=sys.stderr)
+    from slmforge.train.signals import end_if_orphaned
+
+    code = getattr(e, "exit_code", 130)
+    end_if_orphaned(code)  # a torchrun worker whose launcher died ends here, without torch's teardown
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(format="slmforge: warning: %(message)s", level=logging.WARNING)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -92,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = list(args.overrides or []) + extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        unrecognized(parser, args, sys.argv[1:] if argv is None else argv, extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -122,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               f"command again (finished work is kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        # A training run stopped by a signal has saved and said so (rank 0); a bare Ctrl-C elsewhere has not.
-        if not getattr(e, "said", False):
-            print(f"slmforge: {str(e) or 'interrupted'}", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
+        return _stopped(e)
     except RuntimeError as e:
         lost = lost_peer(e)
         if lost is None:

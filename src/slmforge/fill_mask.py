@@ -64,10 +64,13 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5, add_bos: bool = True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from slmforge.arguments import HelpFormatter
+
     p = sub.add_parser("fill-mask", help="a masked LM's top-k tokens for each [MASK] in a text",
-                       description="Print the most likely tokens and their probabilities for every mask in "
-                                   "TEXT, written as [MASK] or <mask> (or the tokenizer's own mask token).\n\n"
-                                   "example:\n  slmforge fill-mask runs/bert \"the capital of france is [MASK].\"")
+                       description="Print the most likely tokens and their probabilities for every mask in TEXT,\n"
+                                   "written as [MASK] or <mask> (or the tokenizer's own mask token).\n\n"
+                                   "example:\n  slmforge fill-mask runs/bert \"the capital of france is [MASK].\"",
+                       formatter_class=HelpFormatter)
     p.add_argument("model", help="run folder or checkpoint folder of an encoder (masked LM)")
     p.add_argument("text", help="text with one or more masks")
     p.add_argument("--top-k", type=int, default=5, help="guesses per mask (default 5)")

@@ -319,11 +319,13 @@ def _generate_encdec(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: i
 
 
 def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, stream: bool = False,
-                  out=None, add_bos: bool = True, stop_id: int | None = None) -> str:
+                  out=None, add_bos: bool = True, stop_id: int | None = None,
+                  on_empty: Callable[[list[int]], None] | None = None) -> str:
     """Continue a text prompt; with `stream`, characters are written to `out` as they are decoded.
 
     `add_bos` must match how the model was trained (the checkpoint's meta.json records it); `stop_id`
-    ends the answer (default: eos; a chat model's end-of-turn token)."""
+    ends the answer (default: eos; a chat model's end-of-turn token). `on_empty` is called with the
+    generated ids (the stop token included) when they decode to no text."""
     stop_id = stop_id if stop_id is not None else tokenizer.eos_id
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt)
@@ -348,10 +350,28 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
         on_token = write_piece
 
     tokens = generate_ids(model, prompt_ids, cfg, eos_id=stop_id, on_token=on_token)
-    new = tokens[0, len(ids):].tolist()
+    generated = new = tokens[0, len(ids):].tolist()
     if stop_id is not None and stop_id in new:
         new = new[:new.index(stop_id)]
-    return tokenizer.decode(new)
+    text = tokenizer.decode(new)
+    if on_empty is not None and not text.strip():
+        on_empty(generated)
+    return text
+
+
+def why_no_text(generated: list[int], tokenizer, meta: dict, stop_id: int | None) -> str:
+    """One line on why a generation decoded to no text (what `slmforge generate` says on stderr)."""
+    objective = (meta.get("objective") or {}).get("kind")
+    if objective == "span" and not meta.get("finetune") and tokenizer.sentinels:
+        return (f"note: a span-corruption model answers with sentinels ({tokenizer.sentinels[0]} ...), which are "
+                f"not text; fine-tune it (finetune.task = \"translate\") to generate text")
+    if generated and stop_id is not None and generated[0] == stop_id:
+        which = "end-of-sequence" if stop_id == tokenizer.eos_id else "end-of-turn"
+        return (f"note: the model ended at once: its first token was the {which} token "
+                f"{tokenizer.id_to_token(stop_id)} (stop_at_eos=false generates past it)")
+    pieces = [tokenizer.id_to_token(i) for i in generated[:4] if i != stop_id]
+    return (f"note: the {len(generated)} generated token(s) decode to no text (special tokens or whitespace: "
+            f"{' '.join(str(p) for p in pieces)}{' ...' if len(generated) > 4 else ''})")
 
 
 # ---------------------------------------------------------------- CLI
@@ -427,17 +447,24 @@ def _run(args: argparse.Namespace) -> int:
         stop_id = tokenizer.token_to_id(stop) if stop else None
     base_seed = sampling.seed
     results = []
+
+    def explain(generated: list[int]) -> None:  # one line on stderr, after the (empty) text
+        sys.stdout.flush()
+        say(why_no_text(generated, tokenizer, meta, stop_id if stop_id is not None else tokenizer.eos_id))
+
     for prompt, text_in in zip(prompts, inputs):
         for i in range(args.num_samples):
             # sample i of every prompt uses seed + i: the same prompt and seed give the same text
             sampling.seed = None if base_seed is None else base_seed + i
             if args.json:
-                text = generate_text(model, tokenizer, text_in, sampling, add_bos=add_bos, stop_id=stop_id)
+                text = generate_text(model, tokenizer, text_in, sampling, add_bos=add_bos, stop_id=stop_id,
+                                     on_empty=explain)
                 results.append({"prompt": prompt, "sample": i, "seed": sampling.seed, "completion": text})
                 continue
             if not args.chat:  # a continuation reads on from its prompt; a chat answer stands alone
                 sys.stdout.write(prompt)
-            generate_text(model, tokenizer, text_in, sampling, stream=True, add_bos=add_bos, stop_id=stop_id)
+            generate_text(model, tokenizer, text_in, sampling, stream=True, add_bos=add_bos, stop_id=stop_id,
+                          on_empty=explain)
             sys.stdout.write("\n\n")
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))

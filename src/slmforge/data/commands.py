@@ -9,7 +9,7 @@ from slmforge import config
 
 
 def register(subparsers: Any) -> None:
-    from slmforge.cli import HelpFormatter, add_config_arguments
+    from slmforge.arguments import HelpFormatter, add_config_arguments
 
     data = subparsers.add_parser("data", help="turn raw text into token shards",
                                  description="Data verbs: `slmforge data curate --help`, "

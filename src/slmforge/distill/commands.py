@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slmforge.cli import HelpFormatter, add_config_arguments
+from slmforge.arguments import HelpFormatter, add_config_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,8 +54,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config.load_recipe(DistillRunConfig, args.config, args.overrides)
     if args.build_cache:
         from slmforge.distill.run import build_teacher_cache
+        from slmforge.train.signals import released
 
-        print(build_teacher_cache(cfg, args.build_cache, args.processes))
+        with released():  # no training: a signal ends the cache build as it would any other verb
+            print(build_teacher_cache(cfg, args.build_cache, args.processes))
         return 0
     run_dir = distill(cfg)
     if environment().is_main:  # one line per job, not per process

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slmforge.cli import HelpFormatter, add_config_arguments
+from slmforge.arguments import HelpFormatter, add_config_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "finetune", help="fine-tune on examples: prompt-masked SFT, chat, infilling (decoders), translation (both); full or LoRA",
         description="Fine-tune from a TOML config (sections finetune, lora, optim, schedule, train, tracking, "
                     "parallel) with key.sub=value overrides. Re-running the same command resumes.\n\nexamples:\n"
-                    "  slmforge finetune train.init_from=runs/base finetune.train_files=[\"qa.jsonl\"] "
+                    "  slmforge finetune train.init_from=runs/base finetune.train_files='[\"qa.jsonl\"]' "
                     "train.out_dir=runs/qa\n"
                     "  slmforge finetune -c recipes/gemma3-multilingual-clarify.toml lora.rank=16",
         formatter_class=HelpFormatter)

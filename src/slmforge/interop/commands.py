@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import argparse
 
+from slmforge.arguments import HelpFormatter
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="write a run's model as a Hugging Face folder (config.json, safetensors, tokenizer)",
-        description="Write the latest (or given) checkpoint of a run so that transformers' "
-                    "AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT) load it.")
+        description="Write the latest (or given) checkpoint of a run as a folder that transformers loads as-is:\n"
+                    "AutoTokenizer.from_pretrained(OUT) and, by the run's kind of model,\n"
+                    "  decoders (llama, gemma3, qwen3, smollm3)                 AutoModelForCausalLM.from_pretrained(OUT)\n"
+                    "  encoders (bert, roberta, modernbert)     AutoModelForMaskedLM.from_pretrained(OUT)\n"
+                    "  encoder-decoders (t5)                    AutoModelForSeq2SeqLM.from_pretrained(OUT)\n"
+                    "With --adapter-only (LoRA runs of decoders): the adapter alone, which peft's\n"
+                    "PeftModel.from_pretrained(base, OUT) loads onto `base`, the export of RUN/base.\n\n"
+                    "examples:\n"
+                    "  slmforge export runs/my --out hf/my\n"
+                    "  slmforge export runs/qa-lora/base --out hf/qa-base\n"
+                    "  slmforge export runs/qa-lora --adapter-only --out hf/qa-adapter",
+        formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder or checkpoint folder (run/checkpoints/step-000500)")
     p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: hf)")
     p.add_argument("--out", required=True, help="folder to write")

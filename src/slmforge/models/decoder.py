@@ -25,16 +25,18 @@ from slmforge.models.layers import (
 
 
 class Block(nn.Module):
-    """Pre-norm block; with `sandwich_norm` the branch outputs are normalised too (Gemma 3)."""
+    """Pre-norm block; with `sandwich_norm` the branch outputs are normalised too (Gemma 3). A NoPE layer
+    (`cfg.uses_rope(layer)` false) ignores the RoPE tables it is given."""
 
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_unit_offset)  # noqa: E731
         self.sliding = cfg.is_sliding(layer)
+        self.rope = cfg.uses_rope(layer)
         self.attn_norm = norm()
         self.attn = Attention(
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer=layer,
-            scale=cfg.attention_scale, dropout=cfg.dropout, causal=True,
+            scale=cfg.attention_scale, dropout=cfg.dropout, causal=True, bias=cfg.qkv_bias, out_bias=cfg.out_bias,
             qk_norm=(lambda: RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)) if cfg.qk_norm else None)
         self.mlp_norm = norm()
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation)
@@ -43,6 +45,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
     def forward(self, x, cos, sin, mask, cache):
+        if not self.rope:
+            cos = sin = None
         h = self.attn(self.attn_norm(x), cos, sin, mask, cache)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
@@ -88,12 +92,15 @@ class Decoder(Float32Buffers, nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Seeded N(0, std) init; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+        """Seeded N(0, std) init; residual output projections scaled by 1/sqrt(2L) (GPT-2); biases 0."""
         generator = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
+                continue
+            if name.endswith(".bias"):
+                param.zero_()
                 continue
             s = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
             values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, s, generator=generator)

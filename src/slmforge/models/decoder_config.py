@@ -1,8 +1,10 @@
 """`DecoderConfig`: one dataclass describing every decoder slmforge builds.
 
-A family ("llama", "gemma3") is a set of switches on the same decoder, not a separate model class:
-Gemma 3 = Llama + QK-norm + sandwich norms + (1 + w) RMSNorm + √d embedding scale + GeGLU +
-sliding/global layer pattern with two RoPE bases. `models/hf/decoder.py` maps each family to transformers.
+A family ("llama", "gemma3", "qwen3", "smollm3") is a set of switches on the same decoder, not a separate
+model class: Gemma 3 = Llama + QK-norm + sandwich norms + (1 + w) RMSNorm + √d embedding scale + GeGLU +
+sliding/global layer pattern with two RoPE bases; Qwen3 = Llama + QK-norm; SmolLM3 = Llama + no RoPE on
+every 4th layer. Which switches a family sets lives in its presets and in `models/hf/decoder.py`, which
+maps each family to transformers; the model code reads only the switches.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from slmforge.models.presets import PresetConfig
 class DecoderConfig(PresetConfig):
     preset: str | None = None
     """Named starting point (see `slmforge pretrain --list-presets`); fields set beside it override it."""
-    family: Literal["llama", "gemma3"] = "llama"
+    family: Literal["llama", "gemma3", "qwen3", "smollm3"] = "llama"
     """Block layout and weight names for Hugging Face interop."""
     vocab_size: int = 32000
     """Number of token ids; set automatically from the tokenizer when training."""
@@ -45,13 +47,22 @@ class DecoderConfig(PresetConfig):
     sandwich_norm: bool = False
     """Also normalise the outputs of attention and MLP before adding them to the residual (Gemma 2/3)."""
     qk_norm: bool = False
-    """RMSNorm on each query and key head before RoPE (Gemma 3)."""
+    """RMSNorm on each query and key head before RoPE (Gemma 3, Qwen3)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2; transformers' attention_bias sets both bias switches)."""
+    out_bias: bool = False
+    """A bias on the attention output projection."""
     embed_scale: bool = False
     """Multiply token embeddings by sqrt(hidden_size) (Gemma)."""
     query_pre_attn_scalar: float | None = None
     """Attention scores are scaled by this ** -0.5; default head_dim (Gemma 3 sets it explicitly)."""
     rope_theta: float = 10000.0
     """RoPE base of full-attention layers."""
+    nope_every: int = 0
+    """Every n-th layer (n, 2n, ...) attends without RoPE ("NoPE"; SmolLM3: 4); 0 = RoPE on every layer."""
+    nope_layers: list[int] | None = None
+    """0-based indices of the layers without RoPE, in place of nope_every's pattern (an imported model's
+    irregular pattern)."""
     rope_local_theta: float | None = None
     """RoPE base of sliding-window layers; default rope_theta (Gemma 3: 10,000 local, 1,000,000 global)."""
     rope_scaling: Literal["none", "linear", "llama3"] = "none"
@@ -98,6 +109,9 @@ class DecoderConfig(PresetConfig):
         require(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
                 f"must be positive or unset, got {self.sliding_window}")
         require(self.global_every >= 1, "global_every", f"must be >= 1, got {self.global_every}")
+        require(self.nope_every >= 0, "nope_every", f"must be >= 0, got {self.nope_every}")
+        require(all(0 <= i < self.num_layers for i in self.nope_layers or []), "nope_layers",
+                f"must be layer indices 0..{self.num_layers - 1}, got {self.nope_layers}")
         if self.layer_types is not None:
             require(len(self.layer_types) == self.num_layers, "layer_types",
                     f"needs one entry per layer ({self.num_layers}), got {len(self.layer_types)}")
@@ -120,6 +134,12 @@ class DecoderConfig(PresetConfig):
             return self.layer_types[layer] == "sliding_attention"
         return (layer + 1) % self.global_every != 0
 
+    def uses_rope(self, layer: int) -> bool:
+        """False for NoPE layers: nope_layers when set, else every nope_every-th layer (3, 7, ... with 4)."""
+        if self.nope_layers is not None:
+            return layer not in self.nope_layers
+        return self.nope_every == 0 or (layer + 1) % self.nope_every != 0
+
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
@@ -129,6 +149,7 @@ class DecoderConfig(PresetConfig):
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         mlp = 3 * d * self.intermediate_size
         norms = d * (4 if self.sandwich_norm else 2) + (2 * hd if self.qk_norm else 0)
+        attn += (hd * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0) + (d if self.out_bias else 0)
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return L * (attn + mlp + norms) + d + (emb if include_embeddings else 0)
 

@@ -229,6 +229,8 @@ class KVCacheStep:
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional QK-norm, biases and rotary positions.
+    `bias` puts biases on all four projections; `out_bias`, when given, decides o_proj's alone (Qwen2:
+    q, k and v only). Positions reach it as cos/sin tables, or as None for a layer without RoPE.
 
     `causal` decoders use SDPA's is_causal when no mask is needed (no materialised score matrix);
     encoders attend both ways and pass a mask only for padding or local windows. A FlexAttention
@@ -237,7 +239,7 @@ class Attention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, layer: int,
                  scale: float, dropout: float = 0.0, bias: bool = False, causal: bool = True,
-                 qk_norm: Callable[[], nn.Module] | None = None):
+                 qk_norm: Callable[[], nn.Module] | None = None, out_bias: bool | None = None):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -245,7 +247,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias if out_bias is None else out_bias)
         self.q_norm = qk_norm() if qk_norm else None
         self.k_norm = qk_norm() if qk_norm else None
 

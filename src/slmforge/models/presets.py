@@ -4,8 +4,8 @@ config class); anything given beside a preset wins.
 Sources: Gemma 3 270M from google/gemma-3-270m's config.json; Llama shapes follow the seed-002
 "150M from scratch" write-up (GQA, RoPE, SwiGLU, pre-norm); BERT, XLM-R and ModernBERT base shapes from
 their config.json files; seed 001's BERT and seed 004's student from their write-ups; T5 v1.1 small/base
-from google/t5-v1_1-* config.json; the tiny ones
-exist for CPU tests.
+from google/t5-v1_1-* config.json; Qwen3 0.6B from Qwen/Qwen3-0.6B's config.json; SmolLM3 3B from
+HuggingFaceTB/SmolLM3-3B's shape; the tiny ones exist for CPU tests.
 """
 
 from __future__ import annotations
@@ -59,6 +59,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "test-tiny": dict(
         family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
         intermediate_size=64, max_seq_len=64, tie_embeddings=True,
+    ),
+    # Qwen/Qwen3-0.6B: Llama + QK-norm, 28 layers, hidden 1024, 16 heads of 128 (not 1024 / 16), 8 KV heads.
+    "qwen3-0.6b": dict(
+        family="qwen3", qk_norm=True, vocab_size=151_936, hidden_size=1024, num_layers=28, num_heads=16,
+        num_kv_heads=8, head_dim=128, intermediate_size=3072, max_seq_len=40_960, rope_theta=1_000_000.0,
+        norm_eps=1e-6, tie_embeddings=True,
+    ),
+    "qwen3-tiny": dict(
+        family="qwen3", qk_norm=True, vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=48, intermediate_size=352, max_seq_len=256, rope_theta=1_000_000.0,
+        tie_embeddings=True,
+    ),
+    # HuggingFaceTB/SmolLM3-3B's shape: Llama + no RoPE on every 4th layer, GQA 16:4, tied, RoPE base 5M.
+    "smollm3-3b": dict(
+        family="smollm3", nope_every=4, vocab_size=128_256, hidden_size=2048, num_layers=36, num_heads=16,
+        num_kv_heads=4, intermediate_size=11_008, max_seq_len=65_536, rope_theta=5_000_000.0, norm_eps=1e-6,
+        tie_embeddings=True,
+    ),
+    "smollm3-tiny": dict(
+        family="smollm3", nope_every=4, vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4,
+        num_kv_heads=2, intermediate_size=352, max_seq_len=256, rope_theta=5_000_000.0, tie_embeddings=True,
     ),
     # ---- encoders (masked LM)
     # Seed 001: 3 layers, hidden 256, 4 heads, FFN 1024, 512 positions, dropout 0.1 (~10M with 30k vocab).

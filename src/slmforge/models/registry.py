@@ -1,7 +1,9 @@
 """Model families behind one registry: family name -> config class, module class, kind, HF adapter.
 
-Everything that builds, loads, exports or imports a model asks this module, so a new family is one
-config dataclass, one module, its presets and its HF adapter, plus one entry in `FAMILIES`.
+Everything that builds, loads, exports or imports a model asks this module, so a new kind of model is one
+config dataclass, one module, its presets and its HF adapter, plus one entry in `FAMILIES`; a new family
+of an existing kind is switches on that kind's config, presets, rows in its adapter and one entry here
+(docs/models.md, "Add a family").
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "decoder", DecoderConfig, Decoder, "slmforge.models.hf.decoder"),
     "gemma3": Family("gemma3", "decoder", DecoderConfig, Decoder, "slmforge.models.hf.decoder"),
+    "qwen3": Family("qwen3", "decoder", DecoderConfig, Decoder, "slmforge.models.hf.decoder"),
+    "smollm3": Family("smollm3", "decoder", DecoderConfig, Decoder, "slmforge.models.hf.decoder"),
     "bert": Family("bert", "encoder", EncoderConfig, Encoder, "slmforge.models.hf.encoder"),
     "roberta": Family("roberta", "encoder", EncoderConfig, Encoder, "slmforge.models.hf.encoder"),
     "modernbert": Family("modernbert", "encoder", EncoderConfig, Encoder, "slmforge.models.hf.encoder"),

@@ -9,7 +9,7 @@ from slmforge.errors import SlmforgeError
 
 
 def register(subparsers) -> None:
-    from slmforge.cli import HelpFormatter, add_config_arguments
+    from slmforge.arguments import HelpFormatter, add_config_arguments
 
     group = subparsers.add_parser("tokenizer", help="train, import and compare tokenizers",
                                   description=__doc__, formatter_class=HelpFormatter)

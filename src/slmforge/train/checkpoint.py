@@ -68,15 +68,16 @@ def step_meta(step: int, model: nn.Module, extra_meta: dict[str, Any] | None) ->
             **(extra_meta or {})}
 
 
-def write_error(root: Path, name: str, error: BaseException, needed: int) -> SlmforgeError:
-    """The one-line error of a failed checkpoint write: a full disk says how much room it needs."""
+def write_error(root: Path, name: str, error: BaseException, needed: int,
+                kept: str = "the previous checkpoint is intact") -> SlmforgeError:
+    """The one-line error of a failed write into a run folder (a checkpoint; also the tokenizer copy,
+    with its own `kept`): a full disk says how much room it needs."""
     free = shutil.disk_usage(root).free
     if _disk_full(error) or free < needed:
         return SlmforgeError(f"{root}: disk full while writing {name} (needs about {needed / 2**20:,.0f} MiB, "
-                             f"{free / 2**20:,.0f} MiB free); the previous checkpoint is intact: free space "
-                             f"and run the same command to resume")
-    return SlmforgeError(f"{root}: could not write {name} ({type(error).__name__}: {error}); the previous "
-                         f"checkpoint is intact")
+                             f"{free / 2**20:,.0f} MiB free); {kept}: free space and run the same command "
+                             f"to resume")
+    return SlmforgeError(f"{root}: could not write {name} ({type(error).__name__}: {error}); {kept}")
 
 
 def commit_step_folder(root: Path, tmp: Path, final: Path, keep_last: int | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slmforge.cli import HelpFormatter, add_config_arguments
+from slmforge.arguments import HelpFormatter, add_config_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -18,10 +18,19 @@ from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig
 from slmforge.train.parallel import ParallelConfig
 
 
+# The first torch with torch.optim.Muon (optim.kind = "muon").
+MUON_TORCH = "2.9"
+
+
 @dataclass
 class OptimConfig:
+    kind: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW for every parameter. muon: torch.optim.Muon (torch >= 2.9) for the 2-D weights of the
+    linear layers inside the transformer blocks (attention and MLP projections), AdamW (lr, betas, eps,
+    weight_decay below) for the embeddings, the output head, norms and biases. Not with
+    parallel.strategy = "fsdp" (Muon needs whole matrices) nor LoRA (adapters stay on AdamW)."""
     lr: float = 3e-4
-    """Peak learning rate (reached at the end of warmup)."""
+    """Peak learning rate (reached at the end of warmup); with kind = "muon", AdamW's part's."""
     beta1: float = 0.9
     """AdamW first-moment decay."""
     beta2: float = 0.95
@@ -32,6 +41,19 @@ class OptimConfig:
     """Decoupled weight decay, applied to matrices only (not norms, not biases)."""
     fused: Literal["auto", "on", "off"] = "auto"
     """Fused AdamW kernel: auto = on CUDA when available."""
+    muon_lr: float = 0.02
+    """kind = "muon": Muon's peak learning rate; the schedule scales it as it scales lr (0.02: Keller
+    Jordan's Muon README and modded-nanogpt, with muon_adjust_lr_fn = "original")."""
+    muon_momentum: float = 0.95
+    """kind = "muon": Muon's (Nesterov) momentum (0.95: torch's and Keller Jordan's default)."""
+    muon_weight_decay: float = 0.01
+    """kind = "muon": decoupled weight decay of the Muon matrices, w -= lr x muon_weight_decay x w each
+    step, lr being Muon's scheduled one before muon_adjust_lr_fn (0.01: Keller Jordan's Muon README)."""
+    muon_adjust_lr_fn: Literal["original", "match_rms_adamw"] = "original"
+    """kind = "muon": how torch scales Muon's lr by a matrix's shape (out, in): original = x sqrt(max(1,
+    out/in)) (Keller Jordan); match_rms_adamw = x 0.2 sqrt(max(out, in)), updates of AdamW's size
+    (Moonshot, "Muon is Scalable for LLM Training"): then muon_lr ~ lr and muon_weight_decay ~
+    weight_decay can be reused from AdamW."""
 
     def validate(self) -> None:
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
@@ -39,24 +61,42 @@ class OptimConfig:
         require(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         require(self.eps > 0, "eps", f"must be positive, got {self.eps}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}")
+        require(0 <= self.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        require(self.muon_weight_decay >= 0, "muon_weight_decay", f"must be >= 0, got {self.muon_weight_decay}")
+        if self.kind == "muon":
+            import torch
+
+            require(hasattr(torch.optim, "Muon"), "kind",
+                    f'"muon" needs torch >= {MUON_TORCH} (torch.optim.Muon); this is torch {torch.__version__}: '
+                    f'upgrade torch or use optim.kind = "adamw"')
 
 
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = 100
     """Steps of linear warmup from 0 to optim.lr."""
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    """Shape of the decay from optim.lr to min_lr_ratio * optim.lr over the remaining steps."""
+    decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Shape of the decay from optim.lr to min_lr_ratio * optim.lr over the remaining steps; wsd (warmup,
+    stable, decay): hold optim.lr until the last cooldown_ratio of the steps, then cool down to the floor."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
     warmup_ratio: float | None = None
     """If set, warmup_steps = warmup_ratio x train.max_steps (seed 001: 0.06)."""
+    cooldown_ratio: float = 0.2
+    """decay = "wsd": the share of train.max_steps spent cooling down (the last round(cooldown_ratio x
+    max_steps) steps; 0.2: Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed
+    Training Durations"). Raising max_steps on resume during the stable phase extends the run."""
+    cooldown_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+    """decay = "wsd": the cooldown's shape from the peak to the floor over progress p in [0, 1]: linear =
+    1 - p, 1-sqrt = 1 - sqrt(p) (which Hägele et al. 2024 found better than linear)."""
 
     def validate(self) -> None:
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(self.warmup_ratio is None or 0 <= self.warmup_ratio < 1, "warmup_ratio",
                 f"must be in [0, 1), got {self.warmup_ratio}")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(0 <= self.cooldown_ratio <= 1, "cooldown_ratio", f"must be in [0, 1], got {self.cooldown_ratio}")
 
 
 @dataclass

@@ -70,3 +70,52 @@ def _describe(owner: str) -> str:
         return f"pid {info['pid']} on {info['host']}, started {info['started']}"
     except (ValueError, KeyError, TypeError):
         return "owner unknown"
+
+
+class NewRunFolder:
+    """What a training run adds to its folder, so that a run that fails before its first checkpoint
+    (a refused config, bad examples, a missing teacher) takes it away again instead of leaving a
+    `.lock` and a `tokenizer/` with nothing to resume.
+
+    Recorded before the run touches the folder. Only what the run created goes: the folder itself and
+    any parents it made when they did not exist, else the entries it added (those there before stay).
+    Nothing goes once `checkpoints/` exists or metrics.jsonl holds records (steps ran: the curves tell
+    what went wrong)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.top: Path | None = None  # the outermost folder that did not exist yet
+        for folder in (self.run_dir, *self.run_dir.parents):
+            if folder.exists() or folder == folder.parent:
+                break
+            self.top = folder
+        self.before = set(os.listdir(self.run_dir)) if self.top is None and self.run_dir.is_dir() else set()
+
+    def unused(self) -> bool:
+        metrics = self.run_dir / "metrics.jsonl"
+        return (self.run_dir.is_dir() and not (self.run_dir / "checkpoints").exists()
+                and not (metrics.is_file() and metrics.stat().st_size > 0))
+
+    def remove_if_unused(self) -> bool:
+        """Remove what the run created, unless it wrote a checkpoint or metrics; True if it did."""
+        import shutil
+
+        if not self.unused():
+            return False
+        for entry in self.run_dir.iterdir():
+            if entry.name in self.before:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        folder = self.run_dir
+        while self.top is not None:  # the folders the run made, innermost first, while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            if folder == self.top:
+                break
+            folder = folder.parent
+        return True

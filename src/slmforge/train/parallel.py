@@ -19,6 +19,9 @@ world size and local rank come from either environment. NCCL on GPUs, gloo on CP
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +33,7 @@ from torch import nn
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
+from slmforge.train.signals import waiting_in_torch
 
 
 @dataclass
@@ -40,6 +44,10 @@ class ParallelConfig:
     """Collective backend: auto = nccl on CUDA, gloo on CPU."""
     timeout_minutes: float = 60.0
     """How long a collective may wait (e.g. ranks waiting while rank 0 writes a large checkpoint)."""
+    connect_timeout_seconds: float = 300.0
+    """How long a process waits at the start for the rendezvous (MASTER_ADDR:MASTER_PORT) and for every
+    other process to join, before it stops in one line (a launcher that died, a rank that never
+    started); separate from timeout_minutes, which bounds collectives once the run is going."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (less memory, ~30% more compute)."""
     checkpoint: Literal["auto", "sharded", "full"] = "auto"
@@ -52,6 +60,8 @@ class ParallelConfig:
 
     def validate(self) -> None:
         require(self.timeout_minutes > 0, "timeout_minutes", f"must be positive, got {self.timeout_minutes}")
+        require(self.connect_timeout_seconds > 0, "connect_timeout_seconds",
+                f"must be positive, got {self.connect_timeout_seconds}")
         require(not (self.async_checkpoint and self.checkpoint == "full"), "async_checkpoint",
                 "applies to sharded checkpoints; set parallel.checkpoint = \"sharded\" (or \"auto\" with fsdp)")
 
@@ -96,8 +106,75 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> Distributed:
     os.environ.setdefault("RANK", str(where.rank))  # SLURM: the env:// rendezvous reads these
     os.environ.setdefault("WORLD_SIZE", str(where.world_size))
     kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=timedelta(minutes=cfg.timeout_minutes), **kwargs)
+    _join(backend, where, cfg, kwargs)
     return where
+
+
+def _join(backend: str, where: Distributed, cfg: ParallelConfig, kwargs: dict) -> None:
+    """init_process_group with two timeouts: parallel.connect_timeout_seconds to reach the rendezvous
+    and for every rank to join (torch would wait timeout_minutes, an hour, for a launcher that is
+    gone), then parallel.timeout_minutes for the collectives of the run."""
+    host, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    connect = timedelta(seconds=cfg.connect_timeout_seconds)
+    collective = timedelta(minutes=cfg.timeout_minutes)
+    retime = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.4
+    _refuse_a_gone_launcher(host, port, where)
+    try:
+        with waiting_in_torch(), held_stderr():
+            store, _, _ = next(dist.rendezvous("env://", where.rank, where.world_size, timeout=connect))
+            store.set_timeout(connect)
+            dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=where.rank,
+                                    world_size=where.world_size, timeout=connect if retime else collective,
+                                    **kwargs)
+    except (RuntimeError, ValueError) as e:  # torch's DistNetworkError / DistStoreError, gloo's own
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise SlmforgeError(f"parallel: rank {where.rank} of {where.world_size} could not join the others at "
+                            f"{host}:{port} ({reason[:200]}); was every process started, and is the launcher "
+                            f"(torchrun) or rank 0 still running? parallel.connect_timeout_seconds "
+                            f"({cfg.connect_timeout_seconds:g}) bounds the wait") from None
+    store.set_timeout(collective)  # the store also serves the run (e.g. NCCL communicators made later)
+    if retime:
+        retime(collective)
+
+
+def _refuse_a_gone_launcher(host: str, port: str, where: Distributed) -> None:
+    """Under torchrun the launcher's store is listening before any worker starts: a refused connection
+    means the launcher has exited; say so at once rather than retry for connect_timeout_seconds."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return  # rank 0 hosts the store (srun, by hand): it may simply not have started yet
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except ConnectionRefusedError:
+        raise SlmforgeError(f"parallel: rank {where.rank}: nothing listens at {host}:{port}, where torchrun's "
+                            f"rendezvous should be; the launcher has exited, start the job again") from None
+    except (OSError, ValueError):
+        return  # unreachable or slow: the rendezvous reports it after connect_timeout_seconds
+
+
+@contextmanager
+def held_stderr():
+    """Hold what C++ writes to fd 2 during the block (torch logs every failed connection try with a
+    stack trace): written out afterwards when the block succeeds, dropped when it fails, whose error
+    says it in one line."""
+    fd = 2
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError, OSError):
+        pass
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), fd)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                with os.fdopen(os.dup(fd), "wb") as out:
+                    out.write(held.read())
 
 
 def local_device(device: torch.device, where: Distributed) -> torch.device:

@@ -20,12 +20,14 @@ from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objecti
 from slmforge.runtime import apply_attention, resolve_precision
 from slmforge.runs import (find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, require_intact,
                            resolve_checkpoint, run_dir_of)
+from slmforge.train.checkpoint import write_error
 from slmforge.train.config import PretrainConfig
 from slmforge.train.resume_check import (
     append_history,
     apply_optimizer_settings,
     check_resumable,
     data_fingerprint,
+    describe_change,
     resume_identity,
 )
 from slmforge.train.parallel import barrier
@@ -58,10 +60,15 @@ def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
     if (target / "tokenizer.json").is_file() and load_tokenizer(target).sha256 == actual:
         return info.get("sha256")  # a resumed run's: other ranks may be reading it right now, leave it be
     partial = run_dir / "tokenizer.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+    except OSError as e:  # a full disk (copytree reports it as shutil.Error), permissions
+        shutil.rmtree(partial, ignore_errors=True)  # never a half-copied tokenizer
+        needed = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
+        raise write_error(run_dir, "tokenizer/", e, needed, kept="nothing half-copied is left") from None
     return info.get("sha256")
 
 
@@ -193,6 +200,12 @@ def _pretrain(cfg: PretrainConfig, session: Session, extend_objective=None) -> P
     return run_dir
 
 
+# The most of a run that a warmup given in steps may take (schedule.warmup_ratio is kept as chosen). A
+# recipe's warmup is sized for its full length: run for 200 steps, seed 000's 2,000-step warmup reached
+# 3e-5 of its 3e-4 and the loss barely moved (issue 23).
+WARMUP_CAP = 0.1
+
+
 def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int) -> None:
     """Turn train.epochs and schedule.warmup_ratio into step counts (as HF Trainer's num_train_epochs
     and warmup_ratio); the resolved numbers are what config.toml records."""
@@ -200,8 +213,13 @@ def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int) -> None:
     if loop.epochs:
         loop.max_steps = max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
         say(f"train.max_steps set to {loop.max_steps} for {loop.epochs:g} epochs of {batches_per_epoch} batches")
-    if schedule.warmup_ratio is not None:
+    cap = max(1, int(WARMUP_CAP * loop.max_steps))
+    if schedule.warmup_ratio is not None:  # a share the user chose is kept as it is
         schedule.warmup_steps = round(schedule.warmup_ratio * loop.max_steps)
+    elif schedule.warmup_steps > cap:
+        say(f"note: schedule.warmup_steps {schedule.warmup_steps} capped at {cap}, {WARMUP_CAP:.0%} of the "
+            f"run's {loop.max_steps} steps (a short run of a long recipe would spend itself warming up)")
+        schedule.warmup_steps = cap
 
 
 def _run_tokenizer(run_dir: Path):
@@ -213,10 +231,14 @@ def _run_tokenizer(run_dir: Path):
 
 
 def _check_same_model(step_dir: Path, cfg: PretrainConfig) -> None:
+    """The architecture cannot change under a checkpoint's weights: refused in one line naming the
+    fields that differ (`model.num_layers 2 -> 3`)."""
     saved = model_config_from_meta(read_meta(step_dir), step_dir)
     if saved != cfg.model:
-        raise SlmforgeError(f"{run_dir_of(step_dir)}: its checkpoint was trained with a different [model] config; "
-                            f"use another train.out_dir or train.resume=never")
+        shown = describe_change("model", config_io.to_dict(saved), config_io.to_dict(cfg.model))
+        raise SlmforgeError(f"{run_dir_of(step_dir)}: its checkpoint was trained with a different [model] config "
+                            f"({shown}); undo the change to continue that run, or give the new model "
+                            f"another train.out_dir")
 
 
 def _check_same_tokenizer(step_dir: Path, manifest: dict, data_dir: str) -> None:

@@ -6,6 +6,7 @@ resume the new config is compared with it:
 - changes that break exactness (the data, seed, sequence length, global batch, objective) are
   refused in one line naming the fields, unless `train.allow_config_changes = true`;
 - optimizer settings (betas, eps, weight decay) are applied to the restored optimizer, never ignored;
+- the learning rate, its schedule and gradient clipping take effect from the next step, each change said;
 - everything else (max_steps to continue longer, eval and save cadence, logging) just takes effect.
 
 Every start appends the config it ran with to `config_history.jsonl`, so config.toml (the newest)
@@ -60,7 +61,7 @@ def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], where
     changed = [name for name in EXACTNESS_FIELDS if name in saved and saved[name] != current.get(name)]
     if not changed:
         return
-    shown = ", ".join(_change(name, saved[name], current.get(name)) for name in changed)
+    shown = ", ".join(describe_change(name, saved[name], current.get(name)) for name in changed)
     if not allow:
         raise SlmforgeError(f"{where}: resuming with changes that make the run differ from an uninterrupted one "
                             f"({shown}); undo them, start a new train.out_dir, or set "
@@ -69,20 +70,50 @@ def check_resumable(saved: dict[str, Any] | None, current: dict[str, Any], where
 
 
 def apply_optimizer_settings(optimizer, optim_cfg, say) -> None:
-    """Put the config's betas / eps / weight decay into a restored optimizer (its saved groups would
-    otherwise win silently); weight decay on the matrices' group only, as build_optimizer makes it."""
+    """Put the config's betas / eps / weight decay (and Muon's momentum / weight decay) into a restored
+    optimizer (its saved groups would otherwise win silently), group by group as build_optimizer makes
+    them (optim.group_settings, which also refuses a checkpoint of the other optim.kind)."""
+    from slmforge.train.optim import group_settings
+
     changes = []
-    for index, group in enumerate(optimizer.param_groups):
-        wanted = {"betas": (optim_cfg.beta1, optim_cfg.beta2), "eps": optim_cfg.eps}
-        if index == 0:  # build_optimizer's first group holds the matrices, the only ones that decay
-            wanted["weight_decay"] = optim_cfg.weight_decay
+    for group, wanted, prefix in group_settings(optimizer, optim_cfg):
         for key, value in wanted.items():
             current = tuple(group[key]) if key == "betas" else group[key]
             if current != value:
-                changes.append(f"{key} {current} -> {value}")
+                changes.append(f"{prefix}{key} {current} -> {value}")
                 group[key] = value
     if changes:
         say(f"optimizer settings changed since the checkpoint, applied: {', '.join(sorted(set(changes)))}")
+
+
+# Dotted fields of the schedule a resumed run follows from its next step on (each change is said).
+SCHEDULE_FIELDS = ("optim.lr", "schedule.decay", "schedule.warmup_steps", "schedule.min_lr_ratio",
+                   "train.clip_grad", "optim.muon_lr", "schedule.cooldown_ratio", "schedule.cooldown_shape")
+
+
+def schedule_settings(optim_cfg, schedule, loop) -> dict[str, Any]:
+    """The values SCHEDULE_FIELDS name, from the config sections a Trainer holds."""
+    return {"optim.lr": optim_cfg.lr, "schedule.decay": schedule.decay, "schedule.warmup_steps": schedule.warmup_steps,
+            "schedule.min_lr_ratio": schedule.min_lr_ratio, "train.clip_grad": loop.clip_grad,
+            "optim.muon_lr": optim_cfg.muon_lr, "schedule.cooldown_ratio": schedule.cooldown_ratio,
+            "schedule.cooldown_shape": schedule.cooldown_shape}
+
+
+def announce_schedule_changes(saved_config: dict[str, Any] | None, current: dict[str, Any], say) -> None:
+    """Say which of SCHEDULE_FIELDS differ from the resolved config a checkpoint was written with
+    (`saved_config`, its meta.json's "config"; None for checkpoints without one): they are applied."""
+    if not isinstance(saved_config, dict):
+        return
+    changes = []
+    for name in SCHEDULE_FIELDS:
+        section, key = name.split(".")
+        table = saved_config.get(section)
+        if not isinstance(table, dict) or key not in table:
+            continue  # not recorded: nothing to compare with
+        if table[key] != current[name]:
+            changes.append(describe_change(name, table[key], current[name]))
+    if changes:
+        say(f"schedule settings changed since the checkpoint, applied: {', '.join(changes)}")
 
 
 def append_history(run_dir: Path, config: dict[str, Any], resumed_from: int) -> None:
@@ -96,7 +127,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:12] + "..."
 
 
-def _change(name: str, before: Any, after: Any) -> str:
+def describe_change(name: str, before: Any, after: Any) -> str:
     """`name old -> new`; for two tables, only the fields that differ (`lora.rank 0 -> 4`)."""
     if isinstance(before, dict) and isinstance(after, dict):
         keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))

@@ -27,11 +27,12 @@ from slmforge.formatting import duration, human, say
 from slmforge.runtime import describe, peak_flops
 from slmforge.objectives.base import input_tokens, mean_loss, summarize, target_tokens
 from slmforge.objectives.losses import HeadLoss
-from slmforge.runs import is_sharded_checkpoint, load_weights, read_weights, resolve_checkpoint
+from slmforge.runs import is_sharded_checkpoint, load_weights, read_meta, read_weights, resolve_checkpoint
 from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
 from slmforge.train.metrics import MetricsLog, plot_losses, record_event
-from slmforge.train.optim import build_optimizer, learning_rate
+from slmforge.train.optim import build_optimizer, check_optimizer_kind, learning_rate
+from slmforge.train.resume_check import announce_schedule_changes, schedule_settings
 from slmforge.train.parallel import (
     Distributed,
     ObjectiveModule,
@@ -47,7 +48,7 @@ from slmforge.train.parallel import (
     wrap,
 )
 from slmforge.train.sharded import ShardedCheckpoints, first_non_finite, load_sharded
-from slmforge.train.signals import SIGNAL_EXIT_CODES, RunSignals, StopRequested
+from slmforge.train.signals import SIGNAL_EXIT_CODES, RunSignals, StopRequested, training_signals
 
 # Whole (unsharded) tensors, on the CPU, on rank 0: what a checkpoint holds under every strategy.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -72,6 +73,8 @@ class TrainState:
 
 
 class Trainer:
+    _signals: RunSignals | None = None  # the run's signal handlers while fit() runs
+
     def __init__(self, *, model: nn.Module, objective, train_loader, loop: TrainLoopConfig, optim: OptimConfig,
                  schedule: ScheduleConfig, run_dir: str | Path, metrics: MetricsLog | None, device: torch.device,
                  precision: str = "fp32", val_batches: Callable[[], Iterable[dict]] | None = None,
@@ -168,6 +171,7 @@ class Trainer:
                                     "without distill.hidden_weight); resume with the settings it was written with")
             self.objective_parameters.load_state_dict(state["objective_parameters"])
         saved = state.get("optimizer")  # absent from sharded checkpoints: loaded with the weights
+        check_optimizer_kind(saved, self.optim_cfg.kind)  # AdamW's state into Muon's (or back): one line
         if saved is not None and all(isinstance(key, int) for key in saved.get("state", {})):  # before names
             self.optimizer.load_state_dict(saved)
         elif saved is not None:
@@ -209,6 +213,10 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.truncate_after(self.state.step)
         self.log(f"resumed from {step_dir} at step {self.state.step}")
+        # The learning rate is recomputed every step and clipping read from the config: a change to
+        # either takes effect silently unless said here.
+        announce_schedule_changes(read_meta(step_dir).get("config"),
+                                  schedule_settings(self.optim_cfg, self.schedule, self.loop), self.log)
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
         """The whole model's tensors on rank 0 (gathered from the shards under FSDP2; a collective)."""
@@ -219,7 +227,12 @@ class Trainer:
         return self.checkpoint_format.tensors(self.model) if self.checkpoint_format else self.model.state_dict()
 
     def save(self) -> Path:
-        """Every rank takes part (state gathering); rank 0 writes; all wait until it is on disk."""
+        """Every rank takes part (state gathering); rank 0 writes; all wait until it is on disk. A
+        second stop signal during the write lets it finish."""
+        with self._signals.saving() if self._signals is not None else nullcontext():
+            return self._save()
+
+    def _save(self) -> Path:
         if self.sharded is not None:
             return self._save_sharded()
         weights = self._full_weights()
@@ -270,7 +283,8 @@ class Trainer:
     def finish_saving(self) -> None:
         """Wait for a background checkpoint write and seal it (all ranks)."""
         if self.sharded is not None:
-            self.sharded.wait()
+            with self._signals.saving() if self._signals is not None else nullcontext():
+                self.sharded.wait()
 
     # ------------------------------------------------------------ the loop
 
@@ -333,7 +347,15 @@ class Trainer:
             self.state.step += 1
             self._skip_step(float(reduced[0]))
             return None
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as e:
+            # AdamW turns lr / (1 - beta1^step) and lr x weight_decay into float32 scalars; a huge lr
+            # (the config allows up to float32's range) overflows there instead of giving inf weights.
+            if "without overflow" not in str(e):
+                raise
+            raise SlmforgeError(f"optim.lr: the update of step {self.state.step + 1} overflows float32 (lr {lr:.4g}, "
+                                f"weight_decay {self.optim_cfg.weight_decay:g}); use a smaller optim.lr") from None
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.bad_in_a_row = 0
@@ -436,39 +458,60 @@ class Trainer:
             raise
 
     def _fit(self, loop: TrainLoopConfig) -> dict[str, float] | None:
-        with RunSignals(self.log) as signals:
-            while self.state.step < loop.max_steps:
-                result = self.train_step()
-                if result is not None:
-                    self._pending.append(result)
-                step = self.state.step
-                if (step % loop.log_every == 0 or step == loop.max_steps) and self._pending_or_logged():
-                    self._log_train(step)
-                best_unsaved = False
-                if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
-                    self.evaluate()
-                    best_unsaved = loop.save_best and self.state.best_step == step
-                stop, save_now = self._boundary_requests(signals)
-                if step == loop.max_steps:
-                    break
-                if stop:
-                    # A step boundary: weights, optimizer, loader and RNG agree, so the resume is exact.
-                    folder = self.save()
-                    self.finish_saving()
-                    self._plot()
-                    name = signals.stop_signal or "SIGTERM"  # another rank may have been the one signalled
-                    what = "interrupted" if name == "SIGINT" else f"terminated ({name})"
-                    message = f"{what}: saved {folder}; run the same command to resume"
-                    self.log(message)
-                    raise StopRequested(message, SIGNAL_EXIT_CODES.get(name, 143))
-                if save_now or best_unsaved or (loop.save_every and step % loop.save_every == 0):
-                    self.save()
+        # The verb's handlers (installed before its set-up) or, for a library call, the loop's own.
+        with training_signals(self.log) as signals:
+            self._signals = signals
+            try:
+                return self._loop(loop, signals)
+            finally:
+                self._signals = None
+
+    def _loop(self, loop: TrainLoopConfig, signals: RunSignals) -> dict[str, float] | None:
+        while self.state.step < loop.max_steps:
+            result = self.train_step()
+            if result is not None:
+                self._pending.append(result)
+            step = self.state.step
+            if (step % loop.log_every == 0 or step == loop.max_steps) and self._pending_or_logged():
+                self._log_train(step)
+            best_unsaved = False
+            if loop.eval_every and step % loop.eval_every == 0 and step != loop.max_steps:
+                self.evaluate()
+                best_unsaved = loop.save_best and self.state.best_step == step
+            stop, save_now = self._boundary_requests(signals)
+            if step == loop.max_steps:
+                break
+            if stop:
+                # A step boundary: weights, optimizer, loader and RNG agree, so the resume is exact.
+                self._stop_saved(self.save(), signals)
+            if save_now or best_unsaved or (loop.save_every and step % loop.save_every == 0):
+                folder = self.save()
+                if self._stop_agreed(signals):  # asked during that save: it is the checkpoint to stop on
+                    self._stop_saved(folder, signals)
+        # The final evaluation and save run to the end also when a stop signal comes meanwhile.
         result = self.evaluate()
         folder = self.save()
         self.finish_saving()
+        if self._stop_agreed(signals):
+            self._stop_saved(folder, signals, final=True)
         self._plot()
         self.log(f"saved {folder}")
         return result
+
+    def _stop_agreed(self, signals: RunSignals) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        return any_rank(signals.stop_signal is not None, self.device)
+
+    def _stop_saved(self, folder: Path, signals: RunSignals, final: bool = False) -> None:
+        """Stop after the checkpoint in `folder`: seal it, say so in one line, raise StopRequested."""
+        self.finish_saving()
+        self._plot()
+        name = signals.stop_signal or "SIGTERM"  # another rank may have been the one signalled
+        what = "interrupted" if name == "SIGINT" else f"terminated ({name})"
+        message = (f"{what} at the end of the run: saved {folder}, the last step; the run is complete" if final
+                   else f"{what}: saved {folder}; run the same command to resume")
+        self.log(message)
+        raise StopRequested(message, SIGNAL_EXIT_CODES.get(name, 143))
 
     def _count_time(self) -> None:
         """Add the seconds since the last count to the run's training time (kept in checkpoints)."""

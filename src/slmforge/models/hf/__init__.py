@@ -2,7 +2,8 @@
 
 One adapter module per architecture kind, reached through the model registry:
 
-    decoder.py   Gemma3ForCausalLM, Gemma3ForConditionalGeneration (text part), LlamaForCausalLM
+    decoder.py   Gemma3ForCausalLM, Gemma3ForConditionalGeneration (text part), LlamaForCausalLM,
+                 Qwen3ForCausalLM, SmolLM3ForCausalLM
     encoder.py   BertForMaskedLM, XLMRobertaForMaskedLM / RobertaForMaskedLM, ModernBertForMaskedLM
     t5.py        T5ForConditionalGeneration (and MT5ForConditionalGeneration, read)
 

@@ -1,11 +1,16 @@
 """Hugging Face names of the decoder families (see `models/hf/__init__.py` for the adapter interface).
 
-Two families map onto `DecoderConfig`:
+Four families map onto `DecoderConfig`:
 
     family   transformers class                      config.json model_type
     gemma3   Gemma3ForCausalLM                       gemma3_text
              Gemma3ForConditionalGeneration (text)   gemma3 (the text_config part; vision weights skipped)
     llama    LlamaForCausalLM                        llama
+    qwen3    Qwen3ForCausalLM                        qwen3
+    smollm3  SmolLM3ForCausalLM                      smollm3
+
+Each family's facts are rows of the tables below (ARCHITECTURES, MODEL_TYPES, HF_DEFAULTS,
+_LAYER_MODULES, _FAMILY_SWITCHES, _EXTRAS); Llama, Qwen3 and SmolLM3 share the Llama code paths.
 
 Everything here works on plain dicts and tensors (config.json, safetensors), so export and import
 need no `transformers`. Config files are written so that transformers 4.5x (rope_theta / rope_scaling /
@@ -19,10 +24,10 @@ Weight names (ours -> transformers):
     layers.{i}.attn_norm.weight         model.layers.{i}.input_layernorm.weight
     layers.{i}.attn_out_norm.weight     model.layers.{i}.post_attention_layernorm.weight    (gemma3)
     layers.{i}.mlp_norm.weight          model.layers.{i}.pre_feedforward_layernorm.weight   (gemma3)
-                                        model.layers.{i}.post_attention_layernorm.weight    (llama)
+                                        model.layers.{i}.post_attention_layernorm.weight    (the others)
     layers.{i}.mlp_out_norm.weight      model.layers.{i}.post_feedforward_layernorm.weight  (gemma3)
-    layers.{i}.attn.{q,k,v,o}_proj      model.layers.{i}.self_attn.{q,k,v,o}_proj
-    layers.{i}.attn.{q,k}_norm          model.layers.{i}.self_attn.{q,k}_norm               (gemma3)
+    layers.{i}.attn.{q,k,v,o}_proj      model.layers.{i}.self_attn.{q,k,v,o}_proj           (.bias: attention_bias)
+    layers.{i}.attn.{q,k}_norm          model.layers.{i}.self_attn.{q,k}_norm               (gemma3, qwen3)
     layers.{i}.mlp.{gate,up,down}_proj  model.layers.{i}.mlp.{gate,up,down}_proj
     norm.weight                         model.norm.weight
     lm_head.weight                      lm_head.weight                                      (untied only)
@@ -38,13 +43,15 @@ from slmforge.errors import SlmforgeError
 from slmforge.models.hf.reader import ConfigReader, checked_config, hf_types, typed
 from slmforge.models.decoder_config import DecoderConfig
 
-ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}
-MODEL_TYPES = {"gemma3": "gemma3_text", "llama": "llama"}
+ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "smollm3": "SmolLM3ForCausalLM"}
+MODEL_TYPES = {"gemma3": "gemma3_text", "llama": "llama", "qwen3": "qwen3", "smollm3": "smollm3"}
 MULTIMODAL_GEMMA3 = "Gemma3ForConditionalGeneration"
 SUPPORTED = ("Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its text part), LlamaForCausalLM, "
+             "Qwen3ForCausalLM, SmolLM3ForCausalLM, "
              "BertForMaskedLM, XLMRobertaForMaskedLM, RobertaForMaskedLM and ModernBertForMaskedLM")
 
-# transformers' own defaults for fields a config.json may leave out (Gemma3TextConfig / LlamaConfig).
+# transformers' own defaults for fields a config.json may leave out (Gemma3TextConfig, LlamaConfig, ...).
 # They matter: multimodal Gemma 3 checkpoints store only the text_config fields that differ from these.
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma3": dict(
@@ -58,6 +65,18 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
         vocab_size=32_000, hidden_size=4096, intermediate_size=11_008, num_hidden_layers=32,
         num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
         rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10_000.0,
+    ),
+    "qwen3": dict(
+        vocab_size=151_936, hidden_size=4096, intermediate_size=22_016, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=128, hidden_act="silu",
+        max_position_embeddings=32_768, initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_theta=10_000.0,
+    ),
+    "smollm3": dict(
+        vocab_size=128_256, hidden_size=2048, intermediate_size=11_008, num_hidden_layers=36,
+        num_attention_heads=16, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32_768,
+        initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=2_000_000.0,
+        no_rope_layer_interval=4,
     ),
 }
 
@@ -73,6 +92,7 @@ _LAYER_MODULES = {
                "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm",
                "attn": "self_attn", "mlp": "mlp"},
 }
+_LAYER_MODULES["qwen3"] = _LAYER_MODULES["smollm3"] = _LAYER_MODULES["llama"]
 
 # The block switches each transformers class hard-codes.
 _FAMILY_SWITCHES = {
@@ -80,7 +100,22 @@ _FAMILY_SWITCHES = {
                    activation="gelu_tanh"),
     "llama": dict(qk_norm=False, sandwich_norm=False, norm_unit_offset=False, embed_scale=False,
                   activation="silu"),
+    "qwen3": dict(qk_norm=True, sandwich_norm=False, norm_unit_offset=False, embed_scale=False,
+                  activation="silu"),
+    "smollm3": dict(qk_norm=False, sandwich_norm=False, norm_unit_offset=False, embed_scale=False,
+                    activation="silu"),
 }
+
+# The classes built like LlamaForCausalLM (one RoPE base, no sliding window, no soft-capping), each with
+# the config.json fields it writes besides the shared ones.
+_LLAMA_LIKE = {"llama": dict(mlp_bias=False, pretraining_tp=1),
+               "qwen3": dict(use_sliding_window=False, sliding_window=None),
+               "smollm3": dict(mlp_bias=False, use_sliding_window=False, sliding_window=None)}
+
+# What else a class can express: attention_bias (biases on q, k, v and o together), layers without RoPE
+# (SmolLM3's no_rope_layers).
+_EXTRAS = {"gemma3": set(), "llama": {"attention_bias"}, "qwen3": {"attention_bias"},
+           "smollm3": {"attention_bias", "nope"}}
 
 
 # ---------------------------------------------------------------- DecoderConfig -> config.json
@@ -89,12 +124,21 @@ _FAMILY_SWITCHES = {
 def check_exportable(cfg: DecoderConfig) -> None:
     """Raise a SlmforgeError naming the first field transformers' class for this family cannot express."""
     if cfg.family not in ARCHITECTURES:
-        raise SlmforgeError(f"model.family: {cfg.family!r} has no Hugging Face mapping; supported: gemma3, llama")
-    arch = ARCHITECTURES[cfg.family]
+        raise SlmforgeError(f"model.family: {cfg.family!r} has no Hugging Face mapping; "
+                            f"supported: {', '.join(ARCHITECTURES)}")
+    arch, extras = ARCHITECTURES[cfg.family], _EXTRAS[cfg.family]
     for name, wanted in _FAMILY_SWITCHES[cfg.family].items():
         if getattr(cfg, name) != wanted:
             raise SlmforgeError(f"model.{name}: {arch} requires {wanted!r}, this model has {getattr(cfg, name)!r}")
-    if cfg.family == "llama":
+    if "attention_bias" not in extras and (cfg.qkv_bias or cfg.out_bias):
+        raise SlmforgeError(f"model.qkv_bias: slmforge exports {arch} without attention biases")
+    if cfg.qkv_bias != cfg.out_bias:
+        raise SlmforgeError(f"model.out_bias: {arch}'s attention_bias puts biases on q, k, v and o alike; "
+                            f"this model has qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}")
+    nope = [i for i in range(cfg.num_layers) if not cfg.uses_rope(i)]
+    if nope and "nope" not in extras:
+        raise SlmforgeError(f"model.nope_every: {arch} applies RoPE on every layer (layers {nope[:3]}... have none)")
+    if cfg.family in _LLAMA_LIKE:
         sliding = [i for i in range(cfg.num_layers) if cfg.is_sliding(i)]
         if sliding:
             raise SlmforgeError(f"model.sliding_window: {arch} has no sliding-window attention "
@@ -137,7 +181,7 @@ def config_to_hf(cfg: DecoderConfig, *, dtype: str = "float32", bos_token_id: in
         "rms_norm_eps": cfg.norm_eps,
         "initializer_range": cfg.init_std,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
+        "attention_bias": cfg.qkv_bias,
         "attention_dropout": 0.0,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
@@ -151,8 +195,12 @@ def config_to_hf(cfg: DecoderConfig, *, dtype: str = "float32", bos_token_id: in
         "rope_theta": cfg.rope_theta,
         "rope_scaling": scaling,
     }
-    if cfg.family == "llama":
-        hf.update(hidden_act="silu", mlp_bias=False, pretraining_tp=1, rope_parameters=full_rope)
+    if cfg.family in _LLAMA_LIKE:
+        hf.update(hidden_act="silu", rope_parameters=full_rope, **_LLAMA_LIKE[cfg.family])
+        if "nope" in _EXTRAS[cfg.family]:  # 1 = RoPE, 0 = none
+            hf["no_rope_layers"] = [int(cfg.uses_rope(i)) for i in range(cfg.num_layers)]
+            if cfg.nope_every and cfg.nope_layers is None:
+                hf["no_rope_layer_interval"] = cfg.nope_every
         return hf
     local_theta = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
     layer_types = ["sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_layers)]
@@ -229,8 +277,10 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderCon
     if family == "gemma3":
         where = f"{where} text_config" if text is not hf else where
     get = ConfigReader(text, HF_DEFAULTS[family], where, _HF_TYPES, layer_fields=("num_hidden_layers",))
-    get.reject_truthy("attention_bias", "attention biases are not supported")
+    if "attention_bias" not in _EXTRAS[family]:
+        get.reject_truthy("attention_bias", "attention biases are not supported")
     get.reject_truthy("mlp_bias", "MLP biases are not supported")
+    get.reject_truthy("use_sliding_window", "sliding windows are supported for Gemma 3 only")
     get.reject_truthy("attn_logit_softcapping", "attention logit soft-capping is not supported")
     get.reject_truthy("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma) is not supported")
     partial = get.optional("partial_rotary_factor")
@@ -252,10 +302,17 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> DecoderCon
         init_std=get("initializer_range"),
         tie_embeddings=bool(get("tie_word_embeddings")),
     )
-    if family == "llama":
+    if family in _LLAMA_LIKE:
         act = get("hidden_act")
         if act not in _SILU:
-            raise SlmforgeError(f"{where}: hidden_act={act!r} is not supported; Llama in slmforge is SwiGLU (silu)")
+            raise SlmforgeError(f"{where}: hidden_act={act!r} is not supported; {ARCHITECTURES[family]} in "
+                                f"slmforge is SwiGLU (silu)")
+        if any(kind != "full_attention" for kind in get.optional("layer_types") or []):
+            raise SlmforgeError(f"{where}: layer_types: only full_attention layers are supported")
+        bias = bool(get.optional("attention_bias"))
+        fields.update(_FAMILY_SWITCHES[family], qkv_bias=bias, out_bias=bias)
+        if "nope" in _EXTRAS[family]:
+            fields.update(_nope_layers(get, fields["num_layers"], where))
         # transformers 5: rope_scaling, when present, replaces rope_parameters; rope_theta fills the gaps.
         rope = dict(get.optional("rope_scaling") or get.optional("rope_parameters") or {})
         if rope.get("rope_theta") is None:
@@ -283,11 +340,29 @@ _HF_FIELD_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_l
                        sliding_window="sliding_window", rope_scaling_factor="rope_scaling.factor",
                        norm_eps="rms_norm_eps", init_std="initializer_range", tie_embeddings="tie_word_embeddings",
                        query_pre_attn_scalar="query_pre_attn_scalar", final_logit_softcap="final_logit_softcapping",
-                       rope_theta="rope_theta", rope_local_theta="rope_local_base_freq")
+                       rope_theta="rope_theta", rope_local_theta="rope_local_base_freq",
+                       qkv_bias="attention_bias", out_bias="attention_bias", nope_layers="no_rope_layers",
+                       nope_every="no_rope_layer_interval")
 # Every config.json field the reader takes: the type of our field it fills, or its own.
 _HF_TYPES = hf_types(DecoderConfig, _HF_FIELD_NAMES, hidden_act=str, hidden_activation=str,
                      layer_types=list[str], sliding_window_pattern=int, _sliding_window_pattern=int,
                      rope_scaling=dict[str, Any], rope_parameters=dict[str, Any])
+
+
+def _nope_layers(get: ConfigReader, num_layers: int, where: str) -> dict[str, Any]:
+    """nope_every / nope_layers from SmolLM3's no_rope_layers (1 = RoPE, 0 = none; at least one entry per
+    layer) or, without it, its no_rope_layer_interval (every n-th layer has none)."""
+    flags = get.optional("no_rope_layers")
+    if flags is None:
+        every = get("no_rope_layer_interval")
+        flags = [int((i + 1) % every != 0) for i in range(num_layers)] if every > 0 else [1] * num_layers
+    if len(flags) < num_layers or any(flag not in (0, 1) for flag in flags):
+        raise SlmforgeError(f"{where}: no_rope_layers needs a 0 or 1 for each of the {num_layers} layers")
+    nope = [i for i in range(num_layers) if not flags[i]]
+    every = nope[0] + 1 if nope else 0
+    if not nope or nope == list(range(every - 1, num_layers, every)):  # every n-th layer (or none)
+        return dict(nope_every=every)
+    return dict(nope_every=0, nope_layers=nope)
 
 
 def _gemma3_layers(get: ConfigReader, num_layers: int, where: str) -> dict[str, Any]:
