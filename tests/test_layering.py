@@ -1,4 +1,6 @@
-"""Arrows point down: no package of slmforge imports one that (directly or not) imports it back."""
+"""Arrows point down: every package or module of slmforge sits in one layer (LAYERS, the one place
+they are declared) and imports only from its own layer or lower ones; and no unit imports one that
+(directly or not) imports it back."""
 
 from __future__ import annotations
 
@@ -9,14 +11,40 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "slmforge"
 
 
-def import_graph() -> dict[str, set[str]]:
+# Bottom to top. A unit may import units of its own layer or of lower ones, never of a higher one.
+LAYERS = [
+    ("foundation", {"errors", "fileio", "formatting", "arguments", "config", "runtime", "safe_dcp",
+                    "demo_corpus"}),
+    ("text", {"text"}),
+    ("representations", {"tokenizer", "models", "curate"}),
+    ("objectives and data", {"objectives", "data"}),
+    ("run folders", {"runs"}),
+    ("inference", {"generate", "seq2seq_generate", "translate", "fill_mask"}),
+    ("training", {"train"}),
+    ("verbs", {"finetune", "distill", "eval", "interop", "classify", "report", "quickstart"}),
+    ("command line", {"cli", "__main__", "__init__"}),
+]
+
+
+def layer_of(unit: str) -> int:
+    for index, (_, units) in enumerate(LAYERS):
+        if unit in units:
+            return index
+    raise AssertionError(f"slmforge.{unit} is in no layer: add it to LAYERS in tests/test_layering.py")
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Top-level unit (a subpackage or a module of slmforge) -> the units it imports."""
     graph: dict[str, set[str]] = defaultdict(set)
-    for path in PACKAGE.rglob("*.py"):
-        unit = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+    for path in package.rglob("*.py"):
+        unit = path.relative_to(package).parts[0].removesuffix(".py")
+        graph[unit]  # every unit, importing or not
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
+            if isinstance(node, ast.ImportFrom) and node.module == "slmforge":  # from slmforge import runs
+                names = [f"slmforge.{alias.name}" for alias in node.names  # modules, not e.g. __version__
+                         if (package / alias.name).is_dir() or (package / f"{alias.name}.py").is_file()]
+            elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -25,6 +53,13 @@ def import_graph() -> dict[str, set[str]]:
                 if parts[0] == "slmforge" and len(parts) > 1 and parts[1] != unit:
                     graph[unit].add(parts[1])
     return graph
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """`a (layer) -> b (higher layer)` for every import that points up."""
+    return [f"{unit} ({LAYERS[layer_of(unit)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+            for unit, targets in sorted(graph.items()) for target in sorted(targets)
+            if layer_of(target) > layer_of(unit)]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -64,3 +99,21 @@ def test_models_and_objectives_know_nothing_of_training_files_or_devices():
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    for unit in graph:
+        layer_of(unit)  # every unit is placed
+    assert not upward_imports(graph), "\n".join(upward_imports(graph))
+
+
+def test_an_import_from_a_lower_layer_to_a_higher_one_fails(tmp_path):
+    """A planted upward import (the model code reaching into training) is found by the same scan."""
+    package = tmp_path / "slmforge"
+    (package / "models").mkdir(parents=True)
+    (package / "train").mkdir()
+    (package / "models" / "decoder.py").write_text("from slmforge.train.trainer import Trainer\n")
+    (package / "train" / "trainer.py").write_text("from slmforge import models\n")
+    found = upward_imports(import_graph(package))
+    assert found == ["models (representations) -> train (training)"]
