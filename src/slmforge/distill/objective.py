@@ -16,11 +16,11 @@ from slmforge.distill.cache import TeacherCache
 from slmforge.distill.config import DistillConfig
 from slmforge.distill.teacher import Teacher
 from slmforge.errors import SlmforgeError
-from slmforge.objectives.base import IGNORE_INDEX, sample_ids
+from slmforge.objectives.base import IGNORE_INDEX, TrainingHooks, sample_ids
 from slmforge.objectives.divergence import chunked_divergence, topk_forward_kl
 
 
-class Distillation:
+class Distillation(TrainingHooks):
     def __init__(self, student, teacher: Teacher | None, cfg: DistillConfig, cache: TeacherCache | None = None,
                  projection: nn.Module | None = None):
         self.student, self.teacher, self.cfg, self.cache = student, teacher, cfg, cache
@@ -30,9 +30,12 @@ class Distillation:
         self.kinds = student.kinds
         self.metric_names = (*student.metric_names, "hard_loss", "distill_loss",
                              *(("hidden_loss",) if cfg.hidden_weight else ()))
-        self.eval_metric_names = student.metric_names  # validation measures the student alone
         self.bits_per_byte = student.bits_per_byte
         self.progress = 0.0
+
+    @property
+    def eval_metric_names(self) -> tuple[str, ...]:
+        return self.student.metric_names  # validation measures the student alone
 
     @property
     def head_loss(self):

@@ -30,6 +30,9 @@ every run, so masked-LM figures compare across runs and checkpoints."""
 
 
 class Objective(Protocol):
+    """Everything the trainer, evaluation and the parallel wrappers call on an objective. The hooks
+    below `loss` have defaults in `TrainingHooks`, which every objective inherits."""
+
     name: str
     kinds: tuple[str, ...]
     """Model kinds it can train ("decoder", "encoder"); the registry says which kind a family is."""
@@ -43,6 +46,37 @@ class Objective(Protocol):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    @property
+    def eval_metric_names(self) -> tuple[str, ...]: ...
+
+    def use_head_loss(self, head_loss) -> None: ...
+
+    def set_progress(self, step: int, max_steps: int) -> None: ...
+
+    def trainable_module(self) -> nn.Module | None: ...
+
+
+class TrainingHooks:
+    """The defaults of the objective hooks the trainer calls (see `Objective`)."""
+
+    @property
+    def eval_metric_names(self) -> tuple[str, ...]:
+        """The metrics evaluation reports; fewer than training's where validation measures less
+        (distillation: the student alone)."""
+        return self.metric_names
+
+    def use_head_loss(self, head_loss) -> None:
+        """How the output layer and its cross-entropy run (`train.loss_kernel`, `loss_chunk_rows`): a
+        training choice, given by the trainer; objectives that compute no such loss ignore it."""
+        self.head_loss = head_loss
+
+    def set_progress(self, step: int, max_steps: int) -> None:
+        """Where training is, for objectives whose weights follow a schedule (distillation)."""
+
+    def trainable_module(self) -> nn.Module | None:
+        """Parameters trained beside the model (distillation's projection), or None."""
+        return None
 
 
 def sample_generator(seed: int, sample_id: int) -> torch.Generator:
@@ -80,9 +114,7 @@ def mean_loss(model: nn.Module, objective: Objective, raw_batches: Iterable[dict
     model is wrapped for several processes (the wrapper's forward gathers sharded weights)."""
     was_training = model.training
     model.eval()
-    # An objective whose evaluation reports fewer metrics than its training (distillation measures the
-    # student alone) names them in eval_metric_names.
-    names = getattr(objective, "eval_metric_names", objective.metric_names)
+    names = objective.eval_metric_names
     totals = {"loss": 0.0, **{name: 0.0 for name in names}}
     tokens = 0
     try:

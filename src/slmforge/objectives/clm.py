@@ -10,7 +10,7 @@ from torch import nn
 
 from slmforge.errors import SlmforgeError
 from slmforge.models.heads import OutputProjection
-from slmforge.objectives.base import IGNORE_INDEX
+from slmforge.objectives.base import IGNORE_INDEX, TrainingHooks
 from slmforge.objectives.losses import HeadLoss
 
 
@@ -26,7 +26,7 @@ class ClmConfig:
     document). Off: a window is one stream of text, as GPT-2 and most pretraining runs treat it."""
 
 
-class CausalLM:
+class CausalLM(TrainingHooks):
     """Windows of seq_len + 1 tokens -> inputs and next-token targets; loss on every scored target.
 
     Targets equal to -100 (e.g. prompt tokens in fine-tuning, a bos after eos) carry no loss.

@@ -18,7 +18,7 @@ from torch import nn
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
 from slmforge.models.heads import OutputProjection
-from slmforge.objectives.base import IGNORE_INDEX, sample_generator, sample_ids
+from slmforge.objectives.base import IGNORE_INDEX, TrainingHooks, sample_generator, sample_ids
 from slmforge.objectives.losses import HeadLoss
 
 # Markers that begin a word in the vocabularies slmforge trains or imports: SentencePiece's "▁",
@@ -75,7 +75,7 @@ def word_start_table(tokenizer) -> torch.Tensor:
     return starts
 
 
-class MaskedLM:
+class MaskedLM(TrainingHooks):
     name = "mlm"
     kinds = ("encoder",)
     head_loss = HeadLoss()  # the trainer sets train.loss_kernel / loss_chunk_rows

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slmforge.objectives.base import IGNORE_INDEX
+from slmforge.objectives.base import IGNORE_INDEX, TrainingHooks
 from slmforge.objectives.losses import HeadLoss
 
 
-class Seq2Seq:
+class Seq2Seq(TrainingHooks):
     """Source -> encoder, target -> decoder; loss on every target token (pairs made by the caller)."""
 
     name = "seq2seq"

@@ -32,7 +32,7 @@ from torch import nn
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
-from slmforge.objectives.base import IGNORE_INDEX, sample_generator, sample_ids
+from slmforge.objectives.base import IGNORE_INDEX, TrainingHooks, sample_generator, sample_ids
 from slmforge.objectives.losses import HeadLoss
 
 
@@ -137,7 +137,7 @@ def corrupt(tokens: torch.Tensor, mask: torch.Tensor, sentinels: torch.Tensor
     return inputs, targets, sources
 
 
-class SpanCorruption:
+class SpanCorruption(TrainingHooks):
     """T5 span corruption; the form (encoder-decoder or decoder prefix) follows the model's kind."""
 
     name = "span"

@@ -214,8 +214,7 @@ class ObjectiveModule(nn.Module):
 
 def objective_parameters(objective) -> nn.Module | None:
     """The module of parameters `objective` trains beside the model, if it has any."""
-    trainable = getattr(objective, "trainable_module", None)
-    return trainable() if callable(trainable) else None
+    return objective.trainable_module()
 
 
 def strategy_for(cfg: ParallelConfig, where: Distributed) -> str:

@@ -86,9 +86,9 @@ class Trainer:
         # merged weights plus the adapter files; see finetune/lora.py). None: the plain way.
         self.checkpoint_format = checkpoint_format
         self.objective = objective
-        if hasattr(objective, "head_loss"):  # the loss kernel is a training choice, set from outside
-            objective.head_loss = HeadLoss(loop.loss_kernel, loop.loss_chunk_rows)
-            objective.head_loss.check(device)
+        head_loss = HeadLoss(loop.loss_kernel, loop.loss_chunk_rows)  # a training choice, not the objective's
+        head_loss.check(device)
+        objective.use_head_loss(head_loss)
         self.where = where
         parallel = parallel or ParallelConfig()
         self.strategy = strategy_for(parallel, where)
@@ -306,8 +306,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches on every rank; returns the loss and metrics
         averaged over every target of the step (all ranks, all micro-batches)."""
         lr = learning_rate(self.state.step, self.loop.max_steps, self.optim_cfg, self.schedule)
-        if hasattr(self.objective, "set_progress"):  # scheduled objectives (distillation's alpha and T)
-            self.objective.set_progress(self.state.step, self.loop.max_steps)
+        self.objective.set_progress(self.state.step, self.loop.max_steps)  # distillation's alpha and T
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches, counts, tokens = self._micro_batches()
