@@ -88,7 +88,7 @@ class Decoder(Float32Buffers, nn.Module):
         self.inv_freq_global.copy_(rope_inverse_frequencies(cfg, cfg.rope_theta, scaled=True))
         local_theta = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
         # Gemma 3 applies rope scaling to global layers only; local layers keep plain RoPE.
-        self.inv_freq_local.copy_(rope_inverse_frequencies(cfg, local_theta, scaled=cfg.family != "gemma3"))
+        self.inv_freq_local.copy_(rope_inverse_frequencies(cfg, local_theta, scaled=cfg.scales_local_rope))
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

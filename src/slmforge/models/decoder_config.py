@@ -144,6 +144,12 @@ class DecoderConfig(PresetConfig):
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
+    @property
+    def scales_local_rope(self) -> bool:
+        """Whether rope_scaling also stretches the sliding-window layers' RoPE: Gemma 3 applies it to
+        its global layers only (transformers' Gemma3RotaryEmbedding for local layers has no scaling)."""
+        return self.family != "gemma3"
+
     def num_parameters(self, include_embeddings: bool = True) -> int:
         d, hd, L = self.hidden_size, self.head_dim, self.num_layers
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
