@@ -167,6 +167,9 @@ def our_greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 def hf_greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     config = transformers.GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=0,
                                            eos_token_id=None, pad_token_id=0)
+    # transformers 5 merges the model's own generation_config.json (an export writes eos there) into
+    # the one given, which would stop at eos where our greedy run goes on: no eos on either side.
+    model.generation_config.eos_token_id = None
     out = model.generate(prompt, generation_config=config, attention_mask=torch.ones_like(prompt))
     return out[:, prompt.shape[1]:]
 
