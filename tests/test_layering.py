@@ -117,3 +117,12 @@ def test_an_import_from_a_lower_layer_to_a_higher_one_fails(tmp_path):
     (package / "train" / "trainer.py").write_text("from slmforge import models\n")
     found = upward_imports(import_graph(package))
     assert found == ["models (representations) -> train (training)"]
+
+
+def test_model_code_compares_no_family_names():
+    """Family facts live in configs and presets (switches); the model modules read switches only."""
+    import re
+
+    for name in ("decoder.py", "encoder.py", "layers.py", "heads.py", "documents.py"):
+        text = (PACKAGE / "models" / name).read_text(encoding="utf-8")
+        assert not re.search(r"family\s*(==|!=|in\b|not in\b)", text), name

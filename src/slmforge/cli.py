@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "slmforge.generate",
     "slmforge.translate",
     "slmforge.fill_mask",
+    "slmforge.classify",
     "slmforge.interop.commands",
     "slmforge.report.commands",
 ]

@@ -116,13 +116,15 @@ def read_text_file(path: str | Path) -> str:
 
 
 # Optional columns, in order: (metric, header, format); shown when any row has the metric.
-COLUMNS = (("bpb", "bpb", ".4f"), ("accuracy", "accuracy", ".4f"), ("exact_match", "exact", ".3f"),
+COLUMNS = (("bpb", "bpb", ".4f"), ("accuracy", "accuracy", ".4f"), ("macro_f1", "macro-F1", ".4f"),
+           ("f1", "entity F1", ".4f"), ("exact_match", "exact", ".3f"),
            ("chrf", "chrF", ".1f"), ("bleu", "BLEU", ".1f"), ("skipped", "skipped", "d"))
 
 
 def print_table(rows: dict[str, dict[str, float]], out=None) -> None:
     """One row per evaluated set; columns the metrics any row has (bits per byte for causal LMs,
-    accuracy, and exact match / chrF / BLEU / skipped examples for fine-tuned runs' --examples)."""
+    accuracy, and exact match / chrF / BLEU / skipped examples for fine-tuned runs' --examples; macro-F1
+    or entity F1 for classify / tag runs')."""
     out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     shown = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
     out.write(f"{'set':<24}{'tokens':>10}{'loss':>10}{'ppl':>12}" + "".join(f"{h:>10}" for _, h, _ in shown) + "\n")

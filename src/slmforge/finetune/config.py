@@ -18,11 +18,13 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class ExamplesConfig:
     """[finetune]: what the model is fine-tuned on and how examples become tokens."""
 
-    task: Literal["chat", "fim", "translate"] = "chat"
+    task: Literal["chat", "fim", "translate", "classify", "tag"] = "chat"
     """chat: prompt -> response (instructions, clarification, masked-word infilling), loss on the
     response only; fim: fill-in-the-middle for decoders (prefix, suffix -> middle), loss on the middle;
     translate: source/target pairs (src_field, tgt_field), for encoder-decoders (source -> encoder,
-    target -> decoder) and decoders (translate_prompt in the chat template, loss on the target)."""
+    target -> decoder) and decoders (translate_prompt in the chat template, loss on the target);
+    classify: one label per text or text pair, tag: one BIO tag per word (encoders: a classification
+    head on the first token, or on every word's first token; finetune/classify.py)."""
     train_files: list[str] = field(default_factory=list)
     """JSONL files of training examples (one JSON object per line; .gz/.zst allowed)."""
     val_files: list[str] = field(default_factory=list)
@@ -43,6 +45,19 @@ class ExamplesConfig:
     """translate: the field holding the source sentence (as `slmforge data pairs` writes it)."""
     tgt_field: str = "tgt"
     """translate: the field holding the target sentence."""
+    text_field: str = "text"
+    """classify: the field holding the text."""
+    text_pair_field: str = "text_pair"
+    """classify: the field holding an optional second text (a pair: [CLS] text [SEP] text_pair [SEP])."""
+    label_field: str = "label"
+    """classify: the field holding the label (a string or an integer)."""
+    tokens_field: str = "tokens"
+    """tag: the field holding the words (a list of strings, each tokenized on its own)."""
+    tags_field: str = "tags"
+    """tag: the field holding one tag per word (O, B-TYPE, I-TYPE)."""
+    labels: list[str] = field(default_factory=list)
+    """classify / tag: the label set in id order (empty: every label of the training files, sorted);
+    kept with the run (the model's id2label)."""
     translate_prompt: str = "Translate:\n{src}"
     """translate, decoders: the user turn a source becomes ({src} is replaced by it); the target is the
     assistant's answer in finetune.chat_template."""
@@ -74,8 +89,11 @@ class ExamplesConfig:
         require(self.eval_samples >= 0, "eval_samples", f"must be >= 0, got {self.eval_samples}")
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
         for name in ("prompt_field", "response_field", "messages_field", "prefix_field", "suffix_field",
-                     "middle_field", "src_field", "tgt_field"):
+                     "middle_field", "src_field", "tgt_field", "text_field", "label_field", "tokens_field",
+                     "tags_field"):
             require(bool(getattr(self, name)), name, "must not be empty")
+        require(len(set(self.labels)) == len(self.labels) and all(self.labels), "labels",
+                f"must be distinct, non-empty names, got {self.labels}")
         require(self.task != "translate" or "{src}" in self.translate_prompt, "translate_prompt",
                 f"must contain {{src}} (where the source goes), got {self.translate_prompt!r}")
 

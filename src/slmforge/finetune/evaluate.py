@@ -126,6 +126,10 @@ def evaluate_example_file(run, path: str, batch_size: int, samples: int, max_new
     from slmforge.objectives.seq2seq import Seq2Seq
     from slmforge.tokenizer.chat import tokenizer_chat_template
 
+    if getattr(run.model.cfg, "has_classifier", False):  # classify / tag: labels, not generated answers
+        from slmforge.finetune.classify import evaluate_label_file
+
+        return evaluate_label_file(run, path, batch_size), []
     finetuned = run.meta.get("finetune")
     settings = (run.meta.get("config") or {}).get("finetune")
     if not finetuned or not isinstance(settings, dict):

@@ -59,6 +59,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
         raise SlmforgeError("parallel.strategy: LoRA runs use DDP (the adapters are small); fsdp is for full "
                             "fine-tuning of models that do not fit one device")
     with training_session(cfg.train, cfg.parallel) as session:
+        if cfg.finetune.task in ("classify", "tag"):  # encoders: a label per text, or per word
+            from slmforge.finetune.classify import finetune_labels
+
+            return finetune_labels(cfg, session)
         return _finetune(cfg, session)
 
 
@@ -197,9 +201,9 @@ def _template(cfg: FinetuneConfig, tokenizer) -> TemplateChoice:
     (and a task other than translate is refused for them, as every task is for encoders)."""
     ex, kind = cfg.finetune, family(cfg.model).kind
     if kind == "encoder":
-        raise SlmforgeError(f"train.init_from: a {cfg.model.family} encoder; finetune trains decoders and "
-                            f"encoder-decoders (to continue an encoder's masked-LM training use `slmforge "
-                            f"pretrain train.init_from=...`)")
+        raise SlmforgeError(f"train.init_from: a {cfg.model.family} encoder; it fine-tunes with finetune.task = "
+                            f"\"classify\" or \"tag\" ({ex.task!r} is for decoders; to continue an encoder's "
+                            f"masked-LM training use `slmforge pretrain train.init_from=...`)")
     if kind == "encoder-decoder":
         if ex.task != "translate":
             raise SlmforgeError(f"finetune.task: {ex.task!r} is for decoders; a {cfg.model.family} encoder-decoder "

@@ -66,14 +66,18 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: b
             write_json(tmp / "generation_config.json",
                        {**generation_config(**ids), "decoder_start_token_id": cfg.decoder_start_token_id})
         copy_tokenizer_files(tokenizer_dir, tmp, model_max_length=cfg.max_seq_len)
-        if kind == "encoder":
-            wrap_encoder_inputs(tmp / "tokenizer.json")
+        if kind == "encoder":  # a pair's second segment is type 1 only where the model has two types
+            wrap_encoder_inputs(tmp / "tokenizer.json", pair_type=1 if cfg.type_vocab_size > 1 else 0)
+            config = read_json_if_present(tmp / "tokenizer_config.json")
+            if cfg.type_vocab_size > 1 and config and "model_input_names" not in config:  # hand them to the model
+                write_json(tmp / "tokenizer_config.json",
+                           {**config, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]})
         if kind == "encoder-decoder":
             wrap_encoder_inputs(tmp / "tokenizer.json", bos=False)
     return out
 
 
-def wrap_encoder_inputs(tokenizer_json: Path, bos: bool = True) -> None:
+def wrap_encoder_inputs(tokenizer_json: Path, bos: bool = True, pair_type: int = 1) -> None:
     """Make `tokenizer(text)` in transformers give `bos text eos` ([CLS] ... [SEP], <s> ... </s>): the
     layout the encoder was trained on, which fill-mask pipelines and classifiers feed it. With
     bos=False, `text eos`: T5's source layout (span corruption ends every source with eos)."""
@@ -89,7 +93,7 @@ def wrap_encoder_inputs(tokenizer_json: Path, bos: bool = True) -> None:
     backend = BackendTokenizer.from_file(str(tokenizer_json))
     if bos:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token} $A {eos}", pair=f"{bos_token} $A {eos} $B:1 {eos}:1",
+            single=f"{bos_token} $A {eos}", pair=f"{bos_token} $A {eos} $B:{pair_type} {eos}:{pair_type}",
             special_tokens=[(bos_token, tokenizer.bos_id), (eos, tokenizer.eos_id)])
     else:
         backend.post_processor = processors.TemplateProcessing(

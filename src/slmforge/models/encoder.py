@@ -1,4 +1,5 @@
-"""Bidirectional encoders (BERT, RoBERTa / XLM-R, ModernBERT) with the BERT masked-LM head.
+"""Bidirectional encoders (BERT, RoBERTa / XLM-R, ModernBERT) with the BERT masked-LM head, or with a
+classification head (a label per text or per token) once fine-tuned for a task.
 
 Plain PyTorch; knows nothing of devices, ranks, files or losses. The layouts differ only where the
 config's switches say so (see `encoder_config.py`): post-norm with learned positions and biases, or
@@ -10,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slmforge.errors import SlmforgeError
 from slmforge.models.encoder_config import EncoderConfig
-from slmforge.models.heads import OutputProjection
+from slmforge.models.heads import ClassifierHead, OutputProjection
 from slmforge.models.layers import (
     MLP,
     Attention,
@@ -40,7 +42,7 @@ class EncoderBlock(nn.Module):
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_heads, cfg.head_dim, layer=layer,
                               scale=cfg.head_dim ** -0.5, dropout=cfg.dropout, bias=cfg.biases, causal=False)
         self.attn_norm = None if (cfg.pre_norm and layer == 0) else _layer_norm(cfg)
-        if cfg.family == "modernbert":
+        if cfg.gated_mlp:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "gelu", bias=False)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, "gelu", bias=True)
@@ -83,7 +85,13 @@ class Encoder(Float32Buffers, nn.Module):
         self.embed_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(EncoderBlock(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = _layer_norm(cfg) if cfg.pre_norm else None
-        self.head = MaskedLMHead(cfg)
+        if cfg.has_classifier:
+            transform = "gelu_norm" if cfg.norm_head else "tanh" if cfg.head == "classify" else None
+            pooling = (cfg.pooling or "cls") if cfg.head == "classify" else None
+            self.classifier = ClassifierHead(cfg.hidden_size, cfg.num_labels, transform=transform, bias=cfg.biases,
+                                             norm_eps=cfg.norm_eps, dropout=cfg.dropout, pooling=pooling)
+        else:
+            self.head = MaskedLMHead(cfg)
         rope_dim = cfg.head_dim // 2 if cfg.rotary else 0
         self.register_buffer("inv_freq_global", torch.empty(rope_dim), persistent=False)
         self.register_buffer("inv_freq_local", torch.empty(rope_dim), persistent=False)
@@ -108,14 +116,15 @@ class Encoder(Float32Buffers, nn.Module):
                     module.bias.zero_()
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
-        self.head.bias.zero_()
+        if not self.cfg.has_classifier:
+            self.head.bias.zero_()
         self.reset_buffers()
 
     # ------------------------------------------------------------ forward
 
     def _positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
-        if self.cfg.family == "roberta":
+        if self.cfg.positions_after_pad:
             # fairseq / transformers: real tokens count from pad + 1, padding sits at pad itself.
             real = input_ids.ne(self.cfg.pad_token_id).long()
             return real.cumsum(-1) * real + self.cfg.pad_token_id  # (B, T)
@@ -155,7 +164,19 @@ class Encoder(Float32Buffers, nn.Module):
     def output_projection(self, hidden: torch.Tensor) -> OutputProjection:
         """The MLM head as a value: transformed hidden states times the tied embeddings, plus a bias.
         Call it on the masked positions only: the transform and the vocabulary product are per token."""
+        if self.cfg.has_classifier:
+            raise SlmforgeError(f"this {self.cfg.family} encoder was fine-tuned with a {self.cfg.head} head "
+                                f"({self.cfg.num_labels} labels), not the masked-LM head; use `slmforge classify`, "
+                                f"or `slmforge eval RUN --examples FILE`")
         return OutputProjection(self.head(hidden), self.embed.weight, self.head.bias, None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_projection(hidden).logits()
+
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Label logits from the final hidden states: (B, labels) for a classify head (the first token,
+        or the mean of the real ones), (B, T, labels) for a tag head."""
+        if not self.cfg.has_classifier:
+            raise SlmforgeError(f"this {self.cfg.family} encoder has the masked-LM head, no classification head; "
+                                f"fine-tune it with finetune.task = \"classify\" or \"tag\"")
+        return self.classifier(hidden, attention_mask)

@@ -9,7 +9,9 @@
                  (sliding) attention with every n-th layer global
 
 Every layout ends in the BERT MLM head (dense + GELU + LayerNorm, then the tied embedding matrix
-plus a bias). `models/hf/encoder.py` maps each family to transformers.
+plus a bias), or, once fine-tuned for a task (`head = "classify"` or `"tag"`, `labels` naming the
+classes), in a classification head (`models/heads.py`) as the family's *ForSequenceClassification /
+*ForTokenClassification has it. `models/hf/encoder.py` maps each family to transformers.
 """
 
 from __future__ import annotations
@@ -66,6 +68,16 @@ class EncoderConfig(PresetConfig):
     """modernbert: layers 0, n, 2n, ... use global attention; the others are local."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    head: Literal["mlm", "classify", "tag"] | None = None
+    """What the encoder ends in: the masked-LM head (unset or mlm), a label per text (classify: the
+    first token, [CLS] / <s>, through the family's classification head) or a label per token (tag).
+    Set by `slmforge finetune` with finetune.task = "classify" / "tag", or read from an imported
+    *ForSequenceClassification / *ForTokenClassification."""
+    labels: list[str] | None = None
+    """classify / tag: the label names in id order (id2label); at least two."""
+    pooling: Literal["cls", "mean"] | None = None
+    """classify, modernbert: what the head sees, the first token (cls, the default) or the mean of the
+    real tokens (ModernBERT's classifier_pooling = "mean"); BERT and RoBERTa heads read the first token."""
 
     def __post_init__(self) -> None:
         for name, value in _FAMILY_DEFAULTS.get(self.family, {}).items():
@@ -85,8 +97,27 @@ class EncoderConfig(PresetConfig):
                 f"must be at least 2 or unset, got {self.local_window}")
         require(self.global_every >= 1, "global_every", f"must be >= 1, got {self.global_every}")
         require(self.pad_token_id >= 0, "pad_token_id", f"must be >= 0, got {self.pad_token_id}")
+        if self.has_classifier:
+            labels = self.labels or []
+            require(len(labels) >= 2, "labels", f"a {self.head} head needs at least two labels, got {labels}")
+            require(len(set(labels)) == len(labels), "labels", f"must be distinct, got {labels}")
+            require(all(isinstance(x, str) and x for x in labels), "labels", "must be non-empty names")
+        else:
+            require(self.labels is None, "labels", "only with head = \"classify\" or \"tag\"")
+        require(self.pooling is None or self.head == "classify", "pooling", "only with head = \"classify\"")
+        require(self.pooling != "mean" or self.family == "modernbert", "pooling",
+                f"mean pooling is ModernBERT's; {self.family} classification heads read the first token")
 
     # ------------------------------------------------------------ layout switches
+
+    @property
+    def has_classifier(self) -> bool:
+        """A classification head (classify / tag) instead of the masked-LM head."""
+        return self.head in ("classify", "tag")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels or [])
 
     @property
     def head_dim(self) -> int:
@@ -110,11 +141,26 @@ class EncoderConfig(PresetConfig):
         return self.family != "modernbert"
 
     @property
+    def gated_mlp(self) -> bool:
+        """ModernBERT's blocks use a gated GELU MLP without biases; BERT's and RoBERTa's a plain one."""
+        return self.family == "modernbert"
+
+    @property
+    def positions_after_pad(self) -> bool:
+        """RoBERTa (fairseq) numbers real tokens from pad_token_id + 1, padding keeps pad_token_id."""
+        return self.family == "roberta"
+
+    @property
+    def norm_head(self) -> bool:
+        """Heads transform with dense + GELU + LayerNorm (ModernBERT's prediction head) before the output."""
+        return self.family == "modernbert"
+
+    @property
     def position_rows(self) -> int:
         """Learned position embeddings: RoBERTa's table starts at pad_token_id + 1."""
         if self.rotary:
             return 0
-        return self.max_seq_len + (self.pad_token_id + 1 if self.family == "roberta" else 0)
+        return self.max_seq_len + (self.pad_token_id + 1 if self.positions_after_pad else 0)
 
     def is_sliding(self, layer: int) -> bool:
         """ModernBERT: layer i is global iff i % global_every == 0 (layers 0, 3, 6, ... for 3)."""

@@ -4,7 +4,8 @@ One adapter module per architecture kind, reached through the model registry:
 
     decoder.py   Gemma3ForCausalLM, Gemma3ForConditionalGeneration (text part), LlamaForCausalLM,
                  Qwen3ForCausalLM, SmolLM3ForCausalLM
-    encoder.py   BertForMaskedLM, XLMRobertaForMaskedLM / RobertaForMaskedLM, ModernBertForMaskedLM
+    encoder.py   BertForMaskedLM, XLMRobertaForMaskedLM / RobertaForMaskedLM, ModernBertForMaskedLM, and their
+                 *ForSequenceClassification / *ForTokenClassification
     t5.py        T5ForConditionalGeneration (and MT5ForConditionalGeneration, read)
 
 Every adapter offers the same functions on plain dicts and tensors (config.json, safetensors), so
@@ -31,7 +32,8 @@ from slmforge.models.hf.reader import typed
 from slmforge.models.registry import hf_adapter
 
 # architecture / model_type -> adapter module, for config.json files we are asked to import
-_ENCODER_ARCHITECTURES = ("BertForMaskedLM", "XLMRobertaForMaskedLM", "RobertaForMaskedLM", "ModernBertForMaskedLM")
+_ENCODER_ARCHITECTURES = tuple(f"{prefix}For{head}" for prefix in ("Bert", "XLMRoberta", "Roberta", "ModernBert")
+                               for head in ("MaskedLM", "SequenceClassification", "TokenClassification"))
 _ENCODER_MODEL_TYPES = ("bert", "xlm-roberta", "roberta", "modernbert")
 _ENCDEC_ARCHITECTURES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
 _ENCDEC_MODEL_TYPES = ("t5", "mt5")

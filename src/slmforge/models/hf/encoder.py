@@ -8,6 +8,10 @@ Three families map onto `EncoderConfig`:
                  RobertaForMaskedLM (read as well)         roberta
     modernbert   ModernBertForMaskedLM                     modernbert
 
+A model fine-tuned for a task (`head = "classify"` / `"tag"`) is written as, and read from, the
+family's *ForSequenceClassification / *ForTokenClassification (BertFor..., XLMRobertaFor... (RobertaFor...
+read as well), ModernBertFor...), with id2label / label2id from `labels`.
+
 Everything here works on plain dicts and tensors (config.json, safetensors), so export and import
 need no `transformers`. ModernBERT configs are written so that transformers 4.5x
 (global_attn_every_n_layers / local_attention / global_rope_theta / local_rope_theta) and 5.x
@@ -49,6 +53,12 @@ Weight names (ours -> transformers); P is `bert.` or `roberta.`:
     head.norm.weight                    head.norm.weight
     head.bias                           decoder.bias
     (embed.weight, tied)                decoder.weight                          (not stored)
+
+    classification heads (in place of the masked-LM head; P as above)
+    classifier.dense      bert classify: bert.pooler.dense; roberta classify: classifier.dense;
+                          modernbert: head.dense
+    classifier.norm       modernbert: head.norm
+    classifier.out        classifier (bert, modernbert, roberta tag); classifier.out_proj (roberta classify)
 """
 
 from __future__ import annotations
@@ -64,6 +74,9 @@ from slmforge.models.encoder_config import EncoderConfig
 ARCHITECTURES = {"bert": "BertForMaskedLM", "roberta": "XLMRobertaForMaskedLM",
                  "modernbert": "ModernBertForMaskedLM"}
 MODEL_TYPES = {"bert": "bert", "roberta": "xlm-roberta", "modernbert": "modernbert"}
+_CLASS_PREFIX = {"bert": "Bert", "roberta": "XLMRoberta", "modernbert": "ModernBert"}
+# Our head -> the suffix of transformers' class name.
+HEAD_CLASSES = {"mlm": "ForMaskedLM", "classify": "ForSequenceClassification", "tag": "ForTokenClassification"}
 # Every class we read: architecture -> (family, model_type).
 READABLE = {
     "BertForMaskedLM": ("bert", "bert"),
@@ -71,6 +84,22 @@ READABLE = {
     "RobertaForMaskedLM": ("roberta", "roberta"),
     "ModernBertForMaskedLM": ("modernbert", "modernbert"),
 }
+for _name, _read in list(READABLE.items()):  # the classification models of each family, read alike
+    for _suffix in ("ForSequenceClassification", "ForTokenClassification"):
+        READABLE[_name.removesuffix("ForMaskedLM") + _suffix] = _read
+
+
+def architecture(cfg: EncoderConfig) -> str:
+    """transformers' class for this config: the family's masked-LM, sequence- or token-classification model."""
+    return _CLASS_PREFIX[cfg.family] + HEAD_CLASSES[cfg.head or "mlm"]
+
+
+def architecture_head(arch: str | None) -> str:
+    """Our head for a transformers class name (masked LM for none)."""
+    for head, suffix in HEAD_CLASSES.items():
+        if arch and arch.endswith(suffix):
+            return head
+    return "mlm"
 
 # transformers' own defaults for fields a config.json may leave out (BertConfig, XLMRobertaConfig /
 # RobertaConfig, ModernBertConfig). Note XLMRobertaConfig's layer_norm_eps is 1e-12 like BERT's; the
@@ -152,7 +181,7 @@ def check_exportable(cfg: EncoderConfig) -> None:
     if cfg.family not in ARCHITECTURES:
         raise SlmforgeError(f"model.family: {cfg.family!r} has no Hugging Face mapping; "
                             f"supported encoders: {', '.join(ARCHITECTURES)}")
-    arch = ARCHITECTURES[cfg.family]
+    arch = architecture(cfg)
     if cfg.family == "modernbert" and cfg.type_vocab_size:
         raise SlmforgeError(f"model.type_vocab_size: {arch} has no token-type embeddings, "
                             f"this model has {cfg.type_vocab_size}")
@@ -169,7 +198,7 @@ def config_to_hf(cfg: EncoderConfig, *, dtype: str = "float32", bos_token_id: in
     """config.json contents for `cfg`, readable by transformers 4.5x and 5.x alike."""
     check_exportable(cfg)
     hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[cfg.family]],
+        "architectures": [architecture(cfg)],
         "model_type": MODEL_TYPES[cfg.family],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -187,7 +216,20 @@ def config_to_hf(cfg: EncoderConfig, *, dtype: str = "float32", bos_token_id: in
     }
     hf.update(_modernbert_fields(cfg, bos_token_id, eos_token_id) if cfg.family == "modernbert"
               else _bert_fields(cfg))
+    if cfg.has_classifier:
+        hf.update(_label_fields(cfg))
     return hf
+
+
+def _label_fields(cfg: EncoderConfig) -> dict[str, Any]:
+    """id2label / label2id (transformers derives num_labels from them), and what the head computes."""
+    fields: dict[str, Any] = {"id2label": {str(i): label for i, label in enumerate(cfg.labels)},
+                              "label2id": {label: i for i, label in enumerate(cfg.labels)}}
+    if cfg.head == "classify":
+        fields["problem_type"] = "single_label_classification"  # softmax over labels, cross-entropy
+    if cfg.family == "modernbert":
+        fields.update(classifier_pooling=cfg.pooling or "cls", classifier_dropout=cfg.dropout)
+    return fields
 
 
 def _exported_pad_id(cfg: EncoderConfig, tokenizer_pad_id: int | None) -> int | None:
@@ -273,7 +315,9 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> EncoderCon
     names = _hf_field_names(family)
     get = ConfigReader(hf, HF_DEFAULTS[family], where, hf_types(EncoderConfig, names, **_HF_TYPES),
                        layer_fields=("num_hidden_layers",))
-    get.require("tie_word_embeddings", (True,), "slmforge ties the MLM decoder to the input embeddings")
+    head = architecture_head((hf.get("architectures") or [None])[0])
+    if head == "mlm":
+        get.require("tie_word_embeddings", (True,), "slmforge ties the MLM decoder to the input embeddings")
     fields: dict[str, Any] = dict(
         family=family,
         vocab_size=get("vocab_size"),
@@ -284,7 +328,41 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> EncoderCon
         init_std=get("initializer_range"),
     )
     fields.update(_modernbert_config(get) if family == "modernbert" else _bert_config(get, family))
+    if head != "mlm":
+        fields.update(_label_config(hf, get, family, head))
     return checked_config(EncoderConfig(**fields), where, names)
+
+
+def _label_config(hf: dict[str, Any], get: ConfigReader, family: str, head: str) -> dict[str, Any]:
+    """head, labels (id2label in id order; transformers' LABEL_i names when only num_labels is given)
+    and pooling of a classification model's config.json."""
+    id2label = hf.get("id2label")
+    if id2label is None:
+        count = hf.get("num_labels", 2)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+            raise SlmforgeError(f"{get.where}: num_labels={count!r}: a classifier needs at least two labels")
+        labels = [f"LABEL_{i}" for i in range(count)]
+    else:
+        if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+            raise SlmforgeError(f"{get.where}: id2label must map ids to label names, got {id2label!r}")
+        try:
+            by_id = {int(k): v for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise SlmforgeError(f"{get.where}: id2label keys must be ids 0, 1, ...; got {sorted(id2label)}") from None
+        if sorted(by_id) != list(range(len(by_id))):
+            raise SlmforgeError(f"{get.where}: id2label must number labels 0 to {len(by_id) - 1}, got {sorted(by_id)}")
+        labels = [by_id[i] for i in range(len(by_id))]
+    problem = hf.get("problem_type")
+    if head == "classify" and problem not in (None, "single_label_classification"):
+        raise SlmforgeError(f"{get.where}: problem_type={problem!r}: slmforge classifiers pick one label per text "
+                            f"(single_label_classification)")
+    fields: dict[str, Any] = {"head": head, "labels": labels}
+    if family == "modernbert" and head == "classify":
+        pooling = hf.get("classifier_pooling", "cls")
+        if pooling not in ("cls", "mean"):
+            raise SlmforgeError(f"{get.where}: classifier_pooling={pooling!r} is not supported (cls or mean)")
+        fields["pooling"] = None if pooling == "cls" else pooling
+    return fields
 
 
 # For error messages and type checks: our field -> the config.json field it came from.
@@ -421,7 +499,9 @@ def hf_field_names(cfg: EncoderConfig) -> dict[str, str]:
 def hf_source(cfg: EncoderConfig, name: str) -> Source:
     """Where one of our state-dict keys lives in transformers' checkpoint (see the table at the top)."""
     module, _, param = name.rpartition(".")
-    outer = _OUTER_MODULES[cfg.family]
+    outer = _classifier_modules(cfg) if cfg.has_classifier else _OUTER_MODULES[cfg.family]
+    if module.startswith("classifier.") and module not in outer:
+        raise KeyError(f"no Hugging Face name for {name!r} in family {cfg.family}")
     if module in outer:
         return f"{outer[module]}.{param}"
     parts = module.split(".", 2)  # layers, i, sub-module
@@ -434,6 +514,19 @@ def hf_source(cfg: EncoderConfig, name: str) -> Source:
             rows = cfg.hidden_size if fused == "attn.Wqkv" else cfg.intermediate_size
             return f"{prefix}.{parts[1]}.{fused}.{param}", block * rows, (block + 1) * rows
     raise KeyError(f"no Hugging Face name for {name!r} in family {cfg.family}")
+
+
+def _classifier_modules(cfg: EncoderConfig) -> dict[str, str]:
+    """_OUTER_MODULES without the masked-LM head, with the classification head's names instead."""
+    outer = {ours: theirs for ours, theirs in _OUTER_MODULES[cfg.family].items() if not ours.startswith("head")}
+    if cfg.family == "modernbert":
+        return {**outer, "classifier.dense": "head.dense", "classifier.norm": "head.norm",
+                "classifier.out": "classifier"}
+    if cfg.head == "tag":
+        return {**outer, "classifier.out": "classifier"}
+    if cfg.family == "bert":
+        return {**outer, "classifier.dense": "bert.pooler.dense", "classifier.out": "classifier"}
+    return {**outer, "classifier.dense": "classifier.dense", "classifier.out": "classifier.out_proj"}
 
 
 def state_dict_to_hf(cfg: EncoderConfig, state_dict: dict[str, torch.Tensor],
@@ -464,6 +557,8 @@ def _canonical(name: str) -> str:
 
 
 def _ignored(cfg: EncoderConfig, name: str) -> bool:
+    if cfg.family == "bert" and cfg.head == "classify" and name.startswith("bert.pooler."):
+        return False  # BertForSequenceClassification's pooler is the first half of its head
     return (name in _IGNORED[cfg.family] or name.startswith(_IGNORED_PREFIXES)
             or name.endswith(_IGNORED_SUFFIXES))
 
@@ -497,6 +592,6 @@ def plan_import(cfg: EncoderConfig, expected: dict[str, torch.Size], available: 
         plan[ours] = name if isinstance(source, str) else (name, source[1], source[2])
     extra = sorted(stored[wanted] for wanted in set(stored) - set(implied))
     if extra:
-        raise SlmforgeError(f"{where}: unexpected tensor {extra[0]} (not part of a {ARCHITECTURES[cfg.family]} "
+        raise SlmforgeError(f"{where}: unexpected tensor {extra[0]} (not part of a {architecture(cfg)} "
                             f"as config.json describes it)")
     return plan
