@@ -1,5 +1,5 @@
 """`slmforge eval`: a trained model's loss, perplexity and bits per byte (causal LM) or masked-token
-accuracy (masked LM)."""
+accuracy (masked LM); with --tasks, benchmarks through lm-evaluation-harness (eval/harness.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "perplexity, bits per byte. Masked LMs: masked-token loss, perplexity and "
                                    "accuracy, masks drawn from a fixed seed. Results go to eval.json in the "
                                    "checkpoint folder, one entry per evaluated set (name or data:split); "
-                                   "a later eval adds or replaces entries and keeps the others.")
-    p.add_argument("model", help="run folder or checkpoint folder")
+                                   "a later eval adds or replaces entries and keeps the others. --tasks runs "
+                                   "lm-evaluation-harness benchmarks on the run's own model (pip install "
+                                   "'slmforge[eval]'); --list-tasks shows those it knows per language.")
+    p.add_argument("model", nargs="?", help="run folder or checkpoint folder")
     p.add_argument("--data", help="prepared data folder (default: the one the run trained on)")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
     p.add_argument("--text", action="append", default=[], metavar="[NAME=]FILE",
@@ -31,6 +33,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, help="limit the number of batches from --data")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    harness = p.add_argument_group("lm-evaluation-harness benchmarks (pip install 'slmforge[eval]')")
+    harness.add_argument("--tasks", action="append", default=[], metavar="TASK[,TASK...]",
+                         help="lm-eval task, group or tag names, comma-separated (repeatable), e.g. "
+                              "belebele_hin_Deva,xnli_hi; results go to eval.json as lm-eval:TASK")
+    harness.add_argument("--num-fewshot", type=int, metavar="N",
+                         help="few-shot examples per prompt (default: each task's own, else 0)")
+    harness.add_argument("--limit", metavar="N",
+                         help="examples per task: a count, or a fraction below 1 (for quick checks; not a "
+                              "full benchmark score)")
+    harness.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                         help="folder (or YAML file) of your own task configs, beside lm-eval's (repeatable)")
+    harness.add_argument("--offline", action="store_true",
+                         help="never try the network for task data: tasks must be in the datasets cache "
+                              "(fails at once instead of after the hub client's retries)")
+    harness.add_argument("--list-tasks", nargs="*", metavar="LANG",
+                         help="list the tasks the installed lm-eval knows for these languages (hi, as, bn, "
+                              "mr, ta, de, en; default all of them) and exit; needs no model")
     p.set_defaults(func=_run)
 
 
@@ -48,14 +67,33 @@ def _run(args: argparse.Namespace) -> int:
     from slmforge.runs import open_run, write_eval_report
     from slmforge.runtime import resolve_device
 
+    if args.list_tasks is not None:
+        from slmforge.eval.harness import list_tasks
+
+        list_tasks(args.list_tasks, args.include_path)
+        return 0
+    if not args.model:
+        raise SlmforgeError("eval: name a run or checkpoint folder (or --list-tasks to list benchmark tasks)")
     if (args.seq_len is not None and args.seq_len < 1) or args.batch_size < 1:
         raise SlmforgeError("--seq-len and --batch-size must be positive")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise SlmforgeError(f"--num-fewshot: must be 0 or more, got {args.num_fewshot}")
+    tasks = [name.strip() for item in args.tasks for name in item.split(",") if name.strip()]
+    if args.tasks and not tasks:
+        raise SlmforgeError("--tasks: name at least one task")
+    if not tasks and (args.limit is not None or args.num_fewshot is not None):
+        raise SlmforgeError("--limit and --num-fewshot apply to --tasks (lm-eval benchmarks)")
+    if tasks:
+        from slmforge.eval.harness import parse_limit, require_lm_eval
+
+        require_lm_eval()  # before the model is loaded: a missing extra is said at once
+        args.limit = parse_limit(args.limit) if args.limit is not None else None
     run = open_run(args.model, device=resolve_device(args.device, "--device"))
     model, meta = run.model, run.meta
     tokenizer = run.tokenizer() if args.text else None
     seq_len = args.seq_len or meta.get("seq_len") or model.cfg.max_seq_len
     rows = {}
-    data = Path(args.data) if args.data else (run.data_dir() if not (args.text or args.examples) else None)
+    data = Path(args.data) if args.data else (run.data_dir() if not (args.text or args.examples or tasks) else None)
     # The run's training objective scores --data and --text; --examples brings its own format.
     objective = run_objective(run, tokenizer) if data is not None or args.text else None
     if data is not None and not args.data and not (data / "manifest.json").is_file():
@@ -81,12 +119,30 @@ def _run(args: argparse.Namespace) -> int:
         rows[name], samples = evaluate_example_file(run, path, args.batch_size, args.samples, args.max_new_tokens)
         if samples:
             write_samples(samples, run.step_dir, f"samples-{name}")
-    if not rows:
+    benchmarks = _run_benchmarks(run, tasks, args) if tasks else {}
+    if not rows and not benchmarks:
         raise SlmforgeError(f"{args.model}: nothing to evaluate: the run recorded no data folder; pass --data DIR, "
-                            f"--text NAME=FILE or (fine-tuned runs) --examples FILE")
+                            f"--text NAME=FILE, (fine-tuned runs) --examples FILE or --tasks TASK")
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(json.dumps({**rows, **benchmarks}, indent=2, ensure_ascii=False))
     else:
-        print_table(rows)
-    write_eval_report(rows, run.step_dir / "eval.json")
+        if rows:
+            print_table(rows)
+        if benchmarks:
+            from slmforge.eval.harness import print_harness_table
+
+            print_harness_table(benchmarks)
+    write_eval_report({**rows, **benchmarks}, run.step_dir / "eval.json")
     return 0
+
+
+def _run_benchmarks(run, tasks: list[str], args: argparse.Namespace) -> dict:
+    """lm-eval tasks on the run's model: eval.json rows `lm-eval:TASK`."""
+    from slmforge.eval.harness import backend_for, go_offline, harness_rows, run_tasks
+
+    limit = args.limit  # parsed in _run
+    if args.offline:
+        go_offline()
+    lm = backend_for(run, batch_size=args.batch_size)
+    results = run_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, include_path=args.include_path)
+    return harness_rows(results, limit)
