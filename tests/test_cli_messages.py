@@ -201,10 +201,17 @@ def test_a_model_that_ends_at_once_says_so(tmp_path, monkeypatch, capsys):
     assert captured.out == "s1 s2\n\n"
     assert captured.err.strip() == ("note: the model ended at once: its first token was the end-of-sequence token "
                                     "[SEP] (stop_at_eos=false generates past it)")
-    answer_with(monkeypatch, [tokenizer.token_to_id("s3"), tokenizer.eos_id])  # text: nothing to explain
+    answer_with(monkeypatch, [tokenizer.token_to_id("s3"), tokenizer.eos_id])  # a one-word answer: said why
     assert main(["generate", str(run), "-p", "s1 s2", "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)[0]["completion"] == "s3" and captured.err == ""
+    assert json.loads(captured.out)[0]["completion"] == "s3"
+    assert captured.err.strip() == ("note: the model ended its answer after 1 token with [SEP]: it chose to stop "
+                                    "there (a longer-trained run writes more; stop_at_eos=false generates past it)")
+    s3, s4 = tokenizer.token_to_id("s3"), tokenizer.token_to_id("s4")
+    answer_with(monkeypatch, [s3, s4, s3, tokenizer.eos_id])  # an answer of some length: nothing to explain
+    assert main(["generate", str(run), "-p", "s1 s2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["completion"] == "s3 s4 s3" and captured.err == ""
 
 
 def test_a_span_corruption_model_says_why_it_writes_no_text(tmp_path, monkeypatch, capsys):

@@ -325,7 +325,8 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
 
     `add_bos` must match how the model was trained (the checkpoint's meta.json records it); `stop_id`
     ends the answer (default: eos; a chat model's end-of-turn token). `on_empty` is called with the
-    generated ids (the stop token included) when they decode to no text."""
+    generated ids (the stop token included) when they decode to no text, or when the stop token ended
+    the answer within SHORT_ANSWER tokens (`why_no_text` says which)."""
     stop_id = stop_id if stop_id is not None else tokenizer.eos_id
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt)
@@ -354,9 +355,15 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
     if stop_id is not None and stop_id in new:
         new = new[:new.index(stop_id)]
     text = tokenizer.decode(new)
-    if on_empty is not None and not text.strip():
+    stopped_early = stop_id is not None and len(new) < len(generated) and len(new) < SHORT_ANSWER
+    if on_empty is not None and (not text.strip() or stopped_early):
         on_empty(generated)
     return text
+
+
+# A reply the stop token ends within this many tokens gets a note: a small fine-tuned run answering
+# just "How" looks like a bug unless the user learns the model chose to stop there (issue 23).
+SHORT_ANSWER = 3
 
 
 def why_no_text(generated: list[int], tokenizer, meta: dict, stop_id: int | None) -> str:
@@ -369,6 +376,13 @@ def why_no_text(generated: list[int], tokenizer, meta: dict, stop_id: int | None
         which = "end-of-sequence" if stop_id == tokenizer.eos_id else "end-of-turn"
         return (f"note: the model ended at once: its first token was the {which} token "
                 f"{tokenizer.id_to_token(stop_id)} (stop_at_eos=false generates past it)")
+    if stop_id is not None and stop_id in generated and generated.index(stop_id) > 0:
+        count = generated.index(stop_id)
+        text = tokenizer.decode(generated[:count])
+        if text.strip():
+            return (f"note: the model ended its answer after {count} token{'s' * (count > 1)} with "
+                    f"{tokenizer.id_to_token(stop_id)}: it chose to stop there (a longer-trained run writes more; "
+                    f"stop_at_eos=false generates past it)")
     pieces = [tokenizer.id_to_token(i) for i in generated[:4] if i != stop_id]
     return (f"note: the {len(generated)} generated token(s) decode to no text (special tokens or whitespace: "
             f"{' '.join(str(p) for p in pieces)}{' ...' if len(generated) > 4 else ''})")
