@@ -241,7 +241,9 @@ def test_train_compile_reaches_the_wrapping(markov_shards, tmp_path, monkeypatch
     monkeypatch.undo()
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    module = parallel.ObjectiveModule(torch.nn.Module(), None)
+    from slmforge.objectives.base import TrainingHooks
+
+    module = parallel.ObjectiveModule(torch.nn.Module(), TrainingHooks())  # no loss needed: never run
     module.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
     parallel.compile_for_training(module, "model", "ddp")
     parallel.compile_for_training(module, True, "none")
@@ -249,10 +251,11 @@ def test_train_compile_reaches_the_wrapping(markov_shards, tmp_path, monkeypatch
 
 
 def test_whole_model_compile_is_refused_with_fsdp():
+    from slmforge.objectives.base import TrainingHooks
     from slmforge.train.parallel import ObjectiveModule, compile_for_training
 
     with pytest.raises(SlmforgeError, match='train.compile: "model" cannot be combined'):
-        compile_for_training(ObjectiveModule(torch.nn.Linear(2, 2), None), "model", "fsdp")
+        compile_for_training(ObjectiveModule(torch.nn.Linear(2, 2), TrainingHooks()), "model", "fsdp")
 
 
 def test_resume_accepts_a_tokenizer_folder_not_written_by_slmforge(tmp_path):
