@@ -36,7 +36,7 @@ from torch import nn
 from slmforge import config as config_io
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import DEFAULT_LORA_TARGETS, FinetuneConfig
-from slmforge.finetune.examples import BadExample, Skipped, read_lines
+from slmforge.finetune.examples import BadExample, Skipped, bad_example, read_lines, read_records
 from slmforge.finetune.label_metrics import classification_report, entity_report
 from slmforge.finetune.loader import RowLoader
 from slmforge.finetune.lora import BASE_DIR, LoraCheckpoints, apply_lora
@@ -128,31 +128,8 @@ def _text(record: dict, name: str) -> str:
 
 def read_labeled(paths: list[str], ex, task: str, skipped: Skipped, labeled: bool = True) -> list[LabeledExample]:
     """Every usable example of `paths`, in file and line order; a bad line fails or is counted."""
-    out = []
-    for name in paths:
-        path = Path(name)
-        lines = 0
-        for number, text in read_lines(path):
-            lines += 1
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(text)
-                if not isinstance(record, dict):
-                    raise BadExample("not an object", f"expected a JSON object, got {type(record).__name__}")
-                out.append(parse_labeled(record, ex, where, task, labeled))
-            except json.JSONDecodeError as e:
-                _bad(ex.on_bad_example, skipped, where, "invalid JSON", f"invalid JSON ({e.msg}, column {e.colno})")
-            except BadExample as e:
-                _bad(ex.on_bad_example, skipped, where, e.reason, str(e))
-        if lines == 0:
-            raise SlmforgeError(f"{path}: no examples in this file (empty)")
-    return out
-
-
-def _bad(on_bad: str, skipped: Skipped, where: str, reason: str, detail: str) -> None:
-    if on_bad == "error":
-        raise SlmforgeError(f"{where}: {detail} (finetune.on_bad_example = \"skip\" leaves such lines out)")
-    skipped.add(reason, where, detail)
+    return read_records(paths, ex.on_bad_example, skipped,
+                        lambda record, where: parse_labeled(record, ex, where, task, labeled))
 
 
 def _label_order(label: str) -> tuple:
@@ -282,7 +259,7 @@ def encode_labeled(examples: list[LabeledExample], encoder: LabelEncoder, limit:
             out.append(encoder.encode(example, limit))
         except BadExample as e:
             detail = str(e).replace(f"more than {limit}", f"more than {limit_name} = {limit}")
-            _bad(on_bad, skipped, example.where, e.reason, detail)
+            bad_example(on_bad, skipped, example.where, e.reason, detail)
     return out
 
 

@@ -9,13 +9,15 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import ExamplesConfig
 from slmforge.text.sources import numbered_lines
 
 ROLES = ("system", "user", "assistant")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,7 +72,13 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def read_examples(paths: list[str], cfg: ExamplesConfig, skipped: Skipped) -> list[Example]:
     """Every usable example of `paths`, in file and line order."""
-    examples: list[Example] = []
+    return read_records(paths, cfg.on_bad_example, skipped, lambda record, where: parse_example(record, cfg, where))
+
+
+def read_records(paths: list[str], on_bad: str, skipped: Skipped, parse: Callable[[dict, str], T]) -> list[T]:
+    """`parse(record, "file:line")` of every JSON object line of `paths`, in file and line order; a bad
+    line (invalid JSON, not an object, or a BadExample from `parse`) fails or is counted, per `on_bad`."""
+    out: list[T] = []
     for name in paths:
         path = Path(name)
         lines = 0
@@ -81,18 +89,19 @@ def read_examples(paths: list[str], cfg: ExamplesConfig, skipped: Skipped) -> li
                 record = json.loads(text)
                 if not isinstance(record, dict):
                     raise BadExample("not an object", f"expected a JSON object, got {type(record).__name__}")
-                examples.append(parse_example(record, cfg, where))
+                out.append(parse(record, where))
             except json.JSONDecodeError as e:
-                _bad(cfg, skipped, where, "invalid JSON", f"invalid JSON ({e.msg}, column {e.colno})")
+                bad_example(on_bad, skipped, where, "invalid JSON", f"invalid JSON ({e.msg}, column {e.colno})")
             except BadExample as e:
-                _bad(cfg, skipped, where, e.reason, str(e))
+                bad_example(on_bad, skipped, where, e.reason, str(e))
         if lines == 0:
             raise SlmforgeError(f"{path}: no examples in this file (empty)")
-    return examples
+    return out
 
 
-def _bad(cfg: ExamplesConfig, skipped: Skipped, where: str, reason: str, detail: str) -> None:
-    if cfg.on_bad_example == "error":
+def bad_example(on_bad: str, skipped: Skipped, where: str, reason: str, detail: str) -> None:
+    """finetune.on_bad_example: "error" stops at the first bad line, "skip" counts it by reason."""
+    if on_bad == "error":
         raise SlmforgeError(f"{where}: {detail} (finetune.on_bad_example = \"skip\" leaves such lines out)")
     skipped.add(reason, where, detail)
 
