@@ -358,19 +358,11 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def finetune_labels(cfg: FinetuneConfig, session: Session) -> Path:
     """`slmforge finetune` with finetune.task = "classify" or "tag" (see the module docstring)."""
-    from slmforge.finetune.run import _freeze
+    from slmforge.finetune.run import _freeze, fit_finetune
     from slmforge.runtime import apply_attention, resolve_precision
     from slmforge.train.checkpoint import write_model_folder
     from slmforge.train.parallel import barrier
     from slmforge.train.pretrain import resolve_steps
-    from slmforge.train.resume_check import (
-        append_history,
-        apply_optimizer_settings,
-        check_resumable,
-        resume_identity,
-    )
-    from slmforge.train.session import open_metrics
-    from slmforge.train.trainer import Trainer
 
     loop, ex = cfg.train, cfg.finetune
     run_dir, resume_dir, device, where = session.run_dir, session.resume_dir, session.device, session.where
@@ -447,41 +439,13 @@ def finetune_labels(cfg: FinetuneConfig, session: Session) -> Path:
                                  training=False, **split)
         val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
     resolve_steps(cfg, train_loader.batches_per_epoch)
-    resolved = config_io.to_dict(cfg)
-    fingerprint = _fingerprint(train, labels)
-    identity = resume_identity(resolved, where.world_size, fingerprint)
-    identity.update({"finetune.packing": False, "lora": config_io.to_dict(cfg.lora)})
-    if resume_dir is not None:
-        check_resumable(read_meta(resume_dir).get("resume_identity"), identity, resume_dir,
-                        loop.allow_config_changes, say)
-    if where.is_main:
-        config_io.save(cfg, run_dir / "config.toml")
-        append_history(run_dir, resolved, read_meta(resume_dir)["step"] if resume_dir else 0)
-
-    metrics = open_metrics(cfg.tracking, cfg, session)
-    try:
-        trainer = Trainer(
-            model=model, objective=objective, train_loader=train_loader, loop=loop, optim=cfg.optim,
-            schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device, precision=precision,
-            val_batches=val_batches,
-            checkpoint_meta={**base_meta, "processes": where.world_size, "config": resolved,
-                             "data_fingerprint": fingerprint, "resume_identity": identity,
-                             "dropout_seeds": [loop.seed + r for r in range(where.world_size)]},
-            flops_per_token=cfg.model.flops_per_token(loop.seq_len), seed=loop.seed, where=where,
-            parallel=cfg.parallel, checkpoint_format=checkpoint_format)
-        say(f"run folder {run_dir} | {cfg.model.family} {ex.task} ({len(labels)} labels) {human(total)} parameters, "
-            f"{human(trainable)} trainable ({100 * trainable / total:.2f}%) | {len(train):,} examples | "
-            f"{len(val):,} held out | device {device} ({precision})"
-            + (f" | {where.world_size} processes ({trainer.strategy})" if where.active else ""))
-        if resume_dir is not None:
-            trainer.resume_from(resume_dir)
-            apply_optimizer_settings(trainer.optimizer, cfg.optim, say)
-        elif metrics is not None:
-            metrics.truncate_after(0)
-        held_out = trainer.fit()
-    finally:
-        if metrics is not None:
-            metrics.close()
+    description = (f"{cfg.model.family} {ex.task} ({len(labels)} labels) {human(total)} parameters, "
+                   f"{human(trainable)} trainable ({100 * trainable / total:.2f}%) | {len(train):,} examples | "
+                   f"{len(val):,} held out")
+    trainer, held_out = fit_finetune(cfg, session, model=model, objective=objective, train_loader=train_loader,
+                                     val_batches=val_batches, precision=precision, base_meta=base_meta,
+                                     fingerprint=_fingerprint(train, labels), packing=False,
+                                     checkpoint_format=checkpoint_format, description=description)
     if where.is_main and ex.eval_samples and (val or train):
         examples = val or train
         report = score(examples, predict(trainer.model, examples, pad_id, loop.eval_batch_size or 32), labels)

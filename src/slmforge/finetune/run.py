@@ -121,11 +121,31 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         val_loader = make_loader(val_examples, loop.eval_batch_size or loop.batch_size, shuffle=False, training=False)
         val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
     resolve_steps(cfg, train_loader.batches_per_epoch)
+
+    description = (f"{cfg.model.family} {human(total)} parameters, {human(trainable)} trainable "
+                   f"({100 * trainable / total:.2f}%) | {len(train_examples):,} examples in "
+                   f"{train_loader.num_windows:,} rows ({'padded pairs' if seq2seq else 'packed' if ex.packing else 'padded'}"
+                   f", {100 * train_loader.fill:.0f}% filled) | {len(val_examples):,} held out")
+    trainer, held_out = fit_finetune(cfg, session, model=model, objective=objective, train_loader=train_loader,
+                                     val_batches=val_batches, precision=precision, base_meta=base_meta,
+                                     fingerprint=_fingerprint(train_examples, cfg), packing=ex.packing,
+                                     checkpoint_format=checkpoint_format, description=description)
+    if where.is_main and ex.eval_samples and (val_examples or train_examples):
+        _evaluate(trainer, val_examples or train_examples, encoder, tokenizer, ex, held_out, run_dir)
+    return run_dir
+
+
+def fit_finetune(cfg: FinetuneConfig, session: Session, *, model, objective, train_loader, val_batches,
+                 precision: str, base_meta: dict, fingerprint: str, packing: bool, checkpoint_format,
+                 description: str) -> tuple[Trainer, dict | None]:
+    """What every fine-tuning task does once its model, objective and loaders are built: the resume
+    identity and its check, config.toml and its history, metrics, the Trainer, resume (with the
+    optimizer settings applied) and fit. Returns the trainer and fit's held-out figures."""
+    loop, where, run_dir, resume_dir = cfg.train, session.where, session.run_dir, session.resume_dir
     resolved = config_io.to_dict(cfg)
-    fingerprint = _fingerprint(train_examples, cfg)
     identity = resume_identity(resolved, where.world_size, fingerprint)
     # Named apart from the data, so a resume with another LoRA setting or packing says so.
-    identity.update({"finetune.packing": ex.packing, "lora": config_io.to_dict(cfg.lora)})
+    identity.update({"finetune.packing": packing, "lora": config_io.to_dict(cfg.lora)})
     if resume_dir is not None:
         check_resumable(read_meta(resume_dir).get("resume_identity"), identity, resume_dir,
                         loop.allow_config_changes, say)
@@ -137,18 +157,14 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     try:
         trainer = Trainer(
             model=model, objective=objective, train_loader=train_loader, loop=loop, optim=cfg.optim,
-            schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device, precision=precision,
+            schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=session.device, precision=precision,
             val_batches=val_batches,
             checkpoint_meta={**base_meta, "processes": where.world_size, "config": resolved,
                              "data_fingerprint": fingerprint, "resume_identity": identity,
                              "dropout_seeds": [loop.seed + r for r in range(where.world_size)]},
             flops_per_token=cfg.model.flops_per_token(loop.seq_len), seed=loop.seed, where=where,
             parallel=cfg.parallel, checkpoint_format=checkpoint_format)
-        say(f"run folder {run_dir} | {cfg.model.family} {human(total)} parameters, {human(trainable)} trainable "
-            f"({100 * trainable / total:.2f}%) | {len(train_examples):,} examples in {train_loader.num_windows:,} "
-            f"rows ({'padded pairs' if seq2seq else 'packed' if ex.packing else 'padded'}, "
-            f"{100 * train_loader.fill:.0f}% filled) | "
-            f"{len(val_examples):,} held out | device {device} ({precision})"
+        say(f"run folder {run_dir} | {description} | device {session.device} ({precision})"
             + (f" | {where.world_size} processes ({trainer.strategy})" if where.active else ""))
         if resume_dir is not None:
             trainer.resume_from(resume_dir)
@@ -159,9 +175,7 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     finally:
         if metrics is not None:
             metrics.close()
-    if where.is_main and ex.eval_samples and (val_examples or train_examples):
-        _evaluate(trainer, val_examples or train_examples, encoder, tokenizer, ex, held_out, run_dir)
-    return run_dir
+    return trainer, held_out
 
 
 def _model_and_tokenizer(cfg: FinetuneConfig, session: Session):
