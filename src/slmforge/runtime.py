@@ -131,3 +131,23 @@ def others_busy_cores(seconds: float = 0.3) -> float | None:
         return max(0.0, busy / (time.monotonic() - wall))
     except (OSError, ValueError, IndexError):
         return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process may allocate: the system's MemAvailable, capped by a cgroup (container) memory
+    limit when there is one; None when neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:  # cgroup v1 writes "no limit" as a huge number
+                found.append(int(limit))
+        except (OSError, ValueError):
+            pass
+    return min(found) if found else None

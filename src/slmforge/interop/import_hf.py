@@ -31,6 +31,7 @@ from slmforge.models import ModelConfig, build_model
 from slmforge.models.hf import config_from_hf, hf_field_names, is_multimodal, plan_import
 from slmforge.models.hf.reader import describe_count, size_fields
 from slmforge.models.registry import family
+from slmforge.runtime import available_memory
 from slmforge.train.checkpoint import save_checkpoint
 
 
@@ -95,26 +96,6 @@ def _check_memory(where: Path, cfg: ModelConfig, skeleton: nn.Module) -> None:
         raise SlmforgeError(f"{where}: {size_fields(cfg, hf_field_names(cfg))} describe a model of "
                             f"{describe_count(count)}, {count * 4 / 2**30:,.1f} GiB as float32, more than the "
                             f"{available / 2**30:,.1f} GiB of memory available")
-
-
-def available_memory() -> int | None:
-    """Bytes this process may allocate: the system's MemAvailable, capped by a cgroup (container) memory
-    limit when there is one; None when neither can be read."""
-    found = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            if limit != "max" and int(limit) < 2**60:  # cgroup v1 writes "no limit" as a huge number
-                found.append(int(limit))
-        except (OSError, ValueError):
-            pass
-    return min(found) if found else None
 
 
 class _Checkpoint:
