@@ -73,9 +73,14 @@ def config_from_dict(data: dict[str, Any], where: str = "model") -> ModelConfig:
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> nn.Module:
     """Assemble in steps: build on the meta device (no memory, no time) -> materialise on `device` ->
     initialise (seeded) or, with seed=None, leave the weights for a checkpoint to fill. Buffers are
-    computed either way. Parallel wrappers (DDP, FSDP2) are applied afterwards, from outside."""
+    computed either way. Parallel wrappers (DDP, FSDP2) are applied afterwards, from outside.
+
+    device="meta" stops after the first step: FSDP2 shards the meta model, then materialises and
+    initialises each rank's shard (train/parallel.py, build_for_strategy)."""
     with torch.device("meta"):
         model = family(cfg).module_cls(cfg)
+    if torch.device(device).type == "meta":
+        return model
     model.to_empty(device=device)
     if seed is None:
         model.reset_buffers()

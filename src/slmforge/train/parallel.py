@@ -9,8 +9,10 @@ a forward that DDP and FSDP2 see, then:
     fsdp   FSDP2 `fully_shard` per block, then the root: parameters, gradients and optimizer state are
            sharded across ranks (worth it when the model + AdamW state crowd a GPU)
 
-The model is built and initialised whole on every rank first (the same seeded weights as one process;
-cheap at 10M-500M parameters) and sharded afterwards.
+DDP and single-process runs build the model whole. FSDP2 runs that start from a seed or resume build
+it on the meta device (`build_for_strategy`), shard it, and only then materialise each rank's shard:
+seeded with the very values one process draws, or left for the resumed checkpoint to fill, so no rank
+ever holds the whole model.
 
 Launch with `torchrun --nproc-per-node N -m slmforge pretrain ...` or under SLURM with `srun`; rank,
 world size and local rank come from either environment. NCCL on GPUs, gloo on CPUs.
@@ -25,6 +27,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,6 +36,8 @@ from torch import nn
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
+from slmforge.models import ModelConfig, build_model
+from slmforge.runs import load_weights
 from slmforge.train.signals import waiting_in_torch
 
 
@@ -228,7 +233,12 @@ def strategy_for(cfg: ParallelConfig, where: Distributed) -> str:
 def wrap(module: ObjectiveModule, strategy: str, device: torch.device, cfg: ParallelConfig,
          precision: str = "fp32", compile: bool | str = False) -> nn.Module:
     """Apply activation checkpointing, torch.compile (`train.compile`) and the parallel wrapper to a
-    materialised ObjectiveModule."""
+    materialised ObjectiveModule, or (fsdp) one that build_for_strategy left on the meta device, whose
+    shards are materialised and filled once it is sharded."""
+    pending = isinstance(getattr(module.model, PENDING, None), PendingWeights)
+    if pending != (strategy == "fsdp") and any(p.is_meta for p in module.parameters()):
+        raise SlmforgeError(f"parallel.strategy: the model is still on the meta device under {strategy!r}; build "
+                            f"it with build_for_strategy(..., strategy={strategy!r}), which fills what it builds")
     if cfg.activation_checkpointing:
         checkpoint_blocks(module.model)
     compile_for_training(module, compile, strategy)
@@ -244,7 +254,65 @@ def wrap(module: ObjectiveModule, strategy: str, device: torch.device, cfg: Para
         for block in module.model.layers:
             fully_shard(block, mp_policy=policy)
         fully_shard(module, mp_policy=policy)  # the root: embeddings, norms and the head, with the loss
+        if pending:
+            materialize_shards(module.model)
     return module
+
+
+# ---------------------------------------------------------------- building for a strategy
+
+PENDING = "pending_weights"
+"""The attribute of a meta-built model that says what fills it once sharded (set and removed here)."""
+
+
+@dataclass(frozen=True)
+class PendingWeights:
+    """What an FSDP2 model built on the meta device gets once `wrap` has sharded it."""
+
+    device: torch.device
+    seed: int | None
+    """Initialise from this seed (the values one process draws); None: the resumed checkpoint fills it."""
+
+
+def build_for_strategy(cfg: ModelConfig, device: torch.device, strategy: str, seed: int | None,
+                       weights_from: Path | None = None) -> nn.Module:
+    """The model a run of `strategy` (strategy_for's answer) starts from: the weights of the checkpoint
+    folder `weights_from` (train.init_from), else seeded with `seed`, else (both None) left for a
+    resume to fill.
+
+    fsdp, seeded or resuming: built on the meta device and filled by `wrap` after fully_shard, so each
+    rank materialises only its shard (DESIGN.md: build on meta -> parallelize -> materialize -> init,
+    as torchtitan does). Otherwise built whole on `device` now, as always under ddp and none; so too
+    under fsdp from `weights_from`, which every rank reads whole anyway, and which a verb may still
+    change before sharding (finetune grows the embedding for added tokens)."""
+    if strategy == "fsdp" and weights_from is None:
+        model = build_model(cfg, device="meta")
+        setattr(model, PENDING, PendingWeights(device, seed))
+        return model
+    model = build_model(cfg, device=device, seed=None if weights_from is not None else seed)
+    if weights_from is not None:
+        load_weights(model, weights_from)
+    return model
+
+
+@torch.no_grad()
+def materialize_shards(model: nn.Module) -> None:
+    """Allocate this rank's shard of every parameter of a sharded meta model, then fill it.
+
+    Seeded init runs the model's own `init_weights` on the sharded parameters: it draws each full
+    parameter in turn from the one generator stream it uses on one process, and under implicit
+    replication `copy_` keeps this rank's rows. So the weights equal one process's bit for bit, with
+    one full parameter in memory at a time, never the model. (torchtitan's DTensor random ops draw
+    each shard separately instead: cheaper, but not the single-process values.)"""
+    pending: PendingWeights = getattr(model, PENDING)
+    delattr(model, PENDING)
+    model.to_empty(device=pending.device)
+    model.reset_buffers()  # FSDP2 leaves buffers whole: RoPE frequencies are computed on every rank
+    if pending.seed is not None:  # (None: the Trainer's resume loads the checkpoint into the shards)
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        with implicit_replication():  # a plain full tensor acts as a replicated one: copy_ keeps the shard
+            model.init_weights(pending.seed)
 
 
 def compile_for_training(module: ObjectiveModule, scope: bool | str, strategy: str) -> None:
