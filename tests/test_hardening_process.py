@@ -144,15 +144,15 @@ def test_sigterm_during_set_up_stops_in_one_line(markov_shards, tmp_path, moment
 # Sends SIGTERM twice inside the save of step FINAL (the last): the write goes on to the end.
 SIGNAL_IN_FINAL_SAVE = """
 import os, signal, sys
-import slmforge.train.trainer as trainer
+import slmforge.train.checkpointer as checkpointer
 final = int(sys.argv.pop(1))
-real_save = trainer.save_checkpoint
+real_save = checkpointer.save_checkpoint
 def save(run_dir, step, *args, **kwargs):
     if step == final:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
     return real_save(run_dir, step, *args, **kwargs)
-trainer.save_checkpoint = save
+checkpointer.save_checkpoint = save
 from slmforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """

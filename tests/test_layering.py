@@ -18,10 +18,10 @@ LAYERS = [
     ("text", {"text"}),
     ("representations", {"tokenizer", "models", "curate"}),
     ("objectives and data", {"objectives", "data"}),
-    ("run folders", {"runs"}),
-    ("inference", {"generate", "seq2seq_generate", "translate", "fill_mask"}),
+    ("run folders", {"runs", "checkpoint_meta"}),
+    ("inference", {"inference", "generate", "seq2seq_generate", "translate", "fill_mask"}),
     ("training", {"train"}),
-    ("verbs", {"finetune", "distill", "eval", "interop", "classify", "report", "quickstart"}),
+    ("verbs", {"finetune", "distill", "eval", "interop", "classify", "report", "quickstart", "serve"}),
     ("command line", {"cli", "__main__", "__init__"}),
 ]
 

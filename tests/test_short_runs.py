@@ -11,7 +11,8 @@ import pytest
 from slmforge import config
 from slmforge.errors import SlmforgeError
 from slmforge.train.config import PretrainConfig
-from slmforge.train.pretrain import WARMUP_CAP, pretrain
+from slmforge.train.pretrain import pretrain
+from slmforge.train.run import WARMUP_CAP
 from slmforge.train.metrics import read_metrics
 
 

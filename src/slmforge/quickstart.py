@@ -99,7 +99,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
 
     say("5/5 eval + generate")
     opened = open_run(run)
-    model, add_bos = opened.model, opened.meta.get("add_bos", True)
+    model, add_bos = opened.model, opened.info.add_bos
     tokenizer = opened.tokenizer()
     objective = run_objective(opened, tokenizer)
     rows = {f"held-out {lang}": evaluate_documents(model, objective, tokenizer, read_documents(path), seq_len,

@@ -30,13 +30,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slmforge import safe_dcp
-from slmforge.errors import ConfigError, SlmforgeError
+from slmforge.checkpoint_meta import META, CheckpointMeta
+from slmforge.errors import SlmforgeError
 from slmforge.fileio import inside, read_json, write_json_atomic
 from slmforge.formatting import say
-from slmforge.models.registry import ModelConfig, build_model, config_from_dict, family
+from slmforge.models.registry import ModelConfig, build_model, family
 
 WEIGHTS = "model.safetensors"
-META = "meta.json"
 STATE = "state.pt"
 CHECKSUMS = "checksums.json"  # sizes and SHA-256 of the other files, written last
 STEP_NAME = re.compile(r"step-[0-9]{1,12}")
@@ -45,11 +45,18 @@ SHARDED = "sharded"  # a torch.distributed.checkpoint folder: {"model": ..., "op
 
 @dataclass
 class Run:
-    """An opened checkpoint: the model (eval mode), where it came from, and what it was trained with."""
+    """An opened checkpoint: the model (eval mode), where it came from, and what it was trained with
+    (`info`, its meta.json as a checked record; `meta`, the same as a plain dict, is read by the
+    inference modules until they use `info` too)."""
 
     model: nn.Module
     step_dir: Path
     meta: dict[str, Any]
+    info: CheckpointMeta = None  # from `meta` when not given
+
+    def __post_init__(self):
+        if self.info is None:
+            self.info = CheckpointMeta.from_json(self.meta, self.step_dir / META)
 
     @property
     def kind(self) -> str:
@@ -67,18 +74,22 @@ class Run:
 
         folder = find_tokenizer_dir(self.step_dir)
         tokenizer = load_tokenizer(folder)
-        check_tokenizer(tokenizer.sha256, folder, self.step_dir, self.meta)
+        check_tokenizer(tokenizer.sha256, folder, self.step_dir, self.info)
         return tokenizer
 
     def data_dir(self) -> Path | None:
         """The prepared data the run trained on (meta.json `data`), or None if it recorded none."""
-        return recorded_data_dir(self.step_dir, self.meta)
+        return recorded_data_dir(self.step_dir, self.info)
 
 
 def open_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
     """Build the model a run or checkpoint folder describes and fill in its weights."""
-    model, step_dir, meta = load_model(path, device)
-    return Run(model.eval(), step_dir, meta)
+    step_dir = resolve_checkpoint(path)
+    require_intact(step_dir)
+    info = CheckpointMeta.read(step_dir)
+    model = build_model(info.model_config(), device=device, seed=None)
+    load_weights(model, step_dir)
+    return Run(model.eval(), step_dir, info.to_json(), info)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -259,21 +270,13 @@ def newest_good_checkpoint(run_dir: Path, say=None) -> Path | None:
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:
-    path = step_dir / META
-    try:
-        return read_json(path)
-    except FileNotFoundError:
-        raise SlmforgeError(f"{path}: missing; the checkpoint is incomplete") from None
+    """A step folder's meta.json as a plain dict (checked; `CheckpointMeta.read` gives the record)."""
+    return CheckpointMeta.read(step_dir).to_json()
 
 
 def model_config_from_meta(meta: dict[str, Any], where: Path) -> ModelConfig:
     """The model config a checkpoint's meta.json records, as its family's config class."""
-    if not isinstance(meta.get("model"), dict):
-        raise SlmforgeError(f"{where / META}: has no model config")
-    try:
-        return config_from_dict(meta["model"], "model")
-    except (ConfigError, SlmforgeError) as e:
-        raise SlmforgeError(f"{where / META}: {e}") from None
+    return CheckpointMeta.from_json(meta, where / META).model_config()
 
 
 def load_weights(model: nn.Module, step_dir: Path) -> None:
@@ -384,14 +387,10 @@ def sharded_read_error(folder: Path, error: BaseException) -> SlmforgeError:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Path, dict[str, Any]]:
-    """Build the model a checkpoint describes and fill in its weights. Returns (model, step_dir, meta)."""
-    step_dir = resolve_checkpoint(path)
-    require_intact(step_dir)
-    meta = read_meta(step_dir)
-    cfg = model_config_from_meta(meta, step_dir)
-    model = build_model(cfg, device=device, seed=None)
-    load_weights(model, step_dir)
-    return model, step_dir, meta
+    """Build the model a checkpoint describes and fill in its weights. Returns (model in training mode,
+    as built; step_dir; meta as a plain dict)."""
+    run = open_run(path, device)
+    return run.model.train(), run.step_dir, run.meta
 
 
 def run_dir_of(step_dir: Path) -> Path:
@@ -399,19 +398,19 @@ def run_dir_of(step_dir: Path) -> Path:
     return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
 
 
-def check_tokenizer(sha256: str, folder: Path, step_dir: Path, meta: dict[str, Any]) -> None:
+def check_tokenizer(sha256: str, folder: Path, step_dir: Path, info: CheckpointMeta) -> None:
     """Refuse a tokenizer other than the one the checkpoint recorded (its sha256 in meta.json)."""
-    expected = meta.get("tokenizer_sha256")
+    expected = info.tokenizer_sha256
     if expected and sha256 != expected:
         raise SlmforgeError(f"{folder}: tokenizer sha256 {sha256[:12]} differs from the {expected[:12]} "
                             f"this model was trained with ({step_dir / META}); put the training tokenizer back")
 
 
-def recorded_data_dir(step_dir: Path, meta: dict[str, Any]) -> Path | None:
+def recorded_data_dir(step_dir: Path, info: CheckpointMeta) -> Path | None:
     """The data folder meta.json names. Training records it relative to the run folder, so a run
     and its data work from any working directory and move together; older runs recorded it relative
     to the folder training ran in, which is tried second."""
-    recorded = meta.get("data")
+    recorded = info.data
     if not recorded:
         return None
     path = Path(recorded)

@@ -14,6 +14,7 @@ import torch
 from slmforge import config as config_io
 from slmforge.distill.config import DistillRunConfig
 from slmforge.distill.teacher import is_hf_folder, load_teacher
+from slmforge.errors import SlmforgeError
 from slmforge.eval.evaluate import evaluate_documents, print_table, read_documents, run_objective
 from slmforge.fileio import write_json_atomic
 from slmforge.models import family
@@ -52,7 +53,9 @@ def compare_with_teacher(run_dir: Path, cfg: DistillRunConfig, device: torch.dev
     student = open_run(run_dir, device)
     tokenizer = student.tokenizer()
     teacher = load_teacher(cfg.distill.teacher, device, "float32", tokenizer)
-    objective_cfg = config_io.parse(ObjectiveConfig, student.meta["objective"], "objective")
+    if student.info.objective is None:
+        raise SlmforgeError(f"{student.info.path}: records no objective; it was not made by `slmforge distill`")
+    objective_cfg = config_io.parse(ObjectiveConfig, student.info.objective, "objective")
     sides = {
         "student": (student.model, tokenizer, run_objective(student, tokenizer),
                     weights_bytes(student.step_dir)),
@@ -70,7 +73,7 @@ def compare_with_teacher(run_dir: Path, cfg: DistillRunConfig, device: torch.dev
                  "forward_tokens_per_s": forward_rate(model, side_tokenizer.vocab_size, device, seq_len)}
         for lang, path in cfg.distill.eval_texts.items():
             result = evaluate_documents(model, objective, side_tokenizer, read_documents(path), seq_len, path,
-                                        add_bos=student.meta.get("add_bos", True))
+                                        add_bos=student.info.add_bos)
             entry[lang] = result
             rows[lang if side == "student" else f"teacher {lang}"] = {**result, "text": path, "model": side}
         report[side] = entry

@@ -125,7 +125,7 @@ def build_teacher_cache(cfg: DistillRunConfig, out: str, processes: int = 1) -> 
     from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
     from slmforge.runtime import resolve_device
     from slmforge.tokenizer import load_tokenizer
-    from slmforge.train.pretrain import resolve_steps
+    from slmforge.train.run import resolve_steps
 
     loop = cfg.train
     shards = ShardSet(loop.data, loop.train_split)

@@ -89,9 +89,9 @@ def _run(args: argparse.Namespace) -> int:
         require_lm_eval()  # before the model is loaded: a missing extra is said at once
         args.limit = parse_limit(args.limit) if args.limit is not None else None
     run = open_run(args.model, device=resolve_device(args.device, "--device"))
-    model, meta = run.model, run.meta
+    model, info = run.model, run.info
     tokenizer = run.tokenizer() if args.text else None
-    seq_len = args.seq_len or meta.get("seq_len") or model.cfg.max_seq_len
+    seq_len = args.seq_len or info.seq_len or model.cfg.max_seq_len
     rows = {}
     data = Path(args.data) if args.data else (run.data_dir() if not (args.text or args.examples or tasks) else None)
     # The run's training objective scores --data and --text; --examples brings its own format.
@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         name, _, path = item.rpartition("=")
         rows[name or Path(path).name] = {
             **evaluate_documents(model, objective, tokenizer, read_documents(path), seq_len, path,
-                                 add_bos=meta.get("add_bos", True)),
+                                 add_bos=info.add_bos),
             "text": path}
     for item in args.examples:
         from slmforge.finetune.evaluate import evaluate_example_file, write_samples

@@ -22,7 +22,7 @@ from slmforge.runs import Run
 
 def run_objective(run: Run, tokenizer=None):
     """The objective a run was trained with (meta.json), or its family's default for older runs."""
-    recorded = run.meta.get("objective") or {"kind": DEFAULT_FOR_KIND[run.kind]}
+    recorded = run.info.objective or {"kind": DEFAULT_FOR_KIND[run.kind]}
     cfg = config_io.parse(ObjectiveConfig, recorded, "objective")
     # mask token / sentinels and eos; eos also where causal LM keeps documents apart
     if (cfg.kind in ("mlm", "span") or getattr(cfg, "documents", False)) and tokenizer is None:

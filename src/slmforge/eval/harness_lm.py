@@ -42,7 +42,7 @@ class SlmforgeLM(TemplateLM):
             raise SlmforgeError(f"{run.step_dir}: lm-eval tasks need a decoder or an encoder-decoder, "
                                 f"this is a {self.model.cfg.family} {self.kind}")
         self.backend = "causal" if self.kind == "decoder" else "seq2seq"
-        self.add_bos = bool(run.meta.get("add_bos", True)) and self.tokenizer_.bos_id is not None
+        self.add_bos = run.info.add_bos and self.tokenizer_.bos_id is not None
         self._batch_size = int(batch_size)
         self._max_gen_toks = max_gen_toks
         self._device = run.device

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from slmforge import config as config_io
+from slmforge.checkpoint_meta import CheckpointMeta
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import DEFAULT_LORA_TARGETS, FinetuneConfig
 from slmforge.finetune.examples import BadExample, Skipped, bad_example, read_lines, read_records
@@ -48,8 +49,6 @@ from slmforge.runs import (
     check_names_and_shapes,
     checkpoint_tensors,
     find_tokenizer_dir,
-    model_config_from_meta,
-    read_meta,
     require_intact,
     resolve_checkpoint,
     write_eval_report,
@@ -358,16 +357,14 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def finetune_labels(cfg: FinetuneConfig, session: Session) -> Path:
     """`slmforge finetune` with finetune.task = "classify" or "tag" (see the module docstring)."""
-    from slmforge.finetune.run import _freeze, fit_finetune
-    from slmforge.runtime import apply_attention, resolve_precision
+    from slmforge.finetune.run import _freeze, finetune_identity
     from slmforge.train.checkpoint import write_model_folder
     from slmforge.train.parallel import barrier
-    from slmforge.train.pretrain import resolve_steps
+    from slmforge.train.run import RunParts, TrainingRun
 
     loop, ex = cfg.train, cfg.finetune
     run_dir, resume_dir, device, where = session.run_dir, session.resume_dir, session.device, session.where
-    precision = resolve_precision(loop.precision, device)
-    torch.manual_seed(loop.seed + where.rank)
+    run = TrainingRun.start(cfg, session)
 
     tokenizer, init_dir, init_head = _model_and_tokenizer(cfg, session)
     if loop.seq_len > cfg.model.max_seq_len:
@@ -400,8 +397,11 @@ def finetune_labels(cfg: FinetuneConfig, session: Session) -> Path:
     if not train:
         raise SlmforgeError(f"finetune.train_files: no usable examples in {', '.join(ex.train_files)}")
 
-    model = build_model(cfg.model, device=device, seed=None if resume_dir else loop.seed)
-    if resume_dir is None and init_dir is not None:
+    if init_dir is None:  # seeded, or left for the resume to fill (FSDP2: built on meta, initialised per shard)
+        model = run.build()
+    else:  # whole: the encoder's weights go into it; a new head keeps its seeded initialisation
+        model = build_model(cfg.model, device=device, seed=loop.seed)
+    if init_dir is not None:
         _load_encoder(model, init_dir, keep_head)
         say(f"initialised the encoder from {init_dir}; "
             + ("kept its classification head" if keep_head else f"new {ex.task} head for {len(labels)} labels"))
@@ -426,7 +426,6 @@ def finetune_labels(cfg: FinetuneConfig, session: Session) -> Path:
         say(f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {len(targets)} modules; the head trains whole")
     else:
         _freeze(model, ex.freeze)
-    apply_attention(model, loop.attention, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -438,14 +437,13 @@ def finetune_labels(cfg: FinetuneConfig, session: Session) -> Path:
         val_loader = LabelLoader(val, loop.eval_batch_size or loop.batch_size, pad_id=pad_id, shuffle=False,
                                  training=False, **split)
         val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
-    resolve_steps(cfg, train_loader.batches_per_epoch)
     description = (f"{cfg.model.family} {ex.task} ({len(labels)} labels) {human(total)} parameters, "
                    f"{human(trainable)} trainable ({100 * trainable / total:.2f}%) | {len(train):,} examples | "
                    f"{len(val):,} held out")
-    trainer, held_out = fit_finetune(cfg, session, model=model, objective=objective, train_loader=train_loader,
-                                     val_batches=val_batches, precision=precision, base_meta=base_meta,
-                                     fingerprint=_fingerprint(train, labels), packing=False,
-                                     checkpoint_format=checkpoint_format, description=description)
+    trainer, held_out = run.fit(RunParts(model=model, objective=objective, train_loader=train_loader,
+                                         val_batches=val_batches, fingerprint=_fingerprint(train, labels),
+                                         meta=base_meta, description=description,
+                                         identity=finetune_identity(cfg, False), checkpoint_format=checkpoint_format))
     if where.is_main and ex.eval_samples and (val or train):
         examples = val or train
         report = score(examples, predict(trainer.model, examples, pad_id, loop.eval_batch_size or 32), labels)
@@ -464,14 +462,14 @@ def _model_and_tokenizer(cfg: FinetuneConfig, session: Session):
 
     ex, run_dir = cfg.finetune, session.run_dir
     if session.resume_dir is not None:
-        cfg.model = model_config_from_meta(read_meta(session.resume_dir), session.resume_dir)
+        cfg.model = CheckpointMeta.read(session.resume_dir).model_config()
         _check_encoder(cfg)
         return load_tokenizer(run_dir / "tokenizer"), None, (cfg.model.head, list(cfg.model.labels or []))
     init_dir, init_head = None, None
     if cfg.train.init_from:
         init_dir = resolve_checkpoint(cfg.train.init_from)
         require_intact(init_dir)
-        cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
+        cfg.model = CheckpointMeta.read(init_dir).model_config()
         say(f"model config taken from {init_dir}")
         source = find_tokenizer_dir(init_dir)
     else:
@@ -613,7 +611,7 @@ def label_run(run) -> LabelRun:
     if not getattr(cfg, "has_classifier", False):
         raise SlmforgeError(f"{run.step_dir}: this model has no classification head (a {cfg.family} "
                             f"{family(cfg).kind}); fine-tune one with finetune.task = \"classify\" or \"tag\"")
-    recorded = (run.meta.get("config") or {}).get("finetune")
+    recorded = run.info.config_section("finetune")
     fields = {k: v for k, v in (recorded or {}).items() if k in ("text_field", "text_pair_field", "label_field",
                                                                    "tokens_field", "tags_field", "on_bad_example")}
     settings = config_io.from_dict(ExamplesConfig, {**fields, "task": cfg.head, "train_files": ["-"]}, "finetune")
@@ -621,7 +619,7 @@ def label_run(run) -> LabelRun:
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else cfg.pad_token_id
     encoder = LabelEncoder(tokenizer, cfg.head, cfg.labels, token_types=cfg.type_vocab_size > 1)
     return LabelRun(cfg.head, list(cfg.labels), settings, encoder, pad,
-                    int(run.meta.get("seq_len") or cfg.max_seq_len))
+                    run.info.seq_len or cfg.max_seq_len)
 
 
 def evaluate_label_file(run, path: str, batch_size: int) -> dict[str, Any]:

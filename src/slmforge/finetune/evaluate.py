@@ -29,6 +29,23 @@ def answer(model: nn.Module, example: Encoded, stop_id: int | None, max_new_toke
     return tokenizer.decode(tokens)
 
 
+@torch.no_grad()
+def answers(model: nn.Module, examples: list[Encoded], stop_id: int | None, max_new_tokens: int, tokenizer,
+            batch_size: int = 16) -> list[str]:
+    """The model's greedy answers to the examples' prompts, batched (prompts of different lengths
+    share a batch) through the inference engine: the answer of each equals `answer` of it alone."""
+    from slmforge.inference import Engine, SamplingParams
+
+    prompts = [torch.as_tensor(e.ids[:e.prompt_len]).tolist() for e in examples]
+    if not prompts:
+        return []
+    params = [SamplingParams(max_new_tokens=max(1, min(max_new_tokens, model.cfg.max_seq_len - len(p))),
+                             temperature=0.0, stop_token_ids=[stop_id] if stop_id is not None else [])
+              for p in prompts]
+    completions = Engine(model, max_batch=min(batch_size, len(prompts))).generate(prompts, params)
+    return [tokenizer.decode(c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids) for c in completions]
+
+
 def chrf(outputs: list[str], references: list[str]) -> float | None:
     """Corpus chrF (0-100) by sacrebleu; None where sacrebleu is not installed."""
     try:
@@ -53,8 +70,7 @@ def generation_eval(model: nn.Module, examples: list[Encoded], tokenizer, stop_i
     was_training = model.training
     model.eval()
     rows = []
-    for example in examples:
-        output = answer(model, example, stop_id, max_new_tokens, tokenizer)
+    for example, output in zip(examples, answers(model, examples, stop_id, max_new_tokens, tokenizer)):
         prompt = tokenizer.decode(example.ids[:example.prompt_len].tolist(), skip_special=False)
         rows.append(_row(example.where, prompt, example.answer, output))
     model.train(was_training)
@@ -130,15 +146,14 @@ def evaluate_example_file(run, path: str, batch_size: int, samples: int, max_new
         from slmforge.finetune.classify import evaluate_label_file
 
         return evaluate_label_file(run, path, batch_size), []
-    finetuned = run.meta.get("finetune")
-    settings = (run.meta.get("config") or {}).get("finetune")
-    if not finetuned or not isinstance(settings, dict):
+    settings = run.info.config_section("finetune")
+    if run.info.finetune is None or settings is None:
         raise SlmforgeError(f"{run.step_dir}: not made by `slmforge finetune`, so it has no example format; "
                             f"evaluate it with --data or --text")
     cfg = config_io.from_dict(ExamplesConfig, {**settings, "train_files": [path], "val_files": []}, "finetune")
     tokenizer = run.tokenizer()
     skipped = Skipped()
-    seq_len = run.meta.get("seq_len", run.model.cfg.max_seq_len)
+    seq_len = run.info.seq_len or run.model.cfg.max_seq_len
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     if run.kind == "encoder-decoder":  # translation pairs: source -> encoder, target -> decoder
         encoder = PairEncoder(tokenizer)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from slmforge import config as config_io
+from slmforge.checkpoint_meta import CheckpointMeta
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import FinetuneConfig
 from slmforge.finetune.evaluate import generation_eval, pair_generation_eval, write_samples
@@ -32,24 +33,14 @@ from slmforge.finetune.templates import (
 )
 from slmforge.finetune.vocab import add_special_tokens, fit_embeddings
 from slmforge.formatting import human, say
-from slmforge.models import build_model, family
+from slmforge.models import family
 from slmforge.objectives.clm import CausalLM
 from slmforge.objectives.seq2seq import Seq2Seq
-from slmforge.runs import (
-    find_tokenizer_dir,
-    load_weights,
-    model_config_from_meta,
-    read_meta,
-    require_intact,
-    resolve_checkpoint,
-    write_eval_report,
-)
-from slmforge.runtime import apply_attention, resolve_precision
+from slmforge.runs import find_tokenizer_dir, resolve_checkpoint, write_eval_report
 from slmforge.train.checkpoint import write_model_folder
 from slmforge.train.parallel import barrier
-from slmforge.train.pretrain import resolve_steps
-from slmforge.train.resume_check import append_history, apply_optimizer_settings, check_resumable, resume_identity
-from slmforge.train.session import Session, open_metrics, training_session
+from slmforge.train.run import RunParts, TrainingRun
+from slmforge.train.session import Session, training_session
 from slmforge.train.trainer import Trainer
 
 
@@ -68,11 +59,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     loop, ex = cfg.train, cfg.finetune
-    run_dir, resume_dir, device, where = session.run_dir, session.resume_dir, session.device, session.where
-    precision = resolve_precision(loop.precision, device)
-    torch.manual_seed(loop.seed + where.rank)
+    run_dir, resume_dir, where = session.run_dir, session.resume_dir, session.where
+    run = TrainingRun.start(cfg, session)
 
-    tokenizer, choice, new_ids, init_dir = _model_and_tokenizer(cfg, session)
+    tokenizer, choice, new_ids, init_dir = _model_and_tokenizer(run)
     seq2seq = family(cfg.model).kind == "encoder-decoder"
     if loop.seq_len > cfg.model.max_seq_len:  # before any step: an encoder-decoder side is one sequence too
         raise SlmforgeError(f"train.seq_len: {loop.seq_len} exceeds the model's context, model.max_seq_len = "
@@ -80,12 +70,9 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     encoder = PairEncoder(tokenizer) if seq2seq else ExampleEncoder(tokenizer, choice, ex.task)
     train_examples, val_examples = _examples(cfg, encoder, seq2seq)
 
-    model = build_model(cfg.model, device=device, seed=None if (resume_dir or init_dir) else loop.seed)
-    if resume_dir is None:
-        if init_dir is not None:
-            load_weights(model, init_dir)
-            say(f"initialised weights from {init_dir}")
-            fit_embeddings(model, tokenizer.vocab_size, new_ids)
+    model = run.build(weights_from=init_dir)
+    if init_dir is not None:  # (None when resuming: the run's own grown vocabulary is in its checkpoint)
+        fit_embeddings(model, tokenizer.vocab_size, new_ids)
     base_meta = _meta(cfg, tokenizer, choice)
     checkpoint_format = None
     if cfg.lora.rank:
@@ -101,7 +88,6 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
         say(f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {len(targets)} modules")
     else:
         _freeze(model, ex.freeze)
-    apply_attention(model, loop.attention, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -120,83 +106,40 @@ def _finetune(cfg: FinetuneConfig, session: Session) -> Path:
     if val_examples:
         val_loader = make_loader(val_examples, loop.eval_batch_size or loop.batch_size, shuffle=False, training=False)
         val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
-    resolve_steps(cfg, train_loader.batches_per_epoch)
 
     description = (f"{cfg.model.family} {human(total)} parameters, {human(trainable)} trainable "
                    f"({100 * trainable / total:.2f}%) | {len(train_examples):,} examples in "
                    f"{train_loader.num_windows:,} rows ({'padded pairs' if seq2seq else 'packed' if ex.packing else 'padded'}"
                    f", {100 * train_loader.fill:.0f}% filled) | {len(val_examples):,} held out")
-    trainer, held_out = fit_finetune(cfg, session, model=model, objective=objective, train_loader=train_loader,
-                                     val_batches=val_batches, precision=precision, base_meta=base_meta,
-                                     fingerprint=_fingerprint(train_examples, cfg), packing=ex.packing,
-                                     checkpoint_format=checkpoint_format, description=description)
+    trainer, held_out = run.fit(RunParts(model=model, objective=objective, train_loader=train_loader,
+                                         val_batches=val_batches, fingerprint=_fingerprint(train_examples, cfg),
+                                         meta=base_meta, description=description,
+                                         identity=finetune_identity(cfg, ex.packing),
+                                         checkpoint_format=checkpoint_format))
     if where.is_main and ex.eval_samples and (val_examples or train_examples):
         _evaluate(trainer, val_examples or train_examples, encoder, tokenizer, ex, held_out, run_dir)
     return run_dir
 
 
-def fit_finetune(cfg: FinetuneConfig, session: Session, *, model, objective, train_loader, val_batches,
-                 precision: str, base_meta: dict, fingerprint: str, packing: bool, checkpoint_format,
-                 description: str) -> tuple[Trainer, dict | None]:
-    """What every fine-tuning task does once its model, objective and loaders are built: the resume
-    identity and its check, config.toml and its history, metrics, the Trainer, resume (with the
-    optimizer settings applied) and fit. Returns the trainer and fit's held-out figures."""
-    loop, where, run_dir, resume_dir = cfg.train, session.where, session.run_dir, session.resume_dir
-    resolved = config_io.to_dict(cfg)
-    identity = resume_identity(resolved, where.world_size, fingerprint)
-    # Named apart from the data, so a resume with another LoRA setting or packing says so.
-    identity.update({"finetune.packing": packing, "lora": config_io.to_dict(cfg.lora)})
-    if resume_dir is not None:
-        check_resumable(read_meta(resume_dir).get("resume_identity"), identity, resume_dir,
-                        loop.allow_config_changes, say)
-    if where.is_main:
-        config_io.save(cfg, run_dir / "config.toml")
-        append_history(run_dir, resolved, read_meta(resume_dir)["step"] if resume_dir else 0)
-
-    metrics = open_metrics(cfg.tracking, cfg, session)
-    try:
-        trainer = Trainer(
-            model=model, objective=objective, train_loader=train_loader, loop=loop, optim=cfg.optim,
-            schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=session.device, precision=precision,
-            val_batches=val_batches,
-            checkpoint_meta={**base_meta, "processes": where.world_size, "config": resolved,
-                             "data_fingerprint": fingerprint, "resume_identity": identity,
-                             "dropout_seeds": [loop.seed + r for r in range(where.world_size)]},
-            flops_per_token=cfg.model.flops_per_token(loop.seq_len), seed=loop.seed, where=where,
-            parallel=cfg.parallel, checkpoint_format=checkpoint_format)
-        say(f"run folder {run_dir} | {description} | device {session.device} ({precision})"
-            + (f" | {where.world_size} processes ({trainer.strategy})" if where.active else ""))
-        if resume_dir is not None:
-            trainer.resume_from(resume_dir)
-            apply_optimizer_settings(trainer.optimizer, cfg.optim, say)
-        elif metrics is not None:
-            metrics.truncate_after(0)
-        held_out = trainer.fit()
-    finally:
-        if metrics is not None:
-            metrics.close()
-    return trainer, held_out
+def finetune_identity(cfg: FinetuneConfig, packing: bool) -> dict:
+    """What a fine-tuning run's exactness depends on beyond the config's EXACTNESS_FIELDS, named apart
+    from the data so that a resume with another LoRA setting or packing says so."""
+    return {"finetune.packing": packing, "lora": config_io.to_dict(cfg.lora)}
 
 
-def _model_and_tokenizer(cfg: FinetuneConfig, session: Session):
+def _model_and_tokenizer(run: TrainingRun):
     """Model config, the run's tokenizer (task tokens and template added), its template, the ids of
     tokens added now, and the folder to take weights from (None when resuming or from scratch)."""
     from slmforge.tokenizer import load_tokenizer
 
+    cfg, session = run.cfg, run.session
     ex, run_dir = cfg.finetune, session.run_dir
     if session.resume_dir is not None:  # the run's own tokenizer and (grown) architecture
-        cfg.model = model_config_from_meta(read_meta(session.resume_dir), session.resume_dir)
+        cfg.model = CheckpointMeta.read(session.resume_dir).model_config()
         tokenizer = load_tokenizer(run_dir / "tokenizer")
         return tokenizer, _template(cfg, tokenizer), [], None
-    init_dir = None
-    if cfg.train.init_from:
-        init_dir = resolve_checkpoint(cfg.train.init_from)
-        require_intact(init_dir)  # a starting point from elsewhere is checked like a resume
-        cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
-        say(f"model config taken from {init_dir}")
-        source = find_tokenizer_dir(init_dir)
-    else:
-        source = Path(ex.tokenizer)
+    init_dir = run.init_from()
+    source = find_tokenizer_dir(init_dir) if init_dir is not None else Path(ex.tokenizer)
     base = load_tokenizer(source)
     choice = _template(cfg, base)
     tokenizer, new_ids = add_special_tokens(base, choice.added_tokens, choice.source or None)

@@ -32,7 +32,7 @@ from slmforge.models.hf import (
     state_dict_to_hf,
 )
 from slmforge.models.registry import family
-from slmforge.runs import check_tokenizer, find_tokenizer_dir, load_model
+from slmforge.runs import check_tokenizer, find_tokenizer_dir, open_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,13 +45,14 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "float32", force: b
     """Write the model of a run (or checkpoint) folder to `out` in Hugging Face format. Returns `out`."""
     if dtype not in DTYPES:
         raise SlmforgeError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, step_dir, meta = load_model(run)
+    opened = open_run(run)
+    model, step_dir = opened.model, opened.step_dir
     cfg = model.cfg
     check_exportable(cfg)
     from slmforge.tokenizer import load_tokenizer
 
     tokenizer_dir = find_tokenizer_dir(run)
-    check_tokenizer(load_tokenizer(tokenizer_dir).sha256, tokenizer_dir, step_dir, meta)  # not a swapped one
+    check_tokenizer(load_tokenizer(tokenizer_dir).sha256, tokenizer_dir, step_dir, opened.info)  # not a swapped one
     ids = special_token_ids(tokenizer_dir)
     out = Path(out)
     with output_dir(out, force) as tmp:

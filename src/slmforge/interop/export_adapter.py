@@ -12,23 +12,24 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from slmforge.checkpoint_meta import CheckpointMeta
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import LoraConfig
 from slmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, peft_config, require_peft
 from slmforge.interop.export import output_dir
 from slmforge.models.hf import decoder as hf_decoder
 from slmforge.models.registry import family
-from slmforge.runs import model_config_from_meta, read_meta, resolve_checkpoint
+from slmforge.runs import resolve_checkpoint
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Path:
     step_dir = resolve_checkpoint(run)
-    meta = read_meta(step_dir)
-    lora = (meta.get("finetune") or {}).get("lora")
+    info = CheckpointMeta.read(step_dir)
+    lora = info.lora
     if not lora or not (step_dir / ADAPTER_WEIGHTS).is_file():
         raise SlmforgeError(f"{step_dir}: not a checkpoint of a LoRA run (no {ADAPTER_WEIGHTS}); export the "
                             f"whole model without --adapter-only")
-    cfg = model_config_from_meta(meta, step_dir)
+    cfg = info.model_config()
     if family(cfg).kind != "decoder":
         raise SlmforgeError(f"{step_dir}: --adapter-only writes decoders' adapters (transformers' causal-LM names); "
                             f"export the merged {cfg.family} model without it")

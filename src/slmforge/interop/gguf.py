@@ -658,7 +658,7 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: boo
     except ImportError:
         raise SlmforgeError(f"{WHERE}: needs the `gguf` package (pip install 'slmforge[gguf]')") from None
     from slmforge.models.registry import family
-    from slmforge.runs import check_tokenizer, find_tokenizer_dir, load_model, recorded_data_dir
+    from slmforge.runs import check_tokenizer, find_tokenizer_dir, open_run, recorded_data_dir
     from slmforge.tokenizer import load_tokenizer
 
     out = Path(out)
@@ -666,7 +666,8 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: boo
         raise SlmforgeError(f"{out}: is a folder; --format gguf writes one file (e.g. --out {out}/model.gguf)")
     if out.exists() and not force:
         raise SlmforgeError(f"{out}: exists; choose another file or pass --force")
-    model, step_dir, meta = load_model(run)
+    opened = open_run(run)
+    model, step_dir, info = opened.model, opened.step_dir, opened.info
     cfg = model.cfg
     kind = family(cfg).kind
     if kind != "decoder":
@@ -675,16 +676,16 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: boo
     arch = check_gguf_exportable(cfg)
     tokenizer_dir = find_tokenizer_dir(run)
     tokenizer = load_tokenizer(tokenizer_dir)
-    check_tokenizer(tokenizer.sha256, tokenizer_dir, step_dir, meta)
-    texts = sample_texts(tokenizer, recorded_data_dir(step_dir, meta))
-    vocab = gguf_vocab(tokenizer, cfg.vocab_size, bool(meta.get("add_bos", True)), texts)
+    check_tokenizer(tokenizer.sha256, tokenizer_dir, step_dir, info)
+    texts = sample_texts(tokenizer, recorded_data_dir(step_dir, info))
+    vocab = gguf_vocab(tokenizer, cfg.vocab_size, info.add_bos, texts)
     tensors = gguf_tensors(cfg, arch, model.state_dict())
-    del model
+    del model, opened
 
     name = step_dir.parent.parent.name if step_dir.parent.name == "checkpoints" else step_dir.name
     extra = {"slmforge.tokenizer.sha256": tokenizer.sha256, "slmforge.tokenizer.checked_texts": vocab.checked.total}
-    if isinstance(meta.get("step"), int):
-        extra["slmforge.checkpoint.step"] = meta["step"]
+    if info.step is not None:
+        extra["slmforge.checkpoint.step"] = info.step
     tmp = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

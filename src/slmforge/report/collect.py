@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from slmforge.checkpoint_meta import META, CheckpointMeta
 from slmforge.config import read_toml
 from slmforge.errors import SlmforgeError
 
@@ -51,7 +52,8 @@ class RunFacts:
     train: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl train records
     val: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl val records
     skipped: list[dict[str, Any]] = field(default_factory=list)  # non-finite steps (update skipped)
-    meta: dict[str, Any] = field(default_factory=dict)  # newest checkpoint's meta.json
+    info: CheckpointMeta = field(default_factory=CheckpointMeta)  # newest checkpoint's meta.json
+    meta_problems: list[str] = field(default_factory=list)  # meta.json files that could not be read
     step_dir: Path | None = None
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # set name -> metrics
     eval_step_dir: Path | None = None
@@ -77,16 +79,16 @@ class RunFacts:
     def summary(self) -> dict[str, str]:
         """Label -> shown value, only for what the run recorded (order is the table's)."""
         out: dict[str, str] = {}
-        model = self.meta.get("model") or self.config.get("model") or {}
+        model = self.info.model or self.config.get("model") or {}
         if model.get("family"):
             out["model"] = str(model["family"]) + (f" ({model['preset']})" if model.get("preset") else "")
         if self.parameters:
             out["parameters"] = f"{self.parameters / 1e6:,.2f}M"
-        objective = (self.meta.get("objective") or self.config.get("objective") or {}).get("kind")
+        objective = self.info.objective_kind or (self.config.get("objective") or {}).get("kind")
         if objective:
             out["objective"] = str(objective)
         train_cfg = self.config.get("train") or {}
-        step = self.meta.get("step")
+        step = self.info.step
         last_step = max([r["step"] for r in self.train + self.val], default=step)
         if last_step is not None:
             out["steps"] = f"{last_step:,}" + (f" / {train_cfg['max_steps']:,}" if train_cfg.get("max_steps") else "")
@@ -112,7 +114,7 @@ class RunFacts:
             out["processes"] = processes
         if train_cfg.get("seq_len") and train_cfg.get("batch_size"):
             accum = train_cfg.get("grad_accum", 1)
-            processes = self.meta.get("processes", 1)
+            processes = self.info.processes or 1
             out["batch"] = (f"{train_cfg['batch_size'] * accum * processes} x {train_cfg['seq_len']} tokens"
                             + (f" ({processes} processes)" if processes > 1 else ""))
         return out
@@ -125,8 +127,8 @@ class RunFacts:
         this order: the entry's own `processes` (if training recorded it), the meta.json of a step folder
         it saved, or the trainer's kept warning "resuming N-process state on M processes" (M from that
         step on, N before it). Without a history, the newest checkpoint's meta.json says it for all."""
-        newest = _int_or_none(self.meta.get("processes"))
-        end = last_step if last_step is not None else _int_or_none(self.meta.get("step"))
+        newest = self.info.processes
+        end = last_step if last_step is not None else self.info.step
         starts = [_int_or_none(h.get("resumed_from_step")) for h in self.history]
         if not starts or None in starts:
             return [(0, end, newest)] if newest else []
@@ -174,21 +176,21 @@ class RunFacts:
 
     def tokens_seen(self) -> int | None:
         seen = [r["tokens"] for r in self.train if isinstance(r.get("tokens"), int)]
-        return self.meta.get("tokens_seen") or (seen[-1] if seen else None)
+        return self.info.tokens_seen or (seen[-1] if seen else None)
 
     def wall_time(self) -> str | None:
         """The run's wall time: recorded by training if it was, else the time from its first start to
         its newest checkpoint (file times; pauses between resumes included, and said so)."""
         from slmforge.formatting import duration
 
-        recorded = self.meta.get("wall_time_s") or self.meta.get("elapsed_s")
-        if isinstance(recorded, (int, float)):
+        recorded = self.info.training_seconds
+        if recorded is not None:
             return duration(recorded)
         if not self.history or self.step_dir is None:
             return None
         try:
             start = datetime.strptime(self.history[0]["started"], "%Y-%m-%d %H:%M:%S").timestamp()
-            end = (self.step_dir / "meta.json").stat().st_mtime
+            end = (self.step_dir / META).stat().st_mtime
         except (KeyError, ValueError, OSError):
             return None
         if end < start:
@@ -200,26 +202,22 @@ class RunFacts:
     def environment(self) -> dict[str, str]:
         """Hardware and versions, as far as meta.json records them."""
         out = {}
-        meta = self.meta
-        hardware = meta.get("hardware")
-        if isinstance(hardware, dict):
-            out["hardware"] = ", ".join(f"{k} {v}" for k, v in hardware.items()
+        info = self.info
+        if info.hardware:
+            out["hardware"] = ", ".join(f"{k} {v}" for k, v in info.hardware.items()
                                         if v not in (None, "") and k != "processes")  # a row of its own
-        elif hardware:
-            out["hardware"] = str(hardware)
-        device = meta.get("device") or (self.config.get("train") or {}).get("device")
+        device = info.device or (self.config.get("train") or {}).get("device")
         if device and device != "auto":
             out["device"] = str(device)
-        versions = meta.get("versions")
-        if isinstance(versions, dict):
-            out["versions"] = ", ".join(f"{k} {v}" for k, v in versions.items())
-        elif meta.get("slmforge_version"):
-            out["versions"] = f"slmforge {meta['slmforge_version']}"
+        if info.versions:
+            out["versions"] = ", ".join(f"{k} {v}" for k, v in info.versions.items())
+        elif info.slmforge_version:
+            out["versions"] = f"slmforge {info.slmforge_version}"
         return out
 
     def warnings(self) -> list[str]:
         """What went wrong or changed along the way: skipped steps, resumes, config changes, events."""
-        out = []
+        out = list(self.meta_problems)
         if self.skipped:
             steps = [r["step"] for r in self.skipped]
             shown = ", ".join(str(s) for s in steps[:20]) + (", ..." if len(steps) > 20 else "")
@@ -263,7 +261,7 @@ def _is_run(folder: Path) -> bool:
 
 def collect(path: str | Path, name: str | None = None) -> RunFacts:
     """Read what a run folder holds. `path` may also be a step folder: its eval.json is then shown."""
-    from slmforge.runs import META, step_folders
+    from slmforge.runs import step_folders
 
     given = Path(path)
     run_dir = find_run_dir(given)
@@ -282,15 +280,11 @@ def collect(path: str | Path, name: str | None = None) -> RunFacts:
     chosen = given if (given / META).is_file() else (steps[0] if steps else None)
     if chosen is not None:
         facts.step_dir = chosen
-        facts.meta = _json(chosen / META) or {}
+        facts.info = _meta(chosen, facts.meta_problems)
     for folder in steps:
-        meta = facts.meta if folder == chosen else (_json(folder / META) or {})
-        count = _int_or_none(meta.get("processes"))
-        if count is None and isinstance(meta.get("hardware"), dict):
-            count = _int_or_none(meta["hardware"].get("processes"))
-        step = _int_or_none(meta.get("step"))
-        if count is not None and step is not None:
-            facts.checkpoint_processes[step] = count
+        info = facts.info if folder == chosen else _meta(folder, facts.meta_problems)
+        if info.process_count is not None and info.step is not None:
+            facts.checkpoint_processes[info.step] = info.process_count
     facts.checkpoint_processes = dict(sorted(facts.checkpoint_processes.items()))
     with_eval = [given] if (given / "eval.json").is_file() else [p for p in steps if (p / "eval.json").is_file()]
     if with_eval:
@@ -298,10 +292,10 @@ def collect(path: str | Path, name: str | None = None) -> RunFacts:
         evals = _json(with_eval[0] / "eval.json")
         facts.evals = {k: v for k, v in (evals or {}).items() if isinstance(v, dict)}
     facts.tokenizer, facts.tokenizer_report = _tokenizer(run_dir)
-    facts.data = _data(run_dir, facts.meta)
+    facts.data = _data(run_dir, facts.info)
     facts.samples, facts.samples_total, facts.samples_file = _samples(run_dir)
     facts.events = _jsonl(run_dir / "events.jsonl")
-    facts.parameters = _parameters(facts.meta.get("model") or facts.config.get("model"))
+    facts.parameters = _parameters(facts.info.model or facts.config.get("model"))
     return facts
 
 
@@ -364,6 +358,16 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def _meta(step_dir: Path, problems: list[str]) -> CheckpointMeta:
+    """A step folder's meta.json; one that cannot be read is shown as a warning and taken as empty
+    (a report shows what it can)."""
+    try:
+        return CheckpointMeta.read(step_dir)
+    except SlmforgeError as e:
+        problems.append(str(e))
+        return CheckpointMeta()
+
+
 def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -415,9 +419,9 @@ def _tokenizer(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     return facts, report if isinstance(report, dict) else None
 
 
-def _data(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _data(run_dir: Path, info: CheckpointMeta) -> dict[str, Any]:
     """Tokens, documents and bytes per split from the data manifest, if the data is where meta says."""
-    recorded = meta.get("data")
+    recorded = info.data
     if not recorded:
         return {}
     folder = Path(recorded) if Path(recorded).is_absolute() else run_dir / recorded

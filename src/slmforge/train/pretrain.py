@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
-
-import torch
 
 from slmforge import config as config_io
 from slmforge.data.loader import WindowLoader
@@ -15,24 +12,15 @@ from slmforge.data.shards import ShardSet, manifest_tokenizer_dir, read_manifest
 from slmforge.errors import SlmforgeError
 from slmforge.fileio import relative_to
 from slmforge.formatting import say
-from slmforge.models import build_model, family
+from slmforge.models import family
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
-from slmforge.runtime import apply_attention, resolve_precision
-from slmforge.runs import (find_tokenizer_dir, load_weights, model_config_from_meta, read_meta, require_intact,
-                           resolve_checkpoint, run_dir_of)
+from slmforge.runs import find_tokenizer_dir, model_config_from_meta, read_meta, run_dir_of
 from slmforge.train.checkpoint import write_error
 from slmforge.train.config import PretrainConfig
-from slmforge.train.resume_check import (
-    append_history,
-    apply_optimizer_settings,
-    check_resumable,
-    data_fingerprint,
-    describe_change,
-    resume_identity,
-)
 from slmforge.train.parallel import barrier
-from slmforge.train.session import Session, open_metrics, training_session
-from slmforge.train.trainer import Trainer
+from slmforge.train.resume_check import data_fingerprint, describe_change
+from slmforge.train.run import RunParts, TrainingRun
+from slmforge.train.session import Session, training_session
 
 
 def copy_tokenizer(manifest: dict, data_dir: Path, run_dir: Path) -> str | None:
@@ -86,19 +74,12 @@ def pretrain(cfg: PretrainConfig, extend_objective=None) -> Path:
 
 
 def _pretrain(cfg: PretrainConfig, session: Session, extend_objective=None) -> Path:
-    loop = cfg.train
-    run_dir, resume_dir, device, where = session.run_dir, session.resume_dir, session.device, session.where
-    resume = resume_dir is not None
-    precision = resolve_precision(loop.precision, device)
-    torch.manual_seed(loop.seed + where.rank)  # dropout differs per rank; weights, data and masks do not
+    loop, run_dir, resume_dir, where = cfg.train, session.run_dir, session.resume_dir, session.where
+    run = TrainingRun.start(cfg, session)
 
     train_shards = ShardSet(loop.data, loop.train_split)
-    if loop.init_from:
-        # The architecture is the checkpoint's (e.g. one made by import-hf); [model] is not consulted.
-        init_dir = resolve_checkpoint(loop.init_from)
-        require_intact(init_dir)  # a starting point from elsewhere is checked like a resume
-        cfg.model = model_config_from_meta(read_meta(init_dir), init_dir)
-        say(f"model config taken from {init_dir}")
+    init_dir = run.init_from()
+    if init_dir is not None:
         _check_same_tokenizer(init_dir, train_shards.manifest, loop.data)
         # Pretrained embeddings keep their rows: HF checkpoints often pad the vocabulary beyond the
         # tokenizer (Gemma 3: 262,144 rows), which is fine as long as every token id has a row.
@@ -124,20 +105,19 @@ def _pretrain(cfg: PretrainConfig, session: Session, extend_objective=None) -> P
             say(f"warning: validation split has only {val_shards.num_tokens} tokens; skipping validation")
             val_shards = None
 
-    if resume:
+    if resume_dir is not None:
         _check_same_model(resume_dir, cfg)
         _check_same_tokenizer(resume_dir, train_shards.manifest, loop.data)
     if where.is_main:  # one writer: rank 0 prepares the run folder, the others wait for it
         run_dir.mkdir(parents=True, exist_ok=True)
         copy_tokenizer(train_shards.manifest, Path(loop.data), run_dir)
     barrier()
-    tokenizer_sha = (train_shards.manifest.get("tokenizer") or {}).get("sha256")
     tokenizer = _run_tokenizer(run_dir)
     objective = build_objective(cfg.objective, model_family.kind, model_family.name, tokenizer,
                                 where=f"{loop.data}/manifest.json")
     extra_meta = {}
     if extend_objective is not None:
-        objective, extra_meta = extend_objective(objective, model_family, tokenizer, device)
+        objective, extra_meta = extend_objective(objective, model_family, tokenizer, session.device)
     window = objective.window_tokens(loop.seq_len)
     train_loader = WindowLoader(train_shards, loop.seq_len, loop.batch_size, seed=loop.seed, window=window,
                                 rank=where.rank, world_size=where.world_size)
@@ -146,80 +126,22 @@ def _pretrain(cfg: PretrainConfig, session: Session, extend_objective=None) -> P
         val_loader = WindowLoader(val_shards, loop.seq_len, loop.eval_batch_size or loop.batch_size,
                                   shuffle=False, training=False, window=window,
                                   rank=where.rank, world_size=where.world_size)
-        val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)
-    resolve_steps(cfg, train_loader.batches_per_epoch)
-    resolved = config_io.to_dict(cfg)
-    fingerprint = data_fingerprint(train_shards.manifest)
-    identity = resume_identity(resolved, where.world_size, fingerprint)
-    if resume:
-        check_resumable(read_meta(resume_dir).get("resume_identity"), identity, resume_dir,
-                        loop.allow_config_changes, say)
-    if where.is_main:
-        config_io.save(cfg, run_dir / "config.toml")
-        append_history(run_dir, resolved, read_meta(resume_dir)["step"] if resume else 0)
+        val_batches = lambda: val_loader.epoch_batches(loop.eval_batches)  # noqa: E731
+    model = run.build(weights_from=init_dir)
 
-    # Weights about to be replaced by a checkpoint are not initialised first (seconds at 270M).
-    loading = resume or bool(loop.init_from)
-    model = build_model(cfg.model, device=device, seed=None if loading else loop.seed)
-    if loop.init_from and not resume:
-        load_weights(model, init_dir)
-        say(f"initialised weights from {init_dir}")
-    apply_attention(model, loop.attention, device)
-
-    metrics = open_metrics(cfg.tracking, cfg, session)  # rank 0 only: metrics.jsonl, trackers, plots
-    try:
-        trainer = Trainer(
-            model=model, objective=objective, train_loader=train_loader, loop=loop,
-            optim=cfg.optim, schedule=cfg.schedule, run_dir=run_dir, metrics=metrics, device=device,
-            precision=precision, val_batches=val_batches,
-            val_bytes_per_token=val_shards.bytes_per_token if val_shards else None,
-            checkpoint_meta={"tokenizer_sha256": tokenizer_sha, "data": relative_to(loop.data, run_dir), "seq_len": loop.seq_len,
-                             # eval and generate lay out text as training did: with or without bos
-                             "add_bos": train_shards.manifest.get("bos_id") is not None,
-                             # eval scores the model with the objective it was trained with
-                             "objective": config_io.to_dict(cfg.objective),
-                             "processes": where.world_size,
-                             "config": resolved, "data_fingerprint": fingerprint, "resume_identity": identity,
-                             "dropout_seeds": [loop.seed + r for r in range(where.world_size)], **extra_meta},
-            flops_per_token=cfg.model.flops_per_token(loop.seq_len), seed=loop.seed,
-            where=where, parallel=cfg.parallel,
-        )
-        n_params = sum(p.numel() for p in model.parameters())
-        say(f"run folder {run_dir} | {cfg.model.family} {n_params / 1e6:.2f}M parameters | {objective.name} | "
-            f"{train_shards.num_tokens:,} training tokens | device {device} ({precision})"
-            + (f" | {where.world_size} processes ({trainer.strategy})" if where.active else ""))
-        if resume:
-            trainer.resume_from(resume_dir)
-            apply_optimizer_settings(trainer.optimizer, cfg.optim, say)
-        elif metrics is not None:
-            metrics.truncate_after(0)  # records of an attempt that crashed before its first checkpoint
-        trainer.fit()
-    finally:
-        if metrics is not None:
-            metrics.close()  # also when resuming fails: trackers are finished, the file closed
+    n_params = sum(p.numel() for p in model.parameters())
+    meta = {"tokenizer_sha256": (train_shards.manifest.get("tokenizer") or {}).get("sha256"),
+            "data": relative_to(loop.data, run_dir), "seq_len": loop.seq_len,
+            # eval and generate lay out text as training did: with or without bos
+            "add_bos": train_shards.manifest.get("bos_id") is not None,
+            # eval scores the model with the objective it was trained with
+            "objective": config_io.to_dict(cfg.objective), **extra_meta}
+    run.fit(RunParts(model=model, objective=objective, train_loader=train_loader, val_batches=val_batches,
+                     fingerprint=data_fingerprint(train_shards.manifest), meta=meta,
+                     description=f"{cfg.model.family} {n_params / 1e6:.2f}M parameters | {objective.name} | "
+                                 f"{train_shards.num_tokens:,} training tokens",
+                     val_bytes_per_token=val_shards.bytes_per_token if val_shards else None))
     return run_dir
-
-
-# The most of a run that a warmup given in steps may take (schedule.warmup_ratio is kept as chosen). A
-# recipe's warmup is sized for its full length: run for 200 steps, seed 000's 2,000-step warmup reached
-# 3e-5 of its 3e-4 and the loss barely moved (issue 23).
-WARMUP_CAP = 0.1
-
-
-def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int) -> None:
-    """Turn train.epochs and schedule.warmup_ratio into step counts (as HF Trainer's num_train_epochs
-    and warmup_ratio); the resolved numbers are what config.toml records."""
-    loop, schedule = cfg.train, cfg.schedule
-    if loop.epochs:
-        loop.max_steps = max(1, math.ceil(loop.epochs * batches_per_epoch / loop.grad_accum))
-        say(f"train.max_steps set to {loop.max_steps} for {loop.epochs:g} epochs of {batches_per_epoch} batches")
-    cap = max(1, int(WARMUP_CAP * loop.max_steps))
-    if schedule.warmup_ratio is not None:  # a share the user chose is kept as it is
-        schedule.warmup_steps = round(schedule.warmup_ratio * loop.max_steps)
-    elif schedule.warmup_steps > cap:
-        say(f"note: schedule.warmup_steps {schedule.warmup_steps} capped at {cap}, {WARMUP_CAP:.0%} of the "
-            f"run's {loop.max_steps} steps (a short run of a long recipe would spend itself warming up)")
-        schedule.warmup_steps = cap
 
 
 def _run_tokenizer(run_dir: Path):

@@ -14,21 +14,14 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import duration, human, say
-from slmforge.runtime import describe, peak_flops
+from slmforge.runtime import peak_flops
 from slmforge.objectives.base import input_tokens, mean_loss, summarize, target_tokens
 from slmforge.objectives.losses import HeadLoss
-from slmforge.runs import is_sharded_checkpoint, load_weights, read_meta, read_weights, resolve_checkpoint
-from slmforge.train.checkpoint import load_state, save_checkpoint
+from slmforge.train.checkpointer import FULL_STATE, Checkpointer
 from slmforge.train.config import OptimConfig, ScheduleConfig, TrainLoopConfig
 from slmforge.train.metrics import MetricsLog, plot_losses, record_event
 from slmforge.train.optim import build_optimizer, check_optimizer_kind, learning_rate
@@ -47,11 +40,7 @@ from slmforge.train.parallel import (
     strategy_for,
     wrap,
 )
-from slmforge.train.sharded import ShardedCheckpoints, first_non_finite, load_sharded
 from slmforge.train.signals import SIGNAL_EXIT_CODES, RunSignals, StopRequested, training_signals
-
-# Whole (unsharded) tensors, on the CPU, on rank 0: what a checkpoint holds under every strategy.
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -82,9 +71,6 @@ class Trainer:
                  flops_per_token: float | None = None, seed: int = 0, where: Distributed = Distributed(),
                  parallel: ParallelConfig | None = None, log=None, checkpoint_format=None):
         self.model = model  # the plain model: what checkpoints hold
-        # How weights go into and come out of a step folder when not as model.state_dict() (LoRA:
-        # merged weights plus the adapter files; see finetune/lora.py). None: the plain way.
-        self.checkpoint_format = checkpoint_format
         self.objective = objective
         head_loss = HeadLoss(loop.loss_kernel, loop.loss_chunk_rows)  # a training choice, not the objective's
         head_loss.check(device)
@@ -104,12 +90,10 @@ class Trainer:
                          else nullcontext())
         self.val_batches = val_batches
         self.val_bytes_per_token = val_bytes_per_token
-        self.checkpoint_meta = checkpoint_meta or {}
         self.flops_per_token = flops_per_token
         # Peak of all processes together, for MFU (None where the device's peak is not known).
         peak = peak_flops(device)
         self.peak_flops = peak * where.world_size if peak else None
-        self.checkpoint_meta = {**self.checkpoint_meta, **describe(device, precision, where.world_size)}
         self.seed = seed
         # What owns the optimizer's parameters: the model, plus parameters the objective trains beside
         # it (distillation's hidden-state projection), which are saved in the trainer state.
@@ -119,11 +103,12 @@ class Trainer:
                                 "trains under DDP or on one process, not FSDP2")
         self.owner = model if self.objective_parameters is None else _ModelAndObjective(model, self.objective_parameters)
         self.optimizer = build_optimizer(self.owner, optim, device.type)
-        # FSDP2 runs write sharded step folders (every rank its shard); the rest one model.safetensors.
-        self.sharded = (ShardedCheckpoints(self.run_dir, where, device, parallel.async_checkpoint,
-                                           parallel.timeout_minutes)
-                        if self.strategy == "fsdp" and parallel.checkpoint != "full" and checkpoint_format is None
-                        else None)
+        # checkpoint_meta: what every step folder's meta.json holds besides the step's progress (train/run.py).
+        self.checkpointer = Checkpointer(
+            self.run_dir, model, self.optimizer, meta=checkpoint_meta or {},
+            where=where, device=device, strategy=self.strategy, model_sharded=is_sharded(self.module),
+            parallel=parallel, keep_last=loop.keep_last, checkpoint_format=checkpoint_format,
+            objective_parameters=self.objective_parameters is not None)
         if where.is_main:
             for note in self._ignored_parallel_settings(parallel):
                 say(f"note: {note}")
@@ -138,7 +123,7 @@ class Trainer:
         if parallel.strategy in ("ddp", "fsdp") and not self.where.active:
             notes.append(f"parallel.strategy = \"{parallel.strategy}\" on one process: nothing to spread; "
                          f"launch with torchrun to use several")
-        if self.sharded is None and (parallel.checkpoint == "sharded" or parallel.async_checkpoint):
+        if self.checkpointer.sharded is None and (parallel.checkpoint == "sharded" or parallel.async_checkpoint):
             what = "parallel.checkpoint = \"sharded\"" if parallel.checkpoint == "sharded" else \
                 "parallel.async_checkpoint"
             notes.append(f"{what} applies to FSDP2 runs; this run writes one model.safetensors at each save")
@@ -196,85 +181,30 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def resume_from(self, checkpoint: str | Path) -> None:
-        step_dir = resolve_checkpoint(checkpoint)
-        if is_sharded_checkpoint(step_dir):  # any strategy, any number of processes: DCP reshards
-            if self.checkpoint_format is not None or self.objective_parameters is not None:
-                raise SlmforgeError(f"{step_dir}: a sharded (FSDP2) checkpoint resumes plain training only, not "
-                                    f"LoRA or an objective with parameters of its own")
-            load_sharded(step_dir, self.model, self.optimizer)
-        elif self.checkpoint_format is not None:
-            self.checkpoint_format.load(self.model, step_dir)
-        elif is_sharded(self.module):  # every rank reads the file and keeps its shard
-            set_model_state_dict(self.model, read_weights(self.model, step_dir),
-                                 options=StateDictOptions(full_state_dict=True, strict=True))
-        else:
-            load_weights(self.model, step_dir)
-        self.load_state_dict(load_state(step_dir))
+        restored = self.checkpointer.restore(checkpoint)
+        self.load_state_dict(restored.state)
         if self.metrics is not None:
             self.metrics.truncate_after(self.state.step)
-        self.log(f"resumed from {step_dir} at step {self.state.step}")
+        self.log(f"resumed from {restored.folder} at step {self.state.step}")
         # The learning rate is recomputed every step and clipping read from the config: a change to
         # either takes effect silently unless said here.
-        announce_schedule_changes(read_meta(step_dir).get("config"),
-                                  schedule_settings(self.optim_cfg, self.schedule, self.loop), self.log)
-
-    def _full_weights(self) -> dict[str, torch.Tensor]:
-        """The whole model's tensors on rank 0 (gathered from the shards under FSDP2; a collective)."""
-        if is_sharded(self.module):
-            return get_model_state_dict(self.model, options=FULL_STATE)
-        if not self.where.is_main:
-            return {}
-        return self.checkpoint_format.tensors(self.model) if self.checkpoint_format else self.model.state_dict()
+        announce_schedule_changes(restored.config, schedule_settings(self.optim_cfg, self.schedule, self.loop),
+                                  self.log)
 
     def save(self) -> Path:
         """Every rank takes part (state gathering); rank 0 writes; all wait until it is on disk. A
         second stop signal during the write lets it finish."""
         with self._signals.saving() if self._signals is not None else nullcontext():
-            return self._save()
-
-    def _save(self) -> Path:
-        if self.sharded is not None:
-            return self._save_sharded()
-        weights = self._full_weights()
-        self._refuse_non_finite(first_non_finite(weights))  # rank 0 alone holds the gathered weights
-        self._count_time()
-        state = self.state_dict()
-        folder, error = self.run_dir / "checkpoints", None
-        if self.where.is_main:
-            extra = self.checkpoint_format.extra_files(self.model) if self.checkpoint_format else None
-            try:
-                folder = save_checkpoint(self.run_dir, self.state.step, self.model, state=state, tensors=weights,
-                                         extra_meta=self._step_meta(), keep_last=self.loop.keep_last or None,
-                                         protect=self._protected(), extra_files=extra)
-            except SlmforgeError as e:
-                error = e
-        if any_rank(error is not None, self.device):
-            raise error or SlmforgeError(f"rank 0 could not write the step-{self.state.step} checkpoint (see its error)")
+            folder = self.checkpointer.save(self.state.step, self._snapshot, self._protected())
         self._last_save = time.monotonic()
         return folder
 
-    def _save_sharded(self) -> Path:
-        """Every rank writes its shard (in the background with parallel.async_checkpoint)."""
-        self.sharded.wait()  # the previous write is sealed first, so a refusal below names the true newest
-        self._refuse_non_finite(first_non_finite(self.model.state_dict()))  # each rank checks its shards
+    def _snapshot(self, optimizer: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What a checkpoint of this step holds besides the weights: the trainer state (a collective)
+        and the progress meta.json records, with the training time counted up to now."""
         self._count_time()
-        state = self.state_dict(optimizer=False)
-        folder = self.sharded.save(self.state.step, self.model, self.optimizer, state, self._step_meta(),
-                                   self.loop.keep_last or None, self._protected())
-        self._last_save = time.monotonic()
-        return folder
-
-    def _refuse_non_finite(self, bad: str | None) -> None:
-        """Never write a checkpoint that would poison every resume. Decided together: a rank that raised
-        alone would leave the others waiting in the next collective."""
-        if any_rank(bad is not None, self.device):
-            raise SlmforgeError(f"step {self.state.step}: weights are not finite ({bad or 'on another rank'}); "
-                                f"nothing saved, the newest checkpoint in {self.run_dir / 'checkpoints'} is the "
-                                f"last good one")
-
-    def _step_meta(self) -> dict[str, Any]:
-        return {**self.checkpoint_meta, "tokens_seen": self.state.tokens,
-                "wall_time_s": round(self.state.train_seconds, 3)}
+        state = self.state_dict(optimizer)
+        return state, {"tokens_seen": self.state.tokens, "wall_time_s": round(self.state.train_seconds, 3)}
 
     def _protected(self) -> set[str]:
         """Step folders pruning must keep: the best by validation loss."""
@@ -282,9 +212,8 @@ class Trainer:
 
     def finish_saving(self) -> None:
         """Wait for a background checkpoint write and seal it (all ranks)."""
-        if self.sharded is not None:
-            with self._signals.saving() if self._signals is not None else nullcontext():
-                self.sharded.wait()
+        with self._signals.saving() if self._signals is not None else nullcontext():
+            self.checkpointer.wait()
 
     # ------------------------------------------------------------ the loop
 
@@ -452,8 +381,7 @@ class Trainer:
         try:
             return self._fit(loop)
         except BaseException:
-            if self.sharded is not None:
-                self.sharded.abandon()  # a background write that already finished is still kept
+            self.checkpointer.abandon()  # a background write that already finished is still kept
             raise
 
     def _fit(self, loop: TrainLoopConfig) -> dict[str, float] | None:
