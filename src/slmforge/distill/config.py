@@ -17,13 +17,32 @@ class DistillConfig:
     """The teacher: an slmforge run or checkpoint folder, or a local Hugging Face model folder
     (config.json, safetensors, tokenizer.json) of a family slmforge supports."""
     alpha: float = 0.5
-    """Weight of the student's own (hard) loss; the distillation term gets 1 - alpha. 1 = no teacher."""
+    """Weight of the student's own (hard) loss; the distillation term gets 1 - alpha. 1 = no teacher.
+    0.5 at T = 1 was the best fixed alpha of `python -m benchmarks.distill_defaults` (docs/distillation.md)."""
     alpha_end: float | None = None
     """If set, alpha moves linearly from `alpha` to this over the run (e.g. lean on the teacher early)."""
-    temperature: float = 2.0
-    """Softmax temperature T of both distributions in the distillation term."""
+    temperature: float = 1.0
+    """Softmax temperature T of both distributions in the distillation term. 1 won over 2 and 8 on every
+    objective measured (issue 25: at T = 2 a student ended worse than alone on average)."""
     temperature_end: float | None = None
     """If set, T moves linearly from `temperature` to this over the run."""
+    adaptive: bool = False
+    """alpha per batch from the teacher-student gap instead of `alpha`/`alpha_end`: 0 (all teacher) while
+    the teacher's hard loss on the batch is at least `adaptive_margin` x the student's below it, rising
+    linearly to 1 (the student's own loss) as the gap closes; 1 once the student does as well as its
+    teacher, or with a teacher that predicts the labels worse. Train records gain `alpha` and
+    `teacher_loss`; costs the teacher's output layer once more per batch."""
+    adaptive_margin: float = 0.05
+    """The gap, as a share of the student's hard loss, at and above which adaptive alpha is 0."""
+    control: bool = True
+    """Say when distillation makes the student worse than it would be alone: a twin of the student trained
+    on its own loss beside it for the first `control_steps` steps (same batches, optimizer and schedule),
+    compared on each batch before either trains on it; and the teacher's own loss on the validation
+    batches (val records gain `teacher_loss`), with a warning once the student has caught up with it while
+    alpha is fixed below 1."""
+    control_steps: int = 200
+    """Steps the control's alone twin trains (at most half the run; 0 = no twin). It costs a student's
+    forward and backward per step, and a copy of the student and its optimizer state, for those steps."""
     divergence: Literal["forward_kl", "reverse_kl", "js", "tv"] = "forward_kl"
     """forward_kl (Hinton: KL(teacher || student) x T^2), reverse_kl, js (Jensen-Shannon), tv (total
     variation)."""
@@ -46,6 +65,10 @@ class DistillConfig:
     """Texts to compare teacher and student on at the end, by language: {hi = "hi.txt", en = "en.txt"}
     (loss and perplexity, bits per byte for causal LMs; each model with its own tokenizer)."""
 
+    training = None
+    """(optim, schedule, train) of the run, set by DistillRunConfig: how the control's twin trains. Not a
+    field: it is the run's other sections, not part of [distill]."""
+
     def validate(self) -> None:
         require(bool(self.teacher), "teacher", "required: a run folder or a Hugging Face model folder")
         for name in ("alpha", "alpha_end"):
@@ -55,6 +78,8 @@ class DistillConfig:
             value = getattr(self, name)
             require(value is None or value > 0, name, f"must be positive, got {value}")
         require(self.divergence in DIVERGENCES, "divergence", f"one of {', '.join(DIVERGENCES)}")
+        require(0 < self.adaptive_margin <= 1, "adaptive_margin", f"must be in (0, 1], got {self.adaptive_margin}")
+        require(self.control_steps >= 0, "control_steps", f"must be >= 0, got {self.control_steps}")
         require(self.chunk_rows > 0, "chunk_rows", f"must be positive, got {self.chunk_rows}")
         require(self.top_k > 0, "top_k", f"must be positive, got {self.top_k}")
         require(self.hidden_weight >= 0, "hidden_weight", f"must be >= 0, got {self.hidden_weight}")
@@ -62,6 +87,8 @@ class DistillConfig:
                 "needs the teacher's hidden states, which a teacher cache does not hold")
         require(not self.teacher_cache or self.divergence == "forward_kl", "divergence",
                 "a teacher cache holds top-k logits, which give forward_kl only")
+        require(not (self.teacher_cache and self.adaptive), "adaptive",
+                "needs the teacher's loss on each batch, which a teacher cache (top-k logits) does not give")
 
     def at(self, progress: float) -> tuple[float, float]:
         """(alpha, temperature) at `progress` (0 at the first step, 1 at the last)."""
@@ -76,3 +103,8 @@ class DistillRunConfig(PretrainConfig):
     """Sections read by `slmforge distill`: a pretraining recipe plus [distill]."""
 
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        # The control's alone twin trains like the student: the run's [optim], [schedule] and [train]
+        # (held by reference: what the run resolves later, such as max_steps from epochs, holds for both).
+        self.distill.training = (self.optim, self.schedule, self.train)
