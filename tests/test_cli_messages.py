@@ -186,11 +186,20 @@ def model_folder(tmp_path, preset: str, extra_meta: dict, sentinels: int = 0):
 
 
 def answer_with(monkeypatch, ids: list[int]):
-    """Make the model's answer `ids` (the stop token included), whatever its weights say."""
-    import slmforge.generate as generate
+    """Make the model's answer `ids` (the stop token included), whatever its weights say: each call of
+    the output head (one per step for a single prompt) puts all the mass on the next scripted id."""
+    from slmforge.models import Decoder
+    from slmforge.models.encdec import EncoderDecoder
 
-    monkeypatch.setattr(generate, "generate_ids", lambda model, prompt, *a, **k: torch.cat(
-        [prompt, torch.tensor([ids], dtype=torch.long)], dim=1))
+    script = iter(ids)
+
+    def logits(self, hidden):
+        out = torch.full((*hidden.shape[:-1], self.cfg.vocab_size), -1e9)
+        out[..., next(script)] = 0.0
+        return out
+
+    monkeypatch.setattr(Decoder, "logits", logits)
+    monkeypatch.setattr(EncoderDecoder, "logits", logits)
 
 
 def test_a_model_that_ends_at_once_says_so(tmp_path, monkeypatch, capsys):

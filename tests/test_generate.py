@@ -126,3 +126,140 @@ def test_decoding_threads_are_chosen_and_restored(model):
         generate_ids(model, torch.tensor([[1, 2]]), cfg, on_token=lambda _: seen.append(torch.get_num_threads()))
         assert torch.get_num_threads() == before
     assert seen == [1, 1, 1, 2, 2, 2]
+
+
+# ---------------------------------------------------------------- one set of defaults; the verb over the engine
+
+
+def test_one_set_of_sampling_defaults():
+    """SamplingConfig (the verb's), SamplingParams (the engine's) and Seq2SeqConfig (encoder-decoders) are
+    one type with one set of defaults: greedy unless asked. `max_tokens` is another name for max_new_tokens."""
+    import dataclasses
+
+    from slmforge import config
+    from slmforge.inference import SamplingParams
+    from slmforge.seq2seq_generate import Seq2SeqConfig
+
+    assert SamplingConfig is SamplingParams and issubclass(Seq2SeqConfig, SamplingParams)
+    shared = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    assert {f.name: f.default for f in dataclasses.fields(Seq2SeqConfig) if f.name in shared} == shared
+    assert SamplingParams().temperature == 0.0
+    assert SamplingParams(max_tokens=7).max_new_tokens == 7
+    assert config.load(SamplingConfig, overrides=["max_tokens=5", 'stop=["\\n"]']) == SamplingParams(
+        max_new_tokens=5, stop=["\n"])
+
+
+WORDS = [f"s{i}" for i in range(16)]
+
+
+def run_folder(tmp_path, meta: dict):
+    from conftest import word_level_tokenizer
+
+    from slmforge.models import config_from_dict
+    from slmforge.train.checkpoint import write_model_folder
+
+    run = tmp_path / "run"
+    tokenizer = word_level_tokenizer(run / "tokenizer", WORDS)
+    model = build_model(config_from_dict({"preset": "test-tiny", "vocab_size": tokenizer.vocab_size}), seed=0)
+    (run / "checkpoints").mkdir()
+    write_model_folder(run / "checkpoints" / "step-000000", model, {"tokenizer_sha256": tokenizer.sha256, **meta})
+    (run / "checkpoints" / "latest").write_text("step-000000\n")
+    return run, tokenizer
+
+
+def test_several_prompts_are_batched_with_the_output_of_one_at_a_time(tmp_path, capsys):
+    """`generate -p a -p b -p c -n 2` runs every (prompt, sample) through one engine batch; what it prints
+    (streamed or --json) is what the prompts give one at a time."""
+    import json
+
+    from slmforge.cli import main
+
+    run, _ = run_folder(tmp_path, {"objective": {"kind": "clm"}, "add_bos": True})
+    prompts = ["s1 s2", "s3", "s4 s5 s6 s7 s8"]
+    fields = ["temperature=0.9", "seed=3", "max_new_tokens=12", "stop_at_eos=false"]
+    for json_flag in ([], ["--json"]):
+        singles = []
+        for prompt in prompts:
+            assert main(["generate", str(run), "-p", prompt, "-n", "2", *fields, *json_flag]) == 0
+            singles.append(capsys.readouterr().out)
+        argv = ["generate", str(run), *(w for p in prompts for w in ("-p", p)), "-n", "2", *fields, *json_flag]
+        assert main(argv) == 0
+        batched = capsys.readouterr().out
+        if json_flag:
+            assert json.loads(batched) == [row for out in singles for row in json.loads(out)]
+        else:
+            assert batched == "".join(singles) and batched.count("\n\n") == 6
+
+
+def answer_with(monkeypatch, ids: list[int]):
+    """Make the model's answer `ids`, whatever its weights say: each call of the output head (one per
+    step for a single prompt) puts all the mass on the next scripted id."""
+    from slmforge.models import Decoder
+
+    script = iter(ids)
+
+    def logits(self, hidden):
+        out = torch.full((*hidden.shape[:-1], self.cfg.vocab_size), -1e9)
+        out[..., next(script)] = 0.0
+        return out
+
+    monkeypatch.setattr(Decoder, "logits", logits)
+
+
+def test_a_short_or_empty_answer_is_explained(tmp_path, monkeypatch, capsys):
+    import json
+
+    from slmforge.cli import main
+
+    run, tokenizer = run_folder(tmp_path, {"objective": {"kind": "clm"}, "add_bos": True})
+    answer_with(monkeypatch, [tokenizer.eos_id])
+    assert main(["generate", str(run), "-p", "s1 s2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "s1 s2\n\n"
+    assert captured.err.strip() == ("note: the model ended at once: its first token was the end-of-sequence token "
+                                    "[SEP] (stop_at_eos=false generates past it)")
+    answer_with(monkeypatch, [tokenizer.token_to_id("s3"), tokenizer.eos_id])
+    assert main(["generate", str(run), "-p", "s1 s2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["completion"] == "s3"
+    assert captured.err.strip() == ("note: the model ended its answer after 1 token with [SEP]: it chose to stop "
+                                    "there (a longer-trained run writes more; stop_at_eos=false generates past it)")
+    s3, s4 = tokenizer.token_to_id("s3"), tokenizer.token_to_id("s4")
+    answer_with(monkeypatch, [s3, s4, s3, tokenizer.eos_id])
+    assert main(["generate", str(run), "-p", "s1 s2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["completion"] == "s3 s4 s3" and captured.err == ""
+
+
+def test_prompt_format_reads_the_run(tmp_path):
+    """add_bos and a chat run's end-of-turn token come from meta.json through prompt_format alone."""
+    from slmforge.inference import prompt_format
+    from slmforge.runs import open_run
+
+    run, tokenizer = run_folder(tmp_path, {"objective": {"kind": "clm"}, "add_bos": False,
+                                           "finetune": {"stop_token": "[PAD]"}})
+    layout = prompt_format(open_run(run))
+    assert layout.encode("s1 s2") == tokenizer.encode("s1 s2")  # no bos: training had none
+    assert layout.stop_ids == [tokenizer.token_to_id("[PAD]"), tokenizer.eos_id]
+    with pytest.raises(Exception, match="no chat template"):
+        layout.chat([{"role": "user", "content": "s1"}])
+
+
+def test_held_out_answers_are_batched_with_the_answers_one_at_a_time(tmp_path):
+    """Fine-tuning's held-out generation answers its examples in engine batches (prompts of different
+    lengths together): the same answers as one example at a time."""
+    from types import SimpleNamespace
+
+    from conftest import word_level_tokenizer
+
+    from slmforge.finetune.evaluate import answer, answers
+
+    tokenizer = word_level_tokenizer(tmp_path / "tok", WORDS)
+    model = build_model(DecoderConfig.from_name("test-tiny", vocab_size=tokenizer.vocab_size), seed=1).eval()
+    generator = torch.Generator().manual_seed(2)
+    examples = [SimpleNamespace(ids=torch.randint(5, tokenizer.vocab_size, (n + 3,), generator=generator),
+                                prompt_len=n) for n in (2, 7, 1, 12, 4)]
+    stop = tokenizer.token_to_id("s3")
+    one_at_a_time = [answer(model, e, stop, 10, tokenizer) for e in examples]
+    assert answers(model, examples, stop, 10, tokenizer, batch_size=3) == one_at_a_time
+    assert len(set(one_at_a_time)) > 1

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "slmforge.fill_mask",
     "slmforge.classify",
     "slmforge.interop.commands",
+    "slmforge.serve.command",
     "slmforge.report.commands",
 ]
 

@@ -1,10 +1,10 @@
 """`slmforge translate`: translate a file line by line with a fine-tuned run.
 
 An encoder-decoder reads each line as a source laid out as it trained (`text eos`, see
-`finetune.templates.PairEncoder`) in padded batches through `seq2seq_generate` (greedy or beam
-search, length penalty); a decoder fine-tuned with finetune.task = "translate" gets each line in the
-run's prompt (finetune.translate_prompt in its chat template) and answers greedily, one line at a
-time. Empty lines stay empty, so the output lines up with the input line for line.
+`finetune.templates.PairEncoder`) in padded batches through the inference engine's Seq2SeqEngine
+(greedy or beam search, length penalty); a decoder fine-tuned with finetune.task = "translate" gets
+each line in the run's prompt (finetune.translate_prompt in its chat template) and answers greedily,
+the lines of a batch together through the inference engine. Empty lines stay empty, so the output lines up with the input line for line.
 """
 
 from __future__ import annotations
@@ -19,28 +19,17 @@ from typing import Callable, Iterator
 import torch
 
 from slmforge.errors import SlmforgeError
-from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
+from slmforge.seq2seq_generate import Seq2SeqConfig
 
 
 @torch.no_grad()
 def translate_ids(model, sources: list[list[int]], cfg: Seq2SeqConfig, eos_id: int, pad_id: int) -> list[list[int]]:
     """Target ids (without eos) for source ids (each ending in eos) of an encoder-decoder, as one
     padded batch."""
-    device = next(model.parameters()).device
-    width = max(len(s) for s in sources)
-    input_ids = torch.full((len(sources), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sources), width), dtype=torch.long)
-    for row, ids in enumerate(sources):
-        input_ids[row, :len(ids)] = torch.as_tensor(ids)
-        mask[row, :len(ids)] = 1
-    # An unpadded batch needs no mask: the same computation, with fewer masked-attention paths.
-    padded = bool((mask == 0).any())
-    out = generate_seq2seq(model, input_ids.to(device), cfg, eos_id=eos_id,
-                           attention_mask=mask.to(device) if padded else None)
-    targets = []
-    for row in out.tolist():
-        targets.append(row[:row.index(eos_id)] if eos_id in row else row)
-    return targets
+    from slmforge.inference import Seq2SeqEngine
+
+    done = Seq2SeqEngine(model, max_batch=len(sources), pad_id=pad_id).generate(sources, cfg, eos_id=eos_id)
+    return [c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids for c in done]
 
 
 class Translator:
@@ -89,13 +78,16 @@ class Translator:
             for i, ids in zip(todo, translate_ids(self.model, sources, self.cfg, tok.eos_id, pad)):
                 out[i] = tok.decode(ids)
             return out
-        from slmforge.generate import SamplingConfig, generate_text
+        from slmforge.inference import Engine, SamplingParams
         from slmforge.tokenizer.chat import chat_prompt
 
-        sampling = SamplingConfig(max_new_tokens=self.cfg.max_new_tokens, temperature=0.0)
-        for i in todo:
-            prompt = chat_prompt(self.tokenizer, self.prompt.replace("{src}", lines[i].strip()))
-            out[i] = generate_text(self.model, self.tokenizer, prompt, sampling, add_bos=False, stop_id=self.stop_id)
+        # the lines of a batch decode together through the engine (prompts of different lengths share it)
+        prompts = [self.tokenizer.encode(chat_prompt(self.tokenizer, self.prompt.replace("{src}", lines[i].strip())))
+                   for i in todo]
+        sampling = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=0.0,
+                                  stop_token_ids=[self.stop_id] if self.stop_id is not None else [])
+        for i, done in zip(todo, Engine(self.model, max_batch=len(todo)).generate(prompts, sampling)):
+            out[i] = self.tokenizer.decode(done.token_ids[:-1] if done.finish_reason == "stop" else done.token_ids)
         return out
 
     def stream(self, lines: list[str], batch_size: int, on_batch: Callable[[int], None] | None = None
