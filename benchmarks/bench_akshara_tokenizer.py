@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from slmforge import config
-from slmforge.quickstart import split_held_out
+from slmforge.quickstart.pipeline import split_held_out
 
 VARIANTS = {"bpe": ("bpe", False), "bpe+akshara": ("bpe", True),
             "unigram": ("unigram", False), "unigram+akshara": ("unigram", True)}
@@ -29,9 +29,9 @@ INDIC = ("hi", "bn", "as")
 def train_and_evaluate(tokenizer: Path, files: dict[str, Path], held_out: dict[str, Path], run: Path,
                        steps: int, vocab_size: int, seed: int) -> dict[str, dict[str, float]]:
     """Shards, pretraining and held-out bits per byte, as the quickstart does them."""
+    from slmforge.checkpoint.reading import open_run
     from slmforge.data.prepare import DataConfig, prepare_data
     from slmforge.eval.evaluate import evaluate_documents, read_documents, run_objective
-    from slmforge.runs import open_run
     from slmforge.train.config import PretrainConfig
     from slmforge.train.pretrain import pretrain
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", help="keep everything here (default: a temporary folder)")
     args = parser.parse_args()
 
-    from slmforge.demo_corpus import build_demo_corpus
+    from slmforge.data.demo_corpus import build_demo_corpus
     from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
     from slmforge.tokenizer.report import measure
 

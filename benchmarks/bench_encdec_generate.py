@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from slmforge.inference.seq2seq import Seq2SeqConfig, generate_seq2seq
 from slmforge.models import EncDecConfig, build_model
 from slmforge.models.hf.t5 import config_to_hf, state_dict_to_hf
-from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
 
 
 def timed(fn, device: torch.device):

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from slmforge.generate import SamplingConfig, generate_ids
+from slmforge.inference.generate import SamplingConfig, generate_ids
 from slmforge.models import DecoderConfig, build_model
 
 

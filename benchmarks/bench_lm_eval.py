@@ -61,10 +61,10 @@ def make_tokenizer(folder: Path, vocab: int, rng: random.Random) -> None:
 
 def make_run(root: Path, preset: str, seed: int) -> tuple[Path, Path]:
     """A run folder (random weights of the preset's shape, our tokenizer) and its HF export."""
+    from slmforge.checkpoint.writing import save_checkpoint
     from slmforge.interop import export_hf
     from slmforge.models import DecoderConfig, build_model
     from slmforge.tokenizer import load_tokenizer
-    from slmforge.train.checkpoint import save_checkpoint
 
     vocab = DecoderConfig.from_name(preset).vocab_size
     make_tokenizer(root / "run" / "tokenizer", vocab, random.Random(seed))
@@ -159,8 +159,8 @@ def main() -> None:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from slmforge.checkpoint.reading import open_run
     from slmforge.eval.harness import backend_for, lm_eval_version, run_tasks, task_manager
-    from slmforge.runs import open_run
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -35,9 +35,9 @@ CORPUS = [
 
 def make_run(root: Path, preset: str) -> Path:
     """A run with a BPE tokenizer trained on CORPUS and a randomly initialised `preset` decoder."""
+    from slmforge.checkpoint.writing import save_checkpoint
     from slmforge.models import DecoderConfig, build_model
     from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
-    from slmforge.train.checkpoint import save_checkpoint
 
     tokenizer = load_tokenizer(train_tokenizer(TokenizerConfig(kind="bpe", vocab_size=512), root / "tok", CORPUS))
     model = build_model(DecoderConfig.from_name(preset, vocab_size=tokenizer.vocab_size), seed=0)

@@ -17,7 +17,7 @@ import torch
 from benchmarks.common import Row, interleave, synchronize, timing_note
 from benchmarks.models import build_pair, describe
 from benchmarks.shapes import ShapeSet
-from slmforge.generate import SamplingConfig, cpu_threads, decode_threads, generate_ids
+from slmforge.inference.generate import SamplingConfig, cpu_threads, decode_threads, generate_ids
 
 
 def run(shapes: ShapeSet, device: torch.device, log=print, compiled: bool = False) -> list[Row]:

@@ -146,8 +146,8 @@ def markov_data(folder: Path) -> tuple[Path, float]:
 def demo_data(folder: Path) -> Path:
     """The built-in corpus -> 512-piece BPE -> shards with a 5% validation split (as the quickstart does)."""
     from slmforge import config
+    from slmforge.data.demo_corpus import build_demo_corpus
     from slmforge.data.prepare import DataConfig, prepare_data
-    from slmforge.demo_corpus import build_demo_corpus
     from slmforge.tokenizer import TokenizerConfig, train_tokenizer
 
     files = build_demo_corpus(folder / "corpus")

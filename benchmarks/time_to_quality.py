@@ -90,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prepare(out: Path, vocab_size: int) -> Path:
     """Built-in corpus -> BPE tokenizer -> token shards with a val split (as the quickstart does); cached."""
     from slmforge import config
+    from slmforge.data.demo_corpus import build_demo_corpus
     from slmforge.data.prepare import DataConfig, prepare_data
-    from slmforge.demo_corpus import build_demo_corpus
     from slmforge.tokenizer import TokenizerConfig, train_tokenizer
 
     data = out / "data"
@@ -130,11 +130,11 @@ class Evaluator:
     """One validation for every side: mean_loss of our model class on the same val windows."""
 
     def __init__(self, cfg, data: Path, device: torch.device):
+        from slmforge import config as config_io
         from slmforge.data.loader import WindowLoader
         from slmforge.data.shards import ShardSet, manifest_tokenizer_dir
         from slmforge.models.registry import family
         from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
-        from slmforge import config as config_io
         from slmforge.objectives.losses import HeadLoss
         from slmforge.tokenizer import load_tokenizer
 

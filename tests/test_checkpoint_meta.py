@@ -1,4 +1,4 @@
-"""meta.json as one typed record (checkpoint_meta.CheckpointMeta): what real runs write reads back to
+"""meta.json as one typed record (checkpoint.meta.CheckpointMeta): what real runs write reads back to
 the same JSON, old files without the newer keys load, a wrong type is one line naming the file and
 the field, and no module outside the record reads meta keys by hand."""
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from slmforge import config
-from slmforge.checkpoint_meta import CheckpointMeta, FinetuneMeta
+from slmforge.checkpoint.meta import CheckpointMeta, FinetuneMeta
+from slmforge.checkpoint.reading import open_run, read_meta
+from slmforge.checkpoint.writing import save_checkpoint, seal_folder
 from slmforge.errors import SlmforgeError
 from slmforge.models import build_model, config_from_dict
-from slmforge.runs import open_run, read_meta
-from slmforge.train.checkpoint import save_checkpoint, seal_folder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "slmforge"
 
@@ -130,13 +130,7 @@ def test_every_verb_refuses_a_meta_json_of_the_wrong_type_in_one_line(tmp_path):
 
 # ---------------------------------------------------------------- no meta keys read by hand
 
-# Modules that still read meta.json keys by hand, each with the reason. Shrink it, never grow it:
-# a new reader asks CheckpointMeta (runs.Run.info, CheckpointMeta.read) instead.
-NOT_YET_CONVERTED = {
-    "generate.py": "inference: being moved to run.info together with inference/",
-    "translate.py": "inference: being moved to run.info together with inference/",
-    "fill_mask.py": "inference: being moved to run.info together with inference/",
-}
+# Every reader asks CheckpointMeta (checkpoint.reading.Run.info, CheckpointMeta.read); none reads a key by hand.
 # Other files named meta.json, or meta being built to be written: not a checkpoint's record.
 OTHER_RECORDS = {
     "tokenizer/tokenizer.py": "the tokenizer's own meta (slmforge_tokenizer.json), a different record",
@@ -162,12 +156,12 @@ def _listed(name: str, listed) -> bool:
     return any(name == entry or (entry.endswith("/") and name.startswith(entry)) for entry in listed)
 
 
-def hand_reads(package: Path, skip=(*NOT_YET_CONVERTED, *OTHER_RECORDS)) -> list[str]:
-    """`file:line` of every `meta[...]` / `meta.get(...)` read outside checkpoint_meta.py and `skip`."""
+def hand_reads(package: Path, skip=tuple(OTHER_RECORDS)) -> list[str]:
+    """`file:line` of every `meta[...]` / `meta.get(...)` read outside checkpoint/meta.py and `skip`."""
     found = []
     for path in sorted(package.rglob("*.py")):
         name = path.relative_to(package).as_posix()
-        if name == "checkpoint_meta.py" or _listed(name, skip):
+        if name == "checkpoint/meta.py" or _listed(name, skip):
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         aliases: set[str] = set()
@@ -186,13 +180,6 @@ def hand_reads(package: Path, skip=(*NOT_YET_CONVERTED, *OTHER_RECORDS)) -> list
 
 def test_no_module_reads_checkpoint_meta_keys_by_hand():
     assert not hand_reads(PACKAGE), "read these through CheckpointMeta (run.info): " + ", ".join(hand_reads(PACKAGE))
-
-
-def test_every_module_not_yet_converted_still_reads_meta_by_hand():
-    """An entry whose module now reads CheckpointMeta is taken off the list, so it cannot come back."""
-    left = hand_reads(PACKAGE, skip=OTHER_RECORDS)
-    done = [entry for entry in NOT_YET_CONVERTED if not any(_listed(place.split(":")[0], [entry]) for place in left)]
-    assert not done, f"converted: remove {', '.join(done)} from NOT_YET_CONVERTED"
 
 
 def test_a_planted_hand_read_is_found(tmp_path):

@@ -19,6 +19,7 @@ from conftest import SPECIALS, crash_at_step, untimed, word_level_tokenizer
 from safetensors.torch import load_file
 
 from slmforge import config
+from slmforge.checkpoint.writing import save_checkpoint
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.classify import LabeledExample, LabelEncoder
 from slmforge.finetune.config import FinetuneConfig
@@ -26,7 +27,6 @@ from slmforge.finetune.label_metrics import classification_report, entities, ent
 from slmforge.finetune.run import finetune
 from slmforge.models import EncoderConfig, build_model
 from slmforge.objectives.base import IGNORE_INDEX
-from slmforge.train.checkpoint import save_checkpoint
 
 # ---------------------------------------------------------------- synthetic tasks
 
@@ -147,7 +147,7 @@ def task_config(tmp_path: Path, task: str, *overrides: str, examples: int = 2000
 
 
 def held_out(run: Path) -> dict:
-    from slmforge.runs import resolve_checkpoint
+    from slmforge.checkpoint.reading import resolve_checkpoint
 
     return json.loads((resolve_checkpoint(run) / "eval.json").read_text())["finetune_held_out"]
 
@@ -342,9 +342,9 @@ def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, lora):
 
 def test_export_to_transformers_matches_and_labels_round_trip(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from slmforge.checkpoint.reading import load_model, open_run
     from slmforge.finetune.classify import label_run
     from slmforge.interop import export_hf, import_hf
-    from slmforge.runs import load_model, open_run
 
     for task, auto in (("classify", transformers.AutoModelForSequenceClassification),
                        ("tag", transformers.AutoModelForTokenClassification)):
@@ -403,9 +403,9 @@ def test_roberta_pairs_export_with_one_token_type(tmp_path):
 
     from test_hf_encoder import OUR_CASES, make_tokenizer_dir, randomize
 
+    from slmforge.checkpoint.reading import open_run
     from slmforge.finetune.classify import label_run
     from slmforge.interop import export_hf
-    from slmforge.runs import open_run
 
     cfg = dataclasses.replace(OUR_CASES["roberta"], head="classify", labels=["entail", "neutral", "contradict"])
     model = build_model(cfg)
@@ -440,8 +440,8 @@ def test_export_of_every_family_and_head_matches_transformers(tmp_path, family, 
 
     from test_hf_encoder import OUR_CASES, batch, make_tokenizer_dir, randomize
 
+    from slmforge.checkpoint.reading import load_model
     from slmforge.interop import export_hf, import_hf
-    from slmforge.runs import load_model
 
     cfg = dataclasses.replace(OUR_CASES[family], head=task, labels=["B-X", "I-X", "O"])
     model = build_model(cfg).eval()
@@ -476,8 +476,8 @@ def test_import_of_transformers_classifiers_matches(tmp_path, case):
     transformers = pytest.importorskip("transformers")
     from test_hf_encoder import HF_FAMILY, batch, hf_model, make_tokenizer_dir, randomize
 
+    from slmforge.checkpoint.reading import load_model
     from slmforge.interop import import_hf
-    from slmforge.runs import load_model
 
     arch, _, task = case.rpartition("-")
     masked = hf_model(arch)

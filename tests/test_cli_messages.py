@@ -162,9 +162,9 @@ def model_folder(tmp_path, preset: str, extra_meta: dict, sentinels: int = 0):
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
 
+    from slmforge.checkpoint.writing import write_model_folder
     from slmforge.models import build_model, config_from_dict
     from slmforge.tokenizer import Tokenizer
-    from slmforge.train.checkpoint import write_model_folder
 
     run = tmp_path / "run"
     extra = [f"<extra_id_{i}>" for i in range(sentinels)]

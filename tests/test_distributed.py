@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import launch
-from slmforge.runs import check_integrity, checkpoint_tensors
+from slmforge.checkpoint.reading import check_integrity, checkpoint_tensors
 from slmforge.train.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from conftest import crash_at_step, launch, untimed
 from slmforge import config
+from slmforge.checkpoint.reading import checkpoint_tensors
 from slmforge.errors import SlmforgeError
+from slmforge.inference.seq2seq import Seq2SeqConfig, generate_seq2seq
 from slmforge.models import EncDecConfig, build_model
-from slmforge.runs import checkpoint_tensors
-from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
 from slmforge.train.config import PretrainConfig
 from slmforge.train.metrics import read_metrics
 from slmforge.train.pretrain import pretrain
@@ -91,7 +91,7 @@ def test_beam_search_with_one_beam_is_greedy(family):
 
 def test_generate_ids_dispatches_encoder_decoders_with_sampling():
     """`slmforge generate` goes through generate.generate_ids: source in, source + target out."""
-    from slmforge.generate import SamplingConfig, generate_ids
+    from slmforge.inference.generate import SamplingConfig, generate_ids
 
     model = build_model(tiny("t5"), seed=4).eval()
     randomize(model, 4)
@@ -103,7 +103,7 @@ def test_generate_ids_dispatches_encoder_decoders_with_sampling():
     sampled = [generate_ids(model, ids, SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=20, seed=s),
                             eos_id=EOS) for s in (1, 1, 2)]
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
-    with pytest.raises(SlmforgeError, match="goes through slmforge.generate.generate_ids"):
+    with pytest.raises(SlmforgeError, match="goes through slmforge.inference.generate.generate_ids"):
         generate_seq2seq(model, ids, Seq2SeqConfig(temperature=0.7))
 
 
@@ -198,8 +198,8 @@ def max_diff(ours, theirs) -> float:
 
 @pytest.mark.parametrize("tied", [False, True], ids=["v1.1-unscaled", "v1.0-tied-scaled"])
 def test_import_matches_transformers(tmp_path, tied):
+    from slmforge.checkpoint.reading import load_model
     from slmforge.interop import import_hf
-    from slmforge.runs import load_model
 
     torch.manual_seed(0)
     theirs = hf_t5(tied).eval()
@@ -225,7 +225,7 @@ def test_import_matches_transformers(tmp_path, tied):
 
 
 def make_t5_run(tmp_path, seed: int = 0):
-    from slmforge.train.checkpoint import save_checkpoint
+    from slmforge.checkpoint.writing import save_checkpoint
 
     model = build_model(tiny("t5", num_decoder_layers=2, max_seq_len=64), seed=seed).eval()
     randomize(model, seed)
@@ -238,8 +238,8 @@ def make_t5_run(tmp_path, seed: int = 0):
 
 
 def test_export_loads_cleanly_matches_and_generates_the_same_tokens(tmp_path):
+    from slmforge.checkpoint.reading import load_model
     from slmforge.interop import export_hf, import_hf
-    from slmforge.runs import load_model
 
     run, ours = make_t5_run(tmp_path)
     out = export_hf(run, tmp_path / "hf")
@@ -279,8 +279,8 @@ def test_export_loads_cleanly_matches_and_generates_the_same_tokens(tmp_path):
 
 
 def test_the_modern_layout_does_not_export(tmp_path):
+    from slmforge.checkpoint.writing import save_checkpoint
     from slmforge.interop import export_hf
-    from slmforge.train.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     save_checkpoint(run, 1, build_model(tiny("encdec"), seed=0))

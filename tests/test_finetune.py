@@ -335,9 +335,9 @@ def test_lora_exports_merged_and_as_a_peft_adapter_with_equal_logits(tmp_path):
     assert not torch.allclose(a, base_logits, atol=1e-3)  # the adapter did change the model
 
     # slmforge's own adapter forward (unmerged LoRA layers) gives the merged logits too.
-    from slmforge.finetune.lora import apply_lora, load_adapter
+    from slmforge.checkpoint.reading import load_model, resolve_checkpoint
     from slmforge.finetune.config import LoraConfig
-    from slmforge.runs import load_model, resolve_checkpoint
+    from slmforge.finetune.lora import apply_lora, load_adapter
 
     model, _, _ = load_model(run / "base")
     apply_lora(model, LoraConfig(rank=4, alpha=8))

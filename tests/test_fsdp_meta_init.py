@@ -116,7 +116,7 @@ def fsdp_builds(tmp_path_factory):
     """Every model of MODELS seeded with 7, the llama one again from a checkpoint (train.init_from),
     then WIDE (measured last, after the first builds did their imports and filled torch's caches),
     each built by 2 gloo processes: name -> (gathered weights and buffers, each rank's memory)."""
-    from slmforge.train.checkpoint import save_checkpoint
+    from slmforge.checkpoint.writing import save_checkpoint
 
     out = tmp_path_factory.mktemp("fsdp")
     source = save_checkpoint(out / "source", 1, build_model(config_from_dict(MODELS["llama"]), seed=3))
@@ -175,7 +175,7 @@ def test_a_meta_built_model_is_refused_by_another_strategy():
 
 
 def test_other_strategies_build_as_before(tmp_path):
-    from slmforge.train.checkpoint import save_checkpoint
+    from slmforge.checkpoint.writing import save_checkpoint
 
     cfg = config_from_dict(MODELS["llama"])
     source = save_checkpoint(tmp_path / "source", 1, build_model(cfg, seed=3))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmforge.generate import (
+from slmforge.inference.generate import (
     SamplingConfig,
     apply_repetition_penalty,
     apply_top_k,
@@ -116,7 +116,7 @@ def test_eval_layout_follows_training_bos_choice():
 def test_decoding_threads_are_chosen_and_restored(model):
     """Issue 17 (b): a small model decodes on one CPU thread (unless `threads` says otherwise), and the
     process's setting is restored afterwards."""
-    from slmforge.generate import decode_threads
+    from slmforge.inference.generate import decode_threads
 
     assert decode_threads(model, 1, torch.device("cpu")) == 1
     before = torch.get_num_threads()
@@ -138,7 +138,7 @@ def test_one_set_of_sampling_defaults():
 
     from slmforge import config
     from slmforge.inference import SamplingParams
-    from slmforge.seq2seq_generate import Seq2SeqConfig
+    from slmforge.inference.seq2seq import Seq2SeqConfig
 
     assert SamplingConfig is SamplingParams and issubclass(Seq2SeqConfig, SamplingParams)
     shared = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
@@ -155,8 +155,8 @@ WORDS = [f"s{i}" for i in range(16)]
 def run_folder(tmp_path, meta: dict):
     from conftest import word_level_tokenizer
 
+    from slmforge.checkpoint.writing import write_model_folder
     from slmforge.models import config_from_dict
-    from slmforge.train.checkpoint import write_model_folder
 
     run = tmp_path / "run"
     tokenizer = word_level_tokenizer(run / "tokenizer", WORDS)
@@ -233,8 +233,8 @@ def test_a_short_or_empty_answer_is_explained(tmp_path, monkeypatch, capsys):
 
 def test_prompt_format_reads_the_run(tmp_path):
     """add_bos and a chat run's end-of-turn token come from meta.json through prompt_format alone."""
+    from slmforge.checkpoint.reading import open_run
     from slmforge.inference import prompt_format
-    from slmforge.runs import open_run
 
     run, tokenizer = run_folder(tmp_path, {"objective": {"kind": "clm"}, "add_bos": False,
                                            "finetune": {"stop_token": "[PAD]"}})

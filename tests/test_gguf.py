@@ -21,12 +21,12 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'slmforge[gguf]')")
 
+from slmforge.checkpoint.writing import save_checkpoint  # noqa: E402
 from slmforge.cli import main  # noqa: E402
 from slmforge.errors import SlmforgeError  # noqa: E402
 from slmforge.interop import gguf as ggufx  # noqa: E402
 from slmforge.models import DecoderConfig, build_model  # noqa: E402
 from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer  # noqa: E402
-from slmforge.train.checkpoint import save_checkpoint  # noqa: E402
 
 try:
     import llama_cpp
@@ -210,7 +210,7 @@ def test_python_model_of_spm_merges_by_score_and_falls_back_to_bytes():
 @needs_llama_cpp
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3", "smollm3"])
 def test_f32_greedy_continuation_is_identical(tokenizers, llama, tmp_path, family):
-    from slmforge.generate import SamplingConfig, generate_ids
+    from slmforge.inference.generate import SamplingConfig, generate_ids
 
     cfg = tiny_config(family)
     run, model = make_run(tmp_path, cfg, tokenizers["bpe"])

@@ -70,7 +70,7 @@ def test_rendered_output_is_capped(monkeypatch):
 
 
 def test_generate_chat_with_a_template_that_renders_an_empty_turn(tmp_path):
-    from slmforge.generate import SamplingConfig, generate_text
+    from slmforge.inference.generate import SamplingConfig, generate_text
     from slmforge.models import build_model, config_from_dict
     from slmforge.tokenizer.chat import chat_prompt
 

@@ -159,7 +159,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigterm_twice_during_the_final_save_finishes_it_then_stops(markov_shards, tmp_path):
-    from slmforge.runs import newest_good_checkpoint
+    from slmforge.checkpoint.reading import newest_good_checkpoint
 
     _, data = markov_shards
     run = tmp_path / "run"
@@ -308,7 +308,7 @@ def test_training_workers_whose_torchrun_is_killed_save_and_exit(markov_shards, 
     """kill -9 of torchrun mid-run: its two workers notice, stop at the same step boundary, save, and
     end, instead of training on (or hanging) without a launcher. Their exit skips torch's teardown,
     where a gloo process group can deadlock once its peer has gone (seen in about half the runs)."""
-    from slmforge.runs import newest_good_checkpoint
+    from slmforge.checkpoint.reading import newest_good_checkpoint
 
     _, data = markov_shards
     run, log = tmp_path / "run", tmp_path / "torchrun.log"

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from slmforge.checkpoint.reading import UNVERIFIED, check_integrity, newest_good_checkpoint, open_run, resolve_checkpoint
+from slmforge.checkpoint.safe_dcp import UnsafeCheckpoint, safe_planner
+from slmforge.checkpoint.writing import save_checkpoint, seal_folder
 from slmforge.cli import main
 from slmforge.data.shards import ShardSet, ShardWriter
 from slmforge.errors import SlmforgeError
 from slmforge.models.registry import build_model, config_from_dict
-from slmforge.runs import UNVERIFIED, check_integrity, newest_good_checkpoint, open_run, resolve_checkpoint
-from slmforge.safe_dcp import UnsafeCheckpoint, safe_planner
-from slmforge.train.checkpoint import save_checkpoint, seal_folder
 from slmforge.train.parallel import Distributed
 from slmforge.train.sharded import ShardedCheckpoints, load_sharded
 
@@ -89,7 +89,7 @@ def test_a_planted_byte_item_is_refused_by_the_load_planner(tmp_path):
 
 def test_metadata_naming_a_shard_outside_its_folder_is_refused(tmp_path):
     step = sharded_run(tmp_path / "run")
-    from slmforge.safe_dcp import read_metadata
+    from slmforge.checkpoint.safe_dcp import read_metadata
 
     metadata = read_metadata(step / "sharded")
     info = next(iter(metadata.storage_data.values()))

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slmforge import config as config_io
+from slmforge.checkpoint.reading import load_model
+from slmforge.checkpoint.writing import save_checkpoint
 from slmforge.cli import main
 from slmforge.errors import SlmforgeError
 from slmforge.interop import export_hf, import_hf
 from slmforge.models import DecoderConfig, build_model
 from slmforge.models.hf.decoder import config_from_hf, config_to_hf, hf_name
-from slmforge.runs import load_model
-from slmforge.train.checkpoint import save_checkpoint
 
 if sys.version_info >= (3, 11):
     import tomllib

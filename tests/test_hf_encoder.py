@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers",
                                    reason="transformers is an optional extra (pip install 'slmforge[hf]')")
 
+from slmforge.checkpoint.reading import load_model  # noqa: E402
+from slmforge.checkpoint.writing import save_checkpoint  # noqa: E402
 from slmforge.errors import SlmforgeError  # noqa: E402
 from slmforge.interop import export_hf, import_hf  # noqa: E402
 from slmforge.models import EncoderConfig, build_model  # noqa: E402
 from slmforge.models.hf.encoder import config_from_hf, config_to_hf  # noqa: E402
-from slmforge.runs import load_model  # noqa: E402
-from slmforge.train.checkpoint import save_checkpoint  # noqa: E402
 
 TOLERANCE_FP32 = 1e-4
 VOCAB = 128  # >= the test tokenizers' ids

@@ -22,10 +22,10 @@ import torch
 transformers = pytest.importorskip("transformers",
                                    reason="transformers is an optional extra (pip install 'slmforge[hf]')")
 
+from slmforge.checkpoint.reading import load_model  # noqa: E402
+from slmforge.checkpoint.writing import save_checkpoint
 from slmforge.interop import export_hf, import_hf  # noqa: E402
 from slmforge.models import DecoderConfig, build_model  # noqa: E402
-from slmforge.runs import load_model  # noqa: E402
-from slmforge.train.checkpoint import save_checkpoint
 
 TOLERANCE_FP32 = 1e-4
 VOCAB = 320  # >= the test tokenizer's 300 ids

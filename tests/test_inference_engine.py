@@ -234,5 +234,58 @@ def test_a_stream_left_early_frees_its_rows(model):
     engine = Engine(model, max_batch=2)
     for _ in zip(range(5), engine.stream(batch, GREEDY)):
         pass
-    assert not engine.rows and not engine._waiting  # ended when the loop stopped reading
+    assert engine.active == 0 and engine.waiting == 0  # ended when the loop stopped reading
     assert [c.token_ids for c in engine.generate(batch[:2], GREEDY)] == [alone(model, p) for p in batch[:2]]
+
+
+@torch.no_grad()
+def test_a_request_has_left_the_batch_when_its_last_event_arrives(model):
+    """Two slots, three requests: at each last event (length, length, cancelled) `active` and `waiting`
+    count only the others, so a consumer that sees "finished" never sees its own request still there."""
+    engine = Engine(model, max_batch=2)
+    budgets = (3, 40, 4)
+    requests, seen = [], {}
+
+    def on_event(event):
+        if event.finish_reason is None:
+            return
+        seen[event.request_id] = (event.finish_reason, engine.active, engine.waiting)
+        if event.request_id == requests[2].id:
+            requests[1].cancel()
+
+    for prompt, budget in zip(prompts((3, 5, 2)), budgets):  # queued before the loop runs: two join, one waits
+        requests.append(engine.submit(prompt, SamplingParams(max_new_tokens=budget, stop_at_eos=False),
+                                      on_event=on_event))
+    assert (engine.active, engine.waiting) == (0, 3)
+    engine.start()
+    try:
+        assert all(r.done.wait(60) for r in requests)
+    finally:
+        engine.close()
+    assert [seen[r.id] for r in requests] == [("length", 1, 1), ("cancelled", 0, 0), ("length", 1, 0)]
+    assert requests[1].completion.completion_tokens < 40
+
+
+@torch.no_grad()
+def test_cpu_threads_follow_the_rows_running(model, monkeypatch):
+    """With a FLOPs bound between one and two rows, a batch of three runs on torch's threads (2) until
+    one row is left, then on one thread: set_num_threads is called on each change only, torch's
+    setting is restored after, and the tokens are those of each prompt alone."""
+    from slmforge.inference import decoding
+
+    batch = prompts((4, 7, 2))
+    budgets = [SamplingParams(max_new_tokens=n, stop_at_eos=False) for n in (3, 5, 12)]
+    expected = [alone(model, p)[:b.max_new_tokens] for p, b in zip(batch, budgets)]
+    monkeypatch.setattr(decoding, "SINGLE_THREAD_STEP_FLOPS", 3 * model.cfg.num_parameters())
+    calls = []
+    set_threads = torch.set_num_threads
+    previous = torch.get_num_threads()
+    set_threads(2)
+    try:
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or set_threads(n))
+        got = Engine(model, max_batch=3).generate(batch, budgets)
+        after = torch.get_num_threads()
+    finally:
+        set_threads(previous)
+    assert [c.token_ids for c in got] == expected
+    assert calls == [1, 2] and after == 2  # down to one thread for the last row, then restored

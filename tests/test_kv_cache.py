@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from slmforge.generate import SamplingConfig, generate_ids
+from slmforge.inference.generate import SamplingConfig, generate_ids
 from slmforge.models import DecoderConfig, build_model
 
 WINDOW = 6

@@ -124,8 +124,8 @@ def tiny_decoder(family: str = "llama", seed: int = 0):
 
 def make_run(root: Path, family: str = "llama") -> tuple[Path, Path]:
     """A decoder run folder (random weights, the tokenizer above) and its `export --format hf` folder."""
+    from slmforge.checkpoint.writing import save_checkpoint
     from slmforge.interop import export_hf
-    from slmforge.train.checkpoint import save_checkpoint
 
     run = root / "run"
     save_checkpoint(run, 3, tiny_decoder(family))
@@ -179,7 +179,7 @@ def assert_same_answers(ours: dict, theirs: dict, tasks: list[str]) -> float:
 def test_scores_and_every_request_equal_lm_evals_hf_backend_on_the_export(llama):
     from lm_eval.models.huggingface import HFLM
 
-    from slmforge.runs import open_run
+    from slmforge.checkpoint.reading import open_run
 
     run, exported, tasks = llama
     names = ["slm_mc", "slm_nocontext", "slm_ppl", "slm_gen"]
@@ -198,7 +198,7 @@ def test_scores_and_every_request_equal_lm_evals_hf_backend_on_the_export(llama)
 def test_gemma3_sliding_window_model_equals_hflm_too(tmp_path):
     from lm_eval.models.huggingface import HFLM
 
-    from slmforge.runs import open_run
+    from slmforge.checkpoint.reading import open_run
 
     run, exported = make_run(tmp_path, "gemma3")
     names = ["slm_mc", "slm_ppl", "slm_gen"]
@@ -215,8 +215,8 @@ def test_encoder_decoder_log_likelihoods_equal_hflm_seq2seq(tmp_path):
     from test_encdec import make_t5_run  # a random T5 v1.1 run with a word-level tokenizer
     from transformers import T5ForConditionalGeneration
 
+    from slmforge.checkpoint.reading import open_run
     from slmforge.interop import export_hf
-    from slmforge.runs import open_run
 
     run, model = make_t5_run(tmp_path)
     exported = export_hf(run, tmp_path / "hf")
@@ -249,7 +249,7 @@ def test_rolling_windows_of_a_repeated_text(llama):
     from lm_eval import utils as lm_utils
     from lm_eval.models.huggingface import HFLM
 
-    from slmforge.runs import open_run
+    from slmforge.checkpoint.reading import open_run
 
     run, exported, _ = llama
     ours = harness.backend_for(open_run(run), batch_size=3)
@@ -269,7 +269,7 @@ def test_rolling_windows_of_a_repeated_text(llama):
 def test_context_and_continuation_tokens_follow_lm_evals_hf_backend(llama):
     from lm_eval.models.huggingface import HFLM
 
-    from slmforge.runs import Run, open_run
+    from slmforge.checkpoint.reading import Run, open_run
 
     run, exported, _ = llama
     opened = open_run(run)
@@ -423,7 +423,7 @@ def test_shared_and_unshared_batches_equal_one_forward_per_request(family):
 
 
 def test_generation_until_a_stop_matches_greedy_decoding_one_prompt_at_a_time():
-    from slmforge.generate import SamplingConfig, generate_ids
+    from slmforge.inference.generate import SamplingConfig, generate_ids
 
     model = tiny_decoder("gemma3", seed=2)
     generator = torch.Generator().manual_seed(4)
@@ -441,6 +441,44 @@ def test_generation_until_a_stop_matches_greedy_decoding_one_prompt_at_a_time():
         expected = row[:row.index(eos)] if eos in row else row
         ends = [n for n in range(2, len(expected) + 1) if stop(expected[:n])]
         assert new == (expected[:ends[0]] if ends else expected)
+
+
+
+def test_generate_until_through_the_engine_equals_the_left_padded_loop(tmp_path):
+    """`generate_until` (the inference engine: mixed-length prompts in one batch, rows refilled as others
+    end, per-request stop strings = lm-eval's `until`, eos, max_gen_toks) gives the texts of the plain
+    left-padded loop it replaced (`generate_until_stop`, then lm-eval's cut at the first stop string),
+    with rows ended by a stop string, by eos and by the budget, at every batch size."""
+    from slmforge.tokenizer import load_tokenizer
+
+    make_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    model = tiny_decoder("gemma3", seed=2)
+    texts = ["the quick", "नमस्ते दुनिया, यह", "hello 123 world the lazy dog jumps over", "fox", "एक परीक्षण"]
+    prompts = [tok.encode(t) for t in texts]
+    assert len({len(p) for p in prompts}) >= 4  # mixed lengths
+
+    def reference(until: list[str], eos: int | None) -> list[str]:
+        stopped = lambda ids: any(s in tok.decode(ids) for s in until)  # noqa: E731 (as harness_lm did)
+        out = []
+        for ids in harness.generate_until_stop(model, prompts, 12, stopped, eos_id=eos):
+            text = tok.decode(ids)
+            for term in until:  # lm-eval's postprocess_generated_text
+                text = text.split(term)[0]
+            out.append(text)
+        return out
+
+    free = reference([], None)
+    assert harness.generate_until(model, tok, prompts, 12, [], None) == free
+    stop = free[0][len(free[0]) // 2:][:2]  # a stop string inside row 0's text
+    plain = harness.generate_until_stop(model, prompts, 12, lambda ids: False, eos_id=None)
+    eos = plain[2][6]  # a token in the middle of row 2
+    until = [stop, "\n\n"]
+    expected = reference(until, eos)
+    ended_by_stop = [e != f and stop in f for e, f in zip(expected, free)]
+    assert any(ended_by_stop) and expected[2] != free[2] and any(e == f for e, f in zip(expected, free))
+    for batch_size in (1, 2, 8):
+        assert harness.generate_until(model, tok, prompts, 12, until, eos, batch_size=batch_size) == expected
 
 
 def test_rows_for_eval_json_keep_metrics_errors_versions_and_a_config_hash():

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
+from slmforge.checkpoint.reading import load_model, resolve_checkpoint
+from slmforge.checkpoint.writing import save_checkpoint
 from slmforge.errors import SlmforgeError
 from slmforge.models import DecoderConfig, build_model
 from slmforge.models.layers import causal_mask
 from slmforge.objectives.losses import linear_cross_entropy, reference_cross_entropy
-from slmforge.runs import load_model, resolve_checkpoint
-from slmforge.train.checkpoint import save_checkpoint
 
 
 def logits(model, ids, cache=None):

@@ -39,8 +39,8 @@ from test_hf_parity import (  # noqa: E402  (the parity harness the Llama and Ge
     token_ids,
 )
 
+from slmforge.checkpoint.reading import load_model  # noqa: E402
 from slmforge.interop import export_hf, import_hf  # noqa: E402
-from slmforge.runs import load_model  # noqa: E402
 
 QWEN3 = pytest.mark.skipif(not hasattr(transformers, "Qwen3ForCausalLM"),
                            reason=f"transformers {transformers.__version__} has no Qwen3ForCausalLM (added in 4.51)")
@@ -342,9 +342,9 @@ def test_imported_model_finetunes_with_lora(tmp_path, case):
     pytest.importorskip("peft")
     from safetensors.torch import load_file
 
+    from slmforge.checkpoint.reading import resolve_checkpoint
     from slmforge.finetune.config import FinetuneConfig
     from slmforge.finetune.run import finetune
-    from slmforge.runs import resolve_checkpoint
 
     run, _ = imported(tmp_path, case)
     words = "the quick brown fox jumps over the lazy dog".split()

@@ -266,7 +266,7 @@ def test_overrides_after_input_are_overrides(corpus, tmp_path):
 def test_generate_and_eval_flags_are_checked_and_named(tiny_run, capsys, monkeypatch):
     import io
 
-    from slmforge.generate import read_prompt
+    from slmforge.inference.generate import read_prompt
 
     run = tiny_run / "run"
     capsys.readouterr()

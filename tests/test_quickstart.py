@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from slmforge.quickstart import quickstart
+from slmforge.quickstart.pipeline import quickstart
 from slmforge.train.metrics import read_metrics
 
 pytest.importorskip("plone.app.locales", reason="the demo corpus needs slmforge[demo]")
@@ -37,7 +37,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
 def test_missing_demo_packages_are_one_clear_error(tmp_path, monkeypatch):
     import importlib.util
 
-    from slmforge.demo_corpus import build_demo_corpus
+    from slmforge.data.demo_corpus import build_demo_corpus
     from slmforge.errors import SlmforgeError
 
     real = importlib.util.find_spec

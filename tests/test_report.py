@@ -60,8 +60,8 @@ def two_runs(tmp_path_factory):
           "model.intermediate_size=64", "model.num_heads=2", "train.max_steps=20")
     for run in (decoder, encoder):
         assert main(["eval", str(run), "--text", f"hi={texts['hi']}", "--text", f"as={texts['as']}"]) == 0
-    from slmforge.generate import SamplingConfig, generate_text
-    from slmforge.runs import open_run
+    from slmforge.checkpoint.reading import open_run
+    from slmforge.inference.generate import SamplingConfig, generate_text
 
     opened = open_run(decoder)
     sample = generate_text(opened.model, opened.tokenizer(), "s1 s2", SamplingConfig(max_new_tokens=8, seed=0))
@@ -92,7 +92,7 @@ def test_collect_reads_what_each_run_recorded(two_runs):
     dec, enc = collect(decoder), collect(encoder)
     assert dec.summary()["objective"] == "clm" and enc.summary()["objective"] == "mlm"
     assert dec.summary()["steps"] == "20 / 20" and dec.summary()["tokens seen"] == f"{20 * 4 * 32:,}"
-    from slmforge.runs import open_run
+    from slmforge.checkpoint.reading import open_run
 
     assert dec.parameters == sum(p.numel() for p in open_run(decoder).model.parameters())
     assert set(dec.evals) == {"hi", "as"} and "bpb" in dec.evals["hi"]
@@ -113,6 +113,10 @@ def test_markdown_and_html_show_the_same_tables(two_runs, tmp_path):
     # The config diff names what differs (the model family, the objective), not what is the same.
     assert "| model.family | llama | bert |" in md and "| objective.kind | clm | mlm |" in md
     assert "| train.seq_len |" not in md
+    # Head to head: a masked-LM loss is no target for a causal LM, so nothing is "reached" across them.
+    head = md.split("## Head to head")[1].split("## Config")[0]
+    assert "different objectives" in head and "| optimizer | adamw, lr 0.003 | adamw, lr 0.003 |" in head
+    assert "tokens to reach" not in head
     # Per-language tables: bits per byte for the decoder only, accuracy for both.
     bpb_table = md.split("### bits per byte")[1].split("###")[0]
     assert "| set | decoder |\n" in bpb_table and "| hi | 1." in bpb_table  # the encoder has no bits per byte

@@ -86,8 +86,8 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run(markov_shards, tmp_path
 
 
 def test_the_best_checkpoint_survives_pruning(markov_shards, tmp_path):
+    from slmforge.checkpoint.writing import save_checkpoint
     from slmforge.models import DecoderConfig, build_model
-    from slmforge.train.checkpoint import save_checkpoint
 
     model = build_model(DecoderConfig.from_name("test-tiny"), seed=0)
     for step in (1, 2, 3, 4):
@@ -202,7 +202,7 @@ def test_resume_refuses_exactness_breaking_changes_and_applies_optimizer_ones(ma
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(markov_shards, tmp_path, monkeypatch):
     import errno
 
-    import slmforge.train.checkpoint as checkpoint
+    import slmforge.checkpoint.writing as checkpoint
 
     _, data = markov_shards
     run = tmp_path / "run"
@@ -240,7 +240,7 @@ def test_metrics_are_cut_in_place_on_resume_and_a_torn_line_goes(tmp_path):
 
 
 def test_step_folders_are_ordered_by_number_not_by_name(tmp_path):
-    from slmforge.runs import step_folders
+    from slmforge.checkpoint.reading import step_folders
 
     for step in (999_000, 999_500, 1_000_000):
         (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
@@ -249,7 +249,7 @@ def test_step_folders_are_ordered_by_number_not_by_name(tmp_path):
 
 def test_a_real_full_disk_error_from_torch_save_is_one_line(markov_shards, tmp_path, monkeypatch):
     """torch.save reports a full disk as a RuntimeError, not an OSError."""
-    import slmforge.train.checkpoint as checkpoint
+    import slmforge.checkpoint.writing as checkpoint
 
     _, data = markov_shards
     run = tmp_path / "run"

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from slmforge import config
+from slmforge.checkpoint.reading import resolve_checkpoint
 from slmforge.distill.config import DistillRunConfig
 from slmforge.distill.run import distill
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import FinetuneConfig
 from slmforge.finetune.run import finetune
 from slmforge.models import build_model, config_from_dict
-from slmforge.runs import resolve_checkpoint
 from slmforge.train.checkpointer import Checkpointer
 from slmforge.train.config import PretrainConfig
 from slmforge.train.parallel import Distributed, ParallelConfig

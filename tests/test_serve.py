@@ -20,18 +20,18 @@ pytest.importorskip("uvicorn", reason="serve needs FastAPI and uvicorn (pip inst
 openai = pytest.importorskip("openai", reason="the server is tested with the official openai client")
 import httpx  # noqa: E402  (an openai dependency)
 
+from slmforge.checkpoint.writing import save_checkpoint  # noqa: E402
 from slmforge.cli import main  # noqa: E402
+from slmforge.errors import SlmforgeError  # noqa: E402
 from slmforge.finetune.templates import CHATML, CHATML_TOKENS  # noqa: E402
 from slmforge.finetune.vocab import add_special_tokens  # noqa: E402
 from slmforge.inference import SamplingParams  # noqa: E402
 from slmforge.models import DecoderConfig, build_model  # noqa: E402
 from slmforge.serve.app import create_app  # noqa: E402
-from slmforge.serve.command import open_served  # noqa: E402
+from slmforge.serve.commands import open_served  # noqa: E402
 from slmforge.serve.server import Server, bind, check_exposure, is_loopback  # noqa: E402
 from slmforge.serve.settings import Limits, Served  # noqa: E402
-from slmforge.errors import SlmforgeError  # noqa: E402
 from slmforge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer  # noqa: E402
-from slmforge.train.checkpoint import save_checkpoint  # noqa: E402
 
 CORPUS = [
     "हिन्दी भारत की राजभाषा है और इसे देवनागरी लिपि में लिखा जाता है।",
@@ -90,7 +90,7 @@ class Serving:
         engine, admission = self.served.engine, self.app.state.admission
         until = time.monotonic() + seconds
         while time.monotonic() < until:
-            if not engine.rows and not engine._waiting and admission.in_flight == 0:
+            if engine.active == 0 and engine.waiting == 0 and admission.in_flight == 0:
                 return True
             time.sleep(0.02)
         return False
@@ -132,7 +132,8 @@ def test_models_health_and_the_default_name(server, client):
     srv = server
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
     assert client.models.retrieve("tiny-chat").owned_by == "slmforge"
-    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+    assert srv.idle()
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok", "active": 0, "waiting": 0}
 
 
 def test_completion_streamed_and_not_equals_the_engine_alone(server, client):
@@ -265,6 +266,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
         with httpx.stream("POST", srv.url + "/v1/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ") and next(lines) == ""  # one event, then leave
+            # a generation is in the batch meanwhile, and /health counts it
+            assert httpx.get(srv.url + "/health").json() == {"status": "ok", "active": 1, "waiting": 0}
         assert srv.idle()
         with pytest.raises(httpx.ReadTimeout):  # not streamed: the server notices within half a second
             httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
+from slmforge.checkpoint.reading import check_integrity, checkpoint_tensors, newest_good_checkpoint, open_run, read_weights
 from slmforge.errors import SlmforgeError
 from slmforge.models.registry import build_model, config_from_dict
-from slmforge.runs import check_integrity, checkpoint_tensors, newest_good_checkpoint, open_run, read_weights
 from slmforge.train.parallel import Distributed
 from slmforge.train.sharded import ShardedCheckpoints, load_sharded
 
@@ -108,7 +108,7 @@ def test_keep_last_prunes_sharded_folders_but_not_the_protected_one(tmp_path):
 def test_a_shard_missing_from_the_folder_is_found_before_and_after_sealing(tmp_path, monkeypatch):
     """A rank whose checkpoints folder is not the shared one writes its shard elsewhere: rank 0 must not
     seal a folder without it, and a folder sealed so must not pass as intact."""
-    from slmforge.runs import missing_shards
+    from slmforge.checkpoint.reading import missing_shards
     from slmforge.train import sharded
 
     model, optimizer = trained()

@@ -12,8 +12,8 @@ import dataclasses
 import pytest
 import torch
 
-from slmforge import generate
-from slmforge.generate import SamplingConfig, generate_ids
+from slmforge.inference import generate
+from slmforge.inference.generate import SamplingConfig, generate_ids
 from slmforge.models import DecoderConfig, build_model
 
 WINDOW = 6

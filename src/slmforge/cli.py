@@ -16,21 +16,19 @@ import sys
 from slmforge.arguments import OVERRIDE, HelpFormatter, add_config_arguments  # noqa: F401 (older imports)
 from slmforge.errors import SlmforgeError
 
-# Modules that contribute verbs, in the order `--help` lists them (pipeline order).
+# Modules that contribute verbs (each `<package>.commands` with `register(sub)`), in the order `--help`
+# lists them (pipeline order).
 COMMAND_MODULES = [
-    "slmforge.quickstart",
+    "slmforge.quickstart.commands",
     "slmforge.tokenizer.commands",
     "slmforge.data.commands",
     "slmforge.train.commands",
     "slmforge.distill.commands",
     "slmforge.finetune.commands",
     "slmforge.eval.commands",
-    "slmforge.generate",
-    "slmforge.translate",
-    "slmforge.fill_mask",
-    "slmforge.classify",
+    "slmforge.inference.commands",
     "slmforge.interop.commands",
-    "slmforge.serve.command",
+    "slmforge.serve.commands",
     "slmforge.report.commands",
 ]
 
@@ -77,7 +75,7 @@ VERB_CONFIGS = {
     "data prepare": ("slmforge.data.prepare", "DataConfig", "data"),
     "data curate": ("slmforge.curate.config", "CurateConfig", "curate"),
     "data pairs": ("slmforge.data.pairs", "PairsConfig", "pairs"),
-    "generate": ("slmforge.generate", "SamplingConfig", ""),
+    "generate": ("slmforge.inference.generate", "SamplingConfig", ""),
 }
 
 

@@ -187,7 +187,7 @@ def _labelled(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from slmforge.demo_corpus import build_demo_corpus
+    from slmforge.data.demo_corpus import build_demo_corpus
     from slmforge.formatting import say
 
     for lang, path in build_demo_corpus(args.out).items():

@@ -162,7 +162,7 @@ def read_pairs(source: PairSourceConfig, on_bad_line: str, bad: Counter, first_b
 
     swap = (lambda a, b: (b, a)) if source.swap else (lambda a, b: (a, b))  # noqa: E731
     if source.path.startswith(PLONE):
-        from slmforge.demo_corpus import plone_pairs
+        from slmforge.data.demo_corpus import plone_pairs
 
         for number, (english, translated) in enumerate(plone_pairs(source.path[len(PLONE):]), start=1):
             yield (*swap(english, translated), f"{source.path}#{number}")

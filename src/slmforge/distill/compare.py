@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from slmforge import config as config_io
+from slmforge.checkpoint.reading import SHARDED, WEIGHTS, is_sharded_checkpoint, open_run, sharded_tensors, write_eval_report
 from slmforge.distill.config import DistillRunConfig
 from slmforge.distill.teacher import is_hf_folder, load_teacher
 from slmforge.errors import SlmforgeError
@@ -19,7 +20,6 @@ from slmforge.eval.evaluate import evaluate_documents, print_table, read_documen
 from slmforge.fileio import write_json_atomic
 from slmforge.models import family
 from slmforge.objectives import ObjectiveConfig, build_objective
-from slmforge.runs import SHARDED, WEIGHTS, is_sharded_checkpoint, open_run, sharded_tensors, write_eval_report
 
 
 def weights_bytes(path: Path) -> int:
@@ -89,6 +89,6 @@ def compare_with_teacher(run_dir: Path, cfg: DistillRunConfig, device: torch.dev
 def _teacher_weights(path: Path) -> Path:
     if is_hf_folder(path):
         return path
-    from slmforge.runs import resolve_checkpoint
+    from slmforge.checkpoint.reading import resolve_checkpoint
 
     return resolve_checkpoint(path)

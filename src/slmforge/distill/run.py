@@ -39,7 +39,7 @@ def teacher_fingerprint(path: str) -> str:
         files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
         text = repr([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     else:
-        from slmforge.runs import CHECKSUMS, WEIGHTS, resolve_checkpoint
+        from slmforge.checkpoint.reading import CHECKSUMS, WEIGHTS, resolve_checkpoint
 
         step = resolve_checkpoint(folder)
         listed = step / CHECKSUMS

@@ -49,7 +49,7 @@ def load_model_and_tokenizer(path: str | Path):
         hf = read_json(folder / "config.json")
         model = load_hf_weights(folder, config_from_hf(hf, where=str(folder / "config.json")), is_multimodal(hf))
         return model, load_tokenizer(folder)
-    from slmforge.runs import find_tokenizer_dir, load_model
+    from slmforge.checkpoint.reading import find_tokenizer_dir, load_model
 
     model, _, _ = load_model(folder)
     return model, load_tokenizer(find_tokenizer_dir(folder))

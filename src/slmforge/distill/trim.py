@@ -55,11 +55,11 @@ def cut_model(model: torch.nn.Module, kept: list[int]):
 
 def trim_vocab(source: str, texts: list[str], out: str, min_count: int = 1, force: bool = False) -> dict:
     """Write the cut tokenizer (and model, if `source` holds one) to `out`; returns the report."""
+    from slmforge.checkpoint.reading import has_weights
+    from slmforge.checkpoint.writing import save_checkpoint
     from slmforge.interop.export import output_dir
     from slmforge.tokenizer import load_tokenizer
-    from slmforge.runs import has_weights
     from slmforge.tokenizer.trim import trim_tokenizer
-    from slmforge.train.checkpoint import save_checkpoint
 
     folder = Path(source)
     model = None

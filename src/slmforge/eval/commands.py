@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         read_documents,
         run_objective,
     )
-    from slmforge.runs import open_run, write_eval_report
+    from slmforge.checkpoint.reading import open_run, write_eval_report
     from slmforge.runtime import resolve_device
 
     if args.list_tasks is not None:

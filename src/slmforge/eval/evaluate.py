@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from slmforge import config as config_io
+from slmforge.checkpoint.reading import Run
 from slmforge.data.encode import encoded_text_bytes
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
 from slmforge.errors import SlmforgeError
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective, mean_loss, summarize
-from slmforge.runs import Run
 
 
 def run_objective(run: Run, tokenizer=None):

@@ -10,9 +10,11 @@ whose three request types are answered here, in plain PyTorch:
   positions that predict continuation tokens go through the output layer and the log-softmax.
 - rolling log-likelihood (perplexity tasks): lm-eval's own windows (`get_rolling_token_windows`), each
   scored as a (context, continuation) request above.
-- generation until a stop sequence (`generate_until_stop`): left-padded batches, one KV cache, the next
-  token chosen by `generate.next_token` (greedy unless the task samples), rows stopping at eos or at a
-  stop string.
+- generation until a stop sequence (`generate_until`): the inference engine (`Engine.generate`):
+  prompts of mixed lengths share its batch (left padding, rows refilled as others end), each with the
+  task's stop strings (lm-eval's `until`), eos and max_gen_toks; greedy unless the task samples. Its
+  texts equal those of `generate_until_stop`, the plain left-padded loop it replaced, kept as the
+  reference (tests/test_lm_eval_harness.py).
 
 Token layout follows lm-eval's HF backend (HFLM), so scores equal `HFLM(pretrained=exported folder)`
 on the exported model (tests/test_lm_eval_harness.py): a continuation's tokens are those of
@@ -276,7 +278,7 @@ def generate_until_stop(model, prompts: Sequence[Sequence[int]], max_new_tokens:
     """New tokens for each prompt (a batch, left-padded), ending before eos or when `stopped(new ids)`
     says a stop string has appeared, or after max_new_tokens. The next token is chosen by
     `generate.next_token` (greedy with the default `sampling`)."""
-    from slmforge.generate import SamplingConfig, cpu_threads, decode_threads, next_token
+    from slmforge.inference.generate import SamplingConfig, cpu_threads, decode_threads, next_token
 
     sampling = sampling or SamplingConfig(temperature=0.0)
     device = _device(model)
@@ -316,6 +318,25 @@ def generate_until_stop(model, prompts: Sequence[Sequence[int]], max_new_tokens:
             tokens = torch.cat([tokens, step_input], dim=1)
             mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
     return new
+
+
+def generate_until(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, until: Sequence[str],
+                   eos_id: int | None, sampling=None, seed: int | None = None, batch_size: int = 8) -> list[str]:
+    """The text generated for each prompt (ids), through the inference engine: up to `batch_size` rows at
+    once, a row ending at eos (left out), after `max_new_tokens`, or at the first of the stop strings
+    `until`, where its text is cut (lm-eval's `postprocess_generated_text` cuts the same way). Greedy
+    unless `sampling` (SamplingParams) has a temperature; a sampled row draws from its own generator
+    seeded with `seed`, so rows with equal prompts get equal samples."""
+    from slmforge.inference import Engine, SamplingParams
+
+    if not prompts:
+        return []
+    sampling = sampling or SamplingParams()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                            top_p=sampling.top_p, seed=seed, stop=[s for s in until if s],
+                            stop_token_ids=[] if eos_id is None else [eos_id], stop_at_eos=False)
+    engine = Engine(model, tokenizer=tokenizer, max_batch=max(1, min(batch_size, len(prompts))))
+    return [completion.text for completion in engine.generate([list(p) for p in prompts], params)]
 
 
 # ---------------------------------------------------------------- tasks for a language

@@ -17,7 +17,7 @@ from slmforge.errors import SlmforgeError
 from slmforge.eval.harness import (
     continuation_logprobs,
     encdec_continuation_logprobs,
-    generate_until_stop,
+    generate_until,
 )
 from slmforge.models.registry import family
 
@@ -143,11 +143,11 @@ class SlmforgeLM(TemplateLM):
         if self.kind != "decoder":
             raise SlmforgeError("generate_until tasks need a decoder; this run is an encoder-decoder "
                                 "(its log-likelihood tasks run, generation tasks do not yet)")
-        from slmforge.generate import SamplingConfig
+        from slmforge.inference.generate import SamplingConfig
 
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         answers: list[str | None] = [None] * len(requests)
-        # Group by settings (as lm-eval does), longest context first within a group.
+        # Group by settings (as lm-eval does).
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
@@ -164,22 +164,14 @@ class SlmforgeLM(TemplateLM):
             if kwargs.get("do_sample"):
                 sampling = SamplingConfig(temperature=float(kwargs.get("temperature") or 1.0),
                                           top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0))
-            stops = [s for s in until if s]
-
-            def stopped(ids: list[int]) -> bool:
-                text = self.tok_decode(ids)
-                return any(s in text for s in stops)
-
-            members = sorted(members, key=lambda i: -len(encoded[i]))
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                prompts = [encoded[i][-(self.max_length - max_gen):] for i in chunk]
-                new = generate_until_stop(self.model, prompts, max_gen, stopped, self.tokenizer_.eos_id,
-                                          sampling, self.pad_id, seed=kwargs.get("seed"))
-                for index, ids in zip(chunk, new):
-                    text = postprocess_generated_text(self.tok_decode(ids), until, None)
-                    answers[index] = text
-                    self.cache_hook.add_partial("generate_until", requests[index].args, text)
-                progress.update(len(chunk))
+            # the inference engine: the group's prompts share its batch, rows refilled as others end
+            prompts = [encoded[i][-(self.max_length - max_gen):] for i in members]
+            texts = generate_until(self.model, self.tokenizer_, prompts, max_gen, until, self.tokenizer_.eos_id,
+                                   sampling, seed=kwargs.get("seed"), batch_size=self.batch_size)
+            for index, text in zip(members, texts):
+                text = postprocess_generated_text(text, until, None)
+                answers[index] = text
+                self.cache_hook.add_partial("generate_until", requests[index].args, text)
+            progress.update(len(members))
         progress.close()
         return answers  # type: ignore[return-value]

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from slmforge import config as config_io
-from slmforge.checkpoint_meta import CheckpointMeta
+from slmforge.checkpoint.meta import CheckpointMeta
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import DEFAULT_LORA_TARGETS, FinetuneConfig
 from slmforge.finetune.examples import BadExample, Skipped, bad_example, read_lines, read_records
@@ -45,7 +45,7 @@ from slmforge.formatting import human, say
 from slmforge.models import build_model, family
 from slmforge.objectives.base import IGNORE_INDEX
 from slmforge.objectives.classify import Classification
-from slmforge.runs import (
+from slmforge.checkpoint.reading import (
     check_names_and_shapes,
     checkpoint_tensors,
     find_tokenizer_dir,
@@ -357,8 +357,8 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def finetune_labels(cfg: FinetuneConfig, session: Session) -> Path:
     """`slmforge finetune` with finetune.task = "classify" or "tag" (see the module docstring)."""
+    from slmforge.checkpoint.writing import write_model_folder
     from slmforge.finetune.run import _freeze, finetune_identity
-    from slmforge.train.checkpoint import write_model_folder
     from slmforge.train.parallel import barrier
     from slmforge.train.run import RunParts, TrainingRun
 

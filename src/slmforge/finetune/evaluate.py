@@ -13,7 +13,7 @@ from torch import nn
 
 from slmforge.fileio import write_text_atomic
 from slmforge.finetune.templates import Encoded, EncodedPair
-from slmforge.generate import SamplingConfig, generate_ids
+from slmforge.inference.generate import SamplingConfig, generate_ids
 
 
 @torch.no_grad()
@@ -81,8 +81,8 @@ def pair_generation_eval(model: nn.Module, pairs: list[EncodedPair], tokenizer, 
                          batch_size: int = 16) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """An encoder-decoder's greedy translations of `pairs`' sources, in padded batches: exact match,
     chrF and BLEU against the references, and per-pair rows."""
-    from slmforge.seq2seq_generate import Seq2SeqConfig
-    from slmforge.translate import translate_ids
+    from slmforge.inference.seq2seq import Seq2SeqConfig
+    from slmforge.inference.translate import translate_ids
 
     was_training = model.training
     model.eval()

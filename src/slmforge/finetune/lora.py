@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from slmforge.checkpoint.reading import check_integrity, read_weights
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import LoraConfig
-from slmforge.runs import check_integrity, read_weights
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -162,7 +162,7 @@ def load_base(model: nn.Module, base_dir: Path) -> None:
 
 
 class _BaseView(nn.Module):
-    """What the checked reader in runs.py compares a file against: the base's plain names."""
+    """What the checked reader in checkpoint/reading.py compares a file against: the base's plain names."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

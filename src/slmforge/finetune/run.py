@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from slmforge import config as config_io
-from slmforge.checkpoint_meta import CheckpointMeta
+from slmforge.checkpoint.meta import CheckpointMeta
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import FinetuneConfig
 from slmforge.finetune.evaluate import generation_eval, pair_generation_eval, write_samples
 from slmforge.finetune.examples import Skipped, read_examples
-from slmforge.finetune.lora import BASE_DIR, LoraCheckpoints, apply_lora
 from slmforge.finetune.loader import ExampleLoader, PairLoader
+from slmforge.finetune.lora import BASE_DIR, LoraCheckpoints, apply_lora
 from slmforge.finetune.templates import (
     Encoded,
     EncodedPair,
@@ -31,13 +31,13 @@ from slmforge.finetune.templates import (
     choose_template,
     encode_examples,
 )
+from slmforge.checkpoint.reading import find_tokenizer_dir, resolve_checkpoint, write_eval_report
+from slmforge.checkpoint.writing import write_model_folder
 from slmforge.finetune.vocab import add_special_tokens, fit_embeddings
 from slmforge.formatting import human, say
 from slmforge.models import family
 from slmforge.objectives.clm import CausalLM
 from slmforge.objectives.seq2seq import Seq2Seq
-from slmforge.runs import find_tokenizer_dir, resolve_checkpoint, write_eval_report
-from slmforge.train.checkpoint import write_model_folder
 from slmforge.train.parallel import barrier
 from slmforge.train.run import RunParts, TrainingRun
 from slmforge.train.session import Session, training_session

@@ -31,6 +31,7 @@ import itertools
 import logging
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -38,7 +39,7 @@ import torch
 
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
-from slmforge.inference.decoding import compiled_static_step, cpu_threads, decode_threads, static_step
+from slmforge.inference.decoding import compiled_static_step, decode_threads, static_step
 from slmforge.inference.prompt import PromptFormat
 from slmforge.inference.sampling import SamplingParams, next_token
 from slmforge.inference.text import TextStream
@@ -175,7 +176,9 @@ class Engine:
         self.width = 0  # columns allocated (grown up to max_len)
         self.col = 0
         self.rows: list[_Row] = []
-        self._waiting: list[Request] = []
+        self._waiting: list[Request] = []  # queued; a joining request leaves it once it has its row
+        self._base_threads: int | None = None  # CPU: torch's threads when the drive began (None: leave them)
+        self._one_thread_below = 1  # tokens per step under which a step runs on one thread
         self._drive = threading.Lock()
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -210,7 +213,7 @@ class Engine:
                     if not request.done.is_set():
                         request.cancel()
             return
-        with self._drive, self._threads(len(requests)):
+        with self._drive, self._threads():
             self._waiting.extend(requests)
             try:
                 while not all(r.done.is_set() for r in requests):
@@ -245,15 +248,53 @@ class Engine:
             for request in requests:
                 request.done.wait()
             return
-        with self._drive, self._threads(len(requests)):
+        with self._drive, self._threads():
             self._waiting.extend(requests)
             while not all(r.done.is_set() for r in requests):
                 self._step()
 
-    def _threads(self, batch: int):
+    @contextmanager
+    def _threads(self):
+        """Around a drive of the batch: each step then picks its CPU threads (`_use_threads`), and
+        torch's setting is restored after. (torch's thread count is process-wide: two engines that
+        decode on CPU at once set it in turn.)"""
         if self.device.type != "cpu":
-            return cpu_threads(None)
-        return cpu_threads(self.threads or decode_threads(self.model, min(batch, self.max_batch), self.device))
+            yield
+            return
+        base = self._base_threads = torch.get_num_threads()
+        self._one_thread_below = self._single_thread_tokens(base)
+        try:
+            yield
+        finally:
+            self._base_threads = None
+            if torch.get_num_threads() != base:
+                torch.set_num_threads(base)
+
+    def _single_thread_tokens(self, base: int) -> int:
+        """The fewest tokens per step for which decode_threads gives more than one thread (it grows with
+        a step's FLOPs), asked while torch's setting is still `base` (decode_threads answers "torch's
+        current setting" above its bound, which is 1 once a step has set it); 1 when every step gets
+        `base`."""
+        if self.threads or base == 1 or decode_threads(self.model, 1, self.device) > 1:
+            return 1
+        low, high = 1, 2  # decode_threads(low) is 1
+        while decode_threads(self.model, high, self.device) == 1:
+            low, high = high, 2 * high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if decode_threads(self.model, middle, self.device) == 1 else (low, middle)
+        return high
+
+    def _use_threads(self, tokens: int) -> None:
+        """CPU threads for a step over `tokens` tokens (the rows decoding, or the prompt tokens of a
+        prefill): `threads` when set, else one below decode_threads' FLOPs bound and torch's own setting
+        above it. A batch that shrinks to a few rows drops to one thread; torch.set_num_threads is called
+        only when the choice changes."""
+        if self._base_threads is None:
+            return
+        want = self.threads or (1 if tokens < self._one_thread_below else self._base_threads)
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
@@ -266,6 +307,17 @@ class Engine:
             raise SlmforgeError(f"the prompt has token ids outside the model's vocabulary (0..{vocab - 1})")
 
     # ------------------------------------------------------------ continuous batching
+
+    @property
+    def active(self) -> int:
+        """Requests in the batch now (each in a slot). A request has left it before its last event is
+        delivered, so a reader that saw "finished" does not count it here."""
+        return len(self.rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot (a joining one counts here until its row is in the batch)."""
+        return len(self._waiting)
 
     @property
     def running(self) -> bool:
@@ -319,7 +371,7 @@ class Engine:
             self._wakeup.notify()
 
     def _loop(self) -> None:
-        with self._drive, self._threads(self.max_batch):
+        with self._drive, self._threads():
             while not self._closed:
                 with self._wakeup:
                     while not self._closed and not self.rows and not self._waiting:
@@ -335,12 +387,12 @@ class Engine:
     def _cancel_all(self, reason: str) -> None:
         with self._wakeup:
             waiting, self._waiting = self._waiting, []
+        rows, self.rows = self.rows, []  # out of the batch before their last events
+        self.col = 0
         for request in waiting:
             self._finish_request(request, [], "", reason)
-        for row in self.rows:
+        for row in rows:
             self._finish_request(row.request, row.generated, self._final_text(row, None), reason)
-        self.rows = []
-        self.col = 0
 
     # ------------------------------------------------------------ one step
 
@@ -348,31 +400,27 @@ class Engine:
     def _step(self) -> None:
         """Admit waiting requests (prefill, first token), then decode one token for every row."""
         self._drop_cancelled()
-        with self._wakeup:
-            free = self.max_batch - len(self.rows)
-            joining = [r for r in self._waiting[:free]]
-            self._waiting = self._waiting[free:]
-        joining = [r for r in joining if not self._cancelled(r)]
+        with self._wakeup:  # the first ones queued; they stay in _waiting until they have rows (_prefill)
+            joining = self._waiting[:self.max_batch - len(self.rows)]
         if joining:
             self._prefill(joining)
         if self.rows:
             self._decode()
 
-    def _cancelled(self, request: Request) -> bool:
-        if request.cancelled:
-            self._finish_request(request, [], "", "cancelled")
-        return request.cancelled
-
     def _drop_cancelled(self) -> None:
+        """End the cancelled requests, each after it has left the batch or the queue."""
         gone = [i for i, row in enumerate(self.rows) if row.request.cancelled]
-        for i in gone:
-            row = self.rows[i]
-            self._finish_request(row.request, row.generated, self._final_text(row, None), "cancelled")
+        rows = [self.rows[i] for i in gone]
         self._remove(gone)
+        for row in rows:
+            self._finish_request(row.request, row.generated, self._final_text(row, None), "cancelled")
+        if not any(r.cancelled for r in self._waiting):
+            return
         with self._wakeup:
-            for request in [r for r in self._waiting if r.cancelled]:
-                self._waiting.remove(request)
-                self._finish_request(request, [], "", "cancelled")
+            cancelled = [r for r in self._waiting if r.cancelled]
+            self._waiting = [r for r in self._waiting if not r.cancelled]
+        for request in cancelled:
+            self._finish_request(request, [], "", "cancelled")
 
     def _ensure_columns(self, needed: int) -> None:
         """Buffers of at least `needed` columns: allocated for the first requests in COLUMN_BUCKET steps
@@ -423,6 +471,7 @@ class Engine:
         elif target != self.col:
             self._shift(target - self.col)
         n, k = len(self.rows), len(joining)
+        self._use_threads(k * width)
         ids = torch.zeros(k, width, dtype=torch.long, device=self.device)
         real = torch.zeros(k, width, dtype=torch.bool, device=self.device)
         for i, request in enumerate(joining):
@@ -444,8 +493,9 @@ class Engine:
         else:
             hidden = self.model(ids, attention_mask=padding)
         logits = self.model.logits(hidden[:, -1])
-        new_rows = [self._row(request) for request in joining]
-        self.rows.extend(new_rows)
+        self.rows.extend(self._row(request) for request in joining)
+        with self._wakeup:  # they were the first k queued; other threads only append meanwhile
+            del self._waiting[:k]
         self._choose(logits, n)
 
     def _row(self, request: Request) -> _Row:
@@ -502,6 +552,7 @@ class Engine:
         elif self.col >= self.width:  # the buffer is full: drop the columns that are padding for every row
             self._shift(max(row.cached for row in self.rows) - self.col)
         n, col = len(self.rows), self.col
+        self._use_threads(n)
         inputs = torch.tensor([[row.generated[-1]] for row in self.rows], device=self.device)
         self.mask[:n, col] = True
         for row in self.rows:
@@ -562,11 +613,15 @@ class Engine:
                 continue
             context = torch.tensor([row.context], device=self.device)
             chosen[i] = int(next_token(logits[i:i + 1], context, row.request.params, row.generator)[0])
-        ended = [first + i for i, (row, token) in enumerate(zip(rows, chosen)) if self._deliver(row, token)]
-        self._remove(ended)
+        events = [self._deliver(row, token) for row, token in zip(rows, chosen)]
+        # rows that ended leave the batch before their last events go out: a consumer that sees
+        # "finished" and reads `active` does not count its request any more
+        self._remove([first + i for i, event in enumerate(events) if event.finish_reason is not None])
+        for row, event in zip(rows, events):
+            row.request._emit(event)
 
-    def _deliver(self, row: _Row, token: int) -> bool:
-        """Record `token` for `row` and tell its request; True when the row has ended."""
+    def _deliver(self, row: _Row, token: int) -> StreamEvent:
+        """Record `token` for `row`: the event to send its request (finish_reason set when it ended)."""
         row.generated.append(token)
         request, reason, piece = row.request, None, ""
         if token in row.stop_ids:
@@ -583,15 +638,11 @@ class Engine:
                 if request.say_capped and row.max_new < request.params.max_new_tokens:
                     say(f"note: max_new_tokens {request.params.max_new_tokens} capped at {row.max_new}: a prompt of "
                         f"{len(request.prompt)} tokens and the model's context (max_seq_len) of {self.max_len}")
-        event = StreamEvent(request.id, token, piece, None, len(request.prompt), len(row.generated))
-        if reason is None:
-            request._emit(event)
-            return False
-        request.completion = Completion(list(row.generated), self._final_text(row, reason), reason,
-                                        len(request.prompt), len(row.generated))
-        event.finish_reason = reason
-        request._emit(event)
-        return True
+        event = StreamEvent(request.id, token, piece, reason, len(request.prompt), len(row.generated))
+        if reason is not None:
+            request.completion = Completion(list(row.generated), self._final_text(row, reason), reason,
+                                            len(request.prompt), len(row.generated))
+        return event
 
     def _final_text(self, row: _Row, reason: str | None) -> str:
         if row.text is not None:

@@ -84,7 +84,7 @@ class PromptFormat:
 
 
 def prompt_format(run, tokenizer=None) -> PromptFormat:
-    """The prompt layout of an opened run (`runs.Run`): the one place its meta.json keys for
+    """The prompt layout of an opened run (`reading.Run`): the one place its meta.json keys for
     prompting are read (`add_bos`, `finetune.stop_token`, through the run's CheckpointMeta). `tokenizer`: the run's, when the caller has already loaded it."""
     from slmforge.tokenizer.chat import tokenizer_chat_template
 

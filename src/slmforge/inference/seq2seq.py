@@ -77,8 +77,8 @@ def generate_seq2seq(model, input_ids: torch.Tensor, cfg: Seq2SeqConfig, eos_id:
     steps = _check(model, cfg, input_ids)
     sampling = cfg.num_beams == 1 and (cfg.temperature > 0 or cfg.repetition_penalty != 1.0)
     if choose is None and sampling:
-        raise SlmforgeError("sampling with an encoder-decoder goes through slmforge.generate.generate_ids (which "
-                            "supplies the sampling rule), or pass choose=slmforge.generate.next_token")
+        raise SlmforgeError("sampling with an encoder-decoder goes through slmforge.inference.generate.generate_ids "
+                            "(which supplies the sampling rule), or pass choose=slmforge.inference.generate.next_token")
     model.eval()
     encoded = model.encode(input_ids, attention_mask)  # once per source
     if cfg.num_beams > 1:

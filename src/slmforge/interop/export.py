@@ -31,8 +31,8 @@ from slmforge.models.hf import (
     generation_config,
     state_dict_to_hf,
 )
+from slmforge.checkpoint.reading import check_tokenizer, find_tokenizer_dir, open_run
 from slmforge.models.registry import family
-from slmforge.runs import check_tokenizer, find_tokenizer_dir, open_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

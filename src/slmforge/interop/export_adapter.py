@@ -12,14 +12,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from slmforge.checkpoint_meta import CheckpointMeta
+from slmforge.checkpoint.meta import CheckpointMeta
+from slmforge.checkpoint.reading import resolve_checkpoint
 from slmforge.errors import SlmforgeError
 from slmforge.finetune.config import LoraConfig
 from slmforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, peft_config, require_peft
 from slmforge.interop.export import output_dir
 from slmforge.models.hf import decoder as hf_decoder
 from slmforge.models.registry import family
-from slmforge.runs import resolve_checkpoint
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False) -> Path:

@@ -657,8 +657,8 @@ def export_gguf(run: str | Path, out: str | Path, dtype: str = "f32", force: boo
         import gguf  # noqa: F401
     except ImportError:
         raise SlmforgeError(f"{WHERE}: needs the `gguf` package (pip install 'slmforge[gguf]')") from None
+    from slmforge.checkpoint.reading import check_tokenizer, find_tokenizer_dir, open_run, recorded_data_dir
     from slmforge.models.registry import family
-    from slmforge.runs import check_tokenizer, find_tokenizer_dir, open_run, recorded_data_dir
     from slmforge.tokenizer import load_tokenizer
 
     out = Path(out)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from slmforge import config as config_io
+from slmforge.checkpoint.writing import save_checkpoint
 from slmforge.errors import SlmforgeError
 from slmforge.interop.export import copy_tokenizer_files, output_dir, read_json
 from slmforge.models import ModelConfig, build_model
@@ -32,7 +33,6 @@ from slmforge.models.hf import config_from_hf, hf_field_names, is_multimodal, pl
 from slmforge.models.hf.reader import describe_count, size_fields
 from slmforge.models.registry import family
 from slmforge.runtime import available_memory
-from slmforge.train.checkpoint import save_checkpoint
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:

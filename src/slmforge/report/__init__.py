@@ -1,6 +1,7 @@
 """`slmforge report`: one run, or several side by side, as a self-contained HTML page and as Markdown.
 
-collect.py reads what a run folder holds, figures.py draws the curves and bars, render.py writes the
+collect.py reads what a run folder holds, compare.py puts several runs head to head (tokens and seconds
+to reach each other's final validation loss), figures.py draws the curves and bars, render.py writes the
 HTML and Markdown, commands.py is the verb.
 """
 

@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from slmforge.checkpoint_meta import META, CheckpointMeta
+from slmforge.checkpoint.meta import META, CheckpointMeta
 from slmforge.config import read_toml
 from slmforge.errors import SlmforgeError
 
@@ -261,7 +261,7 @@ def _is_run(folder: Path) -> bool:
 
 def collect(path: str | Path, name: str | None = None) -> RunFacts:
     """Read what a run folder holds. `path` may also be a step folder: its eval.json is then shown."""
-    from slmforge.runs import step_folders
+    from slmforge.checkpoint.reading import step_folders
 
     given = Path(path)
     run_dir = find_run_dir(given)

@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "record is left out.\n\n"
                                    "  slmforge report runs/hindi\n"
                                    "  slmforge report runs/vocab8k runs/vocab32k --out compare.html\n"
+                                   "  slmforge report runs/adamw runs/muon --out optim.html  (head to head: tokens\n"
+                                   "      to reach each other's final validation loss, curves against tokens)\n"
                                    "  slmforge report runs/teacher runs/student --text hi=hi.txt --text as=as.txt",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or checkpoint folders)")

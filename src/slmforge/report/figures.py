@@ -53,6 +53,8 @@ def make_figures(runs: list[RunFacts]) -> list[Figure]:
                     and (r.has(k) or r.has(k, "val"))})
     for key in extra[:MAX_EXTRA_CURVES]:
         figures.append(_curves(runs, key, ("train", "val"), key, False))
+    if len(runs) > 1:
+        figures.extend(_validation_against_tokens(runs))
     figures.extend(_eval_bars(runs))
     return figures
 
@@ -99,6 +101,29 @@ def _curves(runs: list[RunFacts], key: str, splits: tuple[str, ...], label: str,
     title = label.split(" (")[0]
     ax.set_title(title)
     return Figure(key, title, _png(fig))
+
+
+def _validation_against_tokens(runs: list[RunFacts]) -> list[Figure]:
+    """Every run's validation loss against the tokens it trained on, each run's final value as a dotted
+    line in its colour: where a curve crosses another run's line is what it needed to match that run."""
+    from slmforge.report.compare import val_points
+
+    curves = [(i, run, [p for p in val_points(run) if p.tokens is not None]) for i, run in enumerate(runs)]
+    curves = [(i, run, points) for i, run, points in curves if points]
+    if len(curves) < 2:
+        return []
+    fig, ax = _new_axes()
+    for i, run, points in curves:
+        ax.plot([p.tokens for p in points], [p.loss for p in points], "o-", color=color(i), linewidth=1.6,
+                markersize=4, label=run.name)
+        ax.axhline(points[-1].loss, color=color(i), linestyle=":", linewidth=1)
+    ax.set_xlabel("tokens trained")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    title = "validation loss against tokens"
+    ax.set_title(title)
+    return [Figure("val-loss-tokens", title, _png(fig))]
 
 
 def _eval_bars(runs: list[RunFacts]) -> list[Figure]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slmforge.report.collect import RunFacts, config_diff, eval_columns, flatten
+from slmforge.report.compare import head_to_head, same_objective
 from slmforge.report.figures import Figure, color, make_figures
 
 
@@ -33,6 +34,7 @@ class Block:
 def build(runs: list[RunFacts], title: str, tokenizer_report: dict[str, Any] | None = None) -> list[Block]:
     """The report's content, in order."""
     blocks = [Block("h2", "Runs"), _summary(runs)]
+    blocks += _head_to_head(runs)
     blocks += _config(runs)
     figures = make_figures(runs)
     curves = [f for f in figures if not f.name.startswith("eval-")]
@@ -51,6 +53,18 @@ def _summary(runs: list[RunFacts]) -> Block:
     rows = [["folder", *[str(r.path) for r in runs]]]
     rows += [[label, *[s.get(label, "") for s in summaries]] for label in labels]
     return Block("table", headers=["", *[r.name for r in runs]], rows=rows)
+
+
+def _head_to_head(runs: list[RunFacts]) -> list[Block]:
+    table = head_to_head(runs)
+    if table is None:
+        return []
+    headers, rows = table
+    text = ("Tokens trained and wall seconds of training each run needed to reach each run's final validation "
+            "loss (linear between evaluations; in brackets, as a share of what that run itself needed); the "
+            "figure \"validation loss against tokens\" under Curves shows the same." if same_objective(runs) else
+            "The runs train different objectives (objective.kind), so no run's loss is a target for another.")
+    return [Block("h2", "Head to head"), Block("p", text), Block("table", headers=headers, rows=rows)]
 
 
 def _config(runs: list[RunFacts]) -> list[Block]:

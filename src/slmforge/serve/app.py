@@ -189,8 +189,10 @@ def create_app(served: Served) -> FastAPI:
                             status_code=500)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        """Open without a key (for load balancers); `active` and `waiting` count generations in the
+        engine's batch and queued for a slot."""
+        return {"status": "ok", "active": engine.active, "waiting": engine.waiting}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

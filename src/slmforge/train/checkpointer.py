@@ -4,7 +4,7 @@ there, and how a resume reads them back. The Trainer says when (`save(step, ...)
 
 Three ways weights reach a step folder, chosen once per run:
 - one model.safetensors written by rank 0 (one process, DDP; FSDP2 with parallel.checkpoint = "full",
-  gathered first), through `train/checkpoint.py` (`.partial`, checksums last, `latest`, keep_last);
+  gathered first), through `checkpoint/writing.py` (`.partial`, checksums last, `latest`, keep_last);
 - every rank its shard with torch.distributed.checkpoint (FSDP2), through `train/sharded.py`;
 - a checkpoint format of the verb's (LoRA: merged weights plus the adapter files, finetune/lora.py).
 
@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from slmforge.checkpoint_meta import CheckpointMeta
+from slmforge.checkpoint.meta import CheckpointMeta
+from slmforge.checkpoint.reading import is_sharded_checkpoint, load_weights, read_weights, resolve_checkpoint
+from slmforge.checkpoint.writing import load_state, save_checkpoint
 from slmforge.errors import SlmforgeError
-from slmforge.runs import is_sharded_checkpoint, load_weights, read_weights, resolve_checkpoint
-from slmforge.train.checkpoint import load_state, save_checkpoint
 from slmforge.train.parallel import Distributed, ParallelConfig, any_rank
 from slmforge.train.sharded import ShardedCheckpoints, first_non_finite, load_sharded
 

@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slmforge.checkpoint.reading import load_weights
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
 from slmforge.models import ModelConfig, build_model
-from slmforge.runs import load_weights
 from slmforge.train.signals import waiting_in_torch
 
 

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 from slmforge import config as config_io
+from slmforge.checkpoint.reading import find_tokenizer_dir, model_config_from_meta, read_meta, run_dir_of
+from slmforge.checkpoint.writing import write_error
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet, manifest_tokenizer_dir, read_manifest
 from slmforge.errors import SlmforgeError
@@ -14,8 +16,6 @@ from slmforge.fileio import relative_to
 from slmforge.formatting import say
 from slmforge.models import family
 from slmforge.objectives import DEFAULT_FOR_KIND, ObjectiveConfig, build_objective
-from slmforge.runs import find_tokenizer_dir, model_config_from_meta, read_meta, run_dir_of
-from slmforge.train.checkpoint import write_error
 from slmforge.train.config import PretrainConfig
 from slmforge.train.parallel import barrier
 from slmforge.train.resume_check import data_fingerprint, describe_change

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from slmforge import config as config_io
+from slmforge.checkpoint.meta import CheckpointMeta
+from slmforge.checkpoint.reading import require_intact, resolve_checkpoint
 from slmforge.formatting import say
-from slmforge.checkpoint_meta import CheckpointMeta
 from slmforge.objectives.base import Objective
-from slmforge.runs import require_intact, resolve_checkpoint
 from slmforge.runtime import apply_attention, describe, resolve_precision
-from slmforge.train.resume_check import append_history, apply_optimizer_settings, check_resumable, resume_identity
 from slmforge.train.parallel import build_for_strategy, strategy_for
+from slmforge.train.resume_check import append_history, apply_optimizer_settings, check_resumable, resume_identity
 from slmforge.train.session import Session, open_metrics
 from slmforge.train.trainer import Trainer
 

@@ -13,11 +13,11 @@ from typing import Iterator
 import torch
 
 from slmforge import config as config_io
+from slmforge.checkpoint.reading import newest_good_checkpoint, step_folders
+from slmforge.checkpoint.writing import clean_stale
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
-from slmforge.runs import newest_good_checkpoint, step_folders
 from slmforge.runtime import cpu_threads_for_training, resolve_device
-from slmforge.train.checkpoint import clean_stale
 from slmforge.train.config import TrackingConfig, TrainLoopConfig
 from slmforge.train.lock import NewRunFolder, RunLock
 from slmforge.train.metrics import MetricsLog, make_trackers

@@ -7,7 +7,7 @@ number of processes (DCP reshards on load); one process reads the folder whole f
         meta.json, state.pt                            # as in every step folder (state.pt without optimizer)
         checksums.json                                 # every file above, sub-folder included; written last
 
-The folder is written as `step-N.partial` and renamed like any step folder (train/checkpoint.py), so a
+The folder is written as `step-N.partial` and renamed like any step folder (checkpoint/writing.py), so a
 crash mid-write leaves the previous checkpoint as the newest. With `parallel.async_checkpoint` the
 tensors are copied to CPU memory at the step boundary and written by a background thread while
 training goes on; a thread of rank 0 then seals the folder (checksums of every shard) and moves
@@ -37,9 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from slmforge import safe_dcp
+from slmforge.checkpoint import safe_dcp
 from slmforge.errors import SlmforgeError
-from slmforge.runs import (
+from slmforge.checkpoint.reading import (
     SHARDED,
     check_names_and_shapes,
     dcp_failure,
@@ -48,7 +48,7 @@ from slmforge.runs import (
     sharded_read_error,
     sharded_tensors,
 )
-from slmforge.train.checkpoint import commit_step_folder, seal_folder, step_dir_name, step_meta, \
+from slmforge.checkpoint.writing import commit_step_folder, seal_folder, step_dir_name, step_meta, \
     write_error, write_small_files
 from slmforge.train.parallel import Distributed, any_rank, barrier
 

@@ -1,4 +1,4 @@
-"""Writing checkpoints: self-describing step folders inside a run folder (reading them: `slmforge.runs`).
+"""Writing checkpoints: self-describing step folders inside a run folder (reading them: reading.py).
 
     run/checkpoints/step-000500/
         model.safetensors   # weights, plain names (never `_orig_mod.` / `module.` prefixes)
@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import slmforge
+from slmforge.checkpoint.reading import CHECKSUMS, META, STATE, WEIGHTS, file_digest, step_number, unwrap
 from slmforge.errors import SlmforgeError
 from slmforge.fileio import make_readable, write_text_atomic
-from slmforge.runs import CHECKSUMS, META, STATE, WEIGHTS, file_digest, step_number, unwrap
 
 
 def step_dir_name(step: int) -> str:

@@ -12,7 +12,7 @@ family, its tokenizer.
       checkpoints/latest             # names the newest complete step folder
 
 Any verb that needs a model accepts a run folder, its `checkpoints/` folder or one step folder.
-Writing checkpoints is training's business (`train/checkpoint.py`); reading them is here.
+Writing them is writing.py, beside this file (the sharded writer: train/sharded.py).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from slmforge import safe_dcp
-from slmforge.checkpoint_meta import META, CheckpointMeta
+from slmforge.checkpoint import safe_dcp
+from slmforge.checkpoint.meta import META, CheckpointMeta
 from slmforge.errors import SlmforgeError
 from slmforge.fileio import inside, read_json, write_json_atomic
 from slmforge.formatting import say

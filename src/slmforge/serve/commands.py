@@ -105,10 +105,10 @@ def check_limits(limits: Limits, max_batch: int, threads: int) -> None:
 def open_served(model: str | Path, model_name: str | None, device: str, max_batch: int, limits: Limits,
                 api_key: str | None, threads: int = 0):
     """The run opened, its engine built and started: what the app serves."""
+    from slmforge.checkpoint.reading import open_run, run_dir_of
     from slmforge.errors import SlmforgeError
     from slmforge.inference.engine import Engine
     from slmforge.inference.prompt import prompt_format as read_prompt_format
-    from slmforge.runs import open_run, run_dir_of
     from slmforge.runtime import resolve_device
     from slmforge.serve.settings import Served
 

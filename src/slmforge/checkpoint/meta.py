@@ -7,7 +7,7 @@ checkpoints, imported models and hand-made folders record less; null is the same
 for add_bos), and keys this record does not know
 are kept in `extra`, so `to_json()` gives back what was read.
 
-Who writes what (train/checkpoint.py `step_meta` for every folder; the rest as `extra_meta`):
+Who writes what (checkpoint/writing.py `step_meta` for every folder; the rest as `extra_meta`):
 
     step, model, slmforge_version                     every step folder
     hardware, versions, tokens_seen, wall_time_s      the trainer (runtime.describe, its counters)

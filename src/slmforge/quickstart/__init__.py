@@ -1,0 +1,1 @@
+"""`slmforge quickstart`: the whole pipeline in one verb (pipeline.py; the verb: commands.py)."""
