@@ -237,6 +237,7 @@ def test_a_tiny_encoder_learns_to_classify(tmp_path, capsys):
     assert main(["classify", str(run), "--input", str(plain)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["label"] for line in lines] == ["yes", "no", "yes"]
+    assert [(line["line"], line["text"]) for line in lines] == [(1, "w1 w2 a3 w4"), (2, "w5 w6 w7"), (4, "w2 a0")]
     assert all(0.5 < line["score"] <= 1 and line["score"] == max(line["scores"].values()) for line in lines)
     out = tmp_path / "predictions.jsonl"
     assert main(["classify", str(run), "--input", str(test), "--out", str(out)]) == 0
@@ -525,3 +526,12 @@ def test_bad_lines_and_wrong_models_are_refused_in_one_line(tmp_path):
     cfg.finetune.train_files = [str(one)]
     with pytest.raises(SlmforgeError, match="at least two labels"):
         finetune(cfg)
+
+
+def test_generate_on_a_classifier_points_to_classify(tmp_path, capsys):
+    from slmforge.cli import main
+
+    run = finetune(task_config(tmp_path, "classify", "train.max_steps=2", examples=40))
+    assert main(["generate", str(run), "-p", "w1 w2"]) == 2
+    err = capsys.readouterr().err
+    assert "fine-tuned to classify labels rather than continuing text; use `slmforge classify" in err, err

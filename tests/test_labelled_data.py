@@ -182,3 +182,24 @@ def test_bbc_news_from_the_installed_package(tmp_path):
     assert all(r["text"] and r["text_pair"] and r["label"] for rows_ in rows.values() for r in rows_)
     assert Counter(r["label"] for r in rows["test"]) == Counter(report["labels"]["test"])
     assert report["majority_baseline_test_accuracy"] < 0.3  # five sections, none above ~25%
+
+
+def test_tags_names_any_case_and_a_missing_misc_key_is_refused(tmp_path, capsys):
+    source = tmp_path / "hi.conllu"
+    source.write_text(CONLLU, encoding="utf-8")
+    for name in ("ner", "Ner"):  # the MISC key NER, and UPOS, whatever the case
+        options = _keep_all()
+        options.tags = name
+        make_labelled(str(source), str(tmp_path / name), options)
+        assert _records(tmp_path / name / "train.jsonl")[0]["tags"] == ["B-PER", "B-LOC", "O", "O", "O"]
+    options = _keep_all()
+    options.tags = "UPOS"
+    make_labelled(str(source), str(tmp_path / "upos"), options)
+    assert _records(tmp_path / "upos" / "train.jsonl")[1]["tags"] == ["B-AUX", "B-PART", "B-VERB"]
+    options = _keep_all()
+    options.tags = "Entity"  # no word carries it: every tag would be O
+    with pytest.raises(SlmforgeError, match=r"hi.conllu: no word has the MISC key 'Entity' \(--tags\)"):
+        make_labelled(str(source), str(tmp_path / "none"), options)
+    assert not (tmp_path / "none").exists()
+    make_labelled(str(source), str(tmp_path / "few"), LabelledOptions())  # 2 sentences: nothing held out
+    assert "leave no val and no test examples" in capsys.readouterr().err

@@ -285,3 +285,5 @@ def test_generate_and_eval_flags_are_checked_and_named(tiny_run, capsys, monkeyp
     assert "reading the prompt from standard input (Ctrl-D to end" in capsys.readouterr().err
     assert read_prompt(io.StringIO("piped")) == "piped"  # a pipe: no message
     assert capsys.readouterr().err == ""
+    assert read_prompt(io.StringIO("The site\n")) == "The site"  # echo's newline is not the prompt's
+    assert read_prompt(io.StringIO("two\nlines\n\n")) == "two\nlines\n"  # only the one echo adds

@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from slmforge.errors import SlmforgeError
+from slmforge.formatting import say
 
 BBC_NEWS = "bbc-news"
 SPLITS = ("train", "val", "test")
@@ -171,13 +172,14 @@ def _conllu_word(columns: list[str], tags: str) -> tuple[str, str] | None:
         raise _Bad("not 10 columns", f"CoNLL-U has 10 tab-separated columns, got {len(columns)}")
     if "-" in columns[0] or "." in columns[0]:
         return None  # a multiword token's range or an empty node: its words have lines of their own
-    if tags in ("upos", "xpos"):
-        value = columns[3 if tags == "upos" else 4]
+    if tags.lower() in ("upos", "xpos"):
+        value = columns[3 if tags.lower() == "upos" else 4]
         if value == "_":
             raise _Bad("no tag", f"no {tags.upper()} for {columns[1]!r}")
         return columns[1], f"B-{value}"  # a part of speech is a one-word span
-    misc = dict(item.split("=", 1) for item in columns[9].split("|") if "=" in item)
-    return columns[1], misc.get(tags, "O")
+    misc = {key.lower(): value for key, _, value in (item.partition("=") for item in columns[9].split("|"))
+            if value}
+    return columns[1], misc.get(tags.lower(), "O")
 
 
 def _sentences(path: Path, fault, word) -> Iterator[Labelled]:
@@ -293,13 +295,33 @@ def make_labelled(source: str, out: str, options: LabelledOptions) -> dict[str, 
                               "splits": {name: len(rows) for name, rows in splits.items()},
                               "labels": {name: dict(sorted(_labels(rows).items())) for name, rows in splits.items()},
                               "seed": options.seed}
-    if task == "classify" and splits["test"]:
+    _check_tags_found(source, task, kept, options)
+    if task == "classify" and splits["train"]:
         majority = _labels(splits["train"]).most_common(1)[0][0]
         report["majority_label"] = majority
-        report["majority_baseline_test_accuracy"] = round(
-            sum(e.label == majority for e in splits["test"]) / len(splits["test"]), 4)
+        for name in ("val", "test"):  # fine-tuning reports validation accuracy; the test split stays unseen
+            if splits[name]:
+                report[f"majority_baseline_{name}_accuracy"] = round(
+                    sum(e.label == majority for e in splits[name]) / len(splits[name]), 4)
+    empty = [name for name in ("val", "test") if not splits[name]]
+    if empty:
+        say(f"warning: {source}: {len(kept)} example(s) leave no {' and no '.join(empty)} examples at "
+            f"--val-fraction {options.val_fraction:g} --test-fraction {options.test_fraction:g}; give more "
+            f"examples or larger fractions (finetune then holds out finetune.val_fraction of train instead)")
     _write(Path(out), splits, report)
     return report
+
+
+def _check_tags_found(source: str, task: str, kept: list[Labelled], options: LabelledOptions) -> None:
+    """A CoNLL-U MISC key no word carries (`--tags ner` on a file without NER=...) would make every
+    tag O: refused, naming the key, rather than written as a set with nothing to learn."""
+    if task != "tag" or not str(source).lower().removesuffix(".gz").removesuffix(".zst").endswith(".conllu"):
+        return
+    if options.tags.lower() in ("upos", "xpos"):
+        return
+    if all(tag == "O" for example in kept for tag in example.tags or []):
+        raise SlmforgeError(f"{source}: no word has the MISC key {options.tags!r} (--tags): every tag would be O; "
+                            f"give upos, xpos, or the MISC key that holds the BIO tags (e.g. NER)")
 
 
 def _labels(rows: list[Labelled]) -> Counter:
@@ -341,10 +363,12 @@ def summary(report: dict[str, Any], out: str) -> str:
         lines.append("skipped bad lines " + ", ".join(f"{n:,} {r}" for r, n in report["bad_lines"].items())
                      + f" (first: {next(iter(report['first_bad_line'].values()))})")
     lines.append(f"{len(report['labels']['train'])} labels in train: "
-                 + ", ".join(f"{label} {n:,}" for label, n in list(report["labels"]["train"].items())[:12])
+                 + ", ".join(f"{label}: {n:,}" for label, n in list(report["labels"]["train"].items())[:12])
                  + (" ..." if len(report["labels"]["train"]) > 12 else ""))
-    if "majority_baseline_test_accuracy" in report:
-        lines.append(f"majority label {report['majority_label']!r}: test accuracy "
-                     f"{report['majority_baseline_test_accuracy']:.3f} (the baseline to beat)")
+    if "majority_label" in report:
+        shares = [f"{name} accuracy {report[f'majority_baseline_{name}_accuracy']:.3f}" for name in ("val", "test")
+                  if f"majority_baseline_{name}_accuracy" in report]
+        lines.append(f"always answering the most common training label {report['majority_label']!r}: "
+                     f"{', '.join(shares)} (the baselines to beat; fine-tuning reports validation accuracy)")
     lines.append(", ".join(f"{name} {report['splits'][name]:,}" for name in SPLITS) + f" -> {out}")
     return "\n".join(lines)

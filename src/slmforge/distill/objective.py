@@ -331,8 +331,12 @@ class AloneTwin:
         if not self.tokens:
             return
         worse, sentence = self.verdict()
+        gap = self.student_sum / self.tokens - self.twin_sum / self.tokens
         if worse:
             say(f"warning: {sentence}: with these settings the teacher makes it worse than it would be alone; "
                 f"try distill.temperature = 1, distill.adaptive = true, or a stronger teacher")
-        else:
-            say(f"{sentence}")
+        elif gap <= 0:
+            say(f"{sentence}: the teacher helps so far ({-gap:.4f} lower than alone)")
+        else:  # behind, but by less than the warning's share: said, so the reader need not compare numbers
+            say(f"{sentence}: the student is {gap:.4f} behind its twin, less than the {WORSE:.0%} that warns; "
+                f"compare the validation loss with a run of distill.alpha = 1 before trusting this teacher")

@@ -640,14 +640,17 @@ def evaluate_label_file(run, path: str, batch_size: int) -> dict[str, Any]:
 
 
 def predict_lines(run, path: str, batch_size: int = 32) -> Iterator[dict[str, Any]]:
-    """`slmforge classify`: one prediction per input line, in order. JSONL lines give the run's text
+    """`slmforge classify`: one prediction per non-blank input line, in order, with its line number (and,
+    for plain text, the text). JSONL lines give the run's text
     (and pair) or words field; other files are plain text, a text per line (tag: words split on
     whitespace). A text longer than the context is cut to fit (said once); a word list too long fails."""
     spec = label_run(run)
     jsonl = any(path.endswith(suffix) for suffix in (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst"))
     examples: list[LabeledExample] = []
+    numbers: list[int] = []  # each prediction names its input line: blank lines are skipped
     for number, text in read_lines(Path(path)):
         where = f"{path}:{number}"
+        numbers.append(number)
         if jsonl:
             try:
                 record = json.loads(text)
@@ -675,14 +678,16 @@ def predict_lines(run, path: str, batch_size: int = 32) -> Iterator[dict[str, An
                 item = spec.encoder.encode(example, spec.seq_len, truncate=True)
                 cut += 1
             encoded.append(item)
-        for example, probs in zip(chunk, predict(run.model, encoded, spec.pad_id, batch_size)):
+        lines = numbers[start:start + 256]
+        for line, example, probs in zip(lines, chunk, predict(run.model, encoded, spec.pad_id, batch_size)):
             if spec.task == "tag":
                 best = probs.argmax(-1)
-                yield {"tokens": example.words, "tags": [spec.labels[i] for i in best],
+                yield {"line": line, "tokens": example.words, "tags": [spec.labels[i] for i in best],
                        "scores": [round(float(p[i]), 6) for p, i in zip(probs, best)]}
             else:
                 best = int(probs.argmax())
-                yield {"label": spec.labels[best], "score": round(float(probs[best]), 6),
+                shown = {} if jsonl else {"text": example.text}
+                yield {"line": line, **shown, "label": spec.labels[best], "score": round(float(probs[best]), 6),
                        "scores": {label: round(float(p), 6) for label, p in zip(spec.labels, probs)}}
     if cut:
         say(f"note: {cut} text(s) longer than the run's seq_len ({spec.seq_len} tokens) were cut to fit")

@@ -72,6 +72,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise SlmforgeError(f"--num-samples: must be at least 1, got {args.num_samples}")
     run = open_run(args.model, device=resolve_device(args.device, "--device"))
+    if run.kind == "encoder" and getattr(run.model.cfg, "has_classifier", False):
+        raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} encoder fine-tuned to {run.model.cfg.head} labels "
+                            f"rather than continuing text; use `slmforge classify {args.model} --input FILE`")
     if run.kind == "encoder":
         raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} encoder fills masks rather than continuing "
                             f"text; use `slmforge fill-mask {args.model} \"text with [MASK]\"`")
@@ -96,7 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _explainer(run, layout) -> Callable[[list[int]], None]:
-    def explain(generated: list[int]) -> None:  # one line on stderr, after the (empty) text
+    def explain(generated: list[int]) -> None:  # one line on stderr, after the (empty) text and its line end
         sys.stdout.flush()
         stops = layout.stop_ids
         stop = next((t for t in generated if t in stops), stops[0] if stops else None)
@@ -121,10 +124,10 @@ def _decoder_texts(run, layout, jobs, args) -> list[str]:
         generated = tokens[k]
         stopped = bool(generated) and generated[-1] in layout.stop_ids
         answer = len(generated) - stopped
+        if not args.json:  # the text's line ends before a note goes to stderr, so the two never share a line
+            sys.stdout.write("\n\n")
         if not texts[k].strip() or (stopped and answer < SHORT_ANSWER):
             explain(generated)
-        if not args.json:
-            sys.stdout.write("\n\n")
 
     def start(k: int) -> None:
         if not args.json and not args.chat:  # a continuation reads on from its prompt; a chat answer stands alone

@@ -223,11 +223,14 @@ def why_no_text(generated: list[int], tokenizer, info: CheckpointMeta, stop_id: 
 
 
 def read_prompt(stdin) -> str:
-    """The prompt from standard input; on a terminal, say so first (otherwise the command just waits)."""
+    """The prompt from standard input, less one final newline; on a terminal, say so first (otherwise
+    the command just waits)."""
     if stdin.isatty():
         print("reading the prompt from standard input (Ctrl-D to end; or pass -p \"prompt\")",
               file=sys.stderr, flush=True)
-    return stdin.read()
+    text = stdin.read()
+    # `echo "prompt" |` ends the prompt with the newline echo adds: not part of what the user typed
+    return text[:-1] if text.endswith("\n") else text
 
 
 def applicable_switches(model, sampling: SamplingConfig) -> SamplingConfig:
