@@ -135,3 +135,57 @@ def _check_fields(page: str, argv: list[str], args: argparse.Namespace, recipe: 
         config.load_recipe(cls, path, overrides)
     except Exception as e:  # noqa: BLE001 - the message names the field
         pytest.fail(f"{page}: `{shlex.join(argv)}`: {e}")
+
+
+# ---------------------------------------------------------------- Python examples
+
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+PYTHON = [(page.relative_to(ROOT).as_posix(), i, block) for page in PAGES
+          for i, block in enumerate(PYTHON_BLOCK.findall(page.read_text(encoding="utf-8")))]
+
+
+def stale_imports(source: str) -> list[str]:
+    """The names a Python example imports that do not exist (a moved module, a renamed function)."""
+    import ast
+    import importlib
+
+    missing = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "slmforge":
+                    try:
+                        importlib.import_module(alias.name)
+                    except ImportError:
+                        missing.append(alias.name)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "slmforge":
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError:
+                missing.append(node.module)
+                continue
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        missing.append(f"{node.module}.{alias.name}")
+    return missing
+
+
+def test_pages_show_python_examples():
+    assert len(PYTHON) >= 8, len(PYTHON)
+
+
+@pytest.mark.parametrize("page,index,block", PYTHON, ids=[f"{page}-python{i}" for page, i, _ in PYTHON])
+def test_python_example_compiles_and_its_slmforge_imports_exist(page, index, block):
+    compile(block, f"{page} python block {index}", "exec")  # a syntax error in an example fails here
+    assert not stale_imports(block), f"{page} python block {index} imports what does not exist: {stale_imports(block)}"
+
+
+def test_a_stale_python_import_is_caught():
+    assert stale_imports("from slmforge.runs import open_run\nimport slmforge.generate\n") == \
+        ["slmforge.runs", "slmforge.generate"]
+    assert stale_imports("from slmforge.checkpoint.reading import open_run, no_such_name\n") == \
+        ["slmforge.checkpoint.reading.no_such_name"]
+    assert stale_imports("from slmforge.checkpoint.reading import open_run\nimport json\n") == []
