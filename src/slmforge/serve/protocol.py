@@ -52,7 +52,8 @@ class SamplingFields(BaseModel):
     """What completions and chat share. Unknown fields are ignored (clients add their own); the ones in
     UNSUPPORTED are refused by `refuse_unsupported`."""
 
-    model_config = ConfigDict(extra="allow")
+    # strict: a number sent as a string ("max_tokens": "10") is a client's bug, refused as OpenAI's API does
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)

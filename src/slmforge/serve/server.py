@@ -66,8 +66,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        host, port = self.sock.getsockname()[:2]
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return client_url(*self.sock.getsockname()[:2])
 
     def run(self) -> None:
         """Serve until stopped (Ctrl-C / SIGTERM in the main thread)."""
@@ -89,3 +88,11 @@ class Server:
         if self.thread is not None:
             self.thread.join(timeout=30)
         self.sock.close()
+
+
+def client_url(host: str, port: int) -> str:
+    """The address a client uses for a server listening on (host, port); a server on every interface
+    (0.0.0.0, ::) is reached through one of this machine's names, not through that address."""
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
