@@ -97,6 +97,30 @@ def test_encoder_pipeline_eval_fill_mask_and_one_line_refusals(encoder_run, corp
     assert "use `slmforge fill-mask" in capsys.readouterr().err
 
 
+def test_several_texts_fill_in_batches_as_each_does_alone(encoder_run, tmp_path, capsys):
+    texts = ["the book is on the [MASK].", "[MASK] एक छोटा [MASK] है।", "we will go to the [MASK] today.",
+             "[MASK]"]
+    alone = []
+    for text in texts:
+        assert main(["fill-mask", str(encoder_run), text, "--json"]) == 0
+        alone.append(json.loads(capsys.readouterr().out))
+    lines = tmp_path / "texts.txt"
+    lines.write_text("\n".join(texts[:2]) + "\n\n" + "\n".join(texts[2:]) + "\n", encoding="utf-8")
+    for argv, expected in ((texts, alone), (["--input", str(lines)], alone),  # the blank line is skipped
+                           ([texts[0], "--input", str(lines), "--batch-size", "2"], [alone[0]] + alone)):
+        assert main(["fill-mask", str(encoder_run), *argv, "--json"]) == 0
+        batched = json.loads(capsys.readouterr().out)
+        assert len(batched) == len(expected)
+        for ours, theirs in zip(batched, expected):
+            assert [[g["id"] for g in m] for m in ours] == [[g["id"] for g in m] for m in theirs]
+            for a, b in zip(sum(ours, []), sum(theirs, [])):
+                assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+    assert main(["fill-mask", str(encoder_run), "a [MASK]", "no mask"]) == 2
+    assert "no mask in text 2" in capsys.readouterr().err
+    assert main(["fill-mask", str(encoder_run)]) == 2
+    assert "give a text with [MASK]" in capsys.readouterr().err
+
+
 def test_exported_encoder_fills_masks_like_transformers_pipeline(encoder_run, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"

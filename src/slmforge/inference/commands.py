@@ -16,7 +16,7 @@ from slmforge.arguments import HelpFormatter
 from slmforge.errors import SlmforgeError
 from slmforge.formatting import say
 from slmforge.inference import Engine
-from slmforge.inference.fill_mask import fill_mask
+from slmforge.inference.fill_mask import fill_masks
 from slmforge.inference.generate import (
     SHORT_ANSWER,
     SamplingConfig,
@@ -272,9 +272,12 @@ def _register_fill_mask(sub: argparse._SubParsersAction) -> None:
                                    "example:\n  slmforge fill-mask runs/bert \"the capital of france is [MASK].\"",
                        formatter_class=HelpFormatter)
     p.add_argument("model", help="run folder or checkpoint folder of an encoder (masked LM)")
-    p.add_argument("text", help="text with one or more masks")
+    p.add_argument("text", nargs="*", help="texts with one or more masks each (batched); or --input")
+    p.add_argument("--input", metavar="FILE", help="a text file, one text with masks per line (blank lines skipped)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     p.add_argument("--top-k", type=int, default=5, help="guesses per mask (default 5)")
-    p.add_argument("--json", action="store_true", help="print a JSON list (one list of guesses per mask)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: for one text a list of guesses per mask; for several, one such list per text")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_fill_mask)
 
@@ -287,12 +290,38 @@ def _fill_mask(args: argparse.Namespace) -> int:
     if run.kind != "encoder":
         raise SlmforgeError(f"{args.model}: a {run.model.cfg.family} decoder continues text rather than filling "
                             f"masks; use `slmforge generate {args.model} -p \"...\"`")
-    guesses = fill_mask(run.model, run.tokenizer(), args.text, args.top_k, run.info.add_bos)
+    texts = list(args.text)
+    if args.input:
+        texts += _text_lines(Path(args.input))
+    if not texts:
+        raise SlmforgeError("give a text with [MASK] (or several), or --input FILE")
+    if args.batch_size < 1:
+        raise SlmforgeError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    per_text = fill_masks(run.model, run.tokenizer(), texts, args.top_k, run.info.add_bos, args.batch_size)
     if args.json:
-        print(json.dumps([[vars(g) for g in per_mask] for per_mask in guesses], indent=2, ensure_ascii=False))
+        shown = [[[vars(g) for g in per_mask] for per_mask in guesses] for guesses in per_text]
+        print(json.dumps(shown[0] if len(texts) == 1 else shown, indent=2, ensure_ascii=False))
         return 0
-    for n, per_mask in enumerate(guesses, 1):
-        sys.stdout.write(f"mask {n}:\n")
-        for g in per_mask:
-            sys.stdout.write(f"  {g.probability:8.4f}  {g.token!r}\n")
+    for text, guesses in zip(texts, per_text):
+        if len(texts) > 1:
+            sys.stdout.write(f"{text}\n")
+        for n, per_mask in enumerate(guesses, 1):
+            sys.stdout.write(f"mask {n}:\n")
+            for g in per_mask:
+                sys.stdout.write(f"  {g.probability:8.4f}  {g.token!r}\n")
     return 0
+
+
+def _text_lines(path: Path) -> list[str]:
+    """The non-blank lines of a text file (plain, .gz or .zst), each one text; a non-UTF-8 line is one error."""
+    from slmforge.text.sources import numbered_lines
+
+    texts = []
+    for number, line in numbered_lines(path, "input file"):
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise SlmforgeError(f"{path}:{number}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+        if text.strip():
+            texts.append(text)
+    return texts
