@@ -362,12 +362,15 @@ def summary(report: dict[str, Any], out: str) -> str:
     if report["bad_lines"]:
         lines.append("skipped bad lines " + ", ".join(f"{n:,} {r}" for r, n in report["bad_lines"].items())
                      + f" (first: {next(iter(report['first_bad_line'].values()))})")
-    lines.append(f"{len(report['labels']['train'])} labels in train: "
+    count = len(report["labels"]["train"])
+    lines.append(f"{count} label{'s' * (count != 1)} in train: "
                  + ", ".join(f"{label}: {n:,}" for label, n in list(report["labels"]["train"].items())[:12])
                  + (" ..." if len(report["labels"]["train"]) > 12 else ""))
+    shares = []
     if "majority_label" in report:
         shares = [f"{name} accuracy {report[f'majority_baseline_{name}_accuracy']:.3f}" for name in ("val", "test")
                   if f"majority_baseline_{name}_accuracy" in report]
+    if shares:
         lines.append(f"always answering the most common training label {report['majority_label']!r}: "
                      f"{', '.join(shares)} (the baselines to beat; fine-tuning reports validation accuracy)")
     lines.append(", ".join(f"{name} {report['splits'][name]:,}" for name in SPLITS) + f" -> {out}")
