@@ -22,6 +22,33 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_files_atomic(folder: str | Path, texts: dict[str, str], field: str) -> None:
+    """Several files of one set into `folder`: each under a temporary name (fsynced), then renamed in
+    the order given, so a failure leaves the old set or none, and the last one (a report) marks a
+    complete set. `field` names the folder's option in the error for a file in its place."""
+    from slmforge.errors import SlmforgeError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SlmforgeError(f"{field}: {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = {}
+    try:
+        for name, text in texts.items():
+            tmp = folder / f".{name}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            temporary[name] = tmp
+    except BaseException:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for name, tmp in temporary.items():
+        os.replace(tmp, folder / name)
+
+
 def read_json(path: str | Path, hint: str = "") -> Any:
     """Parsed JSON of `path`; a file that is not UTF-8 JSON is one SlmforgeError naming it (plus
     `hint`, e.g. what to do about it). A missing file raises FileNotFoundError for the caller to word."""

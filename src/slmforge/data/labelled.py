@@ -30,7 +30,6 @@ import csv
 import importlib.util
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import write_files_atomic
 from slmforge.formatting import say
 
 BBC_NEWS = "bbc-news"
@@ -333,25 +333,10 @@ def _labels(rows: list[Labelled]) -> Counter:
 
 def _write(out: Path, splits: dict[str, list[Labelled]], report: dict[str, Any]) -> None:
     """Every file under a temporary name first, then renamed, report.json last: it marks a complete set."""
-    if out.exists() and not out.is_dir():
-        raise SlmforgeError(f"--out: {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     texts = {f"{name}.jsonl": "".join(json.dumps(e.record(), ensure_ascii=False) + "\n" for e in splits[name])
              for name in SPLITS}
     texts["report.json"] = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    temporary = {}
-    try:
-        for name, text in texts.items():
-            tmp = out / f".{name}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            temporary[name] = tmp
-    except BaseException:
-        for tmp in temporary.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for name, tmp in temporary.items():
-        os.replace(tmp, out / name)
+    write_files_atomic(out, texts, "--out")
 
 
 def summary(report: dict[str, Any], out: str) -> str:

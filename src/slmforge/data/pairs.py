@@ -25,7 +25,6 @@ to temporary names first and renamed at the end, so a failed run leaves no half-
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 from slmforge.config import require
 from slmforge.errors import SlmforgeError
+from slmforge.fileio import write_files_atomic
 from slmforge.formatting import say
 
 SECTION = "pairs"
@@ -314,28 +314,11 @@ def _describe(counts: Counter) -> str:
 
 
 def _write(out: Path, splits: dict[str, list[tuple[str, str, str]]], report: dict[str, Any]) -> None:
-    """Every file under a temporary name first, then renamed: a failure leaves the old set or none."""
-    if out.exists() and not out.is_dir():
-        raise SlmforgeError(f"pairs.out: {out} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    """Every file under a temporary name first, then renamed, report.json last: it marks a complete set."""
     texts = {f"{name}.jsonl": "".join(json.dumps({"src": s, "tgt": t}, ensure_ascii=False) + "\n"
                                       for s, t, _ in splits[name]) for name in SPLITS}
     texts["report.json"] = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    temporary = {}
-    try:
-        for name, text in texts.items():
-            tmp = out / f".{name}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            temporary[name] = tmp
-    except BaseException:
-        for tmp in temporary.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for name, tmp in temporary.items():  # report.json last: it marks a complete set
-        os.replace(tmp, out / name)
+    write_files_atomic(out, texts, "pairs.out")
 
 
 def summary(report: dict[str, Any], out: str) -> str:
