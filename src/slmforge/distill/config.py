@@ -65,10 +65,6 @@ class DistillConfig:
     """Texts to compare teacher and student on at the end, by language: {hi = "hi.txt", en = "en.txt"}
     (loss and perplexity, bits per byte for causal LMs; each model with its own tokenizer)."""
 
-    training = None
-    """(optim, schedule, train) of the run, set by DistillRunConfig: how the control's twin trains. Not a
-    field: it is the run's other sections, not part of [distill]."""
-
     def validate(self) -> None:
         require(bool(self.teacher), "teacher", "required: a run folder or a Hugging Face model folder")
         for name in ("alpha", "alpha_end"):
@@ -103,8 +99,3 @@ class DistillRunConfig(PretrainConfig):
     """Sections read by `slmforge distill`: a pretraining recipe plus [distill]."""
 
     distill: DistillConfig = field(default_factory=DistillConfig)
-
-    def __post_init__(self) -> None:
-        # The control's alone twin trains like the student: the run's [optim], [schedule] and [train]
-        # (held by reference: what the run resolves later, such as max_steps from epochs, holds for both).
-        self.distill.training = (self.optim, self.schedule, self.train)

@@ -29,7 +29,9 @@ from slmforge.objectives.divergence import chunked_divergence, topk_forward_kl
 
 class Distillation(TrainingHooks):
     def __init__(self, student, teacher: Teacher | None, cfg: DistillConfig, cache: TeacherCache | None = None,
-                 projection: nn.Module | None = None):
+                 projection: nn.Module | None = None, training: tuple | None = None):
+        """`training`: the run's ([optim], [schedule], [train]), how the control's alone twin trains
+        (None: no twin)."""
         self.student, self.teacher, self.cfg, self.cache = student, teacher, cfg, cache
         self.projection = projection
         """student features -> teacher width, for hidden-state matching (None: same width, or off)."""
@@ -41,12 +43,12 @@ class Distillation(TrainingHooks):
         self.bits_per_byte = student.bits_per_byte
         self.progress = 0.0
         # The held-out control needs the teacher's own loss on the validation batches (not in a cache);
-        # the twin needs the run's optimizer settings (DistillRunConfig hands them to [distill]).
+        # the twin needs the run's optimizer settings (`training`).
         taught = cfg.adaptive or cfg.alpha < 1 or (cfg.alpha_end is not None and cfg.alpha_end < 1)
         control = cfg.control and taught  # a student that never hears its teacher needs no control
         self.control = HeldOutControl(cfg) if control and teacher is not None else None
-        self.twin = (AloneTwin(cfg.control_steps, cfg.training)
-                     if control and cfg.control_steps and cfg.training is not None else None)
+        self.twin = (AloneTwin(cfg.control_steps, training)
+                     if control and cfg.control_steps and training is not None else None)
 
     @property
     def eval_metric_names(self) -> tuple[str, ...]:

@@ -68,6 +68,10 @@ def distill(cfg: DistillRunConfig) -> Path:
     def with_teacher(objective, student_family, tokenizer, device):
         from slmforge.data.shards import read_manifest
 
+        # The control's alone twin trains as the student does; held by reference, so what the run
+        # resolves later (max_steps from epochs) holds for both.
+        training = (cfg.optim, cfg.schedule, cfg.train)
+
         if tokenizer is None:
             raise SlmforgeError(f"train.data: {cfg.train.data} names no tokenizer; distillation maps the student's "
                                 f"tokens to the teacher's by their strings")
@@ -83,14 +87,15 @@ def distill(cfg: DistillRunConfig) -> Path:
                                     f"epoch(s) of the data, this run reaches {needed}; build it again for this "
                                     f"train.max_steps (and --processes)")
             describe_cache(Path(cfg.distill.teacher_cache))
-            return Distillation(objective, None, cfg.distill, cache), meta
+            return Distillation(objective, None, cfg.distill, cache, training=training), meta
         teacher = _teacher(cfg, student_family, tokenizer, device)
         if cfg.train.seq_len > teacher.model.cfg.max_seq_len:
             raise SlmforgeError(f"train.seq_len: {cfg.train.seq_len} exceeds the teacher's context "
                                 f"({teacher.model.cfg.max_seq_len} tokens); the teacher reads what the student reads")
         meta["distill"].update({"teacher_parameters": sum(p.numel() for p in teacher.model.parameters()),
                                 "teacher_family": teacher.model.cfg.family})
-        return Distillation(objective, teacher, cfg.distill, projection=_projection(cfg, teacher, device)), meta
+        return Distillation(objective, teacher, cfg.distill, projection=_projection(cfg, teacher, device),
+                            training=training), meta
 
     run_dir = pretrain(cfg, extend_objective=with_teacher)
     if os.environ.get("RANK", "0") == "0":  # one process compares (after the process group is gone)
