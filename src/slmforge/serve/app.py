@@ -205,13 +205,19 @@ def create_app(served: Served) -> FastAPI:
         check_model(name, served)
         return model_card(served)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def accept(request: Request, kind):
+        """(the request's arrival time, its checked body): authorized, parsed, for this model, no field
+        we cannot honour."""
         arrived = time.monotonic()
         authorize(request, served)
-        body = await parse(request, CompletionRequest, limits.max_body_bytes)
+        body = await parse(request, kind, limits.max_body_bytes)
         check_model(body.model, served)
         body.refuse_unsupported()
+        return arrived, body
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        arrived, body = await accept(request, CompletionRequest)
         texts = body.prompts()
         admission.fits(len(texts) * body.n)  # before the tokenizer works on them
         prompts = [await anyio.to_thread.run_sync(prompt_ids, p, served) for p in texts]
@@ -219,11 +225,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        arrived = time.monotonic()
-        authorize(request, served)
-        body = await parse(request, ChatCompletionRequest, limits.max_body_bytes)
-        check_model(body.model, served)
-        body.refuse_unsupported()
+        arrived, body = await accept(request, ChatCompletionRequest)
         messages = [m.as_template_input() for m in body.messages]
         ids = await anyio.to_thread.run_sync(chat_ids, messages, served)
         return await respond(request, body, [ids], body.requested_tokens(), "messages", arrived, chat=True)
