@@ -171,3 +171,51 @@ def launch(processes: int, *args: str, verb: str = "pretrain"):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def random_decoder(family: str, vocab: int, window: int):
+    """A tiny Llama ("llama") or Gemma 3 ("gemma3": local layers of `window` tokens, softcap) decoder in
+    eval mode, with weights large enough that a wrong cache key, slot or position moves the logits
+    visibly (the decoding tests compare paths that must agree)."""
+    from slmforge.models import DecoderConfig, build_model
+
+    if family == "gemma3":
+        cfg = DecoderConfig.from_name("gemma3-tiny", vocab_size=vocab, hidden_size=64, num_layers=4, num_heads=4,
+                                      num_kv_heads=2, head_dim=16, intermediate_size=96, sliding_window=window,
+                                      global_every=2, query_pre_attn_scalar=16.0, final_logit_softcap=30.0,
+                                      max_seq_len=64)
+    else:
+        cfg = DecoderConfig.from_name("llama-tiny", vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4,
+                                      num_kv_heads=2, intermediate_size=96, max_seq_len=64)
+    model = build_model(cfg, seed=0).eval()
+    randomize_weights(model, seed=1)
+    return model
+
+
+def randomize_weights(model, seed: int, vector_mean: float = 0.0) -> None:
+    """Noise in place of `model`'s weights, large enough that a wrong cache key, slot, position or weight
+    mapping moves the outputs visibly: matrices N(0, 1/fan_in), vectors (norm scales, biases)
+    `vector_mean` + 0.3 N(0, 1) (1 puts norm scales around 1 where the model does not add it itself)."""
+    import torch
+
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(vector_mean + 0.3 * noise if param.ndim == 1 else noise / param.shape[-1] ** 0.5)
+
+
+def markov_run_data(folder: Path, source: "MarkovSource", words: list[str]):
+    """The data folder for pretraining on `source`'s chain: a word-level tokenizer over `words`
+    (5 special ids first, so token i of the chain is id i + 5) and prepared train/val shards whose
+    manifest names that tokenizer, as `data prepare` leaves them."""
+    import json
+
+    tokenizer = word_level_tokenizer(folder / "tokenizer", words)
+    data = write_shards(folder / "data", {"train": [source.sample(12_000, seed=1) + 5],
+                                          "val": [source.sample(2_000, seed=2) + 5]}, vocab_size=tokenizer.vocab_size)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest.update(tokenizer={"path": str(folder / "tokenizer"), "sha256": tokenizer.sha256}, pad_id=0, bos_id=3,
+                    eos_id=4)
+    write_json_atomic(data / "manifest.json", manifest)
+    return data

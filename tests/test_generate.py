@@ -191,46 +191,6 @@ def test_several_prompts_are_batched_with_the_output_of_one_at_a_time(tmp_path, 
             assert batched == "".join(singles) and batched.count("\n\n") == 6
 
 
-def answer_with(monkeypatch, ids: list[int]):
-    """Make the model's answer `ids`, whatever its weights say: each call of the output head (one per
-    step for a single prompt) puts all the mass on the next scripted id."""
-    from slmforge.models import Decoder
-
-    script = iter(ids)
-
-    def logits(self, hidden):
-        out = torch.full((*hidden.shape[:-1], self.cfg.vocab_size), -1e9)
-        out[..., next(script)] = 0.0
-        return out
-
-    monkeypatch.setattr(Decoder, "logits", logits)
-
-
-def test_a_short_or_empty_answer_is_explained(tmp_path, monkeypatch, capsys):
-    import json
-
-    from slmforge.cli import main
-
-    run, tokenizer = run_folder(tmp_path, {"objective": {"kind": "clm"}, "add_bos": True})
-    answer_with(monkeypatch, [tokenizer.eos_id])
-    assert main(["generate", str(run), "-p", "s1 s2"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == "s1 s2\n\n"
-    assert captured.err.strip() == ("note: the model ended at once: its first token was the end-of-sequence token "
-                                    "[SEP] (stop_at_eos=false generates past it)")
-    answer_with(monkeypatch, [tokenizer.token_to_id("s3"), tokenizer.eos_id])
-    assert main(["generate", str(run), "-p", "s1 s2", "--json"]) == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)[0]["completion"] == "s3"
-    assert captured.err.strip() == ("note: the model ended its answer after 1 token with [SEP]: it chose to stop "
-                                    "there (a longer-trained run writes more; stop_at_eos=false generates past it)")
-    s3, s4 = tokenizer.token_to_id("s3"), tokenizer.token_to_id("s4")
-    answer_with(monkeypatch, [s3, s4, s3, tokenizer.eos_id])
-    assert main(["generate", str(run), "-p", "s1 s2", "--json"]) == 0
-    captured = capsys.readouterr()
-    assert json.loads(captured.out)[0]["completion"] == "s3 s4 s3" and captured.err == ""
-
-
 def test_prompt_format_reads_the_run(tmp_path):
     """add_bos and a chat run's end-of-turn token come from meta.json through prompt_format alone."""
     from slmforge.checkpoint.reading import open_run

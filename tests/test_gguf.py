@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import randomize_weights
+
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'slmforge[gguf]')")
 
 from slmforge.checkpoint.writing import save_checkpoint  # noqa: E402
@@ -96,12 +98,8 @@ def tiny_config(family: str, vocab_size: int = 768) -> DecoderConfig:
 def make_run(root: Path, cfg: DecoderConfig, tokenizer_dir: Path, seed: int = 0) -> tuple[Path, torch.nn.Module]:
     """A run with a randomised checkpoint (weights large enough that every detail moves the logits)."""
     model = build_model(cfg, seed=seed).eval()
+    randomize_weights(model, seed, vector_mean=0.0 if cfg.norm_unit_offset else 1.0)
     with torch.no_grad():
-        generator = torch.Generator().manual_seed(seed)
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            unit = 1.0 if param.ndim == 1 and not cfg.norm_unit_offset else 0.0
-            param.copy_(unit + 0.3 * noise if param.ndim == 1 else noise / param.shape[-1] ** 0.5)
         if cfg.embed_scale:  # Gemma multiplies embeddings by sqrt(hidden): without this, a random tied model
             model.embed.weight /= cfg.hidden_size ** 0.5  # only ever repeats its input token
     run = root / "run"

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import randomize_weights
+
 transformers = pytest.importorskip("transformers",
                                    reason="transformers is an optional extra (pip install 'slmforge[hf]')")
 
@@ -134,12 +136,7 @@ def make_tokenizer_dir(path: Path) -> Path:
 def make_run(root: Path, cfg: DecoderConfig, seed: int = 0) -> tuple[Path, torch.nn.Module]:
     """A run folder with a randomised model checkpoint and a tokenizer, as training would leave it."""
     model = build_model(cfg, seed=seed).eval()
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(seed)
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            unit = 1.0 if param.ndim == 1 and not cfg.norm_unit_offset else 0.0
-            param.copy_(unit + 0.3 * noise if param.ndim == 1 else noise / param.shape[-1] ** 0.5)
+    randomize_weights(model, seed, vector_mean=0.0 if cfg.norm_unit_offset else 1.0)
     run = root / "run"
     save_checkpoint(run, 7, model)
     make_tokenizer_dir(run / "tokenizer")

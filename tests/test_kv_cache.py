@@ -8,6 +8,8 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import randomize_weights
+
 from slmforge.inference.generate import SamplingConfig, generate_ids
 from slmforge.models import DecoderConfig, build_model
 
@@ -20,11 +22,7 @@ def model():
                                   num_kv_heads=2, head_dim=16, intermediate_size=96, sliding_window=WINDOW,
                                   global_every=2, query_pre_attn_scalar=16.0, max_seq_len=64)
     model = build_model(cfg, seed=0).eval()
-    with torch.no_grad():  # weights large enough that a wrong key or position moves the logits visibly
-        generator = torch.Generator().manual_seed(1)
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(0.3 * noise if param.ndim == 1 else noise / param.shape[-1] ** 0.5)
+    randomize_weights(model, seed=1)
     return model
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import randomize_weights
+
 from slmforge.errors import SlmforgeError
 from slmforge.eval import harness
 from slmforge.models import DecoderConfig, build_model
@@ -113,12 +115,7 @@ def tiny_decoder(family: str = "llama", seed: int = 0):
         cfg = DecoderConfig.from_name("llama-tiny", vocab_size=VOCAB, hidden_size=64, num_layers=3,
                                       intermediate_size=96, max_seq_len=CONTEXT)
     model = build_model(cfg, seed=seed).eval()
-    with torch.no_grad():  # weights large enough that every detail moves the log-likelihoods
-        generator = torch.Generator().manual_seed(seed)
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            unit = 1.0 if param.ndim == 1 and not cfg.norm_unit_offset else 0.0
-            param.copy_(unit + 0.3 * noise if param.ndim == 1 else noise / param.shape[-1] ** 0.5)
+    randomize_weights(model, seed, vector_mean=0.0 if cfg.norm_unit_offset else 1.0)  # every detail shows
     return model
 
 

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from browser import Page, needs_chromium
-from conftest import MarkovSource, word_level_tokenizer, write_shards
+from conftest import MarkovSource, markov_run_data
 from slmforge import config
 from slmforge.cli import main
-from slmforge.fileio import write_json_atomic
 from slmforge.report import collect, make_report
 from slmforge.report.figures import RUN_COLORS
 from slmforge.train.config import PretrainConfig
@@ -35,13 +34,7 @@ def two_runs(tmp_path_factory):
     each evaluated per "language" by `slmforge eval --text`, the decoder with sample generations."""
     tmp = tmp_path_factory.mktemp("report")
     source = MarkovSource(vocab=16, seed=0)
-    tokenizer = word_level_tokenizer(tmp / "tokenizer", WORDS)
-    data = write_shards(tmp / "data", {"train": [source.sample(12_000, seed=1) + 5],
-                                       "val": [source.sample(2_000, seed=2) + 5]}, vocab_size=tokenizer.vocab_size)
-    manifest = json.loads((data / "manifest.json").read_text())
-    manifest.update(tokenizer={"path": str(tmp / "tokenizer"), "sha256": tokenizer.sha256}, pad_id=0, bos_id=3,
-                    eos_id=4)
-    write_json_atomic(data / "manifest.json", manifest)
+    data = markov_run_data(tmp, source, WORDS)
     texts = {}
     for lang, seed in (("hi", 3), ("as", 4)):
         texts[lang] = tmp / f"{lang}.txt"

@@ -4,13 +4,11 @@ reach the other's final loss) and one figure of both validation curves against t
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from conftest import MarkovSource, word_level_tokenizer, write_shards
+from conftest import MarkovSource, markov_run_data
 from slmforge import config
-from slmforge.fileio import write_json_atomic
 from slmforge.report import collect, make_report
 from slmforge.report.compare import ValPoint, head_to_head, reach, val_points
 from slmforge.train.config import PretrainConfig
@@ -23,13 +21,7 @@ STEPS, BATCH, SEQ = 20, 4, 32
 def adamw_and_muon(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report-compare")
     source = MarkovSource(vocab=16, seed=0)
-    tokenizer = word_level_tokenizer(tmp / "tokenizer", [f"s{i}" for i in range(16)])
-    data = write_shards(tmp / "data", {"train": [source.sample(12_000, seed=1) + 5],
-                                       "val": [source.sample(2_000, seed=2) + 5]}, vocab_size=tokenizer.vocab_size)
-    manifest = json.loads((data / "manifest.json").read_text())
-    manifest.update(tokenizer={"path": str(tmp / "tokenizer"), "sha256": tokenizer.sha256}, pad_id=0, bos_id=3,
-                    eos_id=4)
-    write_json_atomic(data / "manifest.json", manifest)
+    data = markov_run_data(tmp, source, [f"s{i}" for i in range(16)])
     runs = {}
     for name, extra in (("adamw", []), ("muon", ["optim.kind=muon", "schedule.decay=wsd"])):
         runs[name] = tmp / name

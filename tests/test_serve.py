@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
+
+from conftest import randomize_weights
 
 pytest.importorskip("fastapi", reason="serve needs FastAPI and uvicorn (pip install 'slmforge[serve]')")
 pytest.importorskip("uvicorn", reason="serve needs FastAPI and uvicorn (pip install 'slmforge[serve]')")
@@ -62,11 +63,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     cfg = DecoderConfig.from_name("llama-tiny", vocab_size=chat.vocab_size, hidden_size=64, num_layers=2,
                                   num_heads=4, num_kv_heads=2, intermediate_size=96, max_seq_len=CONTEXT)
     model = build_model(cfg, seed=0).eval()
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1.0 + 0.3 * noise if param.ndim == 1 else noise / param.shape[-1] ** 0.5)
+    randomize_weights(model, seed=0, vector_mean=1.0)
     finetune = {"finetune": {"task": "chat", "chat_template": "chatml", "stop_token": "<|im_end|>"}}
     return {"chat": make_run(root / "tiny-chat", model, chat, finetune),
             "base": make_run(root / "tiny-base", model, base, {})}

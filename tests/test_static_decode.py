@@ -11,36 +11,19 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import random_decoder
 
 from slmforge.inference import generate
 from slmforge.inference.generate import SamplingConfig, generate_ids
-from slmforge.models import DecoderConfig, build_model
+from slmforge.models import build_model
 
 WINDOW = 6
 VOCAB = 97
 
 
-def randomized(cfg: DecoderConfig):
-    model = build_model(cfg, seed=0).eval()
-    with torch.no_grad():  # weights large enough that a wrong key, slot or position moves the logits visibly
-        generator = torch.Generator().manual_seed(1)
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(0.3 * noise if param.ndim == 1 else noise / param.shape[-1] ** 0.5)
-    return model
-
-
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def model(request):
-    if request.param == "gemma3":
-        cfg = DecoderConfig.from_name("gemma3-tiny", vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4,
-                                      num_kv_heads=2, head_dim=16, intermediate_size=96, sliding_window=WINDOW,
-                                      global_every=2, query_pre_attn_scalar=16.0, final_logit_softcap=30.0,
-                                      max_seq_len=64)
-    else:
-        cfg = DecoderConfig.from_name("llama-tiny", vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
-                                      num_kv_heads=2, intermediate_size=96, max_seq_len=64)
-    return randomized(cfg)
+    return random_decoder(request.param, VOCAB, WINDOW)
 
 
 def greedy(max_new_tokens: int = 40, **fields) -> SamplingConfig:
