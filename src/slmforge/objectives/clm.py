@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from slmforge.config import require
 from slmforge.errors import SlmforgeError
 from slmforge.models.heads import OutputProjection
 from slmforge.objectives.base import IGNORE_INDEX, TrainingHooks
@@ -24,6 +25,14 @@ class ClmConfig:
     """Keep documents apart inside a training window: attention and positions restart after every eos,
     as if each document were alone (and a document's first token is not predicted from the previous
     document). Off: a window is one stream of text, as GPT-2 and most pretraining runs treat it."""
+    z_loss: float = 0.0
+    """Weight of PaLM's auxiliary z-loss: z_loss * log(Z)^2 per scored token (Z the softmax normaliser)
+    joins the training loss, pulling log Z toward 0 (PaLM used 1e-4, for stability of large bf16 runs).
+    Training only: validation reports the plain cross-entropy; the training metrics show the term as
+    "z_loss". 0 (off) by default: measured in docs/pretraining.md ("z-loss"), it did not win on our shapes."""
+
+    def validate(self) -> None:
+        require(self.z_loss >= 0, "z_loss", f"must be >= 0 (PaLM used 1e-4), got {self.z_loss}")
 
 
 class CausalLM(TrainingHooks):
@@ -91,6 +100,7 @@ class CausalLM(TrainingHooks):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         projection, targets = self.predictions(model, batch)
-        loss, correct = self.head_loss(projection, targets)
+        z_loss = self.cfg.z_loss if model.training else 0.0  # a training-only term: validation is the cross-entropy
+        loss, correct, z_term = self.head_loss.with_z_loss(projection, targets, z_loss)
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        return loss, {"accuracy": correct / count}
+        return loss, {"accuracy": correct / count, **({"z_loss": z_term} if z_loss else {})}

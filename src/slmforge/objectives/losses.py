@@ -5,6 +5,9 @@ projection and the loss are computed chunk by chunk; the gradients of each chunk
 away (the softmax minus the one-hot target), so neither forward nor backward ever holds more than
 one chunk of logits. This is the "fused linear cross-entropy" idea of Liger-Kernel / Apple's CCE,
 written in plain PyTorch.
+
+An optional z-loss (PaLM, Chowdhery et al. 2022, section 5) adds z_loss * log(Z)^2 per scored row, Z the
+softmax normaliser, to keep log Z near 0; its gradient, 2 z_loss log(Z) softmax, joins the same chunk pass.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows, grad_enabled, z_loss):
         # hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) with IGNORE_INDEX for positions
-        # without a loss. Returns the mean loss and the number of targets that are the argmax.
+        # without a loss. Returns the mean loss (cross-entropy + z term), the number of targets that are
+        # the argmax, and the z term alone (z_loss * mean log(Z)^2; zero when z_loss is 0).
         # needs_input_grad is True for a Parameter even under no_grad(), so evaluation passes
         # grad_enabled=False to skip forming gradients nobody will read.
         need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
@@ -68,6 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = targets != IGNORE_INDEX
             count = valid.sum()
             total = torch.zeros((), dtype=acc, device=hidden.device)
+            log_norm_squares = torch.zeros((), dtype=acc, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
             grad_hidden = torch.empty_like(x) if need_hidden_grad else None
             # The weight gradient is accumulated in place in fp32: one (V, d) buffer for the whole call,
@@ -81,8 +86,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = logits.to(acc) if logits.dtype != acc else logits
                 if b is not None:
                     logits += b
-                loss_sum, hits, grad = _chunk_loss(logits, t, ok, softcap, need_grad)
+                loss_sum, hits, grad, squares = _chunk_loss(logits, t, ok, softcap, need_grad, z_loss)
                 total += loss_sum
+                log_norm_squares += squares
                 correct += hits
                 if not need_grad:
                     del logits, grad
@@ -99,14 +105,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_bias += grad.sum(0, dtype=acc)
                 del logits, grad  # free this chunk's (n, V) buffers before the next chunk allocates its own
         denominator = count.clamp(min=1).to(acc)
+        z_term = z_loss * log_norm_squares / denominator
+        loss = total / denominator if not z_loss else (total + z_loss * log_norm_squares) / denominator
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None), denominator)
         ctx.has = (need_hidden_grad, need_weight_grad, need_bias_grad)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ctx.mark_non_differentiable(correct)
-        return total / denominator, correct
+        ctx.mark_non_differentiable(correct, z_term)  # z_term is a metric: its gradient is in `loss`'s
+        return loss, correct, z_term
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
+    def backward(ctx, grad_loss, _grad_correct, _grad_z_term):
         saved = list(ctx.saved_tensors)
         denominator = saved.pop()
         scale = grad_loss / denominator
@@ -118,14 +126,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = saved.pop(0)
             # Scale in place when the buffer is already the parameter's dtype (no second (V, d) copy).
             grads.append(g.mul_(scale.to(g.dtype)) if g.dtype == dtype else (g * scale).to(dtype))
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, ok: torch.Tensor, softcap: float | None,
-                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For fp32 logits (n, V) of one chunk: summed loss over `ok` rows, how many targets are the argmax,
-    and (with need_grad) the gradient of the summed loss with respect to the logits before the softcap,
-    written into the logits' own buffer (softmax minus one-hot, times the cap's slope)."""
+                need_grad: bool, z_loss: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """For fp32 logits (n, V) of one chunk: summed cross-entropy over `ok` rows, how many targets are the
+    argmax, (with need_grad) the gradient of the summed loss, cross-entropy + z_loss * log(Z)^2, with
+    respect to the logits before the softcap, written into the logits' own buffer (softmax times
+    (1 + 2 z_loss log Z) minus one-hot, times the cap's slope), and the sum of log(Z)^2 over `ok` rows
+    (zero when z_loss is 0)."""
     cap_slope = None
     if softcap is not None:
         squashed = logits.div_(softcap).tanh_()  # in place: the chunk's one (n, V) buffer
@@ -144,19 +155,24 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, ok: torch.Tensor, s
     row_sum = grad.sum(dim=-1, keepdim=True)
     log_norm = (row_max + row_sum.log())[:, 0]
     loss_sum = torch.where(ok, log_norm - target_logit, 0.0).sum()
+    squares = torch.where(ok, log_norm * log_norm, 0.0).sum() if z_loss else loss_sum.new_zeros(())
     if not need_grad:
-        return loss_sum, hits, None
-    grad.div_(row_sum)
+        return loss_sum, hits, None, squares
+    if z_loss:  # d(z log(Z)^2)/d(logits) = 2 z log(Z) softmax: the softmax row scaled, in the same pass
+        grad.mul_((1.0 + 2.0 * z_loss * log_norm[:, None]) / row_sum)
+    else:
+        grad.div_(row_sum)
     grad[torch.arange(len(targets), device=targets.device), safe_t] -= 1.0
     grad.mul_(ok[:, None])
     if cap_slope is not None:
         grad.mul_(cap_slope)
-    return loss_sum, hits, grad
+    return loss_sum, hits, grad, squares
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          softcap: float | None = None, chunk_rows: int | None = None,
-                         bias: torch.Tensor | None = None, with_correct: bool = False):
+                         bias: torch.Tensor | None = None, with_correct: bool = False, z_loss: float = 0.0,
+                         with_z_term: bool = False):
     """Mean cross-entropy of softmax(hidden @ weight.T + bias) against targets, ignoring IGNORE_INDEX.
 
     hidden (..., d), targets (...). Equal in value and gradient to
@@ -164,6 +180,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     autocast's dtype when autocast is on (weight cast once per call) and softmax, sums and the weight
     gradient in fp32. `chunk_rows` rows of logits exist at a time (default: `default_chunk_rows`).
     With `with_correct`, also returns how many targets are the argmax (no extra pass over the vocabulary).
+    `z_loss` > 0 adds z_loss * mean(logsumexp(logits)^2) over the scored rows to the loss (and its gradient);
+    `with_z_term` returns (loss, correct, that term alone, detached).
     The gradients are formed in the forward pass and scaled in place by backward, so backward runs once
     per forward: a second one (retain_graph) is refused by autograd's in-place check, never wrong.
     """
@@ -173,16 +191,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         chunk_rows = default_chunk_rows(weight.shape[0], hidden.device)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-    loss, correct = _LinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, chunk_rows,
-                                              torch.is_grad_enabled())
+    loss, correct, z_term = _LinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, chunk_rows,
+                                                      torch.is_grad_enabled(), float(z_loss))
+    if with_z_term:
+        return loss, correct, z_term
     return (loss, correct) if with_correct else loss
 
 
 def projection_cross_entropy(projection, targets: torch.Tensor, with_correct: bool = False,
-                             chunk_rows: int | None = None):
+                             chunk_rows: int | None = None, z_loss: float = 0.0, with_z_term: bool = False):
     """`linear_cross_entropy` of a model's `OutputProjection` (features, weight, bias, softcap)."""
     return linear_cross_entropy(projection.features, projection.weight, targets, softcap=projection.softcap,
-                                chunk_rows=chunk_rows, bias=projection.bias, with_correct=with_correct)
+                                chunk_rows=chunk_rows, bias=projection.bias, with_correct=with_correct,
+                                z_loss=z_loss, with_z_term=with_z_term)
 
 
 @dataclass(frozen=True)
@@ -213,22 +234,34 @@ class HeadLoss:
                                 "(return_token_accuracy); pip install -U liger-kernel")
 
     def __call__(self, projection, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, correct, _ = self.with_z_loss(projection, targets, 0.0)
+        return loss, correct
+
+    def with_z_loss(self, projection, targets: torch.Tensor, z_loss: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mean cross-entropy plus z_loss * mean(log(Z)^2) (PaLM's z-loss), the number of targets
+        that are the argmax, and the z term alone (detached, for the metrics)."""
         if self.kernel == "liger":
-            return _liger_cross_entropy(projection, targets)
-        return projection_cross_entropy(projection, targets, with_correct=True, chunk_rows=self.chunk_rows)
+            return _liger_cross_entropy(projection, targets, z_loss)
+        return projection_cross_entropy(projection, targets, chunk_rows=self.chunk_rows, z_loss=z_loss,
+                                        with_z_term=True)
 
 
-def _liger_cross_entropy(projection, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _liger_cross_entropy(projection, targets: torch.Tensor, z_loss: float = 0.0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     features = projection.features.reshape(-1, projection.features.shape[-1])
     targets = targets.reshape(-1)
+    # Liger's lse_square_scale is the same z-loss: z * lse^2 per scored row, in the loss and its gradient.
     out = liger_fused_linear_cross_entropy(features, projection.weight, targets, bias=projection.bias,
                                            ignore_index=IGNORE_INDEX, softcap=projection.softcap,
+                                           lse_square_scale=z_loss, return_z_loss=bool(z_loss),
                                            return_token_accuracy=True)
     # Liger reports the accuracy over the scored targets; the objectives want the count.
     correct = out.token_accuracy.detach().float() * (targets != IGNORE_INDEX).sum()
-    return out.loss, correct
+    z_term = out.z_loss.detach() if z_loss else torch.zeros((), device=features.device)
+    return out.loss, correct, z_term
 
 
 def reference_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -41,12 +41,18 @@ class MlmConfig:
     whole_word: bool = False
     """Choose whole words, not single tokens: a word's pieces (a Devanagari or Bengali word with its
     matras, signs and virama included) are masked together."""
+    z_loss: float = 0.0
+    """Weight of PaLM's auxiliary z-loss: z_loss * log(Z)^2 per scored token (Z the softmax normaliser)
+    joins the training loss, pulling log Z toward 0 (PaLM used 1e-4, for stability of large bf16 runs).
+    Training only: validation reports the plain cross-entropy; the training metrics show the term as
+    "z_loss". 0 (off) by default: measured in docs/pretraining.md ("z-loss"), it did not win on our shapes."""
 
     def validate(self) -> None:
         require(0 < self.mask_rate < 1, "mask_rate", f"must be in (0, 1), got {self.mask_rate}")
         require(0 <= self.mask_token_share <= 1, "mask_token_share", "must be in [0, 1]")
         require(0 <= self.random_token_share and self.mask_token_share + self.random_token_share <= 1 + 1e-9,
                 "random_token_share", f"must be in [0, 1 - mask_token_share], got {self.random_token_share}")
+        require(self.z_loss >= 0, "z_loss", f"must be >= 0 (PaLM used 1e-4), got {self.z_loss}")
 
 
 def word_start_table(tokenizer) -> torch.Tensor:
@@ -162,5 +168,6 @@ class MaskedLM(TrainingHooks):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         projection, targets = self.predictions(model, batch)
-        loss, correct = self.head_loss(projection, targets)
-        return loss, {"accuracy": correct / max(targets.numel(), 1)}
+        z_loss = self.cfg.z_loss if model.training else 0.0  # a training-only term: validation is the cross-entropy
+        loss, correct, z_term = self.head_loss.with_z_loss(projection, targets, z_loss)
+        return loss, {"accuracy": correct / max(targets.numel(), 1), **({"z_loss": z_term} if z_loss else {})}
