@@ -73,16 +73,20 @@ class GlobalOrder:
                 self._order = np.arange(self.num_windows)
         return self._order
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """This rank's next raw batch; a new epoch starts when the current one has no full global
-        micro-batch left."""
-        if self.consumed + self.global_batch > self.num_windows:
+    def next_batch(self, rows: int | None = None) -> dict[str, torch.Tensor]:
+        """This rank's next raw batch of `rows` items (default batch_size; fewer during a batch warmup,
+        the same number on every rank): the global micro-batch is rows x world_size items and the
+        position moves by just that, so no item is skipped. A new epoch starts when the current one
+        has no full global micro-batch left."""
+        rows = self.batch_size if rows is None else rows
+        size = rows * self.world_size
+        if self.consumed + size > self.num_windows:
             self.epoch += 1
             self.consumed = 0
             self._order = None
-        start = self.consumed + self.rank * self.batch_size
-        indices = self._epoch_order()[start:start + self.batch_size]
-        self.consumed += self.global_batch
+        start = self.consumed + self.rank * rows
+        indices = self._epoch_order()[start:start + rows]
+        self.consumed += size
         return self._batch(indices, self.epoch)
 
     def epoch_batches(self, limit: int | None = None):

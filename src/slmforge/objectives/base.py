@@ -56,6 +56,10 @@ class Objective(Protocol):
 
     def trainable_module(self) -> nn.Module | None: ...
 
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict | None) -> None: ...
+
 
 class TrainingHooks:
     """The defaults of the objective hooks the trainer calls (see `Objective`)."""
@@ -77,6 +81,14 @@ class TrainingHooks:
     def trainable_module(self) -> nn.Module | None:
         """Parameters trained beside the model (distillation's projection), or None."""
         return None
+
+    def state_dict(self) -> dict:
+        """What the objective carries from step to step (tensors and plain values), saved in the
+        checkpoint's trainer state; most objectives carry nothing (distillation: its control's twin)."""
+        return {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """A resume: what `state_dict` gave (None: the checkpoint holds none)."""
 
 
 def sample_generator(seed: int, sample_id: int) -> torch.Generator:

@@ -39,6 +39,14 @@ class OptimConfig:
     """AdamW epsilon (seed 003 used 1e-9)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matrices only (not norms, not biases)."""
+    decay_embeddings: bool = True
+    """false: the embeddings (every nn.Embedding, the output head tied or untied) take no weight decay,
+    like norms and biases; true: they decay with weight_decay as the other matrices do."""
+    lr_width_base: int = 0
+    """kind = "adamw": the width (model.hidden_size) lr was tuned at; the hidden matrices (the blocks'
+    linear weights) then step with lr x lr_width_base / model.hidden_size (muP's 1/width for Adam), so lr
+    transfers to wider or narrower models; embeddings, head, norms and biases keep lr. 0: off. Not with
+    kind = "muon" (Muon's lr adjustment already scales its updates by each matrix's shape)."""
     fused: Literal["auto", "on", "off"] = "auto"
     """Fused AdamW kernel: auto = on CUDA when available."""
     muon_lr: float = 0.02
@@ -64,6 +72,10 @@ class OptimConfig:
         require(self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}")
         require(0 <= self.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         require(self.muon_weight_decay >= 0, "muon_weight_decay", f"must be >= 0, got {self.muon_weight_decay}")
+        require(self.lr_width_base >= 0, "lr_width_base", f"must be >= 0 (0: off), got {self.lr_width_base}")
+        require(self.lr_width_base == 0 or self.kind == "adamw", "lr_width_base",
+                'scales AdamW\'s hidden matrices; under kind = "muon" they are Muon\'s, whose muon_adjust_lr_fn '
+                'already scales each update by its matrix\'s shape: set it to 0')
         if self.kind == "muon":
             import torch
 
@@ -121,6 +133,16 @@ class TrainLoopConfig:
     train.epochs=0 to give max_steps yourself)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    batch_warmup_steps: int = 0
+    """Batch-size warmup (0 = off): over the first batch_warmup_steps optimizer steps every micro-batch holds
+    fewer sequences, from batch_warmup_start x batch_size up to batch_size in equal stages (GPT-3 ramped its
+    batch over the first tokens). The learning rate schedule stays per step; the loader hands out only the
+    sequences trained on (none skipped), and tokens count those, so the ramp's saving shows in tokens.
+    train.epochs turns into steps as if every batch were full (a ramped run reads a little less)."""
+    batch_warmup_start: float = 0.25
+    """batch_warmup_steps > 0: the first steps' micro-batch as a share of batch_size. batch_size x this must
+    be a whole number u dividing batch_size; micro-batches hold u, 2u, ... sequences, each for an equal share
+    of the warmup (0.25 with batch_size 8: 2, 4, 6, then 8), the same share on every process."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     eval_every: int = 200
@@ -183,6 +205,25 @@ class TrainLoopConfig:
         require(self.clip_grad >= 0, "clip_grad", f"must be >= 0, got {self.clip_grad}")
         require(self.loss_chunk_rows is None or self.loss_chunk_rows > 0, "loss_chunk_rows",
                 f"must be positive, got {self.loss_chunk_rows}")
+        require(self.batch_warmup_steps >= 0, "batch_warmup_steps", f"must be >= 0, got {self.batch_warmup_steps}")
+        start = self.batch_warmup_start
+        require(0 < start <= 1, "batch_warmup_start", f"must be in (0, 1] (a share of batch_size), got {start}")
+        if self.batch_warmup_steps:  # (the batch size may be one the start does not divide while the ramp is off)
+            unit = self.batch_size * start
+            whole = abs(unit - round(unit)) < 1e-9 and round(unit) >= 1
+            require(whole and self.batch_size % round(unit) == 0, "batch_warmup_start",
+                    f"{start} x batch_size {self.batch_size} = {unit:g} sequences; it must be a whole number "
+                    f"that divides batch_size (e.g. 0.25 or 0.5 of a batch_size divisible by 4 or 2)")
+
+    def micro_batch_at(self, step: int) -> int:
+        """Sequences per micro-batch on each process at the 0-based optimizer step `step`: batch_size, or
+        during the batch warmup u x (1 + (stages - 1) x step // batch_warmup_steps), u being the start size
+        and stages = batch_size / u (integers only: every process and every resume computes the same)."""
+        if step >= self.batch_warmup_steps:
+            return self.batch_size
+        unit = round(self.batch_size * self.batch_warmup_start)
+        stages = self.batch_size // unit
+        return unit * (1 + (stages - 1) * step // self.batch_warmup_steps)
 
 
 @dataclass

@@ -4,6 +4,13 @@ schedule as a pure function of the step.
 optim.kind = "adamw": one torch.optim.AdamW, matrices in a decaying group, vectors (norms, biases) in one
 without decay.
 
+Two switches regroup AdamW's parameters: optim.decay_embeddings = false moves the embeddings (every
+nn.Embedding, and the untied output head) into the group without decay; optim.lr_width_base (adamw only)
+puts the blocks' hidden matrices in a third group that steps at lr x lr_width_base / hidden_size (muP's
+1/width rule for Adam; Yang et al. 2022, "Tensor Programs V"). Restored through torch.distributed.checkpoint
+(by parameter names), a checkpoint written with other groups loads each parameter's moments into the group
+that holds it now, and the config's group settings are applied (train/resume_check.apply_optimizer_settings).
+
 optim.kind = "muon": torch.optim.Muon (torch >= 2.9) orthogonalises the update of each 2-D weight of an
 nn.Linear inside the transformer blocks (`model.layers`: attention and MLP projections); AdamW keeps
 everything else: the embeddings, the output head (tied or not), norms, biases, an MLM head's transform,
@@ -13,7 +20,9 @@ trainer, gradient clipping and checkpoints (torch.distributed.checkpoint's optim
 parameter names) handle it like a plain AdamW.
 
 The schedule sets every group's "lr" to the AdamW curve (optim.lr x the schedule's factor); Muon's group
-steps with that times muon_lr / lr, so each kind follows the same curve from its own peak.
+steps with that times muon_lr / lr, so each kind follows the same curve from its own peak, and the
+width-scaled group with that times lr_width_base / hidden_size (GroupLrScales). In both, the group's "lr"
+holds the schedule's value outside step(), which the state and the logs show.
 """
 
 from __future__ import annotations
@@ -33,11 +42,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     """AdamW over trainable parameters (matrices decay, vectors do not); with optim.kind = "muon", Muon for
     the blocks' hidden matrices and AdamW for the rest (see the module docstring)."""
     fused = device_type == "cuda" if cfg.fused == "auto" else cfg.fused == "on"
-    groups = parameter_groups(model, cfg.kind)
+    groups = parameter_groups(model, cfg.kind, decay_embeddings=cfg.decay_embeddings,
+                              width_scaled=cfg.lr_width_base > 0)
+    # Only groups with parameters: torch.distributed.checkpoint maps a checkpoint's groups onto these by
+    # parameter names, which it refuses where a group is empty and the checkpoint's layout differs.
+    roles = [role for role in ADAMW_ROLES if groups[role]]
     adamw = torch.optim.AdamW(
-        [{"params": [p for _, p in groups["decay"]], "weight_decay": cfg.weight_decay},
-         {"params": [p for _, p in groups["no_decay"]], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+        [{"params": [p for _, p in groups[role]], "weight_decay": cfg.weight_decay if role != "no_decay" else 0.0}
+         for role in roles], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    adamw.group_roles = roles  # what group_settings reads: not kept in the groups, which a checkpoint replaces
+    if groups["width_scaled"]:
+        scale = width_lr_scale(model, cfg.lr_width_base)
+        GroupLrScales(adamw, [scale if role == "width_scaled" else 1.0 for role in roles])
     if cfg.kind == "adamw":
         return adamw
     muon_class = muon_available()
@@ -53,13 +69,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     return MuonWithAdamW(adamw, muon, muon_lr_scale=cfg.muon_lr / cfg.lr)
 
 
+# AdamW's groups, in this order, those with parameters (parameter_groups).
+ADAMW_ROLES = ("decay", "no_decay", "width_scaled")
+
+
 def muon_available() -> type[torch.optim.Optimizer]:
-    """torch.optim.Muon, or a one-line refusal naming the torch it needs."""
-    muon = getattr(torch.optim, "Muon", None)
-    if muon is None:
+    """BatchedMuon (torch.optim.Muon with same-shape matrices orthogonalised together: train/muon.py), or a
+    one-line refusal naming the torch it needs."""
+    if getattr(torch.optim, "Muon", None) is None:
         raise SlmforgeError(f'optim.kind: "muon" needs torch >= {MUON_TORCH} (torch.optim.Muon); this is torch '
                             f'{torch.__version__}: upgrade torch or use optim.kind = "adamw"')
-    return muon
+    from slmforge.train.muon import BatchedMuon
+
+    return BatchedMuon
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -74,14 +96,40 @@ def _refuse_sharded(model: nn.Module) -> None:
                             'optim.kind = "adamw"')
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: `model.layers` (every family has it), or `model.model.layers` when the
-    objective's own parameters train beside the model (the trainer's _ModelAndObjective)."""
+def _family_model(model: nn.Module) -> nn.Module | None:
+    """The family's model (the one with `layers`: every family has them): `model` itself, or `model.model`
+    when the objective's own parameters train beside it (the trainer's _ModelAndObjective)."""
     for candidate in (model, getattr(model, "model", None)):
-        layers = getattr(candidate, "layers", None) if isinstance(candidate, nn.Module) else None
-        if layers is not None:
-            return list(layers)
-    return []
+        if isinstance(candidate, nn.Module) and getattr(candidate, "layers", None) is not None:
+            return candidate
+    return None
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (`layers` of the family's model)."""
+    family = _family_model(model)
+    return list(family.layers) if family is not None else []
+
+
+def width_lr_scale(model: nn.Module, lr_width_base: int) -> float:
+    """lr_width_base / the model's hidden size: muP's lr factor for Adam on hidden matrices, whose
+    per-coordinate updates otherwise grow the layer's output change linearly with its fan-in."""
+    family = _family_model(model)
+    width = getattr(getattr(family, "cfg", None), "hidden_size", None)
+    if not isinstance(width, int) or width <= 0:
+        raise SlmforgeError("optim.lr_width_base: this model has no cfg.hidden_size to scale by; set it to 0")
+    return lr_width_base / width
+
+
+def embedding_weights(model: nn.Module) -> set[int]:
+    """ids of the embeddings: every nn.Embedding's weight (token, position, token type, T5's relative
+    position bias) and the untied output head (the families' `lm_head`, an nn.Linear; a tied head is
+    the token embedding itself)."""
+    ids = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or (isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] == "lm_head"):
+            ids.add(id(module.weight))
+    return ids
 
 
 def hidden_matrices(model: nn.Module) -> set[int]:
@@ -96,18 +144,47 @@ def hidden_matrices(model: nn.Module) -> set[int]:
     return ids
 
 
-def parameter_groups(model: nn.Module, kind: str = "adamw") -> dict[str, list[tuple[str, nn.Parameter]]]:
+def parameter_groups(model: nn.Module, kind: str = "adamw", decay_embeddings: bool = True,
+                     width_scaled: bool = False) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Trainable (name, parameter) pairs by group: "muon" (the hidden matrices; empty for adamw),
-    "decay" (AdamW's matrices: embeddings, an untied head, and the hidden matrices under adamw) and
-    "no_decay" (AdamW's vectors: norms, biases)."""
-    hidden = hidden_matrices(model) if kind == "muon" else set()
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "decay": [], "no_decay": []}
+    "width_scaled" (adamw's hidden matrices when their lr scales with width; else empty), "decay"
+    (AdamW's other matrices: embeddings, an untied head, an MLM head's transform, LoRA adapters) and
+    "no_decay" (AdamW's vectors: norms, biases; and the embeddings unless decay_embeddings)."""
+    hidden = hidden_matrices(model) if kind == "muon" or width_scaled else set()
+    hidden_group = "muon" if kind == "muon" else "width_scaled"
+    embeddings = set() if decay_embeddings else embedding_weights(model)
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "width_scaled": [], "decay": [], "no_decay": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        group = "muon" if id(p) in hidden else "decay" if p.ndim >= 2 else "no_decay"
+        if id(p) in hidden:
+            group = hidden_group
+        else:
+            group = "decay" if p.ndim >= 2 and id(p) not in embeddings else "no_decay"
         groups[group].append((name, p))
     return groups
+
+
+class GroupLrScales:
+    """Steps each param group of `optimizer` at its "lr" times its scale, and puts the scheduled value
+    back after the step (step hooks: whoever sets the schedule's lr, the trainer or distillation's
+    control twin, needs to know nothing of it). The scales come from the config at build time, never
+    from a checkpoint, so a resumed run steps as a straight one does."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scales: list[float]):
+        self.scales = scales
+        self.scheduled: list[float] = []
+        optimizer.register_step_pre_hook(self.before)
+        optimizer.register_step_post_hook(self.after)
+
+    def before(self, optimizer, args, kwargs) -> None:
+        self.scheduled = [group["lr"] for group in optimizer.param_groups]
+        for group, scale in zip(optimizer.param_groups, self.scales):
+            group["lr"] = group["lr"] * scale
+
+    def after(self, optimizer, args, kwargs) -> None:
+        for group, lr in zip(optimizer.param_groups, self.scheduled):
+            group["lr"] = lr
 
 
 class _States(Mapping):
@@ -234,10 +311,11 @@ def kind_mismatch(kind: str) -> SlmforgeError:
 def group_settings(optimizer: torch.optim.Optimizer,
                    cfg: OptimConfig) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
     """(group, the settings `cfg` gives it, the prefix that names them as config fields) for each param
-    group build_optimizer makes: AdamW's betas and eps everywhere, weight decay on its first group (the
-    matrices); Muon's momentum, weight decay and lr adjustment. A restored optimizer of the other kind is
+    group build_optimizer makes: AdamW's betas, eps and weight decay on each (0 on the vectors' group);
+    Muon's momentum, weight decay and lr adjustment. A restored optimizer of the other kind is
     refused in one line."""
-    adamw_groups = optimizer.adamw.param_groups if isinstance(optimizer, MuonWithAdamW) else optimizer.param_groups
+    adamw = optimizer.adamw if isinstance(optimizer, MuonWithAdamW) else optimizer
+    adamw_groups = adamw.param_groups
     muon_groups = optimizer.muon.param_groups if isinstance(optimizer, MuonWithAdamW) else []
     # Restored through torch.distributed.checkpoint (by parameter names), Muon's saved group lends its
     # keys to the AdamW group holding its matrices, and AdamW's to Muon's: either shows here.
@@ -245,11 +323,11 @@ def group_settings(optimizer: torch.optim.Optimizer,
                                                                            for g in muon_groups):
         raise kind_mismatch(cfg.kind)
     settings = []
-    for index, group in enumerate(adamw_groups):
-        wanted = {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-        if index == 0:  # the matrices, the only AdamW group that decays
-            wanted["weight_decay"] = cfg.weight_decay
-        settings.append((group, wanted, ""))
+    for group, role in zip(adamw_groups, getattr(adamw, "group_roles", ADAMW_ROLES)):
+        # every group's decay, as one restored from a checkpoint written with other groups may hold
+        # another group's settings (the parameters' states are matched by name, the groups' are not)
+        decay = cfg.weight_decay if role != "no_decay" else 0.0
+        settings.append((group, {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": decay}, ""))
     for group in muon_groups:
         settings.append((group, {"momentum": cfg.muon_momentum, "weight_decay": cfg.muon_weight_decay,
                                  "adjust_lr_fn": cfg.muon_adjust_lr_fn}, "muon_"))

@@ -88,7 +88,9 @@ def apply_optimizer_settings(optimizer, optim_cfg, say) -> None:
 
 # Dotted fields of the schedule a resumed run follows from its next step on (each change is said).
 SCHEDULE_FIELDS = ("optim.lr", "schedule.decay", "schedule.warmup_steps", "schedule.min_lr_ratio",
-                   "train.clip_grad", "optim.muon_lr", "schedule.cooldown_ratio", "schedule.cooldown_shape")
+                   "train.clip_grad", "optim.muon_lr", "schedule.cooldown_ratio", "schedule.cooldown_shape",
+                   "optim.decay_embeddings", "optim.lr_width_base", "train.batch_warmup_steps",
+                   "train.batch_warmup_start")
 
 
 def schedule_settings(optim_cfg, schedule, loop) -> dict[str, Any]:
@@ -96,7 +98,9 @@ def schedule_settings(optim_cfg, schedule, loop) -> dict[str, Any]:
     return {"optim.lr": optim_cfg.lr, "schedule.decay": schedule.decay, "schedule.warmup_steps": schedule.warmup_steps,
             "schedule.min_lr_ratio": schedule.min_lr_ratio, "train.clip_grad": loop.clip_grad,
             "optim.muon_lr": optim_cfg.muon_lr, "schedule.cooldown_ratio": schedule.cooldown_ratio,
-            "schedule.cooldown_shape": schedule.cooldown_shape}
+            "schedule.cooldown_shape": schedule.cooldown_shape, "optim.decay_embeddings": optim_cfg.decay_embeddings,
+            "optim.lr_width_base": optim_cfg.lr_width_base, "train.batch_warmup_steps": loop.batch_warmup_steps,
+            "train.batch_warmup_start": loop.batch_warmup_start}
 
 
 def announce_schedule_changes(saved_config: dict[str, Any] | None, current: dict[str, Any], say) -> None:

@@ -146,6 +146,9 @@ class Trainer:
             state["optimizer"] = get_optimizer_state_dict(self.owner, self.optimizer, options=FULL_STATE)
         if self.objective_parameters is not None:
             state["objective_parameters"] = {k: v.detach().cpu() for k, v in self.objective_parameters.state_dict().items()}
+        carried = self.objective.state_dict()  # e.g. distillation's alone twin (a collective there too)
+        if carried:
+            state["objective"] = carried
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -155,6 +158,7 @@ class Trainer:
                 raise SlmforgeError("the checkpoint has no state for the objective's own parameters (it was written "
                                     "without distill.hidden_weight); resume with the settings it was written with")
             self.objective_parameters.load_state_dict(state["objective_parameters"])
+        self.objective.load_state_dict(state.get("objective"))
         saved = state.get("optimizer")  # absent from sharded checkpoints: loaded with the weights
         check_optimizer_kind(saved, self.optim_cfg.kind)  # AdamW's state into Muon's (or back): one line
         if saved is not None and all(isinstance(key, int) for key in saved.get("state", {})):  # before names
@@ -222,8 +226,13 @@ class Trainer:
         counts and their real (not padding) input tokens (counted on the host, before the copy: no
         device sync)."""
         batches, counts, tokens = [], [], 0
+        # During a batch warmup (train.batch_warmup_steps) the loader hands out only the rows trained on
+        # and moves on by them, rather than a full batch cut down (which would throw windows away): the
+        # position stays a function of the step, as the ramp is, every rank takes the same rows (2
+        # processes still read what 1 with twice the batch reads), and tokens count what was trained on.
+        rows = self.loop.micro_batch_at(self.state.step)
         for _ in range(self.loop.grad_accum):
-            batch = self.objective.collate(self.loader.next_batch(), self.seed)
+            batch = self.objective.collate(self.loader.next_batch(rows), self.seed)
             counts.append(target_tokens(batch))
             tokens += input_tokens(batch)
             if self.device.type == "cuda":  # page-locked: the copy runs while the GPU works on the step before
