@@ -1,5 +1,5 @@
 """python -m benchmarks.distill_defaults [--sources markov,demo] [--objectives clm,mlm] [--seeds 1,2,3]
-[--steps 80] [--out DIR] [--keep-runs]
+[--steps 80] [--conditions A,B] [--out DIR] [--keep-runs] [--merge-into RECORDED.json]
 
 Issue 25: which distillation settings make a student better than the same student trained alone, over
 several student/teacher pairs and both objectives (a causal-LM decoder student, a masked-LM encoder
@@ -10,6 +10,7 @@ same order, same masks, same steps, same optimizer) with `slmforge distill`; onl
     T1 a0 ...      fixed temperature T and alpha (T2 a0.5: the defaults before issue 25)
     T1 a0->1       alpha moved linearly from 0 to 1 over the run (distill.alpha_end)
     adaptive       distill.adaptive: alpha per batch from the teacher-student gap, T 1
+    adaptive s0.9  the same with the gap smoothed over steps (distill.adaptive_smoothing = 0.9; s0.5: 0.5)
 
 Reported: the student's final held-out loss on its own objective (validation measures the student alone:
 next-token loss, or masked-token loss with the fixed evaluation masks), mean and spread (half the range)
@@ -33,6 +34,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -52,6 +54,8 @@ CONDITIONS: dict[str, dict] = {
     "T8 a0": {"alpha": 0.0, "temperature": 8.0},
     "T1 a0->1": {"alpha": 0.0, "alpha_end": 1.0, "temperature": 1.0},
     "adaptive": {"adaptive": True, "temperature": 1.0},
+    "adaptive s0.5": {"adaptive": True, "adaptive_smoothing": 0.5, "temperature": 1.0},
+    "adaptive s0.9": {"adaptive": True, "adaptive_smoothing": 0.9, "temperature": 1.0},
 }
 
 # Model shapes by objective: the teacher's, and the two students'.
@@ -83,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--keep-runs", help="keep the run folders here instead of a temporary folder")
     p.add_argument("--report", help="print and write the table of a results JSON this script wrote, without training")
+    p.add_argument("--merge-into", help="a results JSON this script wrote with the same pairs, seeds and steps: add "
+                                        "this run's (or --report's) conditions to it, once the conditions both ran "
+                                        "are checked equal")
     return p.parse_args(argv)
 
 
@@ -275,6 +282,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         saved = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        if args.merge_into:  # a finished run's results into a recorded one
+            timing = re.search(r"\d+ s wall, \d+ s CPU", saved["conditions"])
+            merge_into(Path(args.merge_into), saved["results"], list(saved["results"][0]["runs"]),
+                       timing[0] if timing else "time not recorded")
+            return 0
         write(Path(args.report).with_suffix(""), saved["conditions"], saved["args"], saved["results"],
               list(saved["results"][0]["runs"]))
         return 0
@@ -318,15 +330,56 @@ def main(argv=None) -> int:
     finally:
         if not args.keep_runs:
             shutil.rmtree(work, ignore_errors=True)
+    timing = f"{time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU"
     conditions_text = (f"students trained {args.steps} steps of 8 x 32 tokens (AdamW lr 1e-2, 5 warmup steps), "
                        f"teachers 300 (strong) / 40 (weak) steps of 16 x 32 at lr 3e-3; forward KL; seeds "
                        f"{args.seeds}; validation: 16 batches of 8 x 32 held-out tokens; CPU, 1 torch thread, torch "
-                       f"{torch.__version__}; {time.perf_counter() - wall:.0f} s wall, "
-                       f"{time.process_time() - cpu:.0f} s CPU. {' '.join(notes)}")
+                       f"{torch.__version__}; {timing}. {' '.join(notes)}")
     write(Path(args.out) / f"{time.strftime('%Y-%m-%d')}-cpu-distill-defaults", conditions_text, vars(args), results,
           conditions)
+    if args.merge_into:
+        merge_into(Path(args.merge_into), results, conditions, timing)
     return 0
 
+
+def merge_into(recorded: Path, results: list[dict], conditions: list[str], timing: str) -> None:
+    """Add this run's conditions and seeds to a recorded run's results (same pairs and steps). A run of a
+    (condition, seed) both hold must have given the same final loss (the runs are deterministic), or
+    nothing is merged: the figures would not compare."""
+    saved = json.loads(recorded.read_text(encoding="utf-8"))
+    by_pair = {(c["source"], c["objective"], c["student"], c["teacher_strength"]): c for c in saved["results"]}
+    for case in results:
+        old = by_pair[(case["source"], case["objective"], case["student"], case["teacher_strength"])]
+        for name in conditions:
+            known = {r["seed"]: r["loss"] for r in old["runs"].get(name, [])}
+            for run in case["runs"][name]:
+                if run["seed"] in known and known[run["seed"]] != run["loss"]:
+                    raise SystemExit(f"{recorded}: {name} seed {run['seed']} on {case['source']} {case['objective']} "
+                                     f"{case['student']} <- {case['teacher_strength']} gave another loss than "
+                                     f"recorded; not merged")
+    added: dict[int, list[str]] = {}  # seed -> conditions this run added
+    shared: dict[int, list[str]] = {}  # seed -> conditions this run reproduced
+    for case in results:
+        old = by_pair[(case["source"], case["objective"], case["student"], case["teacher_strength"])]
+        for name in conditions:
+            runs = {r["seed"]: r for r in old["runs"].get(name, [])}
+            for run in case["runs"][name]:
+                into = shared if run["seed"] in runs else added
+                if name not in into.setdefault(run["seed"], []):
+                    into[run["seed"]].append(name)
+                runs.setdefault(run["seed"], run)
+            old["runs"][name] = [runs[seed] for seed in sorted(runs)]
+    seeds = {name: [r["seed"] for r in runs] for name, runs in saved["results"][0]["runs"].items()}
+    if len({tuple(v) for v in seeds.values()}) > 1:
+        print(f"note: the conditions now hold different seeds: {seeds}", file=sys.stderr)
+
+    def listed(by_seed: dict[int, list[str]]) -> str:
+        return "; ".join(f"seed {seed}: {', '.join(names)}" for seed, names in sorted(by_seed.items()))
+
+    text = (f"{saved['conditions']} Added by a later run ({timing}): {listed(added)}"
+            + (f" (its {listed(shared)} reproduced the recorded losses exactly)." if shared else "."))
+    saved["args"]["seeds"] = ",".join(str(s) for s in sorted({s for v in seeds.values() for s in v}))
+    write(recorded.with_suffix(""), text, saved["args"], saved["results"], list(saved["results"][0]["runs"]))
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -34,6 +34,11 @@ class DistillConfig:
     `teacher_loss`; costs the teacher's output layer once more per batch."""
     adaptive_margin: float = 0.05
     """The gap, as a share of the student's hard loss, at and above which adaptive alpha is 0."""
+    adaptive_smoothing: float = 0.0
+    """In [0, 1): the gap adaptive alpha reads is this x its moving average over the steps before (each
+    step's gap over all of its targets) + (1 - this) x the batch's own. 0: the batch's gap alone (the
+    default: 0.5 and 0.9 did not win clearly in `python -m benchmarks.distill_defaults`; 0.9 helped
+    masked-LM students of a strong teacher and hurt those of a weak one, docs/distillation.md)."""
     control: bool = True
     """Say when distillation makes the student worse than it would be alone: a twin of the student trained
     on its own loss beside it for the first `control_steps` steps (same batches, optimizer and schedule),
@@ -75,6 +80,8 @@ class DistillConfig:
             require(value is None or value > 0, name, f"must be positive, got {value}")
         require(self.divergence in DIVERGENCES, "divergence", f"one of {', '.join(DIVERGENCES)}")
         require(0 < self.adaptive_margin <= 1, "adaptive_margin", f"must be in (0, 1], got {self.adaptive_margin}")
+        require(0 <= self.adaptive_smoothing < 1, "adaptive_smoothing",
+                f"must be in [0, 1), got {self.adaptive_smoothing}")
         require(self.control_steps >= 0, "control_steps", f"must be >= 0, got {self.control_steps}")
         require(self.chunk_rows > 0, "chunk_rows", f"must be positive, got {self.chunk_rows}")
         require(self.top_k > 0, "top_k", f"must be positive, got {self.top_k}")
@@ -99,3 +106,9 @@ class DistillRunConfig(PretrainConfig):
     """Sections read by `slmforge distill`: a pretraining recipe plus [distill]."""
 
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        # the student's hard loss is the plain cross-entropy: a z-loss set here would be silently unused
+        require(not getattr(self.objective, "z_loss", 0), "objective.z_loss",
+                "distillation does not add the z-loss to the student's hard loss; leave it at 0")
