@@ -1,5 +1,5 @@
 """python -m benchmarks.time_to_quality [--model decoder|encoder] [--shape tiny|issue] [--steps N] [--seeds 3]
-[--recipes adamw,muon-wsd] [--device cpu|cuda] [--threads N] [--out DIR]
+[--recipes adamw,muon-wsd] [--device cpu|cuda] [--threads N] [--reuse-baseline] [--out DIR]
 
 Issue 25: how many tokens and CPU seconds slmforge's pretraining needs to reach the validation loss a seed's
 transformers `Trainer` set-up reaches, from the same weights on the same windows in the same order.
@@ -23,7 +23,12 @@ Baseline optimizers (the seeds'): decoder, seed 003: AdamW betas (0.9, 0.95), wd
 linear warmup over 10% of the run (seed 003's 8,000 of its run, scaled down), cosine to 0, clip 1.0;
 encoder, seed 001: AdamW lr 5e-4, wd 0.01, 6% linear warmup then linear decay to 0, clip 1.0.
 
-slmforge's side is `slmforge.train.pretrain.pretrain` with a candidate recipe (see RECIPES).
+slmforge's side is `slmforge.train.pretrain.pretrain` with a candidate recipe: a name in RECIPES, optionally
+followed by `+section.field=value` overrides of the pretrain config (values read as TOML: numbers, true,
+"strings"), e.g. `muon-wsd+optim.muon_lr=0.01+schedule.cooldown_ratio=0.3`.
+
+--reuse-baseline reads a seed's baseline curve from an earlier run in the same --out made with the same
+settings (its tokens are exact; its CPU seconds are from that earlier run, so only token ratios compare).
 
 Writes DIR/curves.png, DIR/results.json, DIR/table.md and prints the table.
 """
@@ -34,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -47,6 +53,11 @@ RECIPES: dict[str, dict] = {
     "adamw-3e-3": {"optim": {"lr": 3e-3}, "schedule": {}},  # the quickstart's lr
     "muon-wsd": {"optim": {"kind": "muon"}, "schedule": {"decay": "wsd"}},
     "muon-wsd-3e-3": {"optim": {"kind": "muon", "lr": 3e-3}, "schedule": {"decay": "wsd"}},
+    # Encoders only: muon-wsd with ModernBERT's 30% training masks (validation stays on 15% masks) and
+    # AdamW's part (embeddings, MLM head, norms) at 2e-3; the first to reach seed 001's loss in <= 0.5x its
+    # tokens (docs/benchmarks.md, "Time to quality").
+    "muon-wsd-mlm30": {"optim": {"kind": "muon", "lr": 2e-3}, "schedule": {"decay": "wsd"},
+                       "objective": {"kind": "mlm", "mask_rate": 0.3}},
 }
 
 # Model shapes: tiny (CPU minutes) and the issue's (a ~10M Gemma 3 decoder; seed 001's BERT 10M).
@@ -76,12 +87,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"slmforge recipes, comma-separated, of {', '.join(RECIPES)} (default adamw,muon-wsd)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--reuse-baseline", action="store_true",
+                   help="read each seed's baseline from an earlier run in --out with the same settings")
     p.add_argument("--data", default="", help="prepared data folder to reuse (default: made under --out)")
     p.add_argument("--out", default="benchmarks/results/time_to_quality")
     args = p.parse_args(argv)
-    for name in args.recipes.split(","):
-        if name not in RECIPES:
-            p.error(f"--recipes: unknown {name!r}; choose from {', '.join(RECIPES)}")
+    for spec in args.recipes.split(","):
+        try:
+            recipe_tables(spec)
+        except SystemExit as error:
+            p.error(str(error))
     return args
 
 
@@ -107,6 +122,23 @@ def prepare(out: Path, vocab_size: int) -> Path:
     return data
 
 
+def recipe_tables(spec: str) -> dict:
+    """The config tables of a recipe spec: RECIPES[name] plus its `+section.field=value` overrides."""
+    from slmforge.config import tomllib  # tomli on Python 3.10
+
+    name, *overrides = spec.split("+")
+    if name not in RECIPES:
+        raise SystemExit(f"--recipes: unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    tables = {section: dict(values) for section, values in RECIPES[name].items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--recipes: override {item!r} in {spec!r} is not section.field=value")
+        tables.setdefault(section, {})[field] = tomllib.loads(f"v = {value}")["v"]
+    return tables
+
+
 def pretrain_config(args, data: Path, seed: int, run_dir: Path, recipe: dict | None = None):
     from slmforge import config
     from slmforge.data.shards import ShardSet
@@ -115,14 +147,17 @@ def pretrain_config(args, data: Path, seed: int, run_dir: Path, recipe: dict | N
     recipe = recipe or {"optim": {}, "schedule": {}}
     model = {**SHAPES[(args.model, args.shape)], "vocab_size": ShardSet(data, "train").vocab_size}
     model["max_seq_len"] = max(args.seq_len, model.get("max_seq_len", 0))
+    model.update(recipe.get("model", {}))
     every = max(1, args.steps // args.evals)
+    extra = {k: v for k, v in recipe.items() if k not in ("model", "optim", "schedule", "train")}
     return config.from_dict(PretrainConfig, {
-        "model": model, "optim": recipe["optim"], "schedule": recipe["schedule"],
+        "model": model, "optim": recipe.get("optim", {}), "schedule": recipe.get("schedule", {}), **extra,
+        # a recipe may change max_steps (e.g. a batch warmup run for more steps at the same tokens)
         "train": {"out_dir": str(run_dir), "data": str(data), "seq_len": args.seq_len,
                   "batch_size": args.batch_size, "max_steps": args.steps, "eval_every": every,
                   "eval_batches": args.eval_batches, "save_every": 0, "save_best": False, "keep_last": 1,
                   "log_every": max(1, args.steps // 10), "seed": seed, "device": args.device,
-                  "precision": "fp32", "resume": "never"},
+                  "precision": "fp32", "resume": "never", **recipe.get("train", {})},
     })
 
 
@@ -277,13 +312,30 @@ def run_baseline(args, cfg, data: Path, seed: int, evaluator: Evaluator, work: P
     return points
 
 
+def baseline_curve(args, cfg, data: Path, seed: int, evaluator: Evaluator, out: Path) -> list[dict]:
+    """run_baseline, or with --reuse-baseline its saved curve from an earlier run with the same settings."""
+    same = {k: getattr(args, k) for k in ("model", "shape", "steps", "batch_size", "seq_len", "vocab_size",
+                                          "evals", "eval_batches", "device", "data")}
+    saved = out / f"baseline-{seed}.json"
+    if args.reuse_baseline and saved.is_file():
+        stored = json.loads(saved.read_text(encoding="utf-8"))
+        if stored["settings"] == same:
+            return stored["points"]
+    points = run_baseline(args, cfg, data, seed, evaluator, out)
+    saved.write_text(json.dumps({"settings": same, "points": points}), encoding="utf-8")
+    return points
+
+
 # ---------------------------------------------------------------------------------------------- slmforge
 
 def run_slmforge(args, data: Path, seed: int, recipe: str, evaluator: Evaluator, work: Path) -> list[dict]:
     from slmforge.train import trainer as trainer_mod
     from slmforge.train.pretrain import pretrain
 
-    cfg = pretrain_config(args, data, seed, work / f"slmforge-{recipe}-{seed}", RECIPES[recipe])
+    run_name = recipe.replace("+", "_").replace("=", "-").replace('"', "")
+    run_dir = work / f"slmforge-{run_name}-{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own scratch run from an earlier call: measure afresh
+    cfg = pretrain_config(args, data, seed, run_dir, recipe_tables(recipe))
     points: list[dict] = []
     clock = {"start": None, "excluded": 0.0}
     Trainer = trainer_mod.Trainer
@@ -405,7 +457,7 @@ def main(argv=None) -> int:
         from slmforge.models.registry import build_model
 
         start = {"step": 0, "tokens": 0, "cpu_s": 0.0, **evaluator(build_model(cfg.model, device=device, seed=seed))}
-        base = run_baseline(args, cfg, data, seed, evaluator, out)
+        base = baseline_curve(args, cfg, data, seed, evaluator, out)
         results["baseline"][seed] = [start, *base]
         print(f"seed {seed} baseline: val loss {start['loss']:.4f} -> {base[-1]['loss']:.4f} "
               f"in {base[-1]['cpu_s']:.1f} CPU s", file=sys.stderr)

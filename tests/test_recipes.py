@@ -165,10 +165,11 @@ def test_seed_001_recipe_is_the_10m_bert_with_its_training_setup():
     assert (m.max_seq_len, m.dropout) == (512, 0.1)
     assert 9e6 < m.num_parameters() < 11e6
     assert (pre.objective.kind, pre.objective.mask_rate, pre.objective.mask_token_share,
-            pre.objective.random_token_share) == ("mlm", 0.15, 0.8, 0.1)
-    # The seed's AdamW + linear decay is the recipe's commented alternative; Muon + WSD won its small version.
+            pre.objective.random_token_share) == ("mlm", 0.3, 0.8, 0.1)
+    # The seed's AdamW + linear decay at 5e-4 on 15% masks is the recipe's commented alternative; Muon + WSD won
+    # its small version, and with 30% masks and AdamW's part at 2e-3 the time-to-quality benchmark (issue 25).
     assert (pre.optim.kind, pre.optim.lr, pre.schedule.warmup_ratio, pre.schedule.decay, pre.schedule.min_lr_ratio) \
-        == ("muon", 5e-4, 0.06, "wsd", 0.0)
+        == ("muon", 2e-3, 0.06, "wsd", 0.0)
     assert (pre.train.clip_grad, pre.train.epochs, pre.train.batch_size, pre.train.eval_batch_size,
             pre.train.seq_len) == (1.0, 3, 8, 16, 128)
     tok = load_tokenizer_config(recipe)
