@@ -45,3 +45,20 @@ def test_missing_demo_packages_are_one_clear_error(tmp_path, monkeypatch):
                         lambda name, *a: None if name.startswith("plone") else real(name, *a))
     with pytest.raises(SlmforgeError, match=r"needs the package 'plone.app.locales': pip install"):
         build_demo_corpus(tmp_path)
+
+
+def test_training_is_muon_with_wsd_and_a_batch_warmup_where_torch_has_muon(monkeypatch, capsys):
+    import torch
+
+    from slmforge.quickstart.pipeline import ADAMW_MAX_STEPS, MAX_STEPS, training_tables
+
+    if hasattr(torch.optim, "Muon"):
+        steps, optim, schedule, ramp = training_tables(None, 16)
+        assert (steps, optim["kind"], schedule["decay"]) == (MAX_STEPS, "muon", "wsd")
+        assert ramp == {"batch_warmup_steps": round(0.3 * MAX_STEPS), "batch_warmup_start": 0.25}
+        assert training_tables(40, 16)[0] == 40 and training_tables(40, 16)[3]["batch_warmup_steps"] == 12
+        assert training_tables(None, 10)[3] == {}  # 10 / 4 sequences is no whole stage: no warmup
+        monkeypatch.delattr(torch.optim, "Muon")
+    steps, optim, schedule, ramp = training_tables(None, 16)  # an older torch: AdamW + cosine, said in one line
+    assert (steps, optim["kind"], schedule["decay"], ramp) == (ADAMW_MAX_STEPS, "adamw", "cosine", {})
+    assert "has no torch.optim.Muon" in capsys.readouterr().err

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(Hindi, English, German, Bengali, Assamese; needs `pip install "
                                    "\"slmforge[demo]\"`) and show per-language bits per byte and samples.")
     p.add_argument("--out", default="runs/quickstart", help="run folder (default runs/quickstart)")
-    p.add_argument("--max-steps", type=int, default=500, help="pretraining steps (default 500)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="pretraining steps (default 260 with Muon; 500 with AdamW on a torch without Muon)")
     p.add_argument("--preset", default="gemma3-tiny", help="model preset (default gemma3-tiny)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=128)
