@@ -213,7 +213,8 @@ def test_a_model_that_ends_at_once_says_so(tmp_path, monkeypatch, capsys):
     answer_with(monkeypatch, [tokenizer.token_to_id("s3"), tokenizer.eos_id])  # a one-word answer: said why
     assert main(["generate", str(run), "-p", "s1 s2", "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)[0]["completion"] == "s3"
+    row = json.loads(captured.out)[0]
+    assert (row["completion"], row["finish_reason"], row["completion_tokens"]) == ("s3", "stop", 2)  # eos counted
     assert captured.err.strip() == ("note: the model ended its answer after 1 token with [SEP]: it chose to stop "
                                     "there (a longer-trained run writes more; stop_at_eos=false generates past it)")
     s3, s4 = tokenizer.token_to_id("s3"), tokenizer.token_to_id("s4")
@@ -232,6 +233,10 @@ def test_a_span_corruption_model_says_why_it_writes_no_text(tmp_path, monkeypatc
     assert captured.out == "s1 s2\n\n"
     assert captured.err.strip() == ("note: a span-corruption model answers with sentinels (<extra_id_0> ...), which "
                                     "are not text; fine-tune it (finetune.task = \"translate\") to generate text")
+    answer_with(monkeypatch, [tokenizer.sentinel_ids[0], tokenizer.eos_id])
+    assert main(["generate", str(run), "-p", "s1 s2", "--json"]) == 0  # the encoder-decoder path's details
+    row = json.loads(capsys.readouterr().out)[0]
+    assert (row["finish_reason"], row["prompt_tokens"], row["completion_tokens"]) == ("stop", 3, 2)  # s1 s2 </s>
 
 
 # ---------------------------------------------------------------- 6. a failed run leaves no half-made folder

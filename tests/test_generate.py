@@ -186,7 +186,11 @@ def test_several_prompts_are_batched_with_the_output_of_one_at_a_time(tmp_path, 
         assert main(argv) == 0
         batched = capsys.readouterr().out
         if json_flag:
-            assert json.loads(batched) == [row for out in singles for row in json.loads(out)]
+            rows = json.loads(batched)
+            assert rows == [row for out in singles for row in json.loads(out)]
+            # stop_at_eos=false: every sample runs to its budget; the prompt counts its own tokens
+            assert {(r["finish_reason"], r["completion_tokens"]) for r in rows} == {("length", 12)}
+            assert [r["prompt_tokens"] for r in rows[::2]] == [3, 2, 6]  # bos + the prompt's words
         else:
             assert batched == "".join(singles) and batched.count("\n\n") == 6
 

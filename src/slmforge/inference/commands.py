@@ -56,7 +56,8 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
                         "at the end of the answer")
     p.add_argument("--system", default="", help="with --chat: a system message before the prompt")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON list of {prompt, sample, seed, completion} instead of streaming text")
+                   help="print one JSON list of {prompt, sample, seed, completion, finish_reason, prompt_tokens, "
+                        "completion_tokens} instead of streaming text")
     p.add_argument("overrides", nargs="*", metavar="field=value",
                    help="sampling fields, e.g. temperature=0.7 top_k=50 top_p=0.9 seed=1")
     p.set_defaults(func=_generate)
@@ -88,13 +89,16 @@ def _generate(args: argparse.Namespace) -> int:
     # sample i of every prompt uses seed + i: the same prompt and seed give the same text
     jobs = [(prompt, i, replace(sampling, seed=None if sampling.seed is None else sampling.seed + i))
             for prompt in prompts for i in range(args.num_samples)]
+    # one {finish_reason, prompt_tokens, completion_tokens} per job, filled as each one ends (for --json)
+    details: list[dict] = [{} for _ in jobs]
     if run.kind == "encoder-decoder":
-        texts = _encdec_texts(run, tokenizer, layout, jobs, args)
+        texts = _encdec_texts(run, tokenizer, layout, jobs, args, details)
     else:
-        texts = _decoder_texts(run, layout, jobs, args)
+        texts = _decoder_texts(run, layout, jobs, args, details)
     if args.json:
-        print(json.dumps([{"prompt": prompt, "sample": i, "seed": params.seed, "completion": text}
-                          for (prompt, i, params), text in zip(jobs, texts)], indent=2, ensure_ascii=False))
+        print(json.dumps([{"prompt": prompt, "sample": i, "seed": params.seed, "completion": text, **detail}
+                          for (prompt, i, params), text, detail in zip(jobs, texts, details)],
+                         indent=2, ensure_ascii=False))
     return 0
 
 
@@ -107,7 +111,7 @@ def _explainer(run, layout) -> Callable[[list[int]], None]:
     return explain
 
 
-def _decoder_texts(run, layout, jobs, args) -> list[str]:
+def _decoder_texts(run, layout, jobs, args, details: list[dict]) -> list[str]:
     """Every (prompt, sample) through one engine, in batches; streamed to stdout in order (the first
     unfinished job streams live, later ones print when their turn comes), unless --json."""
     sampling = jobs[0][2]
@@ -148,6 +152,8 @@ def _decoder_texts(run, layout, jobs, args) -> list[str]:
             sys.stdout.flush()
         if event.finish_reason is None:
             continue
+        details[k].update(finish_reason=event.finish_reason, prompt_tokens=event.prompt_tokens,
+                          completion_tokens=event.completion_tokens)
         done[k] = True
         while head < len(jobs) and done[head]:  # the head ended: print the finished ones after it, in order
             close(head)
@@ -157,17 +163,17 @@ def _decoder_texts(run, layout, jobs, args) -> list[str]:
     return texts
 
 
-def _encdec_texts(run, tokenizer, layout, jobs, args) -> list[str]:
+def _encdec_texts(run, tokenizer, layout, jobs, args, details: list[dict]) -> list[str]:
     """An encoder-decoder (not the engine's yet): one job at a time through generate_text."""
     stop_id = layout.stop_ids[0] if layout.stop_ids else None
     explain = _explainer(run, layout)
     texts = []
-    for prompt, _, params in jobs:
+    for (prompt, _, params), detail in zip(jobs, details):
         text_in = layout.chat_text(layout.user_turn(prompt, args.system)) if args.chat else prompt
         if not args.json and not args.chat:
             sys.stdout.write(prompt)
         texts.append(generate_text(run.model, tokenizer, text_in, params, stream=not args.json, add_bos=False,
-                                   stop_id=stop_id, on_empty=explain))
+                                   stop_id=stop_id, on_empty=explain, details=detail))
         if not args.json:
             sys.stdout.write("\n\n")
     return texts

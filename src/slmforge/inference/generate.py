@@ -159,13 +159,14 @@ def _generate_encdec(model, prompt: torch.Tensor, cfg: SamplingConfig, eos_id: i
 
 def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, stream: bool = False,
                   out=None, add_bos: bool = True, stop_id: int | None = None,
-                  on_empty: Callable[[list[int]], None] | None = None) -> str:
+                  on_empty: Callable[[list[int]], None] | None = None, details: dict | None = None) -> str:
     """Continue a text prompt; with `stream`, characters are written to `out` as they are decoded.
 
     `add_bos` must match how the model was trained (the checkpoint's meta.json records it); `stop_id`
     ends the answer (default: eos; a chat model's end-of-turn token). `on_empty` is called with the
     generated ids (the stop token included) when they decode to no text, or when the stop token ended
-    the answer within SHORT_ANSWER tokens (`why_no_text` says which)."""
+    the answer within SHORT_ANSWER tokens (`why_no_text` says which). `details`, if given, receives the
+    engine's finish_reason ("stop" or "length"), prompt_tokens and completion_tokens (the stop token counted)."""
     stop_id = stop_id if stop_id is not None else tokenizer.eos_id
     device = next(model.parameters()).device
     layout = PromptFormat(tokenizer, add_bos=add_bos, source_eos=family(model.cfg).kind == "encoder-decoder")
@@ -188,6 +189,9 @@ def generate_text(model: Decoder, tokenizer, prompt: str, cfg: SamplingConfig, s
     generated = new = tokens[0, len(ids):].tolist()
     if stop_id is not None and stop_id in new:
         new = new[:new.index(stop_id)]
+    if details is not None:
+        details.update(finish_reason="stop" if len(new) < len(generated) else "length", prompt_tokens=len(ids),
+                       completion_tokens=len(new) + (len(new) < len(generated)))
     text = tokenizer.decode(new)
     stopped_early = stop_id is not None and len(new) < len(generated) and len(new) < SHORT_ANSWER
     if on_empty is not None and (not text.strip() or stopped_early):
