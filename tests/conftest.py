@@ -153,6 +153,19 @@ def untimed(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_metrics(run / "metrics.jsonl")]
 
 
+def assert_same_run(first: Path, second: Path, step: int) -> None:
+    """Two runs (e.g. straight and killed-and-resumed) ended alike: the step's weights bit for bit and the
+    metrics without their wall-clock fields."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors") for run in (first, second))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert untimed(first) == untimed(second)
+
+
 def launch(processes: int, *args: str, verb: str = "pretrain"):
     """`slmforge VERB ARGS` under torchrun with `processes` CPU workers (gloo), or plainly for 1; the
     completed process (asserted to have succeeded)."""

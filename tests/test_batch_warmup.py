@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import crash_at_step, launch, untimed
+from conftest import assert_same_run, crash_at_step, launch
 from slmforge import config
 from slmforge.data.loader import WindowLoader
 from slmforge.data.shards import ShardSet
@@ -103,11 +103,7 @@ def test_a_run_resumed_inside_the_ramp_is_bitwise_the_uninterrupted_one(markov_s
         pretrain(run_config(data, tmp_path / "resumed", *common))
     pretrain(run_config(data, tmp_path / "resumed", *common))
 
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-000030" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000030" / "model.safetensors")
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert untimed(tmp_path / "straight") == untimed(tmp_path / "resumed")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", 30)
 
 
 @pytest.mark.slow

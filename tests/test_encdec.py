@@ -9,9 +9,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import crash_at_step, launch, untimed
+from conftest import assert_same_run, crash_at_step, launch
 from slmforge import config
 from slmforge.checkpoint.reading import checkpoint_tensors
 from slmforge.errors import SlmforgeError
@@ -363,12 +362,7 @@ def test_span_resume_after_a_crash_is_bitwise_equal(span_shards, tmp_path, monke
     with crash_at_step(monkeypatch, 13):
         pretrain(span_config(span_shards, tmp_path / "resumed", *common))
     pretrain(span_config(span_shards, tmp_path / "resumed", *common))  # resumes from step 8
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-000024" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000024" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert untimed(tmp_path / "straight") == untimed(tmp_path / "resumed")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", 24)
 
 
 @pytest.mark.slow

@@ -7,10 +7,9 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from conftest import crash_at_step, untimed
+from conftest import assert_same_run, crash_at_step
 from slmforge import config
 from slmforge.errors import ConfigError
 from slmforge.models import build_model
@@ -133,11 +132,7 @@ def test_a_run_with_the_switches_on_resumes_bitwise(markov_shards, tmp_path, mon
         pretrain(run_config(data, tmp_path / "resumed", *common))
     pretrain(run_config(data, tmp_path / "resumed", *common))  # resumes from step 12
 
-    a = load_file(tmp_path / "straight" / "checkpoints" / "step-000024" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000024" / "model.safetensors")
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert untimed(tmp_path / "straight") == untimed(tmp_path / "resumed")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", 24)
 
 
 @pytest.mark.parametrize("first, second", [
