@@ -23,24 +23,18 @@ def orthogonalize(updates: Tensor, coefficients: tuple[float, float, float], ste
     """Newton-Schulz orthogonalisation of a stack of same-shape matrices (n, rows, cols), each as torch's
     Muon does it alone: in bf16, on the wide orientation, scaled by its own Frobenius norm first."""
     a, b, c = coefficients
-    if updates.size(0) == 1:  # alone: torch's 2-D products (a batch of one takes another kernel, other bits)
-        x = updates[0].bfloat16()
-        x = x.T if x.size(0) > x.size(1) else x
-        x = x / x.norm().clamp(min=eps)
-        for _ in range(steps):
-            gram = x @ x.T
-            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        return (x.T if updates.size(1) > updates.size(2) else x)[None]
-    x = updates.bfloat16()
-    tall = updates.size(-2) > updates.size(-1)
+    alone = updates.size(0) == 1  # torch's 2-D products then: a batch of one takes another kernel, other bits
+    x = (updates[0] if alone else updates).bfloat16()
+    tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    multiply_add = torch.addmm if alone else torch.baddbmm
     for _ in range(steps):
         gram = x @ x.mT
-        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, polynomial, x, beta=a)
-    return x.mT if tall else x
+        x = multiply_add(x, multiply_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.mT if tall else x
+    return x[None] if alone else x
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
